@@ -8,6 +8,10 @@ illegal state changes before commit. Every action is logged with the ``[SELF-HEA
 
 from __future__ import annotations
 
+# first: the resilient-db command interrupted (or terminated) while the rest imports says so
+from . import _startup  # noqa: F401
+
+# isort: split
 import importlib.metadata as _metadata
 
 from ._asyncio import AsyncResilientSession

@@ -17,6 +17,7 @@ not run; 130 a demo interrupted (Ctrl-C); 143 a demo terminated (SIGTERM); 129 a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import json
@@ -25,6 +26,8 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
+
+from . import _startup
 
 __all__ = ["main"]
 
@@ -269,9 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         said_by.error(f"unrecognized arguments: {' '.join(unknown)}")
     out = _Output(sys.stdout)
     status = EXIT_OK
+    # the demo's SIGTERM and SIGHUP are its KeyboardInterrupts from here on, not from once its
+    # imports are done (a second or more, during which SIGTERM ended it without a word)
+    ending = _startup.sigterm_interrupts() if args.command == "demo" else contextlib.nullcontext()
     try:
-        status = int(args.handler(args, out, sys.stderr))
-        out.flush()  # within reach of the handlers below, not at the interpreter's exit
+        with ending:
+            _startup.hand_over()  # Ctrl-C from here on: a KeyboardInterrupt, handled below
+            status = int(args.handler(args, out, sys.stderr))
+            out.flush()  # within reach of the handlers below, not at the interpreter's exit
     except BrokenPipeError:  # e.g. `resilient-db rules ... | head`: the reader has had enough
         _quiet_stdout()
         return status
@@ -279,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_stdout()
         print(f"resilient-db: error: could not write the output: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except _startup.Terminated as exc:  # the demo's SIGTERM or SIGHUP before its own handler
+        print(f"resilient-db {args.command}: {exc.said}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
         # Ctrl-C before a handler of its own took over (the demo's heavy imports take a second
         # or more): said in a line, as the demo says it, not with the traceback of an import

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -708,8 +710,6 @@ def test_demo_help_tells_every_exit_status(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_demo_takes_its_url_from_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse  # noqa: PLC0415
-
     from resilient_db._cli import _demo_url  # noqa: PLC0415
 
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://app:pw@127.0.0.1:5432/app")
@@ -727,6 +727,126 @@ def test_ctrl_c_before_a_command_starts_is_a_line_and_exit_130(
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["rules", "slow_to_import:Task"]) == 130
     assert capsys.readouterr().err == "resilient-db rules: interrupted\n"
+
+
+#: the console script as pip writes it (pyproject.toml's [project.scripts])
+_CONSOLE_SCRIPT = """\
+import sys
+from resilient_db._cli import main
+if __name__ == '__main__':
+    sys.argv[0] = sys.argv[0].removesuffix('.exe')
+    sys.exit(main())
+"""
+
+
+def _entry(entry: str, where: Path) -> list[str]:
+    if entry == "python -m resilient_db":
+        return [sys.executable, "-m", "resilient_db"]
+    (where / "resilient-db").write_text(_CONSOLE_SCRIPT)
+    return [sys.executable, str(where / "resilient-db")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT, SIGTERM and SIGHUP")
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "terminated"),
+        (getattr(signal, "SIGHUP", 1), 129, "hung up"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["python -m resilient_db", "resilient-db"])
+def test_a_signal_while_the_package_imports_is_a_line_and_its_exit_status(
+    entry: str, signum: int, status: int, said: str, tmp_path: Path
+) -> None:
+    """The package imports SQLAlchemy, the drivers, pybreaker and redis (half a second or more)
+    before any of the command's code runs: Ctrl-C then ended in the traceback of whatever
+    module was importing, SIGTERM and SIGHUP without a word. The import is held (a pybreaker
+    that waits) to send the signal there."""
+    (tmp_path / "pybreaker.py").write_text(
+        "import os, time\nos.write(1, b'importing\\n')\ntime.sleep(60)\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    with subprocess.Popen(
+        [*_entry(entry, tmp_path), "demo", "--seconds", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    ) as command:
+        assert command.stdout is not None
+        assert command.stdout.readline() == "importing\n"
+        command.send_signal(signum)
+        out, err = command.communicate(timeout=60)
+    assert (command.returncode, err) == (status, f"resilient-db demo: {said}\n")
+    assert out == ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGTERM")
+def test_sigterm_before_the_demo_runs_is_a_line_and_exit_143() -> None:
+    """The demo turned SIGTERM into its clean exit only once it ran: sent while the command
+    was still getting ready (its options checked, the demo's modules imported), it ended the
+    command without a word."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from resilient_db._cli import main
+        from resilient_db.demo import _fleet
+
+        def terminated_meanwhile(options):  # SIGTERM while the options are checked
+            os.kill(os.getpid(), signal.SIGTERM)
+            return None
+
+        _fleet.check_fleet_options = terminated_meanwhile
+        sys.exit(main(["demo", "--seconds", "8", "--workers", "0"]))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stderr) == (143, "resilient-db demo: terminated\n")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT sent to a process")
+def test_ctrl_c_while_a_program_imports_the_package_stays_its_keyboard_interrupt(
+    tmp_path: Path,
+) -> None:
+    """Only the command answers Ctrl-C with its line: a program importing the package (here
+    one run with ``-m`` too) gets its KeyboardInterrupt."""
+    (tmp_path / "pybreaker.py").write_text(
+        "import os, time\nos.write(1, b'importing\\n')\ntime.sleep(60)\n"
+    )
+    (tmp_path / "my_service.py").write_text("import resilient_db\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    with subprocess.Popen(
+        [sys.executable, "-m", "my_service", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    ) as program:
+        assert program.stdout is not None
+        assert program.stdout.readline() == "importing\n"
+        program.send_signal(signal.SIGINT)
+        _, err = program.communicate(timeout=60)
+    assert program.returncode == -signal.SIGINT
+    assert err.rstrip().endswith("KeyboardInterrupt")
+
+
+def test_the_line_said_before_the_command_starts_names_the_command() -> None:
+    from resilient_db import _startup  # noqa: PLC0415
+    from resilient_db._cli import _parser  # noqa: PLC0415
+
+    commands = next(
+        action.choices
+        for action in _parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    assert set(_startup._COMMANDS) == set(commands)
+    assert _startup.interrupted_line(["--plain", "demo"]) == "resilient-db demo: interrupted\n"
+    assert _startup.interrupted_line(["--version"], "terminated") == "resilient-db: terminated\n"
 
 
 def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:

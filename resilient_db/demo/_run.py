@@ -15,10 +15,8 @@ import contextlib
 import importlib.util
 import logging
 import math
-import os
 import random
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -32,6 +30,8 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 import resilient_db as rdb
+from resilient_db._startup import Terminated as _Terminated
+from resilient_db._startup import sigterm_interrupts as _sigterm_interrupts
 from resilient_db.testing import (
     EmbeddedPostgres,
     ExternalPostgres,
@@ -831,68 +831,6 @@ def _demo_for(options: DemoOptions, view: View) -> Demo:
     if options.processes > 1 or options.ha:
         return FleetDemo(options, view)
     return Demo(options, view)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, ``docker stop``, a cancelled CI job), raised where Ctrl-C's
-    KeyboardInterrupt would be: the demo stops its workers, servers and processes, drops its
-    scratch database (or keeps it, with ``--keep-database``) and exits 143."""
-
-    status = 143
-    said = "terminated"
-
-
-class _HungUp(_Terminated):
-    """SIGHUP (the terminal closed, the SSH session ended): the same cleanup, exit 129."""
-
-    status = 129
-    said = "hung up"
-
-
-#: the signals that end the demo as Ctrl-C does, each with what it raises (no SIGHUP on Windows)
-_ENDING_SIGNALS: dict[int, type[_Terminated]] = {signal.SIGTERM: _Terminated}
-if hasattr(signal, "SIGHUP"):
-    _ENDING_SIGNALS[signal.SIGHUP] = _HungUp
-
-
-def _silence_hung_up_terminal() -> None:
-    """Point standard output and error at the null device where they are a terminal that hung
-    up (it refuses even an empty write): what the demo still writes on its way out (the live
-    display's last refresh, the line saying why it ended) failed there and cut its cleanup
-    short, its servers left to their watchdogs and its exit status 1."""
-    for fd in (1, 2):
-        try:
-            os.write(fd, b"")
-        except OSError:
-            with contextlib.suppress(OSError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, fd)
-                os.close(devnull)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM into :class:`_Terminated` and SIGHUP into :class:`_HungUp` while the demo
-    runs. Left to the default (killed on the spot: only the servers' watchdogs clean up, seconds
-    later, and a database kept with ``--keep-database`` is dropped) outside the main thread,
-    where no handler can be set."""
-
-    def terminated(signum: int, frame: Any) -> None:
-        for ending in _ENDING_SIGNALS:  # a second one, of either kind: the cleanup goes on
-            signal.signal(ending, signal.SIG_IGN)
-        if signum != signal.SIGTERM:
-            _silence_hung_up_terminal()
-        raise _ENDING_SIGNALS[signum]
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {ending: signal.signal(ending, terminated) for ending in _ENDING_SIGNALS}
-    try:
-        yield
-    finally:
-        for ending, handler in previous.items():
-            signal.signal(ending, handler)
 
 
 def run_demo(
