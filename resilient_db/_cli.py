@@ -423,7 +423,12 @@ def check_config(
             out.write(json.dumps({"valid": False, "problems": exc.problems}, indent=2) + "\n")
         err.write(f"resilient-db check-config: {exc}\n")
         return EXIT_USAGE
-    env = config.as_env(masked=True)  # the Redis URL may carry a password
+    from ._config import ENV_VARIABLES  # noqa: PLC0415
+
+    # every variable, the unset ones (no Redis URL, no retry budget) as None: the same keys
+    # whatever the environment sets
+    env: dict[str, str | None] = dict.fromkeys(ENV_VARIABLES)
+    env.update(config.as_env(masked=True))  # the Redis URL may carry a password
     given = sorted(k for k in environ if k.startswith("SELF_HEALING_"))
     notes = _no_op_settings(environ, config)
     if as_json:
@@ -443,7 +448,7 @@ def check_config(
     lines += ["", "settings (durations in milliseconds):"]
     for name, value in env.items():
         source = "environment" if name in environ else "default"
-        lines.append(f"  {name:<34} {value:<8} ({source})")
+        lines.append(f"  {name:<34} {'unset' if value is None else value:<8} ({source})")
     if notes:
         lines += ["", "notes:", *(f"  {note}" for note in notes)]
     if not config.enabled:

@@ -401,6 +401,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("SELF_HEALING_MARKERS_OWNER", "markers_owner", "role"),
 )
 _BY_ENV = {spec.env: spec for spec in _SPECS}
+#: every variable read, in the order ``as_env`` and ``resilient-db check-config`` list them
+ENV_VARIABLES: tuple[str, ...] = tuple(_BY_ENV)
 _ENV_OF = {spec.field: spec.env for spec in _SPECS}
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _TOO_BIG = 10**15

@@ -129,6 +129,49 @@ def test_check_config_json_for_a_bad_environment(
     assert list(payload["problems"]) == ["SELF_HEALING_LOG_LEVEL"]
 
 
+def _readme_configuration_variables() -> list[str]:
+    """The variables of the README's Configuration table, in its order."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| variable | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    names: list[str] = []
+    for row in table.splitlines()[2:]:
+        names += re.findall(r"`(SELF_HEALING_[A-Z_]+)`", row.split("|")[1])
+    return names
+
+
+def test_check_config_lists_every_variable_of_the_readme_with_the_same_json_keys(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The settings left unset (a Redis URL, a retry budget, a markers owner) were missing from
+    check-config's list and from its JSON: the keys changed with the environment, and an
+    operator reading the list never learnt of them."""
+    documented = _readme_configuration_variables()
+    assert len(documented) == len(set(documented)) > 20
+    assert main(["check-config", "--json"]) == 0
+    unset = json.loads(capsys.readouterr().out)
+    assert list(unset) == ["valid", "features", "settings", "from_environment", "notes"]
+    assert sorted(unset["settings"]) == sorted(documented)
+    assert unset["settings"]["SELF_HEALING_RETRY_BUDGET"] is None
+    assert main(["check-config"]) == 0
+    text = capsys.readouterr().out
+    for name in documented:
+        assert f"\n  {name} " in text, name
+    assert "  SELF_HEALING_REDIS_URL             unset    (default)\n" in text
+
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0.2")
+    clean_env.setenv("SELF_HEALING_MARKERS_OWNER", "migrator")
+    assert main(["check-config", "--json"]) == 0
+    set_ = json.loads(capsys.readouterr().out)
+    assert list(set_) == list(unset)
+    assert list(set_["settings"]) == list(unset["settings"])  # the same keys, in the same order
+    assert set_["settings"]["SELF_HEALING_RETRY_BUDGET"] == "0.2"
+    assert set_["settings"]["SELF_HEALING_MARKERS_OWNER"] == "migrator"
+
+    clean_env.setenv("SELF_HEALING_MAX_RETRIES", "many")
+    assert main(["check-config", "--json"]) == 2
+    assert list(json.loads(capsys.readouterr().out)) == ["valid", "problems"]
+
+
 # -- rules --------------------------------------------------------------------------------------
 def test_rules_prints_mermaid_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rules", "resilient_db.examples.tasks:Task"]) == 0
