@@ -168,7 +168,8 @@ def sigterm_interrupts() -> Iterator[None]:
     """Turn SIGTERM into :class:`Terminated` and SIGHUP into :class:`HungUp` while the demo
     runs. Left to the default (killed on the spot: only the servers' watchdogs clean up, seconds
     later, and a database kept with ``--keep-database`` is dropped) outside the main thread,
-    where no handler can be set."""
+    where no handler can be set. A signal ignored when the demo starts stays ignored: ``nohup
+    resilient-db demo`` keeps running when its terminal closes, as nohup is for."""
 
     def terminated(signum: int, frame: Any) -> None:
         for ending in ENDING_SIGNALS:  # a second one, of either kind: the cleanup goes on
@@ -180,7 +181,11 @@ def sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {ending: signal.signal(ending, terminated) for ending in ENDING_SIGNALS}
+    previous = {
+        ending: signal.signal(ending, terminated)
+        for ending in ENDING_SIGNALS
+        if signal.getsignal(ending) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:

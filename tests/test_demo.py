@@ -246,6 +246,25 @@ def test_a_demo_whose_terminal_closed_cleans_up_as_after_sigterm(
     pg_server.drop_database(database)
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX")
+def test_a_demo_started_with_nohup_keeps_running_when_its_terminal_closes() -> None:
+    """``nohup resilient-db demo``: SIGHUP ignored from the start, the demo put its own handler
+    in its place anyway, and ended ("hung up", exit 129) when the terminal closed."""
+    from resilient_db._startup import sigterm_interrupts  # noqa: PLC0415
+
+    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with sigterm_interrupts():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not term  # SIGTERM still ends it
+            os.kill(os.getpid(), signal.SIGHUP)  # the terminal closes: nothing happens
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGHUP, hup)
+
+
 def test_news_that_comes_in_once_the_demo_was_interrupted_is_not_shown(
     pg_server: PostgresServer,
 ) -> None:
