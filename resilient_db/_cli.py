@@ -491,6 +491,11 @@ def _load_target(target: str) -> Any:
         raise _TargetError(
             f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
+    except SystemExit as exc:  # a script's sys.exit() at import: its status was the command's
+        raise _TargetError(
+            f"importing module {module_name!r} failed: it called sys.exit({exc.code!r}) (a "
+            "script run at import, not a module of models?)"
+        ) from exc
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)

@@ -214,6 +214,28 @@ def test_rules_bad_target_is_a_clear_error(
     assert message in captured.err
 
 
+@pytest.mark.parametrize("exits", ["sys.exit(0)", "sys.exit('usage: tool FILE')", "sys.exit(3)"])
+def test_rules_of_a_module_that_exits_at_import_is_a_clear_error(
+    exits: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A script given as MODULE (its ``sys.exit()`` run at import) ended the command with the
+    script's status, 0 included, and nothing said: success, or 1 (the output "could not be
+    written"), or a status the command does not have."""
+    (tmp_path / "a_script.py").write_text(f"import sys\n{exits}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "a_script", raising=False)
+    assert main(["rules", "a_script:Task"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("resilient-db rules: error: importing module 'a_script' failed: it ")
+    assert "sys.exit(" in err
+    assert err.count("\n") == 1
+
+
 def test_rules_column_of_a_rules_object_must_be_its_own(capsys: pytest.CaptureFixture[str]) -> None:
     target = "resilient_db.examples.tasks:TASK_RULES"
     assert main(["rules", target, "--column", "nope"]) == 2
