@@ -43,6 +43,18 @@ REQUIRED_KEYS = {
     "commit_outcome_unknown",
     "invariants",
 }
+#: every key of the ``--json`` report of a run in one process without --metrics-port and
+#: --dashboard-port (each adds its URL: metrics_url, dashboard_url)
+REPORT_KEYS = {
+    *REQUIRED_KEYS,
+    *("breaker_closes", "breaker_events", "breaker_failed_probes", "circuit_open_waits"),
+    *("commit_outcome_unknown_resolved", "commits_verified", "config", "database"),
+    *("database_kept", "failed_by_kind", "failed_unit_writes", "failure_reasons"),
+    *("faults_skipped", "gave_up", "history_rows_in_db", "illegal_transitions_blocked_by_via"),
+    *("outages", "recovered", "retries_by_class", "retries_by_sqlstate", "seconds", "seed"),
+    *("server", "tasks_in_db", "timing", "unaccounted_writes", "units_by_kind"),
+    *("units_resumed_after_giving_up", "workers"),
+}
 INVARIANTS = {
     "no_lost_writes",
     "no_duplicate_writes",
@@ -89,6 +101,9 @@ def test_demo_on_the_embedded_server(capsys: pytest.CaptureFixture[str]) -> None
     status, report, progress = run_demo(capsys)
     assert_healthy_report(report, progress)
     assert status == 0
+    # the --json report's keys are the same from run to run (a key left out when its count is
+    # 0 would break a reader of the JSON): every one, exactly
+    assert sorted(report) == sorted(REPORT_KEYS)
     assert report["faults_injected"]["server_crash"] == 1
     # the same retries, by SQLSTATE and in all (those that ran: not one the breaker refused)
     assert sum(report["retries_by_sqlstate"].values()) == report["retries"]
