@@ -483,11 +483,21 @@ def _load_target(target: str) -> Any:
         )
     if os.getcwd() not in sys.path:  # like `python -m`: modules of the current directory
         sys.path.insert(0, os.getcwd())
+    # a file's path where the module's name goes: importlib's own words for it ("No module
+    # named 'models.py'; 'models' is not a package", a TypeError of the relative import it
+    # takes "./models.py" for) never say so
+    a_path = module_name.endswith(".py") or module_name.startswith(".")
+    a_path = a_path or any(sep in module_name for sep in ("/", os.sep))
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise _TargetError(f"cannot import module {module_name!r}: {exc}") from exc
     except Exception as exc:
+        if a_path:
+            raise _TargetError(
+                f"{module_name!r} is a file's path: give the module's dotted name, as import "
+                "takes it from the current directory or PYTHONPATH (e.g. myapp.models:Task)"
+            ) from exc
+        if isinstance(exc, ImportError):
+            raise _TargetError(f"cannot import module {module_name!r}: {exc}") from exc
         raise _TargetError(
             f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc

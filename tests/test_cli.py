@@ -236,6 +236,26 @@ def test_rules_of_a_module_that_exits_at_import_is_a_clear_error(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "target",
+    ["models.py:Task", "./models.py:Task", "app/models:Task", ".models:Task", "/srv/app/m.py:Task"],
+)
+def test_rules_given_a_file_path_asks_for_the_module_name(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path where a module name goes was said in importlib's words: "No module named
+    'models.py'; 'models' is not a package", or a TypeError about the 'package' argument of a
+    relative import."""
+    assert main(["rules", target]) == 2
+    err = capsys.readouterr().err
+    module = target.rsplit(":", 1)[0]
+    assert err == (
+        f"resilient-db rules: error: {module!r} is a file's path: give the module's dotted "
+        "name, as import takes it from the current directory or PYTHONPATH (e.g. "
+        "myapp.models:Task)\n"
+    )
+
+
 def test_rules_column_of_a_rules_object_must_be_its_own(capsys: pytest.CaptureFixture[str]) -> None:
     target = "resilient_db.examples.tasks:TASK_RULES"
     assert main(["rules", target, "--column", "nope"]) == 2
@@ -276,6 +296,16 @@ def test_rules_imports_models_from_the_current_directory(
     assert main(["rules", "rdb_cli_models:Door", "--format", "dot"]) == 0
     assert '[label="open"]' in capsys.readouterr().out
     sys.modules.pop("rdb_cli_models", None)
+    # a module named py, in a package: its dotted name ends in .py, and is no file's path
+    (tmp_path / "rdb_cli_pkg").mkdir()
+    (tmp_path / "rdb_cli_pkg" / "__init__.py").write_text("")
+    (tmp_path / "rdb_cli_models.py").rename(tmp_path / "rdb_cli_pkg" / "py.py")
+    monkeypatch.delitem(sys.modules, "rdb_cli_pkg", raising=False)
+    monkeypatch.delitem(sys.modules, "rdb_cli_pkg.py", raising=False)
+    assert main(["rules", "rdb_cli_pkg.py:Door"]) == 0
+    assert "%% Door.state" in capsys.readouterr().out
+    sys.modules.pop("rdb_cli_pkg.py", None)
+    sys.modules.pop("rdb_cli_pkg", None)
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
