@@ -685,7 +685,10 @@ def test_two_upgrades_started_at_once_both_succeed(pg_url: str, engine: sa.Engin
             here.append(exc)
 
     with engine.connect() as holder:
-        # both upgrades held up until both have started: the step 0011 installs the markers
+        # both upgrades held up until both have started: the step 0011 installs the markers.
+        # The other instance first (its interpreter takes seconds to start on a loaded
+        # machine), then this one: the first to take the migration lock waits in the markers'
+        # install, whose own lock_timeout (5 s) must not run out before the second has started
         holder.exec_driver_sql("LOCK TABLE resilient_db.commit_markers IN ACCESS EXCLUSIVE MODE")
         there = subprocess.Popen(  # another instance, by the alembic command line
             [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url={pg_url}", "upgrade", "head"],
@@ -694,11 +697,17 @@ def test_two_upgrades_started_at_once_both_succeed(pg_url: str, engine: sa.Engin
             text=True,
         )
         thread = threading.Thread(target=upgrade_here)
-        thread.start()
         deadline = time.monotonic() + 60
-        while _waiting_for_a_lock(engine) < 2 and there.poll() is None and thread.is_alive():
-            assert time.monotonic() < deadline, "the upgrades never waited"
-            time.sleep(0.01)
+        for waiting in (1, 2):
+            if waiting == 2:
+                thread.start()
+            while (
+                _waiting_for_a_lock(engine) < waiting
+                and there.poll() is None
+                and (waiting == 1 or thread.is_alive())
+            ):
+                assert time.monotonic() < deadline, "the upgrades never waited"
+                time.sleep(0.01)
         holder.rollback()
     thread.join(timeout=120)
     _, err = there.communicate(timeout=120)
