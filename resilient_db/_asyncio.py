@@ -96,10 +96,13 @@ from ._unit import (
     listening_base,
     lost_with_its_connection,
     no_second_connection,
+    one_connection_pool,
     part_of_running,
+    prune_claimed,
     prune_failed,
     prune_quietly,
     pruned,
+    read_committed,
     reset_block,
     restore_attached,
     rollback_if_prepared,
@@ -997,7 +1000,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     async with _settling_engine(self.engine, ticket).connect() as conn:
                         try:
                             # READ COMMITTED whatever the engine's level: the claim must see it
-                            await conn.execution_options(isolation_level="READ COMMITTED")
+                            if True:  # async only
+                                await conn.run_sync(read_committed)
+                            else:  # sync only
+                                read_committed(conn)
                             verdict = await conn.run_sync(check_commit, ticket, referee.left(ends))
                         except Exception:
                             # not back to the pool: a driver error SQLAlchemy did not wrap (the
@@ -1594,9 +1600,16 @@ if True:  # async only
         unit into a failure for its caller, nor cut the prune off. One per engine at a time
         (see ``claim_prune``), kept until it is done (``asyncio.run`` and ``asyncio.Runner``
         cancel it if the loop ends first). Its context is a new one: it is no unit's work.
-        (Called in the unit's greenlet hop, on the event loop's thread.)"""
+        (Called in the unit's greenlet hop, on the event loop's thread.) On an engine whose
+        pool has one connection (``StaticPool``, ``AssertionPool``) it runs inline, in that
+        hop, as the sync factory's does: in a task it would use that connection while the
+        application's next unit or session does (asyncpg's "another operation is in progress",
+        a connection invalidated under them) or make its checkout fail (``AssertionPool``)."""
         protocol = claim_prune(given, request)
         if protocol is None:
+            return
+        if one_connection_pool(protocol.engine.pool):
+            prune_claimed(protocol)
             return
         loop = asyncio.get_running_loop()
         # the pool as the unit left it: an engine disposed of before the task's first step

@@ -2573,6 +2573,9 @@ class CommitProtocol:
             return
         record.info[_SEEN_KEY] = True
         try:
+            if self.supported and not self.is_asyncpg:  # (psycopg's set-up needs it idle)
+                with library_work():  # (its COMMIT is no unit's, nor an application's)
+                    end_listeners_transaction(dbapi_connection)  # (a listener before ours)
             self.prepare(dbapi_connection, record)
         except BaseException:
             # the set-up met a lost connection, or was interrupted in the middle of a statement
@@ -4207,6 +4210,29 @@ def _runner(dbapi_connection: Any, driver: Any) -> Callable[[Callable[[Any], Any
     if isinstance(dbapi_connection, AdaptedConnection):
         return dbapi_connection.run_async
     return lambda fn: sa_await(fn(driver))
+
+
+def end_listeners_transaction(dbapi_connection: Any) -> None:
+    """End the transaction a ``connect`` (or ``checkout``) listener of the application's left
+    open on a connection: statements it ran on the DBAPI connection without autocommit (``SET
+    search_path``, ``SET TIME ZONE`` through a cursor) begin one, which plain SQLAlchemy ends
+    with the connection's first transaction. Committed here, as that first transaction commits
+    them when it succeeds (a listener's statement that failed: rolled back), so that psycopg's
+    set-up for the markers (it put such a connection off: its first unit's COMMIT carried no
+    marker, an answer lost there was an unknown outcome) and a check's ``READ COMMITTED``
+    (psycopg refused it: ``ProgrammingError``, a committed unit's outcome reported unknown;
+    SQLAlchemy's asyncpg adapter rolled the listener's statements back for it, the connection
+    pooled without them) find the connection idle. A connection without one: untouched."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if isinstance(driver, asyncpg.Connection):
+        if driver.is_in_transaction():
+            dbapi_connection.commit()
+        return
+    status = getattr(getattr(driver, "info", None), "transaction_status", None)
+    if status == psycopg.pq.TransactionStatus.INTRANS:
+        dbapi_connection.commit()
+    elif status == psycopg.pq.TransactionStatus.INERROR:
+        dbapi_connection.rollback()
 
 
 def _close_abandoned(dbapi_connection: Any) -> None:

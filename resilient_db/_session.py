@@ -85,6 +85,7 @@ from ._unit import (
     no_second_connection,
     part_of_running,
     prune_quietly,
+    read_committed,
     reset_block,
     restore_attached,
     rollback_if_prepared,
@@ -857,7 +858,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     with _settling_engine(self.engine, ticket).connect() as conn:
                         try:
                             # READ COMMITTED whatever the engine's level: the claim must see it
-                            conn.execution_options(isolation_level="READ COMMITTED")
+                            read_committed(conn)
                             verdict = check_commit(conn, ticket, referee.left(ends))
                         except Exception:
                             # not back to the pool: a driver error SQLAlchemy did not wrap (the

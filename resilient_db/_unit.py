@@ -33,7 +33,7 @@ from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.pool import QueuePool, SingletonThreadPool, StaticPool
+from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 
 from ._classify import (
     DEFAULT_CLASSIFIER,
@@ -74,6 +74,7 @@ from ._commit import (
     UnprovenCommit,
     claim,
     end_check,
+    end_listeners_transaction,
     prune,
     replication_wait_within,
     stall_cut,
@@ -560,6 +561,15 @@ def _connection_at_hand(pool: Any) -> bool:
     return not isinstance(pool, QueuePool) or pool.checkedin() > 0 or pool.overflow() < 0
 
 
+def one_connection_pool(pool: Any) -> bool:
+    """Whether ``pool`` hands every checkout the same connection (``StaticPool``) or refuses
+    a second one while the first is out (``AssertionPool``): the async factory's prune can't
+    run in a task of its own beside the application's next unit there (the two would share
+    that one connection, or the unit's checkout would fail), so it runs inline, as the sync
+    factory's does (see ``_asyncio._prune_in_task``)."""
+    return isinstance(pool, (StaticPool, AssertionPool))
+
+
 def prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitRequest) -> None:
     """The sync factory's prune after a unit's COMMIT: inline, in a short transaction of its
     own on another connection of the engine. (An interruption arriving meanwhile, a
@@ -567,8 +577,12 @@ def prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitReque
     line says it is committed, and the interruption is marked so, for a web answer that tells
     the client not to resubmit it: see ``CommitReferee.interrupted``.)"""
     protocol = claim_prune(given, request)
-    if protocol is None:
-        return
+    if protocol is not None:
+        prune_claimed(protocol)
+
+
+def prune_claimed(protocol: CommitProtocol) -> None:
+    """Run the prune ``protocol``'s caller claimed (see :func:`claim_prune`), inline."""
     try:
         with library_work(), protocol.engine.connect() as conn:  # (not the unit's DELETE)
             count = prune(conn)
@@ -589,6 +603,15 @@ def prune_failed(protocol: CommitProtocol, exc: Exception) -> None:
     debug_failure(log_session, "pruning commit markers failed")
     if sqlstate_of(exc) == "42501":
         protocol.prune_refused()
+
+
+def read_committed(connection: Connection) -> None:
+    """Set a check's ``connection`` to READ COMMITTED, whatever its engine's level: the claim
+    must see a COMMIT that lands meanwhile. What a listener of the application's left open on
+    it is ended first (see :func:`~._commit.end_listeners_transaction`: a ``checkout``
+    listener's, or a ``connect`` listener's registered after the factory)."""
+    end_listeners_transaction(connection.connection.dbapi_connection)
+    connection.execution_options(isolation_level="READ COMMITTED")
 
 
 def check_commit(
