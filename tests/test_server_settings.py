@@ -237,11 +237,13 @@ SETTINGS: dict[str, dict[str, str]] = {
     },
     "serializable": {"default_transaction_isolation": "'serializable'"},
     "repeatable-read": {"default_transaction_isolation": "'repeatable read'"},
+    # tight as production roles have them, yet above what a statement of these paths takes on
+    # a loaded 2-core machine (50 ms and a 300 ms transaction cut the trigger's install there)
     "timeouts": {
-        "statement_timeout": "'50ms'",
-        "lock_timeout": "'10ms'",
-        "idle_in_transaction_session_timeout": "'200ms'",
-        "transaction_timeout": "'300ms'",
+        "statement_timeout": "'500ms'",
+        "lock_timeout": "'100ms'",
+        "idle_in_transaction_session_timeout": "'1s'",
+        "transaction_timeout": "'2s'",
     },
     "empty-search-path": {"search_path": "''"},
     "chatty": {"client_min_messages": "debug5", "log_min_messages": "debug5"},
