@@ -3152,10 +3152,13 @@ class CommitProtocol:
     def _note_shadowed(self, names: str | None) -> None:
         """The database's own functions under built-ins' names (``_SHADOWED_SQL``'s answer,
         space-separated): calls of those names may write (see
-        :func:`~._statements.distrust_calls`). Asked once per engine."""
-        self._shadow_asked = True
+        :func:`~._statements.distrust_calls`). Asked once per engine: the connections set up
+        from then on don't ask, so the names are distrusted first and the answer published
+        after (the other way round, a connection set up at that moment, on another thread,
+        skipped the question and judged its unit's calls of them by the trust of before)."""
         if names:
             distrust_calls(str(names).split())
+        self._shadow_asked = True
 
     def _note_control(self, driver: Any, readable: bool) -> None:
         """Whether the role of ``driver`` may read the incarnation (``_CHECK_SQL``'s last

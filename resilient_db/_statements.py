@@ -165,14 +165,24 @@ _trusted_calls: frozenset[str] = _SAFE_CALLS
 SAFE_CALL_NAMES: Final = tuple(sorted(_SAFE_CALLS))
 
 
+#: taken to change :data:`_trusted_calls` (the first connections of two databases, each with
+#: functions of its own under built-ins' names, set up at once: each change is made whole)
+_trust_lock = threading.Lock()
+renew_after_fork(globals(), "_trust_lock")
+
+
 def distrust_calls(names: Iterable[str]) -> None:
     """A database has functions of its own, which may write, under these built-ins' names:
-    calls of them may write from now on (the verdicts made so far are made again)."""
+    calls of them may write from now on (the verdicts made so far are made again; one being
+    made meanwhile, in another thread, is not kept: see :func:`verdict_of`)."""
     global _trusted_calls
-    untrusted = _trusted_calls & {str(name).lower() for name in names}
-    if untrusted:
+    wanted = {str(name).lower() for name in names}
+    with _trust_lock:  # (two at once: neither's names trusted again by the other's update)
+        untrusted = _trusted_calls & wanted
+        if not untrusted:
+            return
         _trusted_calls = _trusted_calls - untrusted
-        forget_verdicts()
+    forget_verdicts()
 
 
 # Names as PostgreSQL's lexer reads them: an unquoted name holds ASCII letters, digits, ``_``,
@@ -457,14 +467,24 @@ def verdict_of(statement: str) -> int:
     global _verdict_chars
     verdict = _verdicts.get(statement)
     if verdict is None:
+        trusted = _trusted_calls
         verdict = _judge(statement)
         size = len(statement)
         if size > _MAX_VERDICT_CHARS >> 2:
-            return verdict
+            return verdict if _trusted_calls is trusted else verdict_of(statement)
         if len(_verdicts) >= _MAX_VERDICTS or _verdict_chars + size > _MAX_VERDICT_CHARS:
             forget_verdicts()
         _verdict_chars += size  # (threads racing here only make it clear sooner or later)
         _verdicts[statement] = verdict
+        if _trusted_calls is not trusted:
+            # another thread distrusted names while this one judged (a database's first
+            # connection found functions of its own under built-ins' names): the verdict may
+            # be of the trust before, and kept after that thread's forget_verdicts() it would
+            # stand for good (a call that writes taken for a read). Kept first, looked at
+            # after: a distrust later than this test clears it itself. Judged again (each
+            # distrust takes names away: this ends)
+            _verdicts.pop(statement, None)
+            return verdict_of(statement)
     return verdict
 
 
