@@ -37,8 +37,8 @@ import resilient_db as rdb
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 #: runs of each scenario (each a process of its own)
-#: (3 keeps each test to seconds; COLDSTART_RUNS=30 in the environment for a longer hunt)
-RUNS = int(os.environ.get("COLDSTART_RUNS", "3"))
+#: (2 keeps each test to seconds; COLDSTART_RUNS=30 in the environment for a longer hunt)
+RUNS = int(os.environ.get("COLDSTART_RUNS", "2"))
 THREADS = 16
 TASKS = 32
 SERVICE = "coldstart"
