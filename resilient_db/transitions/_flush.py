@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeAlias
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import NO_VALUE, Mapper, Session, UOWTransaction, object_session
+from sqlalchemy.orm import NO_VALUE, Mapper, Session, UOWTransaction
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
@@ -85,20 +85,25 @@ def before_flush(
     # of new rows whose status a post_update relationship writes from a row the flush makes
     # (with those rows: judged when that UPDATE is sent)
     touched: _Touched = {}
-    for obj in list(new) if only is None else [o for o in new if id(o) in only]:
-        state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
-        if guards := guards_of[state.mapper]:
-            if replaced is None:
-                gone = (instance_state(o) for o in session.deleted)
-                replaced = {d.key: d for d in gone if d.key is not None}
-            switched = _switched_from(state, replaced) if replaced else None
-            for guard in guards:
-                if switched is None:
+    added = list(new) if only is None else [o for o in new if id(o) in only]
+    if added and _any_guarded(added, guards_of):
+        gone = (instance_state(o) for o in session.deleted)
+        replaced = {d.key: d for d in gone if d.key is not None}
+        for obj in added:
+            state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
+            if guards := guards_of[state.mapper]:
+                switched = _switched_from(state, replaced) if replaced else None
+                for guard in guards:
+                    if switched is not None:
+                        _check_row_switch(guard, state, switched, changes, errors)
+                        continue
+                    value = state.dict.get(guard.attr_key)
+                    if value.__class__ is str and value in guard.initial_text and not guard.related:
+                        continue  # the common case: an initial state, as _check_insert would find
                     errors.extend(_check_insert(guard, state, in_flush=False, later=touched))
-                else:
-                    _check_row_switch(guard, state, switched, changes, errors)
     dirty = session.dirty
-    for obj in list(dirty) if only is None else [o for o in dirty if id(o) in only]:
+    updated = list(dirty) if only is None else [o for o in dirty if id(o) in only]
+    for obj in updated if updated and _any_guarded(updated, guards_of) else ():
         state = instance_state(obj)
         guards = guards_of[state.mapper]
         key = state.key
@@ -141,14 +146,15 @@ def before_flush(
         raise_errors(errors, config, session)
 
 
-def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+def before_update(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
     """Mapper ``before_update`` of a model with rules: a row of it is being updated by a flush.
     A status set after :func:`before_flush` looked (by a ``before_flush`` listener added after
     the guard's, or by the ORM itself: a foreign key written through a one-to-many
     collection) was judged by no one: the guarded tables of ``mapper`` are watched on
     ``connection`` for this flush, so that the flush's UPDATE setting a guarded column of a row
     with no expectation has the row checked under lock first (:func:`_check_written`). Costs
-    a lookup when the flush watches them already."""
+    a lookup when the flush watches them already. Listened to raw (``state``: the row's
+    ``InstanceState``), see ``_guards._watch``."""
     checks: _FlushChecks | None = STATE.flush_checks.get(connection)
     if checks is not None and mapper in checks.covered:
         return  # the common case: before_flush watches these tables already
@@ -163,7 +169,7 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
             return
     if not guards:
         return
-    session = object_session(target)
+    session = state.session
     if session is None or not any(
         cls in STATE.guarded_session_classes for cls in type(session).__mro__
     ):
@@ -181,22 +187,29 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
     checks.covered.add(mapper)
 
 
-def before_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+def before_insert(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
     """Mapper ``before_insert`` of a model with rules: a new row of it is being inserted by a
     flush. A status set after :func:`before_flush` looked (by a ``before_insert`` listener of
     the application's, say) must still be an initial state. The row is judged first (a
     membership test when it starts as it should); the session is looked at only when it
-    does not."""
-    state = instance_state(target)
-    errors = [e for guard in compiled_guards(mapper) for e in _check_insert(guard, state)]
+    does not. Listened to raw (``state``: the row's ``InstanceState``), see
+    ``_guards._watch``."""
+    errors = None
+    for guard in compiled_guards(mapper):
+        value = state.dict.get(guard.attr_key)
+        if value.__class__ is str and value in guard.initial_text:
+            continue  # the common case: an initial state, as _check_insert would find
+        found = _check_insert(guard, state)
+        if found:
+            errors = found if errors is None else [*errors, *found]
     if not errors:
         return
-    session = object_session(target)
+    session = state.session
     if session is None or not any(
         cls in STATE.guarded_session_classes for cls in type(session).__mro__
     ):
         return  # a session whose flushes the guard does not follow
-    key = mapper.identity_key_from_instance(target)
+    key = mapper.identity_key_from_instance(state.obj())
     if None not in key[1] and key in session.identity_map:
         # a row deleted in this flush that this object replaces (SQLAlchemy's row switch, for
         # which it calls before_insert too): sent as an UPDATE of that row, judged as a move
@@ -209,6 +222,14 @@ def before_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> N
 #: mappers of rows a flush watches (see before_flush), each with the new rows of it whose status
 #: a post_update relationship writes from a row the flush makes, and their guards
 _Touched: TypeAlias = dict[Mapper[Any], list[tuple[Guard, InstanceState[Any]]]]
+
+
+def _any_guarded(objs: list[Any], guards_of: _GuardsByMapper) -> bool:
+    """Whether any of a flush's new or changed objects ``objs`` is of a model with guards:
+    looked up once per class (a class's objects share its mapper), so that a flush of many
+    rows of models without rules pays one comprehension for them."""
+    by_class = {o.__class__: o for o in objs}
+    return any(guards_of[instance_state(o).mapper] for o in by_class.values())
 
 
 class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):

@@ -339,6 +339,15 @@ class Guard:
     lender: str | None = None
 
     @functools.cached_property
+    def initial_text(self) -> frozenset[str]:
+        """The initial states whose key a ``str`` value of exactly that class is (empty for a
+        column whose ``str`` values are not their own keys): a new row's ``str`` status in it
+        starts as it should, in one membership test (every new row of a flush is judged)."""
+        if not self.text_keys:
+            return frozenset()
+        return frozenset(k for k in self.initial if k.__class__ is str)
+
+    @functools.cached_property
     def table(self) -> sa.Table:  # read by every guarded flush: computed once
         table = self.column.table
         assert isinstance(table, sa.Table)
