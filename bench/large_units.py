@@ -200,7 +200,8 @@ def orm_bulk_insert_guarded(session: Session, m: Models, size: Size) -> object:
     return None
 
 
-CORE_INSERT = sa.insert(Row.__table__).values(name=sa.bindparam("n"), status=sa.bindparam("s"))
+ROW_TABLE = Base.metadata.tables[Row.__tablename__]  # (a Table: Core's insert, typed)
+CORE_INSERT = sa.insert(ROW_TABLE).values(name=sa.bindparam("n"), status=sa.bindparam("s"))
 
 
 def core_insert(session: Session, m: Models, size: Size) -> object:

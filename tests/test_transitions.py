@@ -330,8 +330,12 @@ def _configure_model(**columns_and_rules: Any) -> None:
             "status": mapped_column(sa.String(20)),
             **columns_and_rules,
         }
-        reg.mapped(type("Widget", (), attrs))
+        # held until configured: the registry holds its classes weakly, and a class left
+        # unreferenced may be collected first (the collector's timing), leaving nothing to
+        # configure, nothing checked
+        model = reg.mapped(type("Widget", (), attrs))
         reg.configure()
+        assert sa.inspect(model).configured
     finally:
         reg.dispose()
 
