@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import sys
 import time
 import types
 import weakref
@@ -1059,11 +1060,14 @@ async def _invalidate_quietly(conn: AsyncConnection) -> None:
 
 
 async def _rollback_quietly(session: AsyncSession) -> None:
-    """Roll back after a failed attempt; a dead connection must not hide the real error."""
+    """Roll back after a failed attempt (called where its error is being handled); a dead
+    connection must not hide the real error, in the line either: it names the attempt's error
+    whatever the rollback's was raised from."""
+    attempt = sys.exc_info()[1]
     try:
         await session.rollback()
     except Exception:
-        debug_failure(log_session, "rollback after a failed attempt failed too")
+        debug_failure(log_session, "rollback after a failed attempt failed too", after=attempt)
 
 
 async def _close(session: AsyncSession, *, quiet: bool) -> None:

@@ -1291,7 +1291,9 @@ def _code_of(err: BaseException) -> str:
     return f"SQLSTATE {code}" if code else "no SQLSTATE"
 
 
-def failure_detail(exc: BaseException, *, texts: bool = True) -> str:
+def failure_detail(
+    exc: BaseException, *, texts: bool = True, after: BaseException | None = None
+) -> str:
     """A traceback of ``exc`` and the errors chained to it (cause or context), for a DEBUG line:
     every frame, but no text that may quote values. Tracebacks formatted by ``logging``'s
     ``exc_info`` would carry bound parameters and row values into the logs: the error being
@@ -1300,7 +1302,11 @@ def failure_detail(exc: BaseException, *, texts: bool = True) -> str:
     among ...``). So a database driver's, SQLAlchemy's, pydantic's or resilient_db's own error
     shows its class and SQLSTATE only, and so does every error it was raised from or while.
     ``texts`` False: no error's text at all (an error of code that is not ours to know, such
-    as a breaker state storage given to a factory, which may quote its own secrets)."""
+    as a breaker state storage given to a factory, which may quote its own secrets).
+    ``after``: the error ``exc`` came after (a failed attempt, whose rollback failed), shown
+    first when ``exc``'s chain does not hold it: a driver's error raised from the loop's own
+    error for the lost connection (uvloop's ``ConnectionResetError``) hides the context it was
+    raised in."""
     try:
         chain: list[BaseException] = []
         current: BaseException | None = exc
@@ -1312,6 +1318,8 @@ def failure_detail(exc: BaseException, *, texts: bool = True) -> str:
             if cause is None and not current.__suppress_context__:
                 cause = current.__context__
             current = cause
+        if after is not None and not any(after is seen for seen in chain):
+            chain.append(after)
         # newest first: hidden from the first that quotes values on (what it was raised from)
         quoting = next(
             (i for i, err in enumerate(chain) if not texts or _quotes_values(err)), len(chain)
@@ -1348,16 +1356,22 @@ def log_quietly(
         logger.log(level, message, *args, **kwargs)
 
 
-def debug_failure(logger: logging.Logger, message: str, *args: object, texts: bool = True) -> None:
+def debug_failure(
+    logger: logging.Logger,
+    message: str,
+    *args: object,
+    texts: bool = True,
+    after: BaseException | None = None,
+) -> None:
     """``logger.debug(message, *args)`` followed by :func:`failure_detail` of the error being
     handled: what ``exc_info=True`` would add, without the values a database error quotes
-    (``texts`` False: without any error's text). Never raises (:func:`log_quietly`)."""
+    (``texts`` False: without any error's text; ``after``: the error it came after, shown
+    first when its chain does not hold it). Never raises (:func:`log_quietly`)."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
     exc = sys.exc_info()[1]
     if exc is None:
         log_quietly(logger, logging.DEBUG, message, *args)
     else:
-        log_quietly(
-            logger, logging.DEBUG, f"{message}\n%s", *args, failure_detail(exc, texts=texts)
-        )
+        detail = failure_detail(exc, texts=texts, after=after)
+        log_quietly(logger, logging.DEBUG, f"{message}\n%s", *args, detail)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import time
 import types
 import weakref
@@ -899,11 +900,14 @@ def _invalidate_quietly(conn: Connection) -> None:
 
 
 def _rollback_quietly(session: Session) -> None:
-    """Roll back after a failed attempt; a dead connection must not hide the real error."""
+    """Roll back after a failed attempt (called where its error is being handled); a dead
+    connection must not hide the real error, in the line either: it names the attempt's error
+    whatever the rollback's was raised from."""
+    attempt = sys.exc_info()[1]
     try:
         session.rollback()
     except Exception:
-        debug_failure(log_session, "rollback after a failed attempt failed too")
+        debug_failure(log_session, "rollback after a failed attempt failed too", after=attempt)
 
 
 def _close(session: Session, *, quiet: bool) -> None:
