@@ -9,6 +9,7 @@ runs its tests on both async drivers: see ``scenarios.ASYNC_DRIVERS``).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import signal
@@ -43,6 +44,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # ignored signal but not a handler) need Python's own.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # RESILIENT_DB_TEST_LOOP=uvloop: every event loop of the run is uvloop's (pytest-asyncio's,
+    # asyncio.run's, the test clients' portals), to run any test file on it
+    loop = os.environ.get("RESILIENT_DB_TEST_LOOP", "asyncio")
+    if loop == "uvloop":
+        import uvloop  # noqa: PLC0415  (only for this run)
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    elif loop != "asyncio":
+        raise pytest.UsageError(f"RESILIENT_DB_TEST_LOOP={loop!r}: asyncio or uvloop")
 
 
 @pytest.fixture(autouse=True)

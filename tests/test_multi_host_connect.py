@@ -11,6 +11,7 @@ Real servers: one stopped, and a loopback port nothing listens on."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import sys
 from collections.abc import Iterator
@@ -76,7 +77,9 @@ def test_asyncpg_names_every_host_tried_when_none_can_be_used(
 
     with caplog.at_level(logging.ERROR, logger="resilient_db"):
         error = asyncio.run(run())
-    assert down_hosts[1].rpartition(":")[2] in str(error)
+    # the last host's error as the event loop made it: asyncio's names the address ("Connect
+    # call failed ('127.0.0.1', <port>)"), uvloop's does not ("Connection refused")
+    assert error.errno == errno.ECONNREFUSED
 
     (gave_up,) = [e for e in events if e.name == "gave_up"]
     (line,) = [r.getMessage() for r in caplog.records if "Gave up" in r.getMessage()]
