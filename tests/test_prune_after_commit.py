@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from loops import LOOPS
 from scenarios import ASYNC_DRIVERS
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -284,13 +285,21 @@ async def test_an_engine_disposed_of_while_its_prune_runs_leaves_no_connection_o
         await engine.dispose()
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 def test_a_prune_still_running_when_the_loop_ends_is_cancelled_without_warnings(
-    pg_server: PostgresServer, database: str, driver: str, service: str, tmp_path: Any
+    pg_server: PostgresServer,
+    database: str,
+    driver: str,
+    service: str,
+    *,
+    tmp_path: Any,
+    loop: str,
 ) -> None:
-    """``asyncio.run`` ends with the prune's task waiting on the server: the task is cancelled
-    and its connection closed, with no warning (no "Task was destroyed but it is pending",
-    no unclosed connection), in a Python of its own run with warnings as errors."""
+    """``asyncio.run`` (``uvloop.run``) ends with the prune's task waiting on the server: the
+    task is cancelled and its connection closed, with no warning (no "Task was destroyed but
+    it is pending", no unclosed connection or transport), in a Python of its own run with
+    warnings as errors."""
     import subprocess  # noqa: PLC0415
 
     _add_expired_markers(pg_server, database)
@@ -323,7 +332,7 @@ async def main(holder):
     print("pending", not Sessions._hooks.commit.pruning.done(), flush=True)
 
 holder = psycopg.connect({pg_server.conninfo(database)!r}, autocommit=False)
-asyncio.run(main(holder))
+{"import uvloop; uvloop.run" if loop == "uvloop" else "asyncio.run"}(main(holder))
 holder.rollback()
 holder.close()
 gc.collect()
