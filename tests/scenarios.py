@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
+from resilient_db import _commit
 from resilient_db.testing import FaultProxy, PostgresServer
 from resilient_db.transitions._dbmap import exception_from_db
 
@@ -549,3 +550,31 @@ def notifications(listener: psycopg.Connection[Any], *, more: float = 0.5) -> li
     received = [n.payload for n in listener.notifies(timeout=30, stop_after=1)]
     assert received, "no notification within 30 s"
     return received + [n.payload for n in listener.notifies(timeout=more)]
+
+
+def add_expired_markers(server: PostgresServer, database: str, count: int) -> None:
+    """``count`` commit markers 20 minutes old, and one of now (ages are judged against the
+    newest): expired ones for a prune to delete."""
+    server.execute(
+        "INSERT INTO resilient_db.commit_markers (id) VALUES (%s)",
+        params=[uuid.UUID(_commit.marker_id())],
+        database=database,
+    )
+    server.execute(
+        "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
+        "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
+        "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
+        "FROM generate_series(1, %s) g",
+        params=[count],
+        database=database,
+    )
+
+
+def expired_markers(server: PostgresServer, database: str) -> int:
+    """How many commit markers a prune would delete now."""
+    horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(_commit.RETENTION * 1000))
+    rows = server.execute(
+        f"SELECT count(*) FROM resilient_db.commit_markers WHERE id < {horizon}",
+        database=database,
+    )
+    return int(rows[0][0])

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS
+from scenarios import ASYNC_DRIVERS, add_expired_markers, expired_markers
 from sqlalchemy import event, pool
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db import _commit
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -90,32 +88,6 @@ def _backends(server: PostgresServer, database: str) -> int:
             break
         time.sleep(0.01)  # (an order, not a duration: until they are gone, bounded)
     return count
-
-
-def _add_expired_markers(server: PostgresServer, database: str) -> None:
-    """EXPIRED markers 20 minutes old, and one of now (ages are judged against the newest)."""
-    server.execute(
-        "INSERT INTO resilient_db.commit_markers (id) VALUES (%s)",
-        params=[uuid.UUID(_commit.marker_id())],
-        database=database,
-    )
-    server.execute(
-        "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
-        "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
-        "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
-        "FROM generate_series(1, %s) g",
-        params=[EXPIRED],
-        database=database,
-    )
-
-
-def _expired_markers(server: PostgresServer, database: str) -> int:
-    horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(_commit.RETENTION * 1000))
-    rows = server.execute(
-        f"SELECT count(*) FROM resilient_db.commit_markers WHERE id < {horizon}",
-        database=database,
-    )
-    return int(rows[0][0])
 
 
 def _counters(service: str) -> dict[str, Any]:
@@ -193,10 +165,10 @@ def test_sync_units_through_faults_on_each_pool(
         assert _notes(pg_server, database, "drop-in") == 1
 
         # the prune
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         Sessions._hooks.commit._next_prune = 0.0
         Sessions.run(_note("prune"))
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
 
         counters = _counters(service)
         assert counters["verified_commits"] == 1
@@ -289,13 +261,13 @@ async def test_async_units_through_faults_on_each_pool(
             await note(session, "drop-in")
         assert _notes(pg_server, database, "drop-in") == 1
 
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         Sessions._hooks.commit._next_prune = 0.0
         await Sessions.run(note, "prune")
         pruning = Sessions._hooks.commit.pruning
         if pruning is not None:  # (in a task of its own, on a pool of several connections)
             await asyncio.wait_for(pruning, 10)
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
 
         counters = _counters(service)
         assert counters["verified_commits"] == 1
@@ -340,7 +312,7 @@ async def test_async_prune_on_a_pool_of_one_connection_leaves_it_to_the_next_uni
 
     try:
         await Sessions.run(note)
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         Sessions._hooks.commit._next_prune = 0.0
         await Sessions.run(note)
         await asyncio.sleep(0)  # (a prune's task would take the connection now)
@@ -350,7 +322,7 @@ async def test_async_prune_on_a_pool_of_one_connection_leaves_it_to_the_next_uni
             async with Sessions() as session:
                 assert await slow_read(session) == 1
         assert Sessions._hooks.commit.pruning is None
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
         counters = _counters(service)
         assert counters["retries"] == counters["dead_pooled_connections"] == 0
     finally:
@@ -402,10 +374,10 @@ def test_a_factory_on_an_execution_options_engine_beside_one_on_its_parent(
             factory.run(lose)
             assert calls == [1]
             assert _notes(pg_server, database, name) == 1
-            _add_expired_markers(pg_server, database)
+            add_expired_markers(pg_server, database, EXPIRED)
             factory._hooks.commit._next_prune = 0.0
             factory.run(_note(name + "-prune"))
-            assert _expired_markers(pg_server, database) == 0
+            assert expired_markers(pg_server, database) == 0
         assert Parent.run(isolation) == "read committed"  # the child's level left nothing
         assert parent.pool.checkedout() == 0
         for name in (service, service + "-child"):

@@ -16,7 +16,6 @@ import asyncio
 import gc
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,13 +23,12 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from loops import LOOPS
-from scenarios import ASYNC_DRIVERS
+from scenarios import ASYNC_DRIVERS, add_expired_markers, expired_markers
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db import _commit
 from resilient_db.testing import PostgresServer
 from resilient_db.web import problem_details
 
@@ -48,33 +46,6 @@ def database(pg_server: PostgresServer, pg_database: str) -> str:
         conn.execute("CREATE TABLE prune_notes (note text NOT NULL)")
     rdb.install_commit_markers(sa.create_engine(pg_server.url(pg_database), poolclass=sa.NullPool))
     return pg_database
-
-
-def _add_expired_markers(server: PostgresServer, database: str) -> None:
-    """EXPIRED markers 20 minutes old, and one of now (ages are judged against the newest)."""
-    newest = uuid.UUID(_commit.marker_id())
-    server.execute(
-        "INSERT INTO resilient_db.commit_markers (id) VALUES (%s)",
-        params=[newest],
-        database=database,
-    )
-    server.execute(
-        "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
-        "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
-        "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
-        "FROM generate_series(1, %s) g",
-        params=[EXPIRED],
-        database=database,
-    )
-
-
-def _expired_markers(server: PostgresServer, database: str) -> int:
-    horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(_commit.RETENTION * 1000))
-    rows = server.execute(
-        f"SELECT count(*) FROM resilient_db.commit_markers WHERE id < {horizon}",
-        database=database,
-    )
-    return int(rows[0][0])
 
 
 def _notes(server: PostgresServer, database: str, note: str) -> int:
@@ -133,7 +104,7 @@ async def _factory_due_to_prune(
     engine = create_async_engine(server.url(database, driver=driver))
     Sessions = rdb.AsyncResilientSession(engine, service=service)
     assert await Sessions.run(_note, "first") == "first"
-    _add_expired_markers(server, database)
+    add_expired_markers(server, database, EXPIRED)
     Sessions._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
     return engine, Sessions
 
@@ -170,7 +141,7 @@ async def test_a_deadline_reached_as_the_commit_returns_leaves_the_unit_committe
         pruning = Sessions._hooks.commit.pruning
         assert pruning is not None
         await pruning
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
         assert Sessions._hooks.commit.pruning is None
         assert not Sessions._hooks.commit.prune_due()  # the next one an interval later
     finally:
@@ -242,7 +213,7 @@ async def test_a_unit_does_not_wait_for_its_prune_nor_can_its_deadline_cut_it_of
         assert protocol.prune_due()
         holder.rollback()  # the lock released: the prune goes on
         await asyncio.wait_for(pruning, 30)
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
         assert Sessions._hooks.commit.pruning is None
     finally:
         holder.close()
@@ -274,7 +245,7 @@ async def test_an_engine_disposed_of_while_its_prune_runs_leaves_no_connection_o
         await engine.dispose()
         holder.rollback()
         await asyncio.wait_for(pruning, 30)
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
         # the engine's connections, the prune's too, are closed (their backends then exit)
         async with asyncio.timeout(30):
             while _backends(pg_server, database, holder.info.backend_pid):
@@ -302,7 +273,7 @@ def test_a_prune_still_running_when_the_loop_ends_is_cancelled_without_warnings(
     warnings as errors."""
     import subprocess  # noqa: PLC0415
 
-    _add_expired_markers(pg_server, database)
+    add_expired_markers(pg_server, database, EXPIRED)
     script = tmp_path / "loop_ends.py"
     script.write_text(
         f"""
@@ -408,7 +379,7 @@ def test_a_sync_unit_does_not_wait_for_a_connection_for_its_prune(
 
     try:
         assert Sessions.run(note, "first") == "first"
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         Sessions._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
         unit = threading.Thread(target=run, daemon=True)
         unit.start()
@@ -420,13 +391,13 @@ def test_a_sync_unit_does_not_wait_for_a_connection_for_its_prune(
     assert not held, "the committed unit waited for a connection for its prune"
     assert outcome == ["bound"]
     assert _notes(pg_server, database, "bound") == 1
-    assert _expired_markers(pg_server, database) == EXPIRED  # put off, not run
+    assert expired_markers(pg_server, database) == EXPIRED  # put off, not run
     assert engine.pool.checkedout() == 0
     # its next interval, with an idle connection: pruned
     OnEngine = rdb.ResilientSession(engine, service=service)
     OnEngine._hooks.commit._next_prune = 0.0
     assert OnEngine.run(note, "later") == "later"
-    assert _expired_markers(pg_server, database) == 0
+    assert expired_markers(pg_server, database) == 0
     engine.dispose()
 
 
@@ -445,7 +416,7 @@ async def test_an_async_units_prune_takes_no_turn_in_a_pool_in_full_use(
     protocol = Sessions._hooks.commit
     try:
         assert await Sessions.run(_note, "first") == "first"
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         protocol._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
         assert await Sessions.run(_note, "bound") == "bound"
         assert protocol.pruning is None  # no task waiting for the pool
@@ -454,7 +425,7 @@ async def test_an_async_units_prune_takes_no_turn_in_a_pool_in_full_use(
         await bound.close()
         if protocol.pruning is not None:
             await asyncio.wait_for(protocol.pruning, 60)
-    assert _expired_markers(pg_server, database) == EXPIRED
+    assert expired_markers(pg_server, database) == EXPIRED
     assert engine.pool.checkedout() == 0
     await engine.dispose()
 
@@ -471,11 +442,11 @@ def test_a_factory_bound_to_an_engines_first_connection_prunes(
     try:
         Sessions = rdb.ResilientSession(bound, service=service)
         assert Sessions.run(_note_sync, "first") == "first"
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         assert engine.pool.checkedin() == 0
         Sessions._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
         assert Sessions.run(_note_sync, "bound") == "bound"
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
         assert engine.pool.checkedout() == 1  # the bound one: the prune's went back
     finally:
         bound.close()
@@ -493,12 +464,12 @@ async def test_an_async_factory_bound_to_an_engines_first_connection_prunes(
     protocol = Sessions._hooks.commit
     try:
         assert await Sessions.run(_note, "first") == "first"
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         protocol._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
         assert await Sessions.run(_note, "bound") == "bound"
         if protocol.pruning is not None:  # (its task, unless it ended already)
             await asyncio.wait_for(protocol.pruning, 60)
-        assert _expired_markers(pg_server, database) == 0
+        assert expired_markers(pg_server, database) == 0
     finally:
         await bound.close()
         if protocol.pruning is not None:

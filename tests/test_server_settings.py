@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import server_settings_args
+from scenarios import add_expired_markers, expired_markers, server_settings_args
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
-from resilient_db import _commit
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -63,32 +62,6 @@ def _set_up(url: str) -> None:
         engine.dispose()
 
 
-def _add_expired_markers(server: PostgresServer, database: str, count: int = 5) -> None:
-    newest = uuid.UUID(_commit.marker_id())
-    server.execute(
-        "INSERT INTO resilient_db.commit_markers (id) VALUES (%s)",
-        params=[newest],
-        database=database,
-    )
-    server.execute(
-        "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
-        "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
-        "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
-        "FROM generate_series(1, %s) g",
-        params=[count],
-        database=database,
-    )
-
-
-def _expired_markers(server: PostgresServer, database: str) -> int:
-    horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(_commit.RETENTION * 1000))
-    rows = server.execute(
-        f"SELECT count(*) FROM resilient_db.commit_markers WHERE id < {horizon}",
-        database=database,
-    )
-    return int(rows[0][0])
-
-
 def _status(server: PostgresServer, database: str, key: int) -> str:
     rows = server.execute(
         "SELECT status FROM public.settings_items WHERE id = %s", params=[key], database=database
@@ -128,10 +101,10 @@ def run_sync_paths(
         assert proxy.commits_lost == 1
         assert len(calls) == 1  # settled by the marker, not replayed
         assert _status(server, database, 1) == QUOTED
-        _add_expired_markers(server, database)
+        add_expired_markers(server, database, 5)
         Sessions._hooks.commit._next_prune = 0.0
         assert Sessions.run(move, SLASHED) == SLASHED
-        assert _expired_markers(server, database) == 0
+        assert expired_markers(server, database) == 0
 
         def raw_back(session: Session) -> None:
             session.execute(sa.text("UPDATE public.settings_items SET status = :s"), {"s": NEW})
@@ -193,13 +166,13 @@ async def run_async_paths(
         assert proxy.commits_lost == 1
         assert len(calls) == 1
         assert _status(server, database, 2) == QUOTED
-        _add_expired_markers(server, database)
+        add_expired_markers(server, database, 5)
         Sessions._hooks.commit._next_prune = 0.0
         assert await Sessions.run(move, SLASHED) == SLASHED
         pruning = Sessions._hooks.commit.pruning
         assert pruning is not None
         await pruning
-        assert _expired_markers(server, database) == 0
+        assert expired_markers(server, database) == 0
 
         async def raw_back(session: AsyncSession) -> None:
             await session.execute(
@@ -445,10 +418,10 @@ def test_a_login_read_only_by_default_reads_writes_when_asked_and_its_write_is_r
         assert fault_proxy.commits_lost == 1
         assert len(calls) == 1  # settled by the marker (a claim that begins READ WRITE)
         assert _status(pg_server, pg_database, 1) == NEW
-        _add_expired_markers(pg_server, pg_database)
+        add_expired_markers(pg_server, pg_database, 5)
         Sessions._hooks.commit._next_prune = 0.0
         Sessions.run(add_read_write, 2, QUOTED)
-        assert _expired_markers(pg_server, pg_database) == 0
+        assert expired_markers(pg_server, pg_database) == 0
 
         def raw_back(session: Session) -> None:
             session.execute(sa.text("SET TRANSACTION READ WRITE"))
