@@ -32,13 +32,13 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
-from scenarios import ASYNC_DRIVERS
+from scenarios import ASYNC_DRIVERS, add_expired_markers
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 from test_commit_interrupted import wait_until, wait_until_sync
-from test_prune_after_commit import _add_expired_markers, _notes, _prune_waits
+from test_prune_after_commit import EXPIRED, _notes, _prune_waits
 
 import resilient_db as rdb
 from resilient_db._internals import sa_await
@@ -181,7 +181,7 @@ def test_a_sync_unit_interrupted_in_its_prune_is_saved_then_interrupted(
     try:
         Sessions = rdb.ResilientSession(engine, service=service)
         assert Sessions.run(_note, "first") == "first"
-        _add_expired_markers(pg_server, database)
+        add_expired_markers(pg_server, database, EXPIRED)
         Sessions._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
         events.clear()
 
