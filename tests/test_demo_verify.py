@@ -267,3 +267,30 @@ def test_outcomes_settled_at_the_end_are_counted_as_resolved(
     )
     assert set(demo.ledger.done) == {"w0-1"}
     assert set(demo.ledger.failed) == {"w0-2"}
+
+
+@pytest.mark.parametrize(("fences", "said"), [(1, "1 lost answer proved"), (3, "3 lost answers")])
+def test_the_markers_check_counts_lost_answers_in_words(fences: int, said: str) -> None:
+    # its line said "1 lost answers proved not committed"
+    found = DatabaseFindings(
+        tasks=1,
+        history_rows=1,
+        lost_writes=0,
+        lost_examples=(),
+        duplicate_writes=0,
+        duplicate_examples=(),
+        failed_unit_writes=0,
+        failed_examples=(),
+        unaccounted_writes=0,
+        unaccounted_examples=(),
+        illegal_states=0,
+        illegal_examples=(),
+        trigger_drift=None,
+        commit_markers=5,
+        commit_fences=fences,
+    )
+    checks = invariants(
+        found, Ledger(), faults={}, breaker_events=(), windows=(), breaker_final="closed"
+    )
+    (markers,) = [c for c in checks if c.name == "commit_markers_in_use"]
+    assert said in markers.detail

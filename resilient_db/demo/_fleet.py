@@ -568,7 +568,8 @@ class FleetDemo(Demo):
             self.event(f"{', '.join(unshared)}: not connected to Redis yet (local breaker until)")
         pids = ", ".join(f"{m.label} pid {m.pid}" for m in self.members)
         self.event(
-            f"{options.workers} workers in {n} processes ({pids}) share the breaker and a "
+            f"{options.workers} worker{'' if options.workers == 1 else 's'} in {n} "
+            f"process{'' if n == 1 else 'es'} ({pids}) share the breaker and a "
             f"{RETRY_BUDGET:g} retry budget through {mask_url(self.redis_url)}"
         )
 

@@ -255,7 +255,8 @@ def invariants(
             "commit_markers_in_use",
             found.commit_markers > 0,
             f"{found.commit_markers} unit commits carried a marker in their COMMIT message; "
-            f"{found.commit_fences} lost answers proved not committed (fenced off, replayed)",
+            f"{found.commit_fences} lost answer{'' if found.commit_fences == 1 else 's'} "
+            "proved not committed (fenced off, replayed)",
         ),
         Check(
             "fault_kinds",
