@@ -237,6 +237,8 @@ def test_a_refused_login_names_the_user_and_never_the_password(
     _factory(engine, url, "login")
     wait_for(lambda: shared("login")["problem"] is not None, "the link's first attempt", 5)
     problem = shared("login")["problem"]
+    # (the link's thread sets the problem, then logs its warning)
+    wait_for(lambda: _lines(caplog, "Shared state unavailable"), "the warning", 5)
     (line,) = _lines(caplog, "Shared state unavailable")
     for said in (problem, line):
         assert "login refused" in said
@@ -313,5 +315,7 @@ def test_a_database_number_redis_does_not_have_says_the_url_must_change(
     _factory(engine, url, "db99")
     wait_for(lambda: shared("db99")["problem"] is not None, "the link's first attempt", 5)
     assert "no such database number" in shared("db99")["problem"]
+    # (the link's thread sets the problem, then logs its warning)
+    wait_for(lambda: _lines(caplog, "Shared state unavailable"), "the warning", 5)
     (line,) = _lines(caplog, "Shared state unavailable")
     assert line.endswith("until SELF_HEALING_REDIS_URL names a database it has")
