@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
 from resilient_db import _commit
-from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.testing import FaultProxy, PostgresServer, StandbyPair
 from resilient_db.transitions._dbmap import exception_from_db
 
 #: psycopg 3.2.4+ raises the server's FATAL error for a connection the server ended (its
@@ -552,9 +552,9 @@ def notifications(listener: psycopg.Connection[Any], *, more: float = 0.5) -> li
     return received + [n.payload for n in listener.notifies(timeout=more)]
 
 
-def add_expired_markers(server: PostgresServer, database: str, count: int) -> None:
+def add_expired_markers(server: PostgresServer | StandbyPair, database: str, count: int) -> None:
     """``count`` commit markers 20 minutes old, and one of now (ages are judged against the
-    newest): expired ones for a prune to delete."""
+    newest): expired ones for a prune to delete (a pair's: on its primary)."""
     server.execute(
         "INSERT INTO resilient_db.commit_markers (id) VALUES (%s)",
         params=[uuid.UUID(_commit.marker_id())],
@@ -570,8 +570,8 @@ def add_expired_markers(server: PostgresServer, database: str, count: int) -> No
     )
 
 
-def expired_markers(server: PostgresServer, database: str) -> int:
-    """How many commit markers a prune would delete now."""
+def expired_markers(server: PostgresServer | StandbyPair, database: str) -> int:
+    """How many commit markers a prune would delete now (a pair's: on its primary)."""
     horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(_commit.RETENTION * 1000))
     rows = server.execute(
         f"SELECT count(*) FROM resilient_db.commit_markers WHERE id < {horizon}",

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from scenarios import add_expired_markers, expired_markers
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db import _commit
 from resilient_db.testing import StandbyPair
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -44,35 +43,6 @@ def prepare(pair: StandbyPair) -> None:
         engine.dispose()
 
 
-def add_expired_markers(pair: StandbyPair) -> None:
-    """EXPIRED markers 20 minutes old and one of now (ages are judged against the newest), on
-    the primary, replayed by the standby."""
-    pair.execute(
-        "INSERT INTO resilient_db.commit_markers (id) VALUES (%s)",
-        params=[uuid.UUID(_commit.marker_id())],
-        database=DATABASE,
-    )
-    pair.execute(
-        "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
-        "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
-        "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
-        "FROM generate_series(1, %s) g",
-        params=[EXPIRED],
-        database=DATABASE,
-    )
-    pair.wait_replayed()
-
-
-def expired_markers(pair: StandbyPair) -> int:
-    """Expired markers on the current primary."""
-    horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(_commit.RETENTION * 1000))
-    rows = pair.execute(
-        f"SELECT count(*) FROM resilient_db.commit_markers WHERE id < {horizon}",
-        database=DATABASE,
-    )
-    return int(rows[0][0])
-
-
 def note(session: Session, text: str) -> str:
     session.execute(sa.text("INSERT INTO notes (note) VALUES (:n)"), {"n": text})
     return text
@@ -86,8 +56,9 @@ async def anote(session: AsyncSession, text: str) -> str:
 def failover(pair: StandbyPair, factory: Any) -> None:
     """Markers expired on the primary and replicated, the engine's prune due, the primary
     crashed and the standby promoted."""
-    add_expired_markers(pair)
-    assert expired_markers(pair) == EXPIRED
+    add_expired_markers(pair, DATABASE, EXPIRED)
+    pair.wait_replayed()
+    assert expired_markers(pair, DATABASE) == EXPIRED
     factory._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
     pair.crash_primary()
     pair.promote()
@@ -142,7 +113,7 @@ def test_expired_markers_are_pruned_on_the_promoted_standby(
                 engine.dispose()
 
     assert done == ["before", "after", "then"]
-    assert expired_markers(pair) == 0
+    assert expired_markers(pair, DATABASE) == 0
     rows = pair.execute("SELECT count(*) FROM resilient_db.commit_markers", database=DATABASE)
     assert int(rows[0][0]) >= 1 + 3  # the newest one before, and the units' own, kept
     assert [r.getMessage() for r in caplog.records if "pruned" in r.getMessage()] == [
