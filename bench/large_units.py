@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from overhead import LineCounter
+from overhead import CYCLE, RULES, LineCounter  # (the overhead bench's status cycle)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -73,12 +73,6 @@ from resilient_db.testing import EmbeddedPostgres
 
 ROWS = 10_000
 READ_ROWS = 100_000
-CYCLE = {"queued": "running", "running": "done", "done": "queued"}
-RULES = rdb.TransitionRules(
-    column="status",
-    transitions={old: {new} for old, new in CYCLE.items()},
-    initial={"queued"},
-)
 
 
 class Base(DeclarativeBase):
