@@ -578,3 +578,12 @@ def expired_markers(server: PostgresServer | StandbyPair, database: str) -> int:
         database=database,
     )
     return int(rows[0][0])
+
+
+def install_markers(server: PostgresServer, database: str) -> None:
+    """The commit markers installed in ``database`` (an engine of its own, disposed of)."""
+    engine = sa.create_engine(server.url(database), poolclass=sa.NullPool)
+    try:
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()

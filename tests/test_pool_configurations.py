@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, add_expired_markers, expired_markers
+from scenarios import ASYNC_DRIVERS, add_expired_markers, expired_markers, install_markers
 from sqlalchemy import event, pool
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -60,9 +60,7 @@ ASYNC_POOLS = {k: v for k, v in SYNC_POOLS.items() if k != "singleton-thread"}
 def database(pg_server: PostgresServer, pg_database: str) -> str:
     with pg_server.connect(pg_database) as conn:
         conn.execute("CREATE TABLE notes (note text NOT NULL)")
-    engine = sa.create_engine(pg_server.url(pg_database), poolclass=pool.NullPool)
-    rdb.install_commit_markers(engine)
-    engine.dispose()
+    install_markers(pg_server, pg_database)
     return pg_database
 
 

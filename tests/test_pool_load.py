@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from scenarios import install_markers
 from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -38,9 +39,7 @@ DOCUMENTED = (sa.exc.DBAPIError, rdb.CommitOutcomeUnknownError)
 def database(pg_server: PostgresServer, pg_database: str) -> str:
     with pg_server.connect(pg_database) as conn:
         conn.execute("CREATE TABLE units (id text PRIMARY KEY)")
-    engine = sa.create_engine(pg_server.url(pg_database), poolclass=pool.NullPool)
-    rdb.install_commit_markers(engine)
-    engine.dispose()
+    install_markers(pg_server, pg_database)
     return pg_database
 
 

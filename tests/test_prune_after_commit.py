@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from loops import LOOPS
-from scenarios import ASYNC_DRIVERS, add_expired_markers, expired_markers
+from scenarios import ASYNC_DRIVERS, add_expired_markers, expired_markers, install_markers
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -44,7 +44,7 @@ EXPIRED = 50  # expired markers each test leaves for the prune
 def database(pg_server: PostgresServer, pg_database: str) -> str:
     with pg_server.connect(pg_database) as conn:
         conn.execute("CREATE TABLE prune_notes (note text NOT NULL)")
-    rdb.install_commit_markers(sa.create_engine(pg_server.url(pg_database), poolclass=sa.NullPool))
+    install_markers(pg_server, pg_database)
     return pg_database
 
 
