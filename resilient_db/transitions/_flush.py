@@ -18,7 +18,7 @@ import operator
 import re
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -86,12 +86,13 @@ def before_flush(
     # (with those rows: judged when that UPDATE is sent)
     touched: _Touched = {}
     added = list(new) if only is None else [o for o in new if id(o) in only]
-    if added and _any_guarded(added, guards_of):
-        gone = (instance_state(o) for o in session.deleted)
-        replaced = {d.key: d for d in gone if d.key is not None}
+    if added and (len(added) < _FEW or _any_guarded(added, guards_of)):
         for obj in added:
             state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
             if guards := guards_of[state.mapper]:
+                if replaced is None:
+                    gone = (instance_state(o) for o in session.deleted)
+                    replaced = {d.key: d for d in gone if d.key is not None}
                 switched = _switched_from(state, replaced) if replaced else None
                 for guard in guards:
                     if switched is not None:
@@ -103,7 +104,8 @@ def before_flush(
                     errors.extend(_check_insert(guard, state, in_flush=False, later=touched))
     dirty = session.dirty
     updated = list(dirty) if only is None else [o for o in dirty if id(o) in only]
-    for obj in updated if updated and _any_guarded(updated, guards_of) else ():
+    few = len(updated) < _FEW  # (see _any_guarded)
+    for obj in updated if updated and (few or _any_guarded(updated, guards_of)) else ():
         state = instance_state(obj)
         guards = guards_of[state.mapper]
         key = state.key
@@ -224,10 +226,16 @@ def before_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
 _Touched: TypeAlias = dict[Mapper[Any], list[tuple[Guard, InstanceState[Any]]]]
 
 
+#: a flush of fewer new (or changed) objects than this walks them at once, each one's guards
+#: looked up there; from a few on, first once per class (see :func:`_any_guarded`)
+_FEW: Final = 8
+
+
 def _any_guarded(objs: list[Any], guards_of: _GuardsByMapper) -> bool:
-    """Whether any of a flush's new or changed objects ``objs`` is of a model with guards:
+    """Whether any of a flush's new or changed objects ``objs`` may be of a model with guards:
     looked up once per class (a class's objects share its mapper), so that a flush of many
-    rows of models without rules pays one comprehension for them."""
+    rows of models without rules pays one comprehension for them, not a walk. (Asked of a
+    flush of :data:`_FEW` objects or more: a unit's usual flush of a few is walked at once.)"""
     by_class = {o.__class__: o for o in objs}
     return any(guards_of[instance_state(o).mapper] for o in by_class.values())
 
