@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import tenacity as _t
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -208,35 +208,6 @@ def _give_back(breaker: Breaker) -> None:
         breaker.on_neutral(True)
     except Exception:  # graceful fallback, as Policy.unused
         debug_failure(log_retry, "giving back an abandoned probe's slot failed")
-
-
-#: The line and the event's fields of a COMMIT of an attempt's own code with an unknown outcome
-#: (see ``Policy._own_commit_unknown``), by (cut off by an interruption, caught by the code)
-_OWN_COMMIT_UNKNOWN: Final[dict[tuple[bool, bool], tuple[str, dict[str, Any]]]] = {
-    (True, True): (
-        "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the code was "
-        "interrupted (%s) with its COMMIT in flight and caught it; outcome unknown, not "
-        "verified: check before doing the work again",
-        {"event": "commit_interrupted", "outcome": "unknown"},
-    ),
-    (True, False): (
-        "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the unit was "
-        "interrupted (%s) with its COMMIT in flight; outcome unknown, not verified, not "
-        "replayed; raising the interruption",
-        {"event": "commit_interrupted", "outcome": "unknown"},
-    ),
-    (False, True): (
-        "Commit outcome unknown: service=%s a COMMIT sent by the unit's own code lost its "
-        "answer (%s), and the code caught the error and went on: it may have committed; not "
-        "verified: check before doing the work again",
-        {"event": "commit_unknown"},
-    ),
-    (False, False): (
-        "Not replaying: service=%s a COMMIT sent by the unit's own code lost its answer (%s): "
-        "it may have committed, the outcome is unknown; raising the error",
-        {"event": "partly_committed", "outcome": Outcome.COMMIT_UNKNOWN.value},
-    ),
-}
 
 
 class Policy:
@@ -548,17 +519,50 @@ class Policy:
         once (an operation of another service around this one fails with it too)."""
         if not say_unknown_once(exc):
             return
-        message, fields = _OWN_COMMIT_UNKNOWN[interrupted_commit(exc), caught]
-        emit(
-            self.config,
-            log_retry,
-            logging.ERROR,
-            message,
-            self.service,
-            type(exc).__name__,
-            service=self.service,
-            **fields,
-        )
+        if interrupted_commit(exc):
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the code "
+                "was interrupted (%s) with its COMMIT in flight and caught it; outcome unknown, "
+                "not verified: check before doing the work again"
+                if caught
+                else "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the "
+                "unit was interrupted (%s) with its COMMIT in flight; outcome unknown, not "
+                "verified, not replayed; raising the interruption",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="commit_interrupted",
+                outcome="unknown",
+            )
+        elif caught:
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Commit outcome unknown: service=%s a COMMIT sent by the unit's own code lost "
+                "its answer (%s), and the code caught the error and went on: it may have "
+                "committed; not verified: check before doing the work again",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="commit_unknown",
+            )
+        else:
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Not replaying: service=%s a COMMIT sent by the unit's own code lost its answer "
+                "(%s): it may have committed, the outcome is unknown; raising the error",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="partly_committed",
+                outcome=Outcome.COMMIT_UNKNOWN.value,
+            )
 
     def failed_after_commit(self, exc: BaseException, wrote: bool) -> None:
         """A unit's COMMIT succeeded, and ``exc`` came after it: from an ``after_commit`` or
