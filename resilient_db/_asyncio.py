@@ -58,6 +58,7 @@ from ._errors import TransactionStateError
 from ._internals import (
     PLAIN_COMMITS,
     committed_unclosed,
+    prime_class_listeners,
     server_side_result,
     with_own_session_class,
 )
@@ -236,6 +237,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             self.policy.own_commits = (False, weakref.WeakMethod(self._settle_own_commit))
             # and its drop-in ``with`` blocks note what they commit (see there)
             _note_with_blocks(self.class_)
+            # and its listeners are filed before any unit's session is made (see there)
+            prime_class_listeners(self.class_)
             # and, where your class picks the engines, hook each one it picks (see there;
             # and _route_later, where it is given a get_bind later)
             self._route_later()

@@ -94,6 +94,7 @@ from ._internals import (
     event_keys,
     fire_after_commit,
     forget_event_keys,
+    prime_class_listeners,
     psycopg_notify_handler,
     session_binds,
     transaction_connections,
@@ -2998,6 +2999,7 @@ class FactoryCore:
             cls = sync_class_of(given)
             own: Any = _noting_subclass(cls)
             register_class(own, self)  # (its sessions name this factory)
+            prime_class_listeners(own)  # (before its first session: see there)
             made = own
             if given is not cls:
                 made = copy.copy(given)

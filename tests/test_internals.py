@@ -853,6 +853,33 @@ def test_fire_after_commit_tells_class_and_instance_listeners() -> None:
     )
 
 
+def test_prime_class_listeners_files_a_classs_listeners_before_its_first_session() -> None:
+    """What a first session of the class would file (the collections its sessions read,
+    with the bases' listeners in them) is filed by the priming alone, before any session:
+    the first sessions of several threads then take the filled collections, none an empty
+    one being filled (tests/test_cold_start.py shows the race itself)."""
+
+    class Listened(Session):
+        pass
+
+    def listener(session: Session, transaction: Any) -> None:
+        pass
+
+    sa.event.listen(Listened, "after_transaction_create", listener)
+    own = type("Own", (Listened,), {})
+    _internals.prime_class_listeners(own)
+    filed = getattr(type(Session.dispatch), "_empty_listener_reg", {}).get(own)
+    says = _says(
+        "SQLAlchemy",
+        "Session.dispatch._for_class(cls) (the class's listener collections, filed)",
+        "prime_class_listeners",
+        "the first sessions of a factory made in several threads at once may run without "
+        "the class's listeners (the transition guard among them)",
+    )
+    assert filed is not None, says
+    assert listener in list(filed["after_transaction_create"].parent_listeners), says
+
+
 def test_event_keys_are_those_sqlalchemys_registry_files_and_forgets() -> None:
     """The keys of a class's listeners are the registry's (a class listening adds them) and
     forgetting them removes what that class added, nothing else (another class's listener of
@@ -1185,6 +1212,8 @@ def test_a_missing_private_raises_naming_the_library() -> None:
         _internals.pybreaker_lock(Bare())
     with pytest.raises(InternalsChanged, match=r"Session\.dispatch\.after_commit"):
         _internals.fire_after_commit(Bare())
+    with pytest.raises(InternalsChanged, match=r"Session\.dispatch\._for_class"):
+        _internals.prime_class_listeners(Bare)
     with pytest.raises(InternalsChanged, match=r"Session\.binds / Session\.__binds"):
         _internals.session_binds(Bare())
     with pytest.raises(InternalsChanged, match=r"PGconn\.notify_handler"):
