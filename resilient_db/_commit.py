@@ -118,6 +118,7 @@ from ._statements import (
     rolled_back_instead,
     statement_listeners,
 )
+from .transitions._report import count as count_transitions
 from .transitions._sql import INSTALL_LOCK_TIMEOUT, literal
 
 if TYPE_CHECKING:
@@ -859,7 +860,10 @@ _CHECK_SQL = f"""SELECT COALESCE(
   {_IDENTITY_SQL},
   -- whether the role may read the incarnation (see _INCARNATION), asked here so that a role
   -- that may not is never refused at a unit's COMMIT (psycopg and asyncpg both give a bool)
-  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE')"""
+  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE'),
+  -- "replica" (a role's or database's setting): no ordinary trigger fires on the connection,
+  -- the transition trigger's and the foreign keys' among them (see _note_replication_role)
+  pg_catalog.current_setting('session_replication_role')"""
 #: The check where the server reports ``default_transaction_read_only`` on: also where that
 #: comes from (the role's or the URL's settings make a write refused there the application's,
 #: see ``_classify.note_read_only_source``). pg_settings builds every setting's row: asked only
@@ -883,7 +887,7 @@ def _note_read_only_source(driver: Any, row: Any) -> None:
 
 
 #: the columns of ``_CHECK_SQL`` (``_CHECK_READ_ONLY_SQL`` has one more)
-_CHECK_COLUMNS: Final = 4
+_CHECK_COLUMNS: Final = 5
 
 
 # What keeps an installed set of markers from being usable by the connection's role, asked
@@ -2503,6 +2507,7 @@ class CommitProtocol:
         self._outdated_warned = False
         self._prune_refused = False
         self._unusable_said = False  # (see markers_unusable)
+        self._replica_said = False  # (see _note_replication_role)
         self._control_refused = False  # (see control_refused)
         self._engine_name = engine.dialect.name
         self._shadow_asked = False  # (see _note_shadowed)
@@ -3064,6 +3069,7 @@ class CommitProtocol:
             _note_read_only_source(driver, row)
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
+            self._note_replication_role(row[4])
             if not self._shadow_asked:
                 self._ask_shadowed(lambda: run(lambda d: d.fetchval(f"SELECT {_SHADOWED_SQL}")))
             if not self._trusted_install(row, lambda sql: run(lambda d: d.fetchval(sql))):
@@ -3095,6 +3101,7 @@ class CommitProtocol:
             _note_read_only_source(driver, row)
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
+            self._note_replication_role(row[4])
             if not self._shadow_asked:
                 self._ask_shadowed(lambda: _fetch_value(cursor, f"SELECT {_SHADOWED_SQL}"))
             if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):
@@ -3166,6 +3173,34 @@ class CommitProtocol:
         :meth:`control_refused`)."""
         if not readable or self._control_refused:
             _control_unreadable.add(driver)
+
+    def _note_replication_role(self, role: str) -> None:
+        """A new connection's ``session_replication_role`` (``_CHECK_SQL``'s last column):
+        under ``replica`` (set for the login role or the database: ``ALTER ROLE`` / ``ALTER
+        DATABASE ... SET``, or the URL's options) no ordinary trigger fires, the transition
+        trigger's among them, so raw SQL moves rows past the rules unjudged, and foreign keys
+        go unchecked. Counted per connection (``health()``'s
+        ``transitions.connections_without_triggers``), said once per engine."""
+        if role != "replica":
+            return
+        count_transitions("connections_without_triggers")
+        if self._replica_said:
+            return
+        self._replica_said = True
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "Database triggers do not fire on connections of database %s: their "
+            "session_replication_role is replica (set for the role or the database: see "
+            "pg_db_role_setting; or in the URL's options). The transition trigger does not "
+            "judge status moves there: only the client's guards do (flush, ORM bulk UPDATE), "
+            "and raw SQL moves rows past the rules; foreign keys are not checked either. Set "
+            "it back: ALTER ROLE (or DATABASE) ... RESET session_replication_role",
+            self._where,
+            service=self._settings.service,
+            event="triggers_off",
+        )
 
     def control_refused(self, driver: Any) -> None:
         """A unit's xid read on ``driver`` was refused the incarnation (42501: the role in

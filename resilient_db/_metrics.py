@@ -173,6 +173,12 @@ _TRANSITION_COUNTERS = (
         "Of the blocked transitions, rows an ORM bulk UPDATE left unchanged (filter mode).",
     ),
     ("bypasses", "resilient_db_transition_bypasses", "Audited bypasses of the transition guard."),
+    (
+        "connections_without_triggers",
+        "resilient_db_connections_without_triggers",
+        "New connections whose session_replication_role is replica (set for the role or the "
+        "database): no ordinary trigger fires there, the transition trigger's included.",
+    ),
 )
 
 

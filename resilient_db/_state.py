@@ -56,7 +56,14 @@ class State:
         self.hooks: tuple[Callable[[Any], None], ...] = ()
         #: the transition guard's counters (stable names, for ``health()`` and metrics)
         self.transition_stats: dict[str, int] = dict.fromkeys(
-            ("blocked_transitions", "stale_transitions", "bulk_rows_filtered", "bypasses"), 0
+            (
+                "blocked_transitions",
+                "stale_transitions",
+                "bulk_rows_filtered",
+                "bypasses",
+                "connections_without_triggers",
+            ),
+            0,
         )
         #: session classes carrying the transition guard's flush listeners ...
         self.guarded_session_classes: weakref.WeakSet[type[Any]] = weakref.WeakSet()

@@ -5,6 +5,7 @@ defaults): the library's main paths under each, on both drivers. Applied as a DB
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -491,19 +492,37 @@ async def test_async_a_login_read_only_by_default_reads_writes_when_asked_and_it
 
 
 # -- session_replication_role = replica: no ordinary trigger fires ----------------------------
+def _without_triggers() -> int:
+    return int(rdb.health()["transitions"]["connections_without_triggers"])
+
+
+def _triggers_off(events: list[rdb.SelfHealEvent]) -> list[rdb.SelfHealEvent]:
+    return [e for e in events if e.name == "triggers_off"]
+
+
 def test_under_session_replication_role_replica_the_flush_guard_still_refuses(
-    pg_server: PostgresServer, pg_database: str, service: str
+    pg_server: PostgresServer, pg_database: str, service: str, events: list[rdb.SelfHealEvent]
 ) -> None:
     """PostgreSQL fires no ordinary trigger, the guard's included, in a session whose
     ``session_replication_role`` is ``replica`` (only a superuser, or a role granted SET on
     it, can have it: README, Security): raw SQL moves past the rules there, as documented; the
-    ORM's paths are still judged by the client."""
+    ORM's paths are still judged by the client. The check at connect reads the setting: a
+    warning once per engine (``triggers_off``), each such connection counted in
+    ``health()``."""
     _set_up(pg_server.url(pg_database))
-    pg_server.execute(f'ALTER DATABASE "{pg_database}" SET session_replication_role = replica')
+    before = _without_triggers()
     engine = sa.create_engine(pg_server.url(pg_database))
     try:
         Sessions = rdb.ResilientSession(engine, service=service)
         Sessions.run(lambda s: s.add(Item(id=1)))
+        assert not _triggers_off(events)  # (the default: origin)
+        assert _without_triggers() == before
+    finally:
+        engine.dispose()
+    pg_server.execute(f'ALTER DATABASE "{pg_database}" SET session_replication_role = replica')
+    engine = sa.create_engine(pg_server.url(pg_database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
 
         def skip(session: Session) -> None:
             session.get_one(Item, 1).status = SLASHED
@@ -517,5 +536,50 @@ def test_under_session_replication_role_replica_the_flush_guard_still_refuses(
             )
         )
         assert _status(pg_server, pg_database, 1) == NASTY  # the trigger did not fire
+        said = _triggers_off(events)
+        assert len(said) == 1, said
+        assert said[0].level == logging.WARNING
+        assert said[0].service == service
+        assert pg_database in said[0].message
+        assert "session_replication_role is replica" in said[0].message
+        assert _without_triggers() == before + 1  # (one connection so far)
+        engine.dispose()  # a new connection: counted, not said again
+        Sessions.run(lambda s: s.get_one(Item, 1))
+        assert _without_triggers() == before + 2
+        assert len(_triggers_off(events)) == 1
     finally:
         engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_a_connection_under_session_replication_role_replica_is_said(
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    driver: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The async factory's connections are checked alike (asyncpg and psycopg)."""
+    _set_up(pg_server.url(pg_database))
+    pg_server.execute(f'ALTER DATABASE "{pg_database}" SET session_replication_role = replica')
+    before = _without_triggers()
+    engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+    try:
+        Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+        async def raw(session: AsyncSession) -> None:
+            session.add(Item(id=1))
+            await session.flush()
+            await session.execute(
+                sa.text("UPDATE public.settings_items SET status = :s"), {"s": NASTY}
+            )
+
+        await Sessions.run(raw)
+        assert _status(pg_server, pg_database, 1) == NASTY  # the trigger did not fire
+        said = _triggers_off(events)
+        assert len(said) == 1, said
+        assert pg_database in said[0].message
+        assert _without_triggers() == before + 1
+    finally:
+        await engine.dispose()

@@ -39,6 +39,9 @@ def transition_stats() -> dict[str, int]:
     it. ``stale_transitions``: moves refused because another transaction had moved the row
     (not among the blocked). ``bulk_rows_filtered``: of the blocked, the rows a bulk UPDATE
     left unchanged in filter mode. ``bypasses``: audited bypasses of the guard.
+    ``connections_without_triggers``: new connections of a resilient factory's engine whose
+    ``session_replication_role`` was ``replica`` (the role's or the database's setting): the
+    transition trigger does not fire on them (the ``triggers_off`` warning, once per engine).
     """
     with STATE.lock:
         stats = dict(STATE.transition_stats)
