@@ -34,6 +34,10 @@ from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import PostgresServer
 
 
+def _hangup_heard(signum: int, frame: object) -> None:
+    """SIGHUP in a test run started under ``nohup``: ignored (see pytest_configure)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # running from a source tree that is not pip-installed: no entry point, load the plugin here
     if not config.pluginmanager.has_plugin("resilient_db"):
@@ -44,6 +48,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # ignored signal but not a handler) need Python's own.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Likewise a run under ``nohup`` inherits SIGHUP ignored, and so would every program the
+    # tests start (an ignored signal survives exec): the tests of what a hangup does would see
+    # none. A handler that does nothing keeps this process as deaf to it, and is not inherited
+    # by a program it starts (handlers go back to the default at exec).
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _hangup_heard)
     # RESILIENT_DB_TEST_LOOP=uvloop: every event loop of the run is uvloop's (pytest-asyncio's,
     # asyncio.run's, the test clients' portals), to run any test file on it
     loop = os.environ.get("RESILIENT_DB_TEST_LOOP", "asyncio")
