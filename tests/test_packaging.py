@@ -142,6 +142,30 @@ def test_the_oldest_constraints_pin_the_lowest_versions_pyproject_allows() -> No
     assert pinned["psycopg-binary"] == pinned["psycopg"]
 
 
+def test_the_sqlalchemy_20_run_pins_a_20_release_the_internals_name() -> None:
+    """``make test-sqla20`` runs the suite with the newest SQLAlchemy 2.0 release it pins
+    (``SQLA20_VERSION``): a 2.0 release pyproject.toml allows, and one that
+    ``resilient_db/_internals.py`` names among the versions its SQLAlchemy internals are
+    verified on (a new pin is verified before it is named there)."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11 and later)
+    makefile = (ROOT / "Makefile").read_text()
+    pins = [
+        line.partition("?=")[2].strip()
+        for line in makefile.splitlines()
+        if line.startswith("SQLA20_VERSION ?=")
+    ]
+    assert len(pins) == 1, pins
+    pinned = tuple(map(int, pins[0].split(".")))
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    _, lowest = _lower_bound(next(d for d in dependencies if d.startswith("sqlalchemy")))
+    assert (*map(int, lowest.split(".")),) <= pinned < (2, 1), (pins[0], lowest)
+    internals = (ROOT / "resilient_db" / "_internals.py").read_text()
+    assert f"SQLAlchemy's newest 2.0 release, {pins[0]}," in internals, pins[0]
+    assert f"verified 2.0.24, {pins[0]}, 2.1.9" in internals, pins[0]
+    assert "test-sqla20:" in makefile
+    assert "test-sqla20" not in makefile.partition("\ntest:")[2].splitlines()[0]
+
+
 def test_the_classifiers_name_the_python_versions_requires_python_allows() -> None:
     """From the lowest Python ``requires-python`` allows, every minor version the suite passes
     on (README: 3.10 to 3.13) is named, and ``Typing :: Typed`` since the wheel ships
