@@ -29,6 +29,7 @@ from ._errors import (
     StaleTransitionError,
     TransactionStateError,
 )
+from ._manual import close_breaker, open_breaker
 from ._observability import SelfHealEvent, SelfHealHook, add_hook, health, remove_hook
 from ._retry import set_testing
 from ._session import ResilientSession
@@ -97,11 +98,13 @@ __all__ = [
     "bypass_transitions",
     "bypass_transitions_async",
     "classify",
+    "close_breaker",
     "health",
     "install_commit_markers",
     "install_transition_trigger",
     "is_transient",
     "load_config",
+    "open_breaker",
     "reload_config",
     "remove_hook",
     "reset_state",

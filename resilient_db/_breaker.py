@@ -93,26 +93,32 @@ class _LogListener(_pb.CircuitBreakerListener):
             else:
                 stats_for(b.service).add("breaker_opens")
             reason, b.open_reason = b.open_reason, None
-            if reason is not None:
-                why = reason
-            elif getattr(old_state, "name", None) == HALF_OPEN:
-                why = "a half-open probe failed"
-            elif cb.fail_counter:
-                why = f"{cb.fail_counter} consecutive failures"
+            if b.by_hand:
+                # an operator's opening (open_breaker): it says so, and the reason given
+                why = reason or "by hand"
             else:
-                why = "an explicit open()"
-            if b.open_cause is not None:
-                why = f"{why} (the last: {b.open_cause})"
+                if reason is not None:
+                    why = reason
+                elif getattr(old_state, "name", None) == HALF_OPEN:
+                    why = "a half-open probe failed"
+                else:
+                    why = f"{cb.fail_counter} consecutive failures"
+                if b.open_cause is not None:
+                    why = f"{why} (the last: {b.open_cause})"
+                why = f"after {why}"
             # a shared opening says the time it has left (one made a while ago, by another
             # process, followed now: by pub/sub, or read back on connecting); one made now,
             # here or by Redis for this process's failure, the whole reset timeout
             time_left, b.open_left = b.open_left, None
+            hand_fields: dict[str, Any] = (
+                {"reason": b.hand_reason} if b.by_hand and b.hand_reason else {}
+            )
             open_for = b.config.reset_timeout if time_left is None else time_left
             emit(
                 b.config,
                 log_breaker,
                 logging.WARNING,
-                "Circuit breaker opened: service=%s after %s; rejecting calls for %s",
+                "Circuit breaker opened: service=%s %s; rejecting calls for %s",
                 b.service,
                 why,
                 wait_text(open_for),
@@ -120,6 +126,8 @@ class _LogListener(_pb.CircuitBreakerListener):
                 event="breaker_opened",
                 opened_here=not followed,
                 open_for=round(open_for, 3),
+                by_hand=b.by_hand,
+                **hand_fields,
             )
         elif new == HALF_OPEN:
             emit(
@@ -134,6 +142,8 @@ class _LogListener(_pb.CircuitBreakerListener):
             )
         elif new == CLOSED and old_state is not None:
             reason, b.close_reason = b.close_reason, None
+            by_hand, b.closing_by_hand = b.closing_by_hand, False
+            b.by_hand = False
             emit(
                 b.config,
                 log_breaker,
@@ -144,6 +154,7 @@ class _LogListener(_pb.CircuitBreakerListener):
                 service=b.service,
                 event="breaker_closed",
                 log=True,
+                by_hand=by_hand,
                 **({} if reason is None else {"reason": reason}),
             )
 
@@ -207,6 +218,14 @@ class Breaker:
         self.storage_given = storage
         self.open_reason: str | None = None  # why the next opening happens, when not local
         self.close_reason: str | None = None  # why the next closing happens, when not recovery
+        #: the next closing is an operator's (close_breaker: here, or in another process)
+        self.closing_by_hand = False
+        #: the opening in force (and the half-open state after it) was an operator's
+        #: (open_breaker, here or in another process), not the failures': its rejections say
+        #: so (``open_cause`` holds what they say), as its line and event do
+        self.by_hand = False
+        #: the operator's reason for that opening, if one was given
+        self.hand_reason: str | None = None
         #: the next opening is another process's, followed through Redis (see _LogListener)
         self.open_followed = False
         #: the seconds the next opening has left, when it is the shared breaker's (its line
@@ -506,6 +525,11 @@ class Breaker:
         self._told = tuple(given for given, _ in self._given)
         for given in gone:
             self._cb.remove_listener(given)
+
+    @property
+    def switched_off(self) -> bool:
+        """Every live user has it switched off by its configuration (see :meth:`switch_off`)."""
+        return not self._users_on and len(self._users_off) > 0
 
     # -- the protocol around one attempt ------------------------------------------------
     @property
@@ -909,18 +933,51 @@ class Breaker:
                 raise
 
     # -- manual control --------------------------------------------------------------------
-    def open(self) -> None:
-        """Open the circuit now (for every process when it is shared)."""
-        if not self._fleet_force(OPEN, "an explicit open()"):
-            with self._lock:
-                self._open(None)
+    def open(self, *, reason: str | None = None, seconds: float | None = None) -> bool:
+        """Open the circuit now, by hand, for ``seconds`` (None: the reset timeout), then
+        half-open as usual; ``reason``: the operator's, said by the line and every rejection
+        (see :func:`~resilient_db.open_breaker`, which checks them). For every process when it
+        is shared: True; False when only this process's (not shared, or Redis did not answer:
+        the line says so)."""
+        seconds = self.config.reset_timeout if seconds is None else seconds
+        if self._fleet_force(OPEN, reason, seconds):
+            return True
+        alone = "" if self._fleet is None else ", in this process only (Redis does not answer)"
+        with self._lock:
+            self._take_hand(reason, elsewhere=False)
+            self.open_reason = f"{_hand_phrase(reason, elsewhere=False)}{alone}"
+            self.open_left = seconds
+            self._probes = 0
+            self._stamp_opening(self.config.reset_timeout - seconds)
+            self._set_state(OPEN)
+            self._opened_locally = self._fleet is not None
+        return False
 
-    def close(self) -> None:
-        """Close the circuit now (for every process when it is shared)."""
-        if not self._fleet_force(CLOSED, None):
-            with self._lock:
-                self._probes = 0
+    def close(self, *, reason: str | None = None) -> bool:
+        """Close the circuit now, by hand, its failures forgotten (for every process when it
+        is shared: True; False when only this process's, as for :meth:`open`)."""
+        if self._fleet_force(CLOSED, reason, 0.0):
+            return True
+        alone = "" if self._fleet is None else ", in this process only (Redis does not answer)"
+        with self._lock:
+            self._probes = 0
+            self._last_failure = -math.inf
+            self.close_reason = f"{_hand_phrase(reason, elsewhere=False)}{alone}"
+            self.closing_by_hand = True
+            try:
                 self._set_state(CLOSED)
+            finally:
+                self.close_reason = None
+                self.closing_by_hand = False
+            self._storage.reset_counter()
+            self._storage.reset_success_counter()
+        return False
+
+    def _take_hand(self, reason: str | None, *, elsewhere: bool) -> None:
+        """The opening about to be taken is an operator's (caller holds ``self._lock``)."""
+        self.by_hand = True
+        self.hand_reason = reason or None
+        self.open_cause = _hand_cause(reason, elsewhere=elsewhere)
 
     def reset(self) -> None:
         """Closed, with no failures counted (a test suite starting over). A shared breaker's
@@ -954,7 +1011,7 @@ class Breaker:
         readiness probe built on ``healthy`` would keep the instance out of traffic, so no call
         would ever come. ``retry_after`` (seconds, > 0) is there only while open. ``failures``
         are those counted toward the next opening: 0 while open, half-open or off."""
-        if not self._users_on and len(self._users_off) > 0:
+        if self.switched_off:
             return switched_off_view(self.config)
         state = self.state
         fleet = self._fleet
@@ -1052,7 +1109,9 @@ class Breaker:
     def _open_error(self, retry_after: float, state: str = OPEN) -> CircuitOpenError:
         """The error of a rejected call: it names what opened the breaker, when known, and
         says half-open when every probe slot was taken."""
-        return CircuitOpenError(self.service, retry_after, cause=self.open_cause, state=state)
+        return CircuitOpenError(
+            self.service, retry_after, cause=self.open_cause, state=state, by_hand=self.by_hand
+        )
 
     def _fleet_admit(self, fleet: Any) -> bool:
         """Not closed: reject from the local view while it says so, else ask Redis for a
@@ -1166,24 +1225,27 @@ class Breaker:
             with contextlib.suppress(FleetDown):
                 fleet.breaker_reset_failures(self.service, run)
 
-    def _fleet_force(self, state: str, reason: str | None) -> bool:
+    def _fleet_force(self, state: str, reason: str | None, seconds: float) -> bool:
+        """Open (for ``seconds``) or close the shared breaker by hand, ``reason`` the
+        operator's; False when it is not shared or Redis did not answer."""
         fleet = self._fleet
         if fleet is None or not fleet.up:
             return False
         # the change's pub/sub message (this process's own) may reach the view before the
-        # answer does: it says it was forced too (see _fleet._FORCE), not "failures across
-        # the fleet". Nothing is noted here for it: a note of the breaker's would be read by
-        # any change taken meanwhile (another thread's failure opening it)
+        # answer does: it says it was made by hand too, with the reason (see _fleet._FORCE),
+        # not "failures across the fleet". Nothing is noted here for it: a note of the
+        # breaker's would be read by any change taken meanwhile (another thread's failure
+        # opening it)
         try:
-            answer = fleet.breaker_force(
-                self.service, state, self.config.reset_timeout, opens=self._fleet_opens
+            st, rem, gen, opens, _ = fleet.breaker_force(
+                self.service, state, seconds, opens=self._fleet_opens, hand=reason or ""
             )
         except FleetDown:
             return False
         if state == OPEN:
             self._opened_here += 1
         # this process's change, as its own pub/sub message says (``mine``)
-        self.fleet_update(*answer, answer=True, mine=True, reason=reason)
+        self.fleet_update(st, rem, gen, opens, answer=True, mine=True, hand=reason or "")
         return True
 
     def lost_view(self, *, since: float | None = None, proven: bool = False) -> View | None:
@@ -1261,9 +1323,13 @@ class Breaker:
             open_for=round(max(0.0, remaining), 3),
         )
 
-    def fleet_sync(self, answer: tuple[str, float, int, int]) -> None:
-        """The shared state as read on (re)connecting: it replaces the view whatever it was."""
-        self.fleet_update(*answer, answer=True, force=True)
+    def fleet_sync(self, answer: tuple[str, float, int, int, str | None]) -> None:
+        """The shared state as read on (re)connecting: it replaces the view whatever it was
+        (an opening made by hand, followed now, says so)."""
+        state, remaining, gen, opens, hand = answer
+        self.fleet_update(
+            state, remaining, gen, opens, answer=True, force=True, hand=hand, read=True
+        )
 
     def fleet_rejoin(self, fleet: Any, *, background: bool = True) -> None:
         """Redis answers again (the link's background thread; raises what the store raises),
@@ -1312,6 +1378,8 @@ class Breaker:
         mine: bool = False,
         reason: str | None = None,
         sent_gen: int | None = None,
+        hand: str | None = None,
+        read: bool = False,
     ) -> None:
         """Take a state of the shared breaker into the view (and the local storage, whose
         listeners log the change). Messages older than the view are ignored; a script's
@@ -1321,7 +1389,12 @@ class Breaker:
         not in ``breaker_opens`` (see :class:`_LogListener`). ``sent_gen``: the view's ``gen``
         when the script answering was sent; a ``gen`` 0 answer to a script sent before the view
         moved on (another thread's answer or a message came in between) was read before that
-        change, and says nothing of Redis losing its state: ignored."""
+        change, and says nothing of Redis losing its state: ignored. ``hand``: the change was
+        made by hand (``open_breaker``, ``close_breaker``; the operator's reason, ``""`` for
+        none), by this process when ``mine``: said so by the lines and rejections; a change
+        by hand is said even when the view was in that state already (an opening by hand
+        made again, a closing by hand of a closed breaker), unless it is a ``read`` of the
+        state (the opening a read finds by hand is said so when it is new to the view)."""
         if state not in (CLOSED, OPEN, HALF_OPEN):
             return
         with self._lock:
@@ -1351,7 +1424,15 @@ class Breaker:
                 self._fleet_wait = 0.0
             if state != CLOSED:
                 self._fleet_failures = 0
-            if self._storage.state == state and state != OPEN:
+            changed_by_hand = hand is not None and not read
+            if changed_by_hand and state == CLOSED:
+                self._fleet_failures = 0
+                self._fleet_run = ""
+                self._last_failure = -math.inf
+                if self.close_reason is None:
+                    self.close_reason = _hand_phrase(hand, elsewhere=not mine)
+                    self.closing_by_hand = True
+            if self._storage.state == state and state != OPEN and not changed_by_hand:
                 return
             if seen and state == OPEN and remaining <= 0 and self._storage.state != OPEN:
                 # read back after a Redis blip: an opening this view followed already, over
@@ -1372,10 +1453,16 @@ class Breaker:
                 )
             if state == OPEN:
                 self._stamp_opening(self.config.reset_timeout - max(0.0, remaining))
-                if self._storage.state == OPEN:
+                if self._storage.state == OPEN and not changed_by_hand:
                     return  # the same opening, a fresher remaining time
-                # what this process's failures were (not for its open(): a reason of its own)
-                self.open_cause = self._last_cause if mine and reason is None else None
+                if hand is not None and state == OPEN:
+                    self._take_hand(hand, elsewhere=not mine)
+                    reason = _hand_phrase(hand, elsewhere=not mine)
+                else:
+                    self.by_hand = False
+                    self.hand_reason = None
+                    # what this process's failures were
+                    self.open_cause = self._last_cause if mine and reason is None else None
                 if reason is None and restarted and not mine:
                     # switched on again: the fleet's opening, whoever made it, read back
                     reason = "being switched on again (the state shared through Redis, read back)"
@@ -1393,13 +1480,20 @@ class Breaker:
                 self.open_reason = reason
                 self.open_followed = not mine
                 self.open_left = max(0.0, remaining)
-            self._set_state(state)
+            try:
+                self._set_state(state)
+            finally:
+                if changed_by_hand and state == CLOSED:
+                    self.close_reason = None
+                    self.closing_by_hand = False
 
     # -- internals (callers hold self._lock) ------------------------------------------------
     def _open(self, cause: str | None) -> None:
         """Open on this process's own decision (not shared, or Redis did not answer)."""
         self._probes = 0
         self.open_cause = cause
+        self.by_hand = False
+        self.hand_reason = None
         self._stamp_opening(0.0)
         self._set_state(OPEN)
         self._opened_locally = self._fleet is not None
@@ -1447,6 +1541,19 @@ class Breaker:
 
     def __repr__(self) -> str:
         return f"<Breaker service={self.service!r} state={self.state}>"
+
+
+def _hand_phrase(reason: str | None, *, elsewhere: bool) -> str:
+    """How a line says a change was made by hand: ``by hand (database upgrade)``."""
+    where = " in another process (shared through Redis)" if elsewhere else ""
+    return f"by hand{where}" + (f" ({reason})" if reason else "")
+
+
+def _hand_cause(reason: str | None, *, elsewhere: bool) -> str:
+    """What a call rejected by an opening made by hand is told (``CircuitOpenError.cause``):
+    ``opened by hand: database upgrade``."""
+    where = " in another process" if elsewhere else ""
+    return f"opened by hand{where}" + (f": {reason}" if reason else "")
 
 
 def breaker_settings(config: Config) -> tuple[Any, ...]:

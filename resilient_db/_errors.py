@@ -70,21 +70,41 @@ class CircuitOpenError(ResilientDBError):
     ``cause``, when known, what the failures that opened it were (a hot standby refusing
     writes, say), also in the message. ``state`` is ``"open"``, or ``"half-open"`` when every
     probe slot was taken (probes are testing the database: the answer comes within one
-    attempt)."""
+    attempt). ``by_hand``: an operator opened it (:func:`~resilient_db.open_breaker`), no
+    failure: ``cause`` says so, with the operator's reason when one was given."""
 
     def __init__(
-        self, service: str, retry_after: float, *, cause: str | None = None, state: str = "open"
+        self,
+        service: str,
+        retry_after: float,
+        *,
+        cause: str | None = None,
+        state: str = "open",
+        by_hand: bool = False,
     ) -> None:
         self.service = service
         self.retry_after = max(0.0, retry_after)
         self.cause = cause
         self.state = state
+        self.by_hand = by_hand
+        wait = wait_text(self.retry_after)
+        if by_hand:
+            how = cause or "opened by hand"
+            if state == "half-open":
+                message = (
+                    f"circuit {service!r} is half-open, every probe slot taken (probes are "
+                    f"testing the database; it was {how}); retry in {wait}"
+                )
+            else:
+                message = f"circuit {service!r} is open: {how}; retry in {wait}"
+            super().__init__(message)
+            return
         what = (
             "is half-open, every probe slot taken (probes are testing the database)"
             if state == "half-open"
             else "is open after repeated database failures"
         )
-        message = f"circuit {service!r} {what}; retry in {wait_text(self.retry_after)}"
+        message = f"circuit {service!r} {what}; retry in {wait}"
         super().__init__(message if cause is None else f"{message}; the failures: {cause}")
 
 

@@ -280,12 +280,14 @@ end
 local function gstr(g) return string.format('%.0f', g) end
 -- 1 in a script that forces the state (open() or close(), see _FORCE): its message says so
 local forced = nil
+-- the operator's reason for a change made by hand ('' for none; see _FORCE): its message says it
+local hand = nil
 -- 1 in a script that wrote back the caller's view (see restore_view): its message says so
 local restored = nil
 local function publish(st, remaining, gen, opens)
   redis.call('PUBLISH', ARGV[1], cjson.encode(
     {s = ARGV[2], b = ARGV[3], st = st, r = tostring(remaining), g = gstr(gen), o = opens,
-     f = forced, w = restored}))
+     f = forced, w = restored, h = hand}))
 end
 -- where the caller's view of the breaker starts in ARGV (set by the scripts that carry it):
 -- its state ('' none to write back, 'open', 'half-open'), the seconds its opening has left,
@@ -350,7 +352,8 @@ local function open_breaker(now, gen, opens, reset)
   gen = next_gen(now, gen)
   opens = opens + 1
   redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'at', tostring(now),
-             'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', ARGV[3])
+             'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', ARGV[3],
+             'hand', '0', 'why', '')
   redis.call('DEL', KEYS[2], KEYS[3])
   publish('open', reset, gen, opens)
   return gen, opens
@@ -537,33 +540,42 @@ return {'half-open', '0', gstr(gen), opens}
 )
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
-# state to force ('' = read only), reset timeout (s), then the caller's view (see
-# restore_view: a read on rejoining writes back an opening Redis lost).
-# -> {state, remaining, gen, opens}
-# Its message carries ``f`` (forced): the processes taking it, the caller's own background
-# thread included, say an opening came from an ``open()``, not from failures.
+# state to force ('' = read only), the seconds an opening lasts, then the caller's view (see
+# restore_view: a read on rejoining writes back an opening Redis lost), then the operator's
+# reason ('' for none).
+# -> {state, remaining, gen, opens, '1' when that state was set by hand (else '0'), its reason}
+# A change by hand (open_breaker, close_breaker) is an operator's: its message carries ``f``
+# (forced) and ``h`` (the reason), so that the processes taking it, the caller's own
+# background thread included, say so, not "failures"; the hash keeps ``hand`` and ``why``
+# while the opening lasts (an opening by failures sets ``hand`` back to '0', see
+# open_breaker), so that a process reading the state (starting, rejoining) says so too.
 _FORCE = (
     _COMMON
     + """
 VIEW = 6
-local now, h, st, gen, opens = read_breaker()
+local now, h, st, gen, opens = read_breaker('hand', 'why')
 forced = 1
 local want = ARGV[4]
 if want == '' then
-  if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens} end
-  return {st, '0', gstr(gen), opens}
+  if st == 'open' then
+    return {'open', remaining(h, now), gstr(gen), opens, h[5] or '0', h[6] or ''}
+  end
+  return {st, '0', gstr(gen), opens, '0', ''}
 end
 local reset = tonumber(ARGV[5])
+hand = ARGV[10]
 if want == 'open' then
   gen, opens = open_breaker(now, gen, opens, reset)
+  redis.call('HSET', KEYS[1], 'hand', '1', 'why', hand)
 else
   gen = next_gen(now, gen)
-  redis.call('HSET', KEYS[1], 'st', 'closed', 'gen', gstr(gen), 'probes', 0, 'ok', 0)
+  redis.call('HSET', KEYS[1], 'st', 'closed', 'gen', gstr(gen), 'probes', 0, 'ok', 0,
+             'hand', '1', 'why', hand)
   redis.call('DEL', KEYS[2], KEYS[3])
   publish(want, 0, gen, opens)
   reset = 0
 end
-return {want, tostring(reset), gstr(gen), opens}
+return {want, tostring(reset), gstr(gen), opens, '1', hand}
 """
 )
 
@@ -1105,16 +1117,30 @@ class FleetLink:
         background: bool = False,
         view: View | None = None,
         opens: int = 0,
-    ) -> tuple[str, float, int, int]:
-        """Set the shared state to ``state`` (``""``: only read it, writing ``view`` back
-        first if Redis lost the breaker's state)."""
-        st, rem, gen, opens = self._call(
+        hand: str = "",
+    ) -> tuple[str, float, int, int, str | None]:
+        """Set the shared state to ``state`` by hand, an opening for ``reset_timeout`` seconds,
+        ``hand`` the operator's reason (``""``: none); ``state`` ``""``: only read it, writing
+        ``view`` back first if Redis lost the breaker's state. The last of the answer: the
+        reason of the opening in force when it was made by hand (``""``: with none), None when
+        it was not (failures made it, or it is not open); for a change, ``hand``."""
+        answer = self._call(
             "force",
             _breaker_keys(service),
-            [self.channel, service, self.token, state, reset_timeout, *_view_args(view, opens)],
+            [
+                self.channel,
+                service,
+                self.token,
+                state,
+                reset_timeout,
+                *_view_args(view, opens),
+                hand,
+            ],
             background=background,
         )
-        return _s(st), float(rem), int(gen), int(opens)
+        st, rem, gen, opens = answer[:4]
+        by_hand = len(answer) > 5 and _s(answer[4]) == "1"
+        return _s(st), float(rem), int(gen), int(opens), _s(answer[5]) if by_hand else None
 
     def breaker_share_opening(
         self,
@@ -1141,8 +1167,9 @@ class FleetLink:
 
     def breaker_read(
         self, service: str, *, background: bool = False, view: View | None = None
-    ) -> tuple[str, float, int, int]:
-        """The shared state (``view``: written back first if Redis lost it)."""
+    ) -> tuple[str, float, int, int, str | None]:
+        """The shared state (``view``: written back first if Redis lost it), and the reason of
+        an opening made by hand (see :meth:`breaker_force`)."""
         return self.breaker_force(service, "", 0, background=background, view=view)
 
     def breaker_reset_failures(self, service: str, run: str) -> None:
@@ -1487,11 +1514,14 @@ class FleetLink:
                     self.breaker_read(service, background=True, view=view)
         return True
 
-    def _take(self, service: str, breaker: Any, answer: tuple[str, float, int, int]) -> None:
+    def _take(
+        self, service: str, breaker: Any, answer: tuple[str, float, int, int, str | None]
+    ) -> None:
         """The background thread's read of ``service``'s state, taken into its view (a
         listener of the application's that raises is said as such, the link staying up)."""
+        state, remaining, gen, opens, hand = answer
         try:
-            breaker.fleet_update(*answer, answer=True)
+            breaker.fleet_update(state, remaining, gen, opens, answer=True, hand=hand, read=True)
         except Exception as exc:
             self._listener_failed(service, exc)
 
@@ -1537,7 +1567,8 @@ class FleetLink:
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
             mine = data.get("b") == self.token
-            forced = bool(data.get("f"))  # an open() or close() (see _FORCE)
+            # a change by hand (open_breaker, close_breaker; see _FORCE): the operator's reason
+            hand = _s(data.get("h") or "") if data.get("f") else None
             restored = bool(data.get("w"))  # written back into a Redis that lost it
         except (KeyError, TypeError, ValueError):
             log_quietly(
@@ -1546,11 +1577,9 @@ class FleetLink:
             return
         breaker = self.breakers.get(service)
         if breaker is not None:
-            reason = _forced_reason(forced, mine)
-            if restored and not mine:
-                reason = _RESTORED_REASON
+            reason = _RESTORED_REASON if restored and not mine else None
             try:
-                breaker.fleet_update(*update, mine=mine, reason=reason)
+                breaker.fleet_update(*update, mine=mine, reason=reason, hand=hand)
                 if restored and mine:
                     breaker.say_restored(update[0], update[1])
             except Exception as exc:
@@ -1664,16 +1693,6 @@ _RESTORED_REASON = (
     "Redis lost the shared state (restarted or flushed): the fleet's opening, written back "
     "by another process"
 )
-
-
-def _forced_reason(forced: bool, mine: bool) -> str | None:
-    """Why a change received from pub/sub happened, when its message says it was forced (an
-    ``open()``: the reason an opening's line gives; None: the breaker says why)."""
-    if not forced:
-        return None
-    if mine:
-        return "an explicit open()"
-    return "another process's explicit open() (shared through Redis)"
 
 
 def _naming(services: list[str]) -> str:

@@ -13,6 +13,9 @@ Commands (``{"op": ...}``) and answers:
 - ``wait`` ``what`` (``connected``, ``disconnected``, ``open``, ``closed``), ``timeout`` ->
   ``{"ok": bool, "waited": seconds, "at": wall-clock time}``
 - ``health`` -> ``rdb.health()``; ``exit``
+- ``open_breaker`` (``reason``, ``seconds``) / ``close_breaker`` (``reason``) -> ``{"fleet_wide"}``
+- ``try``: one unit -> ``{"outcome": "ok" | "open"}``, a refusal's ``message``, ``cause``,
+  ``by_hand``
 """
 
 from __future__ import annotations
@@ -97,7 +100,30 @@ class Worker:
             return self.wait(str(cmd["what"]), float(cmd.get("timeout", 10)))
         if op == "health":
             return rdb.health()
+        if op == "open_breaker":
+            return {
+                "fleet_wide": rdb.open_breaker(
+                    SERVICE, reason=cmd.get("reason"), seconds=cmd.get("seconds")
+                )
+            }
+        if op == "close_breaker":
+            return {"fleet_wide": rdb.close_breaker(SERVICE, reason=cmd.get("reason"))}
+        if op == "try":
+            return self.one_unit()
         raise ValueError(f"unknown op {op!r}")
+
+    def one_unit(self) -> dict[str, Any]:
+        """One unit: its outcome, and a refusal's message, ``cause`` and ``by_hand``."""
+        try:
+            self.factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")).scalar_one())
+        except rdb.CircuitOpenError as exc:
+            return {
+                "outcome": "open",
+                "message": str(exc),
+                "cause": exc.cause,
+                "by_hand": exc.by_hand,
+            }
+        return {"outcome": "ok"}
 
     def _loop(self) -> None:
         while not self.loop_stop.is_set():

@@ -1,0 +1,144 @@
+"""Opening and closing a service's circuit breaker by hand (an operator's maintenance window, a
+fix deployed): :func:`open_breaker` and :func:`close_breaker`.
+
+They act on the breaker of this process (a service's one breaker, made by its first factory or
+``with_self_healing`` call), and through it on the breaker shared through Redis when
+``SELF_HEALING_REDIS_URL`` shares it: the change is one script run by Redis (see ``_FORCE`` in
+:mod:`resilient_db._fleet`), published to every process, which says it was made by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from ._breaker import Breaker, breakers
+from ._observability import CONTROL_CODES
+
+__all__ = ["MAX_OPEN_SECONDS", "MAX_REASON", "close_breaker", "open_breaker"]
+
+#: the longest opening by hand (one day): a longer maintenance opens it again; a typo in the
+#: unit (milliseconds given as seconds) does not keep a service refused for weeks
+MAX_OPEN_SECONDS: Final = 86_400.0
+#: the longest reason (it goes into log lines, errors, and Redis), as for service names
+MAX_REASON: Final = 200
+#: how many known service names an error about an unknown one lists
+_NAMES_LISTED = 20
+
+
+def open_breaker(service: str, *, reason: str | None = None, seconds: float | None = None) -> bool:
+    """Open ``service``'s circuit breaker now, by hand: every unit of work and drop-in
+    transaction of the service is refused with :class:`~resilient_db.CircuitOpenError`
+    (``by_hand`` True, ``cause`` ``"opened by hand: <reason>"``) for ``seconds`` (None: the
+    service's reset timeout; at most :data:`MAX_OPEN_SECONDS`), then the breaker is half-open
+    and lets its probes through as usual. ``reason`` (an operator's short text, "database
+    upgrade") is said by the ``Circuit breaker opened`` line, its event and every rejection.
+
+    Shared through Redis (``SELF_HEALING_REDIS_URL``), it opens for every process sharing the
+    breaker, and returns True; False when it applied to this process only: the breaker is not
+    shared, or Redis did not answer (its line says so). The Redis call is bounded by
+    ``SELF_HEALING_REDIS_TIMEOUT``.
+
+    Raises ``ValueError`` for a service that has no breaker in this process (naming the ones
+    that do), one whose breaker is switched off (``SELF_HEALING_CIRCUIT_BREAKER=false``) or
+    that every user opted out of (``use_circuit_breaker=False``), and a bad ``reason`` or
+    ``seconds``; ``TypeError`` for one of the wrong type."""
+    breaker = _breaker_of(service, "open_breaker()")
+    reason = _checked_reason(reason, "open_breaker()")
+    seconds = _checked_seconds(seconds)
+    return breaker.open(reason=reason, seconds=seconds)
+
+
+def close_breaker(service: str, *, reason: str | None = None) -> bool:
+    """Close ``service``'s circuit breaker now, by hand, its counted failures forgotten: units
+    are let through at once, without waiting out an opening or for probes. Its ``Circuit
+    breaker closed`` line says it was closed by hand (with ``reason``), not that the database
+    recovered. Shared through Redis: for every process (True), as :func:`open_breaker`; the
+    same errors (``seconds`` aside)."""
+    breaker = _breaker_of(service, "close_breaker()")
+    reason = _checked_reason(reason, "close_breaker()")
+    return breaker.close(reason=reason)
+
+
+def _breaker_of(service: str, where: str) -> Breaker:
+    """The breaker of ``service`` that a change by hand acts on, or a clear error."""
+    # Local imports: these modules import the breaker's.
+    from ._registry import live_policies  # noqa: PLC0415
+    from ._unit import check_service_name  # noqa: PLC0415
+
+    check_service_name(service, where)
+    breaker = breakers().get(service)
+    policies = [p for p in live_policies() if p.service == service]
+    if breaker is not None and not breaker.switched_off:
+        return breaker
+    if breaker is not None or any(p.use_circuit_breaker for p in policies):
+        raise ValueError(
+            f"{where}: the circuit breaker of service {service!r} is switched off "
+            "(SELF_HEALING_CIRCUIT_BREAKER=false or SELF_HEALING_ENABLED=false, or a config= "
+            "saying so): its calls run without it, so there is nothing to open or close"
+        )
+    if policies:
+        raise ValueError(
+            f"{where}: service {service!r} has no circuit breaker: every factory and "
+            "with_self_healing() of it was made with use_circuit_breaker=False"
+        )
+    known = sorted(breakers())
+    listed = ", ".join(repr(name) for name in known[:_NAMES_LISTED])
+    if len(known) > _NAMES_LISTED:
+        listed += f" and {len(known) - _NAMES_LISTED} more"
+    raise ValueError(
+        f"{where}: no circuit breaker for service {service!r} in this process (a service "
+        "has one once a factory or with_self_healing() of it is made); "
+        + (f"the services with one: {listed}" if known else "no service has one yet")
+    )
+
+
+def _checked_reason(reason: object, where: str) -> str | None:
+    """``reason`` if it can be one (it goes into log lines, errors and Redis, as a service
+    name does), else a ``TypeError``/``ValueError`` naming it."""
+    if reason is None:
+        return None
+    if not isinstance(reason, str):
+        raise TypeError(f"{where}: reason must be a str or None, got {type(reason).__name__}")
+    if not reason.strip():
+        raise ValueError(
+            f"{where}: reason is {'empty' if not reason else 'blank'}: give a short text "
+            "such as 'database upgrade', or leave it out"
+        )
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where}: reason {reason[:40]!r} is not valid UTF-8 text ({exc.reason} at "
+            f"{exc.start}): it is logged and sent to Redis"
+        ) from None
+    control = next((c for c in reason if ord(c) in CONTROL_CODES), None)
+    if control is not None:
+        raise ValueError(
+            f"{where}: reason {reason[:40]!r} has a control character ({control!r}): it goes "
+            "into log lines as it is; use printable text on one line"
+        )
+    if len(reason) > MAX_REASON:
+        raise ValueError(
+            f"{where}: reason {reason[:40]!r}... is {len(reason)} characters long; at most "
+            f"{MAX_REASON} are allowed (it is logged and sent to Redis)"
+        )
+    return reason
+
+
+def _checked_seconds(seconds: object) -> float | None:
+    """``seconds`` as a float if it can be an opening's length, else an error naming it."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(
+            f"open_breaker(): seconds must be a number of seconds (int or float) or None, "
+            f"got {type(seconds).__name__}"
+        )
+    value = float(seconds)
+    if not math.isfinite(value) or value <= 0 or value > MAX_OPEN_SECONDS:
+        raise ValueError(
+            f"open_breaker(): seconds must be a finite number above 0 and at most "
+            f"{MAX_OPEN_SECONDS:g} (one day), got {seconds!r}"
+        )
+    return value
