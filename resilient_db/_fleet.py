@@ -563,7 +563,7 @@ if want == '' then
   return {st, '0', gstr(gen), opens, '0', ''}
 end
 local reset = tonumber(ARGV[5])
-hand = ARGV[10]
+hand = ARGV[10] or ''
 if want == 'open' then
   gen, opens = open_breaker(now, gen, opens, reset)
   redis.call('HSET', KEYS[1], 'hand', '1', 'why', hand)

@@ -319,7 +319,7 @@ def test_an_explicit_open_of_a_shared_breaker_says_so_whichever_answer_comes_fir
     """``open()`` of a shared breaker: its script answers the caller and publishes the change,
     and the background thread may take the message (this process's own) before the caller
     takes the answer. The opening's line then said "after 5 consecutive failures across the
-    fleet", which no failure made: it says "an explicit open()" whichever comes first."""
+    fleet", which no failure made: it says "by hand" whichever comes first."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     engine = sa.create_engine(pg_url)
     rdb.ResilientSession(engine, service="orders", config=rdb.Config(redis_url=redis_server.url))
@@ -330,7 +330,7 @@ def test_an_explicit_open_of_a_shared_breaker_says_so_whichever_answer_comes_fir
         breaker.close()
     opened = _records(caplog, "Circuit breaker opened")
     assert len(opened) == 8
-    assert all("after an explicit open()" in r.getMessage() for r in opened), [
+    assert all("service=orders by hand; rejecting" in r.getMessage() for r in opened), [
         r.getMessage() for r in opened
     ]
     engine.dispose()
@@ -357,7 +357,7 @@ def test_an_explicit_open_interrupted_leaves_no_reason_for_the_next_openings(
 ) -> None:
     """``open()`` of a shared breaker is interrupted (Ctrl-C) while its script waits for Redis:
     the reason it noted for its own pub/sub message stayed, and the next opening this process
-    made, a half-open probe's failure, said "after an explicit open()"."""
+    made, a half-open probe's failure, said it was made by hand."""
     config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=0.3, redis_timeout=5)
     Factory = rdb.ResilientSession(engine, service="interrupted", config=config)
     wait_for(lambda: shared("interrupted")["connected"], "the link", 10)
@@ -403,7 +403,8 @@ def test_an_explicit_open_interrupted_leaves_no_reason_for_the_next_openings(
         Factory.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
     wait_for(lambda: bool(_records(caplog, "Circuit breaker opened")), "the opening's line", 5)
     (opened,) = _records(caplog, "Circuit breaker opened")
-    assert "explicit open()" not in opened.getMessage(), opened.getMessage()
+    assert "by hand" not in opened.getMessage(), opened.getMessage()
+    assert "a half-open probe failed" in opened.getMessage(), opened.getMessage()
 
 
 @pytest.mark.usefixtures("clean_env")
@@ -414,7 +415,8 @@ def test_a_failures_opening_taken_while_another_thread_runs_open_says_what_opene
     process runs ``open()`` (an operator reacting to the same outage), its script waiting for
     Redis. The reason ``open()`` noted for its own pub/sub message was process-wide: the
     failure's opening, taken meanwhile, said "after an explicit open()", which had not reached
-    Redis yet. It says the failures that made it."""
+    Redis yet. It says the failures that made it; the opening by hand, made again once Redis
+    answers, says it was by hand."""
     config = rdb.Config(
         redis_url=redis_server.url,
         retry=False,
@@ -454,11 +456,11 @@ def test_a_failures_opening_taken_while_another_thread_runs_open_says_what_opene
         redis_server.resume()
     opener.join(15)
     assert not opener.is_alive()
-    opened = _records(caplog, "Circuit breaker opened")
-    assert len(opened) == 1, [r.getMessage() for r in opened]
-    message = opened[0].getMessage()
-    assert "1 consecutive failures across the fleet" in message, message
-    assert "explicit open()" not in message, message
+    opened = [r.getMessage() for r in _records(caplog, "Circuit breaker opened")]
+    assert len(opened) == 2, opened
+    assert "1 consecutive failures across the fleet" in opened[0], opened
+    assert "by hand" not in opened[0], opened
+    assert opened[1].endswith("service=raced by hand; rejecting calls for 600.0 s"), opened
 
 
 def test_another_processs_explicit_open_is_followed_as_an_open_not_as_failures(
@@ -466,7 +468,7 @@ def test_another_processs_explicit_open_is_followed_as_an_open_not_as_failures(
 ) -> None:
     """Another process runs ``open()`` of the shared breaker (its script, as that process
     sends it, under its own token): this process follows the opening, and its line said
-    "after another process's failures", which no failure made. It says an explicit open()."""
+    "after another process's failures", which no failure made. It says it was by hand."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     engine = sa.create_engine(pg_url)
     rdb.ResilientSession(engine, service="orders", config=rdb.Config(redis_url=redis_server.url))
@@ -477,6 +479,6 @@ def test_another_processs_explicit_open_is_followed_as_an_open_not_as_failures(
     wait_for(lambda: bool(_records(caplog, "Circuit breaker opened")), "the opening's line", 5)
     (opened,) = _records(caplog, "Circuit breaker opened")
     message = opened.getMessage()
-    assert "after another process's explicit open() (shared through Redis)" in message, message
+    assert "by hand in another process (shared through Redis); rejecting" in message, message
     assert shared("orders")["opens_followed"] == 1
     engine.dispose()
