@@ -101,8 +101,10 @@ class _LogListener(_pb.CircuitBreakerListener):
                     why = reason
                 elif getattr(old_state, "name", None) == HALF_OPEN:
                     why = "a half-open probe failed"
-                else:
+                elif cb.fail_counter:
                     why = f"{cb.fail_counter} consecutive failures"
+                else:  # (found open in a storage of yours that another process shares)
+                    why = "an opening found in its storage"
                 if b.open_cause is not None:
                     why = f"{why} (the last: {b.open_cause})"
                 why = f"after {why}"
