@@ -475,8 +475,10 @@ def health() -> dict[str, Any]:
     raised, or one whose filter left the row unchanged); ``stale_transitions`` moves refused
     because another transaction had moved the row (not among the blocked);
     ``bulk_rows_filtered`` the blocked rows a bulk UPDATE's filter left unchanged;
-    ``bypasses`` audited bypasses of the guard. The Prometheus collector and the OpenTelemetry
-    hook count the same things (``resilient_db_transitions_blocked_total`` and
+    ``bypasses`` audited bypasses of the guard; ``connections_without_triggers`` new
+    connections whose ``session_replication_role`` was ``replica`` (no trigger fires there,
+    the guard's included: the ``triggers_off`` warning). The Prometheus collector and the
+    OpenTelemetry hook count the same things (``resilient_db_transitions_blocked_total`` and
     ``resilient_db.transitions.blocked``, ``..._response_validation_failures_total`` and
     ``resilient_db.response_validation.failures``).
     """
