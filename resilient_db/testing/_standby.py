@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql as pgsql
 
 from ._server import (
+    _BIN_VARIABLE,
     _DEFAULT_OS_USER,
     _POLL_INTERVAL,
     EmbeddedPostgres,
@@ -121,6 +122,14 @@ class StandbyServer(EmbeddedPostgres):
         rows = self.execute("SELECT pg_catalog.pg_is_in_recovery()")
         return bool(rows[0][0])
 
+    def _programs(self) -> tuple[Path, bool]:
+        """The primary's programs: ``pg_basebackup`` and the standby's ``postgres`` must be of
+        its major version (``RESILIENT_DB_TEST_PG_BIN`` changed meanwhile is not followed)."""
+        primary = self._primary
+        if primary._bin is not None:
+            return primary._bin, primary._bin_given
+        return super()._programs()
+
     def _create_data_dir(self) -> None:
         """``pg_basebackup`` of the primary instead of ``initdb``, then the standby settings."""
         assert self._base is not None
@@ -128,6 +137,13 @@ class StandbyServer(EmbeddedPostgres):
         primary = self._primary
         if not primary.is_running():
             raise ServerStartError(f"can't make a standby of {primary!r}: it is not running")
+        if not (self._bin / "pg_basebackup").is_file():
+            source = f" ({_BIN_VARIABLE})" if self._bin_given else ""
+            raise ServerStartError(
+                f"can't make a standby: {self._bin}{source} has no pg_basebackup program (a "
+                "standby is a pg_basebackup of its primary); install the installation's client "
+                "programs there"
+            )
         # the password reaches pg_basebackup through a passfile readable by the server's OS user
         # only (not the command line, which every local user can read)
         passfile = self._base / "pgpass"
