@@ -563,11 +563,17 @@ def commit_another_transaction(server: PostgresServer, database: str) -> str:
 
 
 def flush_wal(server: PostgresServer, database: str) -> None:
-    """Commit a transaction that holds an xid: its COMMIT makes every WAL record before it
+    """Commit a transaction that writes a row: its COMMIT makes every WAL record before it
     durable, so nothing written earlier (a rolled-back transaction's abort record, which the WAL
     writer flushes on its own time, with the rest of its WAL page) is left to take the unit's
-    WAL along in the window where it must stay in memory."""
-    server.execute("SELECT pg_current_xact_id()", database=database)
+    WAL along in the window where it must stay in memory. A row, not only an xid: the COMMIT of
+    a transaction that wrote no WAL of its own is not waited for (PostgreSQL 15 leaves its
+    commit record in memory, and after the crash gives its xid again, the unit's xid going to
+    no one)."""
+    server.execute(
+        "INSERT INTO ledger (unit, note) VALUES ('flush_wal', 'makes the WAL before it durable')",
+        database=database,
+    )
 
 
 async def reused_xid_try(
