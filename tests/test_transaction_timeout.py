@@ -10,7 +10,8 @@ A COMMIT cut off this way did not commit (the server ends the session only insid
 and never once the commit record is written: a COMMIT waiting for a synchronous standby after
 that runs past the timeout), so it is not verified either.
 
-Real server (PostgreSQL 17+), real timeouts of a few hundred milliseconds; no backoff slept.
+Real server (PostgreSQL 17+ for ``transaction_timeout``, skipped on older ones; the idle
+timeout's tests on any), real timeouts of a few hundred milliseconds; no backoff slept.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ DRIVERS = ["psycopg (sync)", "psycopg", "asyncpg"]
 MARKERS = "markers"
 FALLBACK = "fallback"
 TIMEOUT_MS = "300"
+#: ``transaction_timeout`` is PostgreSQL 17's; the idle-session timeout's tests run on older
+#: servers too
+NEEDS_TRANSACTION_TIMEOUT = pytest.mark.server_version(17, "transaction_timeout")
 
 #: a deferred constraint trigger that sleeps at COMMIT, past the transaction's timeout
 SLOW_COMMIT = """
@@ -131,6 +135,7 @@ def invalidations(engine: sa.Engine) -> list[BaseException | None]:
     return found
 
 
+@NEEDS_TRANSACTION_TIMEOUT
 @pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
 @pytest.mark.parametrize("which", sorted(UNITS))
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -212,6 +217,7 @@ def _keeps_no_code(driver: str) -> bool:
     return _version(psycopg.__version__) < (3, 2, 4)
 
 
+@NEEDS_TRANSACTION_TIMEOUT
 @pytest.mark.parametrize("driver", ["psycopg (sync)", "asyncpg"])
 @pytest.mark.asyncio
 async def test_where_the_driver_keeps_no_code_a_unit_past_its_timeout_is_a_lost_connection(
@@ -360,6 +366,7 @@ async def test_a_statement_sent_as_the_idle_timeout_ended_the_session_is_the_uni
     assert rows(pg_server, pg_database) == 0
 
 
+@NEEDS_TRANSACTION_TIMEOUT
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.asyncio
 async def test_the_pools_other_connections_outlive_a_units_transaction_timeout(
@@ -420,6 +427,7 @@ async def test_the_pools_other_connections_outlive_a_units_transaction_timeout(
 # server-wide (ALTER SYSTEM): every COMMIT on the server waits for the missing standby
 # meanwhile, the harness's spare databases' included (paused for a server_control test); never
 # on an external server
+@NEEDS_TRANSACTION_TIMEOUT
 @pytest.mark.server_control
 def test_a_commit_past_its_commit_record_outlives_the_transaction_timeout(
     pg_server: PostgresServer, pg_database: str
@@ -469,6 +477,7 @@ def test_a_commit_past_its_commit_record_outlives_the_transaction_timeout(
     assert rows(pg_server, pg_database) == 1
 
 
+@NEEDS_TRANSACTION_TIMEOUT
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.asyncio
 async def test_a_drop_in_commit_ended_by_the_transaction_timeout_did_not_commit(
