@@ -815,6 +815,60 @@ def test_a_case_insensitive_collation_lets_no_undeclared_state_through(
             assert 'COLLATE "C"' in definition
 
 
+@pytest.mark.parametrize("type_", ["text", "varchar(20)", "char(8)"])
+def test_a_column_of_a_collation_of_its_own_is_no_drift(
+    engine: sa.Engine, reg: registry, type_: str
+) -> None:
+    """A column of a collation made with CREATE COLLATION (libc, so on every server; ICU's
+    are the same): the WHEN's cast of a varchar to text carries the column's collation until
+    COLLATE "C" overrides it, and the server records the trigger's dependency on it, which
+    trigger_drift took for a WHEN bound to something not built in: drift right after the
+    install, on every version. The column's own collation binds the WHEN to nothing the
+    column does not already depend on."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE COLLATION rdb_bytes (provider = libc, locale = 'C')")
+        conn.exec_driver_sql(
+            f"CREATE TABLE jobs (id integer PRIMARY KEY, status {type_} COLLATE rdb_bytes)"
+        )
+    rules = rdb.TransitionRules(column="status", transitions={"new": {"done"}}, initial={"new"})
+    job = reg.mapped(
+        type(
+            "Job",
+            (),
+            {
+                "__tablename__": "jobs",
+                "__transitions__": rules,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(sa.Text),
+            },
+        )
+    )
+    rdb.install_transition_trigger(engine, job)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, job) is None
+        err = refused_by_trigger(conn, "INSERT INTO jobs VALUES (1, 'done')")
+        assert (err.to_state, err.inserted) == ("done", True)
+        conn.exec_driver_sql("INSERT INTO jobs VALUES (2, 'new')")
+        conn.commit()
+        err = refused_by_trigger(conn, "UPDATE jobs SET status = 'gone' WHERE id = 2")
+        assert (err.from_state, err.to_state) == ("new", "gone")
+        # a WHEN bound to another collation than the column's is still drift
+        (function,) = {f for _, f in _ours(conn, "jobs")}
+        conn.exec_driver_sql("CREATE COLLATION rdb_other (provider = libc, locale = 'C')")
+        conn.exec_driver_sql("DROP TRIGGER rdb_transition_status_upd ON jobs")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER rdb_transition_status_upd AFTER UPDATE ON jobs FOR EACH ROW "
+            "WHEN (NOT coalesce((OLD.status COLLATE rdb_other)::pg_catalog.text "
+            'COLLATE pg_catalog."C" OPERATOR(pg_catalog.=) '
+            '(NEW.status COLLATE rdb_other)::pg_catalog.text COLLATE pg_catalog."C", '
+            "OLD.status IS NULL AND NEW.status IS NULL)) "
+            f"EXECUTE FUNCTION {function}()"
+        )
+        drift = rdb.trigger_drift(conn, job) or ""
+        assert "rdb_transition_status_upd is not the one install creates" in drift
+        conn.rollback()
+
+
 def test_triggers_of_v5_without_the_bytewise_collation_are_drift_and_reinstalled(
     engine: sa.Engine, reg: registry
 ) -> None:

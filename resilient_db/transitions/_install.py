@@ -1067,7 +1067,11 @@ _DRIFT_QUERY = sa.text(
            -- what its WHEN is bound to besides its table and function: nothing for ours, whose
            -- operators, type, functions and collation are built in (the server records no
            -- dependency on those); an operator or function of another schema shows here,
-           -- named with its schema whatever the session's search_path
+           -- named with its schema whatever the session's search_path. The guarded column's
+           -- own collation is left out: a varchar's cast to text carries it until COLLATE "C"
+           -- overrides it, and the server records it (a collation made with CREATE
+           -- COLLATION, not built in), though it binds the WHEN to nothing the column does
+           -- not already depend on
            (SELECT pg_catalog.string_agg(pg_catalog.format('%s %s', o.type, o.identity),
                        ', ' ORDER BY d.refclassid, d.refobjid)
             FROM pg_catalog.pg_depend d, LATERAL pg_catalog.pg_identify_object(
@@ -1077,7 +1081,13 @@ _DRIFT_QUERY = sa.text(
                 AND NOT (d.refclassid {EQ} 'pg_catalog.pg_class'::pg_catalog.regclass
                          AND d.refobjid {EQ} t.tgrelid)
                 AND NOT (d.refclassid {EQ} 'pg_catalog.pg_proc'::pg_catalog.regclass
-                         AND d.refobjid {EQ} t.tgfoid)) AS bound
+                         AND d.refobjid {EQ} t.tgfoid)
+                AND NOT (d.refclassid {EQ} 'pg_catalog.pg_collation'::pg_catalog.regclass
+                         AND d.refobjid {EQ} ANY (
+                             SELECT a.attcollation FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid {EQ} t.tgrelid AND a.attnum {GT} 0
+                                 AND NOT a.attisdropped
+                                 AND a.attname::{_T} {EQ} CAST(:col AS {_T})))) AS bound
     FROM pg_catalog.pg_trigger t
     JOIN pg_catalog.pg_proc p ON p.oid {EQ} t.tgfoid
     JOIN pg_catalog.pg_language l ON l.oid {EQ} p.prolang
