@@ -831,7 +831,7 @@ def test_a_column_of_a_collation_of_its_own_is_no_drift(
             f"CREATE TABLE jobs (id integer PRIMARY KEY, status {type_} COLLATE rdb_bytes)"
         )
     rules = rdb.TransitionRules(column="status", transitions={"new": {"done"}}, initial={"new"})
-    job = reg.mapped(
+    job: type[Any] = reg.mapped(
         type(
             "Job",
             (),
