@@ -11,6 +11,7 @@ with ``search_path=appdata``) and an application role with table grants only."""
 from __future__ import annotations
 
 import pickle
+import re
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
@@ -129,7 +130,8 @@ def _sent(engine: sa.Engine) -> Callable[[], list[str]]:
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
+        # (without its SQL comments: a query's comment may name DDL it does not send)
+        seen.append(re.sub(r"--[^\n]*", "", statement))
 
     sa.event.listen(engine, "before_cursor_execute", record)
     return lambda: list(seen)

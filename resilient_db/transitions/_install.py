@@ -1069,8 +1069,8 @@ _DRIFT_QUERY = sa.text(
            -- dependency on those); an operator or function of another schema shows here,
            -- named with its schema whatever the session's search_path. The guarded column's
            -- own collation is left out: a varchar's cast to text carries it until COLLATE "C"
-           -- overrides it, and the server records it (a collation made with CREATE
-           -- COLLATION, not built in), though it binds the WHEN to nothing the column does
+           -- overrides it, and the server records it (a collation of the database's
+           -- own, not built in), though it binds the WHEN to nothing the column does
            -- not already depend on
            (SELECT pg_catalog.string_agg(pg_catalog.format('%s %s', o.type, o.identity),
                        ', ' ORDER BY d.refclassid, d.refobjid)
