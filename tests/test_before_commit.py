@@ -74,6 +74,18 @@ def waits_for_a_lock(engine: sa.Engine, pid: int) -> bool:
     return waiting == "Lock"
 
 
+def in_no_transaction(engine: sa.Engine, pid: int) -> bool:
+    """Whether backend ``pid`` has no transaction open (ended, or the backend gone)."""
+    with engine.connect() as conn:
+        return not conn.scalar(
+            sa.text(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity"
+                " WHERE pid = :p AND xact_start IS NOT NULL)"
+            ),
+            {"p": pid},
+        )
+
+
 def notes(engine: sa.Engine) -> dict[int, str]:
     with engine.connect() as conn:
         return {row.id: row.note for row in conn.execute(sa.select(Order.id, Order.note))}
@@ -124,7 +136,13 @@ def test_a_deadlock_in_the_flush_after_the_before_commit_listeners_is_replayed(
     ``deadlock_timeout``: it is the victim): no COMMIT went out, so the unit is replayed, not
     settled as a COMMIT that failed. (The server checks a wait for a deadlock once, after its
     ``deadlock_timeout``: the unit waiting first, its check could pass before the other's
-    wait closed the cycle, and the other would be the victim.)"""
+    wait closed the cycle, and the other would be the victim.) The replay waits for the other
+    transaction to end before it takes row 10: the failed attempt's abort wakes the other,
+    whose UPDATE of 10 has yet to run, and PostgreSQL gives that row to whichever asks first
+    (the aborted updater's row is free, and the waiter's tuple lock stops only those that find
+    a live one): a replay that ran first (the other's backend not yet on a CPU, under load)
+    would hold 10 while the other, holding 11, waited for it, and its flush would be a second
+    deadlock's victim (three attempts)."""
     with engine.begin() as conn:
         conn.execute(sa.insert(Order), [{"id": 10}, {"id": 11}])
     Orders = rdb.ResilientSession(engine, service=service)
@@ -148,6 +166,8 @@ def test_a_deadlock_in_the_flush_after_the_before_commit_listeners_is_replayed(
 
     def unit(session: Session) -> None:
         attempts.append(1)
+        if len(attempts) > 1:  # (the replay: the other's transaction ends first, see above)
+            wait_for(lambda: in_no_transaction(engine, other_pid[0]), "the other's end", 20)
         session.execute(sa.text("SET LOCAL deadlock_timeout = '20ms'"))
         session.execute(sa.update(Order).where(Order.id == 10).values(note="mine"))
         order = session.get(Order, 11)

@@ -98,6 +98,18 @@ def waits_for_a_lock(engine: sa.Engine, pid: int) -> bool:
         )
 
 
+def in_no_transaction(engine: sa.Engine, pid: int) -> bool:
+    """Whether backend ``pid`` has no transaction open (ended, or the backend gone)."""
+    with engine.connect() as conn:
+        return not conn.scalar(
+            sa.text(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity"
+                " WHERE pid = :p AND xact_start IS NOT NULL)"
+            ),
+            {"p": pid},
+        )
+
+
 def in_thread(work: Callable[[], None]) -> None:
     """``work`` on a thread of its own (outside the unit's attempt: not the unit's work)."""
     thread = threading.Thread(target=work)
@@ -382,7 +394,14 @@ def test_a_serialization_failure_caught_in_a_savepoint_replays_the_unit(
 def test_a_deadlock_caught_in_a_savepoint_replays_the_unit(engine: sa.Engine, service: str) -> None:
     """A real deadlock: the other transaction holds row b and waits for row a, which the unit
     holds; the unit's UPDATE of b, in a savepoint, closes the cycle and is its victim (the
-    shorter ``deadlock_timeout``). The code catches 40P01: the unit is replayed."""
+    shorter ``deadlock_timeout``). The code catches 40P01: the unit is replayed.
+
+    The replay waits for the other transaction to end before it takes row a: the rollback of
+    the first attempt wakes the other, whose UPDATE of a has yet to run, and PostgreSQL gives
+    that row to whichever asks first (the aborted updater's row is free, and the waiter's tuple
+    lock stops only those that find a live one): a replay that ran first (the other's backend
+    not yet on a CPU, under load) would hold a while the other, holding b, waited for it, and
+    its UPDATE of b would be a second deadlock's victim (three attempts)."""
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
     other_locked, go = threading.Event(), threading.Event()
     other_pid: list[int] = []
@@ -402,6 +421,8 @@ def test_a_deadlock_caught_in_a_savepoint_replays_the_unit(engine: sa.Engine, se
 
     def unit(session: Session) -> int:
         calls.append(1)
+        if len(calls) > 1:  # (the replay: the other's transaction ends first, see above)
+            wait_for(lambda: in_no_transaction(engine, other_pid[0]), "the other's end", 20)
         session.execute(sa.text("SET LOCAL deadlock_timeout = '20ms'"))
         session.execute(sa.text("UPDATE sp_items SET qty = qty + 1 WHERE name = 'a'"))
         if len(calls) == 1:
