@@ -2208,9 +2208,14 @@ def test_redis_server_refuses_a_bad_port_at_once(port: object, error: type[Excep
         RedisServer(port=port)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("port", [70000, -1, "5432", True])
-def test_embedded_postgres_refuses_a_bad_port_at_once(port: object) -> None:
-    with pytest.raises(ValueError, match="port must be a whole number from 0 to 65535"):
+@pytest.mark.parametrize(
+    ("port", "error"),
+    [(70000, ValueError), (-1, ValueError), ("5432", TypeError), (True, TypeError)],
+)
+def test_embedded_postgres_refuses_a_bad_port_at_once(port: object, error: type[Exception]) -> None:
+    """As RedisServer: a value of the wrong type is a TypeError, a number out of range a
+    ValueError, both naming the port."""
+    with pytest.raises(error, match="port must be"):
         EmbeddedPostgres(port=port)  # type: ignore[arg-type]
 
 

@@ -1488,10 +1488,8 @@ class EmbeddedPostgres(PostgresServer):
         # (one that can run COPY ... FROM PROGRAM as the server's OS user).
         super().__init__(password=secrets.token_urlsafe(24))
         self._host = "127.0.0.1"
-        if port is not None and (
-            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
-        ):
-            raise ValueError(f"port must be a whole number from 0 to 65535, got {port!r}")
+        if port is not None:
+            port = _check_port(port, free=True)  # (as RedisServer's: TypeError, ValueError)
         self._port = port or None  # 0, as for a socket: a free port
         self._port_given = bool(port)
         # absolute: initdb and pg_basebackup run with the cluster's directory as theirs
