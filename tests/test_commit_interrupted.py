@@ -119,6 +119,19 @@ def committing(server: PostgresServer, database: str) -> bool:
     )
 
 
+def commit_ended(server: PostgresServer, database: str) -> bool:
+    """No backend of ``database`` is running a COMMIT any more: not in the slow COMMIT's
+    sleep, nor finishing it after the sleep (a COMMIT that caught its cancel sleeps again,
+    then commits: between the sleeps, and from the second one's end until the commit is
+    visible, :func:`committing` is False already)."""
+    return not count(
+        server,
+        database,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND state = 'active' AND query ILIKE '%COMMIT%'",
+    )
+
+
 def claiming(server: PostgresServer, database: str) -> bool:
     """A claim in ``database`` waits for the original COMMIT's marker."""
     return bool(
@@ -487,8 +500,16 @@ async def test_a_unit_cancelled_with_its_commit_in_flight(
     assert not named(events, "commit_unknown")
     # what the server did, once the COMMIT has ended there (some asyncpg versions close the
     # connection rather than cancel the statement: the COMMIT then runs to its end)
-    await wait_until(lambda: not committing(pg_server, pg_database))
-    if after >= 0 or driver_cancels_the_statement(driver):
+    await wait_until(lambda: commit_ended(pg_server, pg_database))
+    if after >= 0 and driver == "asyncpg":
+        # the COMMIT caught the cancel and went on; but asyncpg's graceful close of the
+        # connection (SQLAlchemy's terminate, as the pool drops it) cancels a statement still
+        # running once more, and when that second cancel lands within the COMMIT's grace it
+        # ends it too (seen on PostgreSQL 15, in the trigger's second pg_sleep): the server
+        # decides, and the unit's outcome is unknown either way, as said above. Once, never
+        # twice (not replayed)
+        assert slow_rows(pg_server, pg_database) in (0, 1)
+    elif after >= 0 or driver_cancels_the_statement(driver):
         assert slow_rows(pg_server, pg_database) == (0 if after < 0 else 1)
     assert await Session.run(quick) == 42
 
@@ -844,7 +865,7 @@ async def test_a_drop_in_commit_cut_off_is_an_unknown_outcome_however_spelt(
     assert "drop-in" in line.message
     assert "outcome unknown" in line.message
     assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    await wait_until(lambda: not committing(pg_server, pg_database))
+    await wait_until(lambda: commit_ended(pg_server, pg_database))
     if driver_cancels_the_statement(driver):
         assert slow_rows(pg_server, pg_database) == 0  # the cancel ended it
     async with Session.begin() as session:
@@ -935,7 +956,7 @@ def test_a_sync_drop_in_commit_interrupted_is_an_unknown_outcome(
         assert "drop-in" in line.message
         assert "outcome unknown" in line.message
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-        wait_until_sync(lambda: not committing(pg_server, pg_database))
+        wait_until_sync(lambda: commit_ended(pg_server, pg_database))
         if kind is KeyboardInterrupt:
             assert slow_rows(pg_server, pg_database) == 0  # psycopg cancelled it
         with Session.begin() as session:
@@ -998,7 +1019,7 @@ def test_an_operations_commit_interrupted_is_an_unknown_outcome(
         assert calls == 1
         assert_operation_commit_unknown(service, raised.value, events)
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-        wait_until_sync(lambda: not committing(pg_server, pg_database))
+        wait_until_sync(lambda: commit_ended(pg_server, pg_database))
     finally:
         engine.dispose()
 
@@ -1036,4 +1057,4 @@ async def test_an_async_operations_commit_cut_off_is_an_unknown_outcome(
     assert calls == 1
     assert_operation_commit_unknown(service, raised, events)
     assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    await wait_until(lambda: not committing(pg_server, pg_database))
+    await wait_until(lambda: commit_ended(pg_server, pg_database))
