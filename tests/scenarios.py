@@ -587,3 +587,15 @@ def install_markers(server: PostgresServer, database: str) -> None:
         rdb.install_commit_markers(engine)
     finally:
         engine.dispose()
+
+
+def in_no_transaction(engine: sa.Engine, pid: int) -> bool:
+    """Whether backend ``pid`` has no transaction open (ended, or the backend gone)."""
+    with engine.connect() as conn:
+        return not conn.scalar(
+            sa.text(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity"
+                " WHERE pid = :p AND xact_start IS NOT NULL)"
+            ),
+            {"p": pid},
+        )

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
+from scenarios import in_no_transaction
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import (
@@ -72,18 +73,6 @@ def waits_for_a_lock(engine: sa.Engine, pid: int) -> bool:
             sa.text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
         ).scalar_one_or_none()
     return waiting == "Lock"
-
-
-def in_no_transaction(engine: sa.Engine, pid: int) -> bool:
-    """Whether backend ``pid`` has no transaction open (ended, or the backend gone)."""
-    with engine.connect() as conn:
-        return not conn.scalar(
-            sa.text(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity"
-                " WHERE pid = :p AND xact_start IS NOT NULL)"
-            ),
-            {"p": pid},
-        )
 
 
 def notes(engine: sa.Engine) -> dict[int, str]:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
+from scenarios import in_no_transaction
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -95,18 +96,6 @@ def waits_for_a_lock(engine: sa.Engine, pid: int) -> bool:
                 sa.text("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :p"),
                 {"p": pid},
             )
-        )
-
-
-def in_no_transaction(engine: sa.Engine, pid: int) -> bool:
-    """Whether backend ``pid`` has no transaction open (ended, or the backend gone)."""
-    with engine.connect() as conn:
-        return not conn.scalar(
-            sa.text(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity"
-                " WHERE pid = :p AND xact_start IS NOT NULL)"
-            ),
-            {"p": pid},
         )
 
 

@@ -131,6 +131,23 @@ def _two_models(reg: registry, other_rules: rdb.TransitionRules) -> tuple[Any, A
     return order, view
 
 
+def _status_job(reg: registry, rules: rdb.TransitionRules) -> type[Any]:
+    """A model ``Job`` of the table ``jobs`` (``id``, ``status``) under ``rules``."""
+    job: type[Any] = reg.mapped(
+        type(
+            "Job",
+            (),
+            {
+                "__tablename__": "jobs",
+                "__transitions__": rules,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(sa.Text),
+            },
+        )
+    )
+    return job
+
+
 def _ours(conn: sa.Connection, table: str) -> list[tuple[str, str]]:
     """(trigger, function) of the triggers on ``table`` whose function is stamped by us."""
     return [
@@ -787,18 +804,7 @@ def test_a_case_insensitive_collation_lets_no_undeclared_state_through(
         transitions={"pending": {"running"}, "running": {"done"}},
         initial={"pending"},
     )
-    job = reg.mapped(
-        type(
-            "Job",
-            (),
-            {
-                "__tablename__": "jobs",
-                "__transitions__": rules,
-                "id": mapped_column(sa.Integer, primary_key=True),
-                "status": mapped_column(sa.Text),
-            },
-        )
-    )
+    job = _status_job(reg, rules)
     rdb.install_transition_trigger(engine, job)
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, job) is None
@@ -831,18 +837,7 @@ def test_a_column_of_a_collation_of_its_own_is_no_drift(
             f"CREATE TABLE jobs (id integer PRIMARY KEY, status {type_} COLLATE rdb_bytes)"
         )
     rules = rdb.TransitionRules(column="status", transitions={"new": {"done"}}, initial={"new"})
-    job: type[Any] = reg.mapped(
-        type(
-            "Job",
-            (),
-            {
-                "__tablename__": "jobs",
-                "__transitions__": rules,
-                "id": mapped_column(sa.Integer, primary_key=True),
-                "status": mapped_column(sa.Text),
-            },
-        )
-    )
+    job = _status_job(reg, rules)
     rdb.install_transition_trigger(engine, job)
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, job) is None
