@@ -1133,7 +1133,7 @@ def _process_started(pid: int) -> str | None:
     such process or it is a zombie (it has ended). Raises OSError when it can't be told."""
     try:
         line = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (gone before, or while, it was read)
         return None
     fields = line.rpartition(")")[2].split()
     if len(fields) < 20:
