@@ -946,13 +946,9 @@ class Breaker:
             return True
         alone = "" if self._fleet is None else ", in this process only (Redis does not answer)"
         with self._lock:
-            self._take_hand(reason, elsewhere=False)
             self.open_reason = f"{_hand_phrase(reason, elsewhere=False)}{alone}"
             self.open_left = seconds
-            self._probes = 0
-            self._stamp_opening(self.config.reset_timeout - seconds)
-            self._set_state(OPEN)
-            self._opened_locally = self._fleet is not None
+            self._open(None, by_hand=True, reason=reason, seconds=seconds)
         return False
 
     def close(self, *, reason: str | None = None) -> bool:
@@ -964,13 +960,7 @@ class Breaker:
         with self._lock:
             self._probes = 0
             self._last_failure = -math.inf
-            self.close_reason = f"{_hand_phrase(reason, elsewhere=False)}{alone}"
-            self.closing_by_hand = True
-            try:
-                self._set_state(CLOSED)
-            finally:
-                self.close_reason = None
-                self.closing_by_hand = False
+            self._close_saying(f"{_hand_phrase(reason, elsewhere=False)}{alone}", by_hand=True)
             self._storage.reset_counter()
             self._storage.reset_success_counter()
         return False
@@ -992,11 +982,7 @@ class Breaker:
             self._probes = 0
             if self._storage.state != CLOSED:
                 # its line says so: the state was forgotten, nothing recovered
-                self.close_reason = "reset by reset_state() (its state forgotten, not a recovery)"
-                try:
-                    self._set_state(CLOSED)
-                finally:
-                    self.close_reason = None
+                self._close_saying("reset by reset_state() (its state forgotten, not a recovery)")
             self._storage.reset_counter()
             self._storage.reset_success_counter()
 
@@ -1461,8 +1447,7 @@ class Breaker:
                     self._take_hand(hand, elsewhere=not mine)
                     reason = _hand_phrase(hand, elsewhere=not mine)
                 else:
-                    self.by_hand = False
-                    self.hand_reason = None
+                    self._forget_hand()
                     # what this process's failures were
                     self.open_cause = self._last_cause if mine and reason is None else None
                 if reason is None and restarted and not mine:
@@ -1490,15 +1475,41 @@ class Breaker:
                     self.closing_by_hand = False
 
     # -- internals (callers hold self._lock) ------------------------------------------------
-    def _open(self, cause: str | None) -> None:
-        """Open on this process's own decision (not shared, or Redis did not answer)."""
+    def _open(
+        self,
+        cause: str | None,
+        *,
+        by_hand: bool = False,
+        reason: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Open on this process's own decision (not shared, or Redis did not answer): for its
+        failures (``cause``, what they were), or ``by_hand`` (``reason``: the operator's) for
+        ``seconds`` (None: the reset timeout)."""
         self._probes = 0
-        self.open_cause = cause
-        self.by_hand = False
-        self.hand_reason = None
-        self._stamp_opening(0.0)
+        if by_hand:
+            self._take_hand(reason, elsewhere=False)
+        else:
+            self.open_cause = cause
+            self._forget_hand()
+        self._stamp_opening(0.0 if seconds is None else self.config.reset_timeout - seconds)
         self._set_state(OPEN)
         self._opened_locally = self._fleet is not None
+
+    def _close_saying(self, reason: str, *, by_hand: bool = False) -> None:
+        """Close, the line saying ``reason`` (not a recovery), ``by_hand`` an operator's."""
+        self.close_reason = reason
+        self.closing_by_hand = by_hand
+        try:
+            self._set_state(CLOSED)
+        finally:
+            self.close_reason = None
+            self.closing_by_hand = False
+
+    def _forget_hand(self) -> None:
+        """The opening about to be taken is the failures', not an operator's."""
+        self.by_hand = False
+        self.hand_reason = None
 
     def _set_state(self, state: str) -> None:
         self._opened_locally = False

@@ -87,25 +87,18 @@ class CircuitOpenError(ResilientDBError):
         self.cause = cause
         self.state = state
         self.by_hand = by_hand
-        wait = wait_text(self.retry_after)
-        if by_hand:
-            how = cause or "opened by hand"
-            if state == "half-open":
-                message = (
-                    f"circuit {service!r} is half-open, every probe slot taken (probes are "
-                    f"testing the database; it was {how}); retry in {wait}"
-                )
-            else:
-                message = f"circuit {service!r} is open: {how}; retry in {wait}"
-            super().__init__(message)
-            return
-        what = (
-            "is half-open, every probe slot taken (probes are testing the database)"
-            if state == "half-open"
-            else "is open after repeated database failures"
-        )
-        message = f"circuit {service!r} {what}; retry in {wait}"
-        super().__init__(message if cause is None else f"{message}; the failures: {cause}")
+        # opened by hand: what the operator said (``cause``); else what the failures were
+        how = (cause or "opened by hand") if by_hand else None
+        if state == "half-open":
+            what = "is half-open, every probe slot taken (probes are testing the database" + (
+                f"; it was {how})" if how else ")"
+            )
+        else:
+            what = f"is open: {how}" if how else "is open after repeated database failures"
+        message = f"circuit {service!r} {what}; retry in {wait_text(self.retry_after)}"
+        if cause is not None and not by_hand:
+            message = f"{message}; the failures: {cause}"
+        super().__init__(message)
 
 
 class CommitOutcomeUnknownError(ResilientDBError):

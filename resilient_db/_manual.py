@@ -13,7 +13,7 @@ import math
 from typing import Final
 
 from ._breaker import Breaker, breakers
-from ._observability import CONTROL_CODES
+from ._observability import unfit_label
 
 __all__ = ["MAX_OPEN_SECONDS", "MAX_REASON", "close_breaker", "open_breaker"]
 
@@ -105,23 +105,11 @@ def _checked_reason(reason: object, where: str) -> str | None:
             f"{where}: reason is {'empty' if not reason else 'blank'}: give a short text "
             "such as 'database upgrade', or leave it out"
         )
-    try:
-        reason.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    problem = unfit_label(reason, MAX_REASON)
+    if problem is not None:
         raise ValueError(
-            f"{where}: reason {reason[:40]!r} is not valid UTF-8 text ({exc.reason} at "
-            f"{exc.start}): it is logged and sent to Redis"
-        ) from None
-    control = next((c for c in reason if ord(c) in CONTROL_CODES), None)
-    if control is not None:
-        raise ValueError(
-            f"{where}: reason {reason[:40]!r} has a control character ({control!r}): it goes "
-            "into log lines as it is; use printable text on one line"
-        )
-    if len(reason) > MAX_REASON:
-        raise ValueError(
-            f"{where}: reason {reason[:40]!r}... is {len(reason)} characters long; at most "
-            f"{MAX_REASON} are allowed (it is logged and sent to Redis)"
+            f"{where}: reason {problem}: it is logged and sent to Redis as it is; use "
+            "printable text on one line"
         )
     return reason
 

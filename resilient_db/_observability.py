@@ -308,6 +308,26 @@ MAX_VALUE_CHARS = 1000
 CONTROL_CODES: Final = frozenset(_CONTROL)
 
 
+def unfit_label(text: str, limit: int) -> str | None:
+    """What keeps ``text`` (a service name, an operator's reason) from going as it is into
+    log lines, metrics labels and Redis, which carry it by value: ``"'x' is not valid UTF-8
+    text (...)"``, ``"... has a control character (...)"``, ``"... is N characters long; at
+    most LIMIT are allowed"`` (the text quoted, cut when long); None when nothing does. A lone
+    surrogate (what ``os.environ`` gives for a byte that is not UTF-8) can't be sent anywhere;
+    log lines escape a control character and cut a long value, health() and metrics keep them:
+    two spellings of one name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{text!r} is not valid UTF-8 text ({exc.reason} at {exc.start})"
+    control = next((c for c in text if ord(c) in CONTROL_CODES), None)
+    if control is not None:
+        return f"{text!r} has a control character ({control!r})"
+    if len(text) > limit:
+        return f"{text[:40]!r}... is {len(text)} characters long; at most {limit} are allowed"
+    return None
+
+
 def truncated(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, marked with how many were left off (``"…(+N
     characters)"``); as it is when it fits."""

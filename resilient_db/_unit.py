@@ -100,7 +100,14 @@ from ._internals import (
     transaction_connections,
 )
 from ._internals import last_do_connect as _last_do_connect
-from ._observability import CONTROL_CODES, LineLimit, emit, log_session, more_since, stats_for
+from ._observability import (
+    LineLimit,
+    emit,
+    log_session,
+    more_since,
+    stats_for,
+    unfit_label,
+)
 from ._registry import factory_of, in_unit, register_class
 from ._retry import Policy, past_deadline
 from ._state import STATE
@@ -279,13 +286,6 @@ def check_service_name(service: object, where: str) -> None:
         raise TypeError(f"{where} needs a service name (a non-empty str), got {service!r}")
     if not service:
         raise ValueError(f"{where} needs a service name (a non-empty str), got ''")
-    try:
-        service.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"service name {service!r} is not valid UTF-8 text ({exc.reason} at "
-            f"{exc.start}): it is sent to Redis and to metrics by name"
-        ) from None
     # Log lines and hook events carry names escaped and cut (see _observability._escaped),
     # health() and metrics as given: a name either would change had two labels, one that
     # can't be joined to the other (a retry ratio by service, a hook's health() lookup).
@@ -303,16 +303,11 @@ def check_service_name(service: object, where: str) -> None:
             f"its own, apart from {service.strip()!r}, with log lines looking like that one's; "
             f"give {service.strip()!r}"
         )
-    control = next((c for c in service if ord(c) in CONTROL_CODES), None)
-    if control is not None:
+    problem = unfit_label(service, MAX_SERVICE_NAME)
+    if problem is not None:
         raise ValueError(
-            f"service name {service!r} has a control character ({control!r}): names go into "
-            "log lines and metrics labels as they are; use printable text"
-        )
-    if len(service) > MAX_SERVICE_NAME:
-        raise ValueError(
-            f"service name {service[:40]!r}... is {len(service)} characters long; at most "
-            f"{MAX_SERVICE_NAME} are allowed (it is a metrics label and a Redis key)"
+            f"service name {problem}: it is a field of log lines, a metrics label and a Redis "
+            "key, as it is; use printable text"
         )
 
 

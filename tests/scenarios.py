@@ -599,3 +599,39 @@ def in_no_transaction(engine: sa.Engine, pid: int) -> bool:
             ),
             {"p": pid},
         )
+
+
+# -- the commit-protocol tests' ledger (tests/test_commit_protocol.py and its async twin) ----
+
+
+def busy_backends(server: PostgresServer, database: str) -> int:
+    """Client backends of ``database`` inside a transaction (the harness's own are left out)."""
+    rows = server.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = "
+        "'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
+        params=(database,),
+    )
+    return int(rows[0][0])
+
+
+def commit_another_transaction(server: PostgresServer, database: str) -> str:
+    """Another client writes and commits; returns its xid."""
+    with psycopg.connect(server.conninfo(database)) as other:
+        other.execute("INSERT INTO ledger (unit, note) VALUES ('other', 'takes the next xid')")
+        row = other.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+def flush_wal(server: PostgresServer, database: str) -> None:
+    """Commit a transaction that writes a row: its COMMIT makes every WAL record before it
+    durable, so nothing written earlier (a rolled-back transaction's abort record, which the WAL
+    writer flushes on its own time, with the rest of its WAL page) is left to take the unit's
+    WAL along in the window where it must stay in memory. A row, not only an xid: the COMMIT of
+    a transaction that wrote no WAL of its own is not waited for (PostgreSQL 15 leaves its
+    commit record in memory, and after the crash gives its xid again, the unit's xid going to
+    no one)."""
+    server.execute(
+        "INSERT INTO ledger (unit, note) VALUES ('flush_wal', 'makes the WAL before it durable')",
+        database=database,
+    )

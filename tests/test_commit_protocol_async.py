@@ -29,7 +29,15 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, async_connect_args, notifications
+from scenarios import (
+    ASYNC_DRIVERS,
+    async_connect_args,
+    busy_backends,
+    commit_another_transaction,
+    flush_wal,
+    ledger_rows,
+    notifications,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -99,23 +107,6 @@ def prepare(url: str, mode: str) -> None:
             rdb.install_commit_markers(engine)
     finally:
         engine.dispose()
-
-
-def ledger_rows(server: PostgresServer, database: str, unit: str) -> int:
-    rows = server.execute(
-        "SELECT count(*) FROM ledger WHERE unit = %s", params=(unit,), database=database
-    )
-    return int(rows[0][0])
-
-
-def busy_backends(server: PostgresServer, database: str) -> int:
-    """Client backends of ``database`` inside a transaction (the harness's own are left out)."""
-    rows = server.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = "
-        "'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
-        params=(database,),
-    )
-    return int(rows[0][0])
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -553,29 +544,6 @@ async def test_checks_that_never_reach_the_server_say_so(env: Env) -> None:
 
 
 # -- the xid-reuse case --------------------------------------------------------------------------
-def commit_another_transaction(server: PostgresServer, database: str) -> str:
-    """Another client writes and commits; returns its xid."""
-    with psycopg.connect(server.conninfo(database)) as other:
-        other.execute("INSERT INTO ledger (unit, note) VALUES ('other', 'takes the next xid')")
-        row = other.execute("SELECT pg_current_xact_id()::text").fetchone()
-        assert row is not None
-        return str(row[0])
-
-
-def flush_wal(server: PostgresServer, database: str) -> None:
-    """Commit a transaction that writes a row: its COMMIT makes every WAL record before it
-    durable, so nothing written earlier (a rolled-back transaction's abort record, which the WAL
-    writer flushes on its own time, with the rest of its WAL page) is left to take the unit's
-    WAL along in the window where it must stay in memory. A row, not only an xid: the COMMIT of
-    a transaction that wrote no WAL of its own is not waited for (PostgreSQL 15 leaves its
-    commit record in memory, and after the crash gives its xid again, the unit's xid going to
-    no one)."""
-    server.execute(
-        "INSERT INTO ledger (unit, note) VALUES ('flush_wal', 'makes the WAL before it durable')",
-        database=database,
-    )
-
-
 async def reused_xid_try(
     server: EmbeddedPostgres, database: str, service: str, mode: str, driver: str
 ) -> tuple[Env, Unit, Outcome, bool]:

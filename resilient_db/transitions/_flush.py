@@ -104,8 +104,8 @@ def before_flush(
                     errors.extend(_check_insert(guard, state, in_flush=False, later=touched))
     dirty = session.dirty
     updated = list(dirty) if only is None else [o for o in dirty if id(o) in only]
-    few = len(updated) < _FEW  # (see _any_guarded)
-    for obj in updated if updated and (few or _any_guarded(updated, guards_of)) else ():
+    walked = updated and (len(updated) < _FEW or _any_guarded(updated, guards_of))
+    for obj in updated if walked else ():
         state = instance_state(obj)
         guards = guards_of[state.mapper]
         key = state.key
