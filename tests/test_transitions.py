@@ -320,6 +320,19 @@ def test_rules_reject_malformed_declarations(kwargs: dict[str, Any], message: st
         TransitionRules(**args)
 
 
+class _NoneAsNull(sa.types.TypeDecorator[str]):
+    """Text whose value ``"none"`` is stored as NULL."""
+
+    impl = sa.String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value == "none" else value
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        return "none" if value is None else value
+
+
 def _configure_model(**columns_and_rules: Any) -> None:
     """Map a throwaway model in its own registry and configure it (then dispose of it)."""
     reg = registry()
@@ -389,6 +402,30 @@ def _configure_model(**columns_and_rules: Any) -> None:
             {},
             r"Widget.*can't be stored.*it is 21 characters long, the column at most 20",
         ),
+        # NULL in a NOT NULL column: no row holds it, a rule about it never applies
+        (
+            TransitionRules(column="status", transitions={None: {"a"}}, initial={None}),
+            {"status": mapped_column(sa.String(20), nullable=False)},
+            r"Widget.*state None stands for SQL NULL, but the column is NOT NULL",
+        ),
+        (
+            TransitionRules(column="status", transitions={"a": {"b"}}, initial={"a", None}),
+            {"status": mapped_column(sa.String(20), nullable=False)},
+            r"Widget.*state None stands for SQL NULL.*take it out of the rules",
+        ),
+        (
+            TransitionRules(
+                column="status", transitions={"a": {"b"}}, initial={"a"}, states={"a", "b", None}
+            ),
+            {"status": mapped_column(sa.String(20), primary_key=True)},
+            r"Widget.*state None stands for SQL NULL, but the column is NOT NULL",
+        ),
+        (
+            TransitionRules(column="status", transitions={"a": {"none"}}, initial={"a"}),
+            {"status": mapped_column(_NoneAsNull(), nullable=False)},
+            r"Widget.*state 'none' is stored by the column's type as SQL NULL, but the column "
+            r"is NOT NULL",
+        ),
     ],
 )
 def test_rules_checked_when_the_mapper_configures(rules: Any, extra: Any, message: str) -> None:
@@ -401,6 +438,9 @@ def test_valid_declarations_configure_and_can_be_read_back() -> None:
     assert [r.column for r in transition_rules(Order)] == ["status", "payment"]
     _configure_model(
         __transitions__=TransitionRules(column="status", transitions={"a": {"b"}}, initial={"a"})
+    )
+    _configure_model(  # None (NULL) in a nullable column
+        __transitions__=TransitionRules(column="status", transitions={None: {"a"}}, initial={None})
     )
     _configure_model(  # integer states, negative ones included, and text of integers
         __transitions__=TransitionRules(column="level", transitions={-1: {"2"}}, initial={-1}),

@@ -1034,6 +1034,13 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
                 f"{where}: state {state!r} has no declaration in the column type "
                 f"{type_!r}" + (f" (declared values: {allowed})" if allowed else "")
             ) from None
+        if key is None and not column.nullable:
+            stands = "stands for" if state is None else "is stored by the column's type as"
+            raise TransitionRulesError(
+                f"{where}: state {state!r} {stands} SQL NULL, but the column is NOT NULL "
+                "(nullable=False): no row ever holds it, so a rule about it could never "
+                "apply; take it out of the rules, or make the column nullable"
+            )
         unstorable = _unstorable(impl, key)
         if unstorable:
             stored_as = f", stored as {key!r}," if converting else ""
