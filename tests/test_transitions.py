@@ -6,6 +6,7 @@ resilient_db pytest plugin); races are real concurrent transactions, never sleep
 
 from __future__ import annotations
 
+import datetime
 import enum
 import gc
 import io
@@ -333,6 +334,19 @@ class _NoneAsNull(sa.types.TypeDecorator[str]):
         return "none" if value is None else value
 
 
+class _DateText(sa.types.TypeDecorator[str]):
+    """ISO dates as text in Python, stored as ``date``."""
+
+    impl = sa.Date
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> Any:
+        return None if value is None else datetime.date.fromisoformat(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else str(value)
+
+
 def _configure_model(**columns_and_rules: Any) -> None:
     """Map a throwaway model in its own registry and configure it (then dispose of it)."""
     reg = registry()
@@ -426,6 +440,23 @@ def _configure_model(**columns_and_rules: Any) -> None:
             r"Widget.*state 'none' is stored by the column's type as SQL NULL, but the column "
             r"is NOT NULL",
         ),
+        # types whose values the ORM loads as objects no state equals
+        *[
+            (
+                TransitionRules(column="status", transitions={text: {"b"}}, initial={text}),
+                {"status": mapped_column(type_)},
+                rf"Widget.*the column's type .* holds {kind}, which the ORM loads as objects",
+            )
+            for type_, text, kind in [
+                (sa.Float(), "1.5", r"floating-point numbers \(float\)"),
+                (sa.Double(), "1.5", r"floating-point numbers \(float\)"),
+                (sa.Date(), "2020-01-01", r"dates \(date\)"),
+                (sa.DateTime(timezone=True), "2020-01-01 00:00:00+00", r"timestamps \(datetime\)"),
+                (sa.Time(), "12:00:00", r"times of day \(time\)"),
+                (sa.Uuid(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", r"UUIDs \(uuid.UUID\)"),
+                (_DateText(), "2020-01-01", r"dates \(date\)"),
+            ]
+        ],
     ],
 )
 def test_rules_checked_when_the_mapper_configures(rules: Any, extra: Any, message: str) -> None:

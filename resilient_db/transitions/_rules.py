@@ -976,6 +976,14 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
             "'\"a\"') is no state as declared; guard a text, integer, Boolean, Numeric or "
             "Enum column"
         )
+    kind = next((k for t, k in _NO_STATE_VALUE_TYPES if isinstance(impl, t)), None)
+    if kind is not None:
+        raise TransitionRulesError(
+            f"{where}: the column's type {type_!r} holds {kind}, which the ORM loads as objects "
+            "no declared state (str, int, Decimal, bool or an enum.Enum member) equals, so "
+            "the guards would refuse every write; guard a text, integer, Boolean, Numeric "
+            "or Enum column"
+        )
 
     states: dict[Key, State] = {}
     binds: dict[Key, Any] = {}
@@ -1124,6 +1132,17 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
 
 #: Column types whose values no declared state can spell as ``col::text`` gives them.
 _NO_STATE_TYPES: Final = (sa.JSON, sa.ARRAY, sa.LargeBinary)
+
+#: Column types whose values the ORM holds as objects of other types than a state's (what
+#: each holds, for the error): a rule's ``"2020-01-01"`` is never the loaded ``date``.
+_NO_STATE_VALUE_TYPES: Final[tuple[tuple[type[Any], str], ...]] = (
+    (sa.Float, "floating-point numbers (float)"),
+    (sa.DateTime, "timestamps (datetime)"),
+    (sa.Date, "dates (date)"),
+    (sa.Time, "times of day (time)"),
+    (sa.Interval, "intervals (timedelta)"),
+    (sa.Uuid, "UUIDs (uuid.UUID)"),
+)
 
 
 def _onupdate(column: sa.Column[Any]) -> Any:
