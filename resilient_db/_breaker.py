@@ -891,7 +891,9 @@ class Breaker:
                 self._report_later(fleet, reservation, success)
                 raise
             else:
-                self.fleet_update(*answer, answer=True)
+                state, remaining, gen, opens, hand = answer
+                # (an opening by hand that this answer is the first to tell of says so)
+                self.fleet_update(state, remaining, gen, opens, answer=True, hand=hand, read=True)
                 return True
         self._remember_probe(reservation, success)
         return False
@@ -1108,7 +1110,7 @@ class Breaker:
         now = time.monotonic()
         reservation = secrets.token_hex(8)  # drawn before sending: names this attempt's probe
         try:
-            decision, remaining, gen, opens, ours = fleet.breaker_admit(
+            decision, remaining, gen, opens, ours, hand = fleet.breaker_admit(
                 self.service,
                 self.config.half_open_probes,
                 self.config.reset_timeout,
@@ -1134,7 +1136,10 @@ class Breaker:
             self.fleet_update(CLOSED, 0.0, gen, opens, answer=True)
             return False
         if decision == OPEN:
-            self.fleet_update(OPEN, remaining, gen, opens, answer=True, mine=ours)
+            # (an opening by hand whose message this process missed: said so, and why)
+            self.fleet_update(
+                OPEN, remaining, gen, opens, answer=True, mine=ours, hand=hand, read=True
+            )
             raise self._reject(remaining, OPEN)
         # half-open with every probe slot taken: the answer comes within one attempt; the
         # pub/sub message of the closing or re-opening ends the wait sooner
@@ -1170,7 +1175,7 @@ class Breaker:
         slot (a probe still running past its lease counts nowhere when it ends, as a success
         would not count)."""
         sent = self._fleet_gen  # (the view's, when the script was sent)
-        state, remaining, gen, failures, opens, by_me, run, ours = fleet.breaker_failure(
+        state, remaining, gen, failures, opens, by_me, run, ours, hand = fleet.breaker_failure(
             self.service,
             self.config.failure_threshold,
             self.config.reset_timeout,
@@ -1184,9 +1189,18 @@ class Breaker:
         if by_me:
             self._opened_here += 1
         # an opening this process made (this call, or another thread's just before) is its
-        # own, not one it followed, whichever answer the view takes first
+        # own, not one it followed, whichever answer the view takes first; one made by hand,
+        # whose message this process missed, says so (``hand``: the operator's reason)
         self.fleet_update(
-            state, remaining, gen, opens, answer=True, mine=by_me or ours, sent_gen=sent
+            state,
+            remaining,
+            gen,
+            opens,
+            answer=True,
+            mine=by_me or ours,
+            sent_gen=sent,
+            hand=hand,
+            read=True,
         )
         if state == CLOSED:
             self._mirror_failures(failures)
@@ -1441,7 +1455,12 @@ class Breaker:
                 )
             if state == OPEN:
                 self._stamp_opening(self.config.reset_timeout - max(0.0, remaining))
-                if self._storage.state == OPEN and not changed_by_hand:
+                # a new opening (not ``seen``) read while the local breaker is still open (its
+                # time over, no call came since): taken silently, as the same opening would
+                # be, unless it changes who made it, an operator or the failures (a by-hand
+                # opening whose message was missed, learnt from an answer or a read): said so
+                new_maker = not seen and (hand is not None or self.by_hand)
+                if self._storage.state == OPEN and not changed_by_hand and not new_maker:
                     return  # the same opening, a fresher remaining time
                 if hand is not None and state == OPEN:
                     self._take_hand(hand, elsewhere=not mine)

@@ -369,13 +369,20 @@ end
 # the probe lease runs out (a reservation holds a slot only in the half-open state it was made
 # in), and expires (twice the lease after its last write).
 
+# An answer saying the breaker is open says too whether the opening was made by hand
+# (open_breaker, close_breaker, the ``resilient-db breaker`` command: 'hand' and 'why' in the
+# hash, see _FORCE) and the operator's reason: a process learning of the opening from it (its
+# subscription dropped the message that said so) tells its lines and rejections the truth, not
+# "another process's failures" (see _hand_of).
+
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # threshold, reset timeout (s), failure memory (ms), age of the failed attempt (s; -1: a probe,
 # or not known), the failover window (s), the probe's reservation ('': none), the lease (s),
 # then the caller's view (see restore_view).
 # -> {state, remaining, gen, failures, opens, opened by this call, the run of failures, and
 # for an open breaker, opened by this process (its token: another call of it, in another
-# thread, may have opened it just before)}
+# thread, may have opened it just before), then '1' when the opening was made by hand (else
+# '0') and its reason (see _hand_of)}
 # An attempt that began before the last failure counted (by any process: its Redis time is
 # ``lastfail`` in the breaker hash) and fails within the failover window after it was in flight
 # when the database failed: the same event seen again, not counted (one failover cutting off a
@@ -392,17 +399,18 @@ _FAILURE = (
     _COMMON
     + """
 VIEW = 11
-local now, h, st, gen, opens = read_breaker('lastfail', 'run', 'by')
+local now, h, st, gen, opens = read_breaker('lastfail', 'run', 'by', 'hand', 'why')
 local reset = tonumber(ARGV[5])
 local age = tonumber(ARGV[7])
 local rid = ARGV[9]
 local run = h[6] or ''
 local function open()
   gen, opens = open_breaker(now, gen, opens, reset)
-  return {'open', tostring(reset), gstr(gen), 0, opens, 1, '', 1}
+  return {'open', tostring(reset), gstr(gen), 0, opens, 1, '', 1, '0', ''}
 end
 if st == 'open' then
-  return {'open', remaining(h, now), gstr(gen), 0, opens, 0, '', h[7] == ARGV[3] and 1 or 0}
+  return {'open', remaining(h, now), gstr(gen), 0, opens, 0, '', h[7] == ARGV[3] and 1 or 0,
+          h[8] or '0', h[9] or ''}
 end
 if rid ~= '' then
   local held = redis.call('HGET', KEYS[3], rid)
@@ -449,12 +457,12 @@ return 0
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # probes, lease (s), reservation id, then the caller's view (see restore_view).
 # -> {decision (probe|closed|open|full), remaining, gen, opens, and for an open breaker
-# whether this process (its token) opened it}
+# whether this process (its token) opened it, then whether by hand and why (see _hand_of)}
 _ADMIT = (
     _COMMON
     + """
 VIEW = 7
-local now, h, st, gen, opens = read_breaker('probes', 'hos', 'by')
+local now, h, st, gen, opens = read_breaker('probes', 'hos', 'by', 'hand', 'why')
 if st == 'closed' then return {'closed', '0', gstr(gen), opens} end
 local rid = ARGV[6]
 local function reserve()
@@ -467,7 +475,7 @@ if st == 'open' then
   local untl = opening_end(h, now)
   if now < untl or released then
     return {'open', tostring(math.max(0, untl - now)), gstr(gen), opens,
-            h[7] == ARGV[3] and 1 or 0}
+            h[7] == ARGV[3] and 1 or 0, h[8] or '0', h[9] or ''}
   end
   gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'half-open', 'hos', tostring(now), 'probes', 1, 'ok', 0,
@@ -507,19 +515,22 @@ return {'full', '0', gstr(gen), opens}
 # earlier half-open state (a probe reported late, after a Redis blip), does nothing; a
 # reservation not made yet is marked ended, so that its admit, arriving late, takes no slot.
 # Then the caller's view (see restore_view): a probe ending after Redis lost its reservation
-# finds it nowhere, and counts nowhere. -> {state, remaining, gen, opens}
+# finds it nowhere, and counts nowhere. -> {state, remaining, gen, opens}, and for an open
+# breaker whether it was opened by hand and why (see _hand_of)
 _PROBE_DONE = (
     _COMMON
     + """
 VIEW = 8
-local now, h, st, gen, opens = read_breaker('probes', 'ok')
+local now, h, st, gen, opens = read_breaker('probes', 'ok', 'hand', 'why')
 local rid = ARGV[6]
 local held = redis.call('HGET', KEYS[3], rid)
 if held ~= '0' then
   redis.call('HSET', KEYS[3], rid, '0')
   redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[7]) * 2000))
 end
-if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens} end
+if st == 'open' then
+  return {'open', remaining(h, now), gstr(gen), opens, h[7] or '0', h[8] or ''}
+end
 if st ~= 'half-open' or held ~= '1' then return {st, '0', gstr(gen), opens} end
 local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
 if ARGV[5] == '1' then
@@ -1013,7 +1024,7 @@ class FleetLink:
         reservation: str | None = None,
         view: View | None = None,
         opens: int = 0,
-    ) -> tuple[str, float, int, int, int, bool, str, bool]:
+    ) -> tuple[str, float, int, int, int, bool, str, bool, str | None]:
         """Count one failure fleet-wide; ``age``: seconds since the failed attempt began (an
         attempt that began before the last failure counted and failing within
         :data:`FAILOVER_WINDOW` after it is not counted again), -1 for a probe or an attempt of
@@ -1023,7 +1034,8 @@ class FleetLink:
         written back if Redis lost the breaker's state (as for every breaker script but
         :meth:`breaker_share_opening`). ``opens``: the openings the caller had seen (an opening
         in a Redis that lost the state counts on from them; the same for :meth:`breaker_force`
-        and :meth:`breaker_share_opening`)."""
+        and :meth:`breaker_share_opening`). The last of the answer: an open breaker's reason
+        when it was opened by hand (``""``: with none), else None (see :func:`_hand_of`)."""
         memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
         lease = max(reset_timeout, PROBE_LEASE_MIN)
         answer = self._call(
@@ -1054,6 +1066,7 @@ class FleetLink:
             bool(by_me),
             _s(run),
             ours,
+            _hand_of(answer, 8),
         )
 
     def breaker_admit(
@@ -1064,9 +1077,10 @@ class FleetLink:
         reservation: str,
         *,
         view: View | None = None,
-    ) -> tuple[str, float, int, int, bool]:
+    ) -> tuple[str, float, int, int, bool, str | None]:
         """Ask for a half-open probe under ``reservation`` (an id drawn for this attempt: its
-        end, or its release when the answer is lost, names it)."""
+        end, or its release when the answer is lost, names it). The last of the answer: an
+        open breaker's reason when it was opened by hand (see :func:`_hand_of`)."""
         lease = max(reset_timeout, PROBE_LEASE_MIN)
         answer = self._call(
             "admit",
@@ -1075,7 +1089,7 @@ class FleetLink:
         )
         decision, rem, gen, opens = answer[:4]
         ours = len(answer) > 4 and bool(answer[4])  # an opening this process made (see _ADMIT)
-        return _s(decision), float(rem), int(gen), int(opens), ours
+        return _s(decision), float(rem), int(gen), int(opens), ours, _hand_of(answer, 5)
 
     def breaker_probe_done(
         self,
@@ -1087,11 +1101,12 @@ class FleetLink:
         reset_timeout: float,
         background: bool = False,
         view: View | None = None,
-    ) -> tuple[str, float, int, int]:
+    ) -> tuple[str, float, int, int, str | None]:
         """The half-open probe of ``reservation`` ended (``success``, or neither way: its slot
         is released; an admit whose answer was lost is released so too). Applied once, and
-        only in the half-open state the reservation was made in."""
-        st, rem, gen, opens = self._call(
+        only in the half-open state the reservation was made in. The last of the answer: an
+        open breaker's reason when it was opened by hand (see :func:`_hand_of`)."""
+        answer = self._call(
             "probe_done",
             _breaker_keys(service),
             [
@@ -1106,7 +1121,8 @@ class FleetLink:
             ],
             background=background,
         )
-        return _s(st), float(rem), int(gen), int(opens)
+        st, rem, gen, opens = answer[:4]
+        return _s(st), float(rem), int(gen), int(opens), _hand_of(answer, 4)
 
     def breaker_force(
         self,
@@ -1139,8 +1155,7 @@ class FleetLink:
             background=background,
         )
         st, rem, gen, opens = answer[:4]
-        by_hand = len(answer) > 5 and _s(answer[4]) == "1"
-        return _s(st), float(rem), int(gen), int(opens), _s(answer[5]) if by_hand else None
+        return _s(st), float(rem), int(gen), int(opens), _hand_of(answer, 4)
 
     def breaker_share_opening(
         self,
@@ -1709,6 +1724,16 @@ def _acl_refusal(text: str) -> str:
             what = found[1]
             return f"{_ACL_REFUSED}: {what if ' ' in what else what.upper()}"
     return _ACL_REFUSED
+
+
+def _hand_of(answer: Any, at: int) -> str | None:
+    """Whether a breaker script's ``answer`` says the state it names (open) was set by hand:
+    ``answer[at]`` is ``'1'`` then and ``answer[at + 1]`` the operator's reason (``""``: none
+    given), returned; None when it was not (failures opened it), or the answer says nothing
+    of it (not open)."""
+    if len(answer) > at + 1 and _s(answer[at]) == "1":
+        return _s(answer[at + 1])
+    return None
 
 
 def _s(value: Any) -> str:

@@ -1,0 +1,160 @@
+"""An opening by hand (``rdb.open_breaker`` in another OS process) that this process's link
+never heard of: its subscription was dropped without a reset (a NAT forgetting the flow), so
+the pub/sub message saying "by hand" never arrived, its commands' connection still passing. It
+learns of the opening from the answer of a failure-path script instead (a failure counted, a
+half-open probe asked for, a probe's end), and must say what the fleet's record says: opened
+by hand, and why, not "another process's failures". Real Redis, real PostgreSQL, a real
+second process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fleet import ForgetfulForwarder, Gate, WorkerProcess, fleet, shared
+from processes import wait_for
+
+import resilient_db as rdb
+from resilient_db import _fleet
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+REASON = "database upgrade"
+SERVICE = "fleet"  # the workers' service (tests/fleet_worker.py)
+BY_HAND_ELSEWHERE = f"by hand in another process (shared through Redis) ({REASON})"
+
+
+def gate_unit(session: sa.orm.Session) -> int:
+    return int(session.execute(sa.text("SELECT rdb_gate()")).scalar_one())
+
+
+def opened_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "Circuit breaker opened" in r.getMessage()]
+
+
+@pytest.fixture
+def operator(redis_server: RedisServer, pg_url: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """Another process sharing the service's breaker through Redis (directly, not through the
+    forwarder): the operator's, which opens it by hand."""
+    settings = {"SELF_HEALING_REDIS_URL": redis_server.url, "SELF_HEALING_RETRY": "false"}
+    with fleet(1, pg_url, settings, tmp_path) as (worker,):
+        assert worker.ask("wait", what="connected", timeout=20)["ok"], worker.log()
+        yield worker
+
+
+@pytest.fixture
+def deaf(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    """This process's factory of the service, linked to Redis through a forwarder that has
+    forgotten its subscription (nothing published reaches it; its scripts pass). The link's
+    own check of its silent subscription is put off for the test's length: it would find the
+    subscription dead and read the state (the reason included) on subscribing again."""
+    monkeypatch.setattr(_fleet, "SUBSCRIPTION_CHECK_INTERVAL", 600.0)
+    with ForgetfulForwarder(redis_server.port) as forwarder:
+        config = rdb.Config(
+            redis_url=forwarder.url(redis_server.url),
+            retry=False,
+            failure_threshold=5,
+            reset_timeout=0.5,
+        )
+        factory = rdb.ResilientSession(engine, service=SERVICE, config=config)
+        wait_for(lambda: shared(SERVICE)["connected"], "the link", 10)
+        yield factory, forwarder
+
+
+def test_an_opening_by_hand_learnt_from_a_failures_answer_says_by_hand(
+    deaf: Any,
+    operator: WorkerProcess,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    forwarder.forget(subscriptions_only=True)
+    assert operator.ask("open_breaker", reason=REASON, seconds=120) == {"fleet_wide": True}
+    assert factory.policy.breaker.state == "closed"  # the message never came
+
+    gate.set(down=True)  # (the maintenance: the database refuses)
+    with pytest.raises(sa.exc.OperationalError):
+        factory.run(gate_unit)  # its failure's script answers: open
+    (line,) = opened_lines(caplog)
+    assert BY_HAND_ELSEWHERE in line, line
+    assert "another process's failures" not in line
+    with pytest.raises(rdb.CircuitOpenError) as refused:
+        factory.run(gate_unit)
+    assert refused.value.by_hand is True
+    assert refused.value.cause == f"opened by hand in another process: {REASON}"
+
+
+def test_an_opening_by_hand_learnt_from_a_probes_admit_says_by_hand(
+    deaf: Any,
+    operator: WorkerProcess,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The view is past an opening of the fleet's failures (its 0.5 s over: the next unit asks
+    Redis for a probe) when the operator opens the breaker by hand: the admit's answer, open,
+    is the first this process hears of it."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    breaker = factory.policy.breaker
+    gate.set(down=True)
+    for _ in range(5):  # the fleet's threshold: its failures open the breaker
+        with pytest.raises(sa.exc.OperationalError):
+            factory.run(gate_unit)
+    assert breaker.state == "open"
+    # the opening's own 0.5 s (a condition on the breaker, not a backoff)
+    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
+    forwarder.forget(subscriptions_only=True)
+    assert operator.ask("open_breaker", reason=REASON, seconds=120) == {"fleet_wide": True}
+    caplog.clear()
+
+    with pytest.raises(rdb.CircuitOpenError) as refused:
+        factory.run(gate_unit)  # asks Redis for a probe: open
+    assert refused.value.by_hand is True
+    assert refused.value.cause == f"opened by hand in another process: {REASON}"
+    (line,) = opened_lines(caplog)
+    assert BY_HAND_ELSEWHERE in line, line
+
+
+def test_an_opening_by_hand_learnt_from_a_probes_end_says_by_hand(
+    deaf: Any,
+    operator: WorkerProcess,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A half-open probe of this process is running (it waits on a lock in the database) when
+    the operator opens the breaker by hand: the answer to its end is the first this process
+    hears of the opening."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    breaker = factory.policy.breaker
+    gate.set(down=True)
+    for _ in range(5):
+        with pytest.raises(sa.exc.OperationalError):
+            factory.run(gate_unit)
+    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
+    forwarder.forget(subscriptions_only=True)
+    gate.set(down=False, hold=True)
+    import threading  # noqa: PLC0415
+
+    outcome: list[Any] = []
+    with gate.holding():
+        probe = threading.Thread(target=lambda: outcome.append(factory.run(gate_unit)))
+        probe.start()
+        wait_for(lambda: gate.waiting_on_hold() == 1, "the probe, waiting in the database", 10)
+        assert operator.ask("open_breaker", reason=REASON, seconds=120) == {"fleet_wide": True}
+        caplog.clear()
+    probe.join(10)
+    assert outcome == [1]  # the probe itself went through
+    (line,) = opened_lines(caplog)
+    assert BY_HAND_ELSEWHERE in line, line
+    with pytest.raises(rdb.CircuitOpenError) as refused:
+        factory.run(gate_unit)
+    assert refused.value.cause == f"opened by hand in another process: {REASON}"
