@@ -1000,11 +1000,17 @@ class Breaker:
         reported open for good, with a ``retry_after`` going ever more negative, and a
         readiness probe built on ``healthy`` would keep the instance out of traffic, so no call
         would ever come. ``retry_after`` (seconds, > 0) is there only while open. ``failures``
-        are those counted toward the next opening: 0 while open, half-open or off."""
+        are those counted toward the next opening: 0 while open, half-open or off.
+
+        ``by_hand``: the opening in force (open, or half-open after it) was an operator's
+        (``open_breaker()`` or ``resilient-db breaker open``, here or, shared, in another
+        process), with ``reason`` the reason given (None: none given, or not by hand); False
+        and None while closed."""
         if self.switched_off:
             return switched_off_view(self.config)
         state = self.state
         fleet = self._fleet
+        by_hand = self.by_hand and state != CLOSED
         info: dict[str, Any] = {
             "state": state,
             # the failures counted toward the next opening: shared, the fleet's (as Redis last
@@ -1017,6 +1023,8 @@ class Breaker:
             else self._storage.counter,
             "failure_threshold": self.config.failure_threshold,
             "reset_timeout": self.config.reset_timeout,
+            "by_hand": by_hand,
+            "reason": self.hand_reason if by_hand else None,
         }
         if state == OPEN:
             remaining = self.open_for()

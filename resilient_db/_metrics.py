@@ -21,6 +21,9 @@ Metrics (label ``service`` is the ResilientSession's service name):
                                                               other processes made, followed here
 ``resilient_db_breaker_rejections_total``            counter  calls rejected by an open breaker
 ``resilient_db_breaker_state{state}``                gauge    1 for the breaker's current state
+``resilient_db_breaker_by_hand``                     gauge    1 while the opening in force (open,
+                                                              or half-open after it) was made by
+                                                              hand (``open_breaker()``)
 ``resilient_db_commit_outcome_unknown_total``        counter  COMMITs whose outcome stayed unknown
 ``resilient_db_commits_verified_total``              counter  lost COMMIT answers verified committed
 ``resilient_db_response_validation_failures_total``  counter  results that failed ``validate=``
@@ -229,6 +232,13 @@ class HealthCollector:
             "Circuit breaker state per service: 1 for the current state, 0 for the others.",
             labels=["service", "state"],
         )
+        by_hand = core.GaugeMetricFamily(
+            "resilient_db_breaker_by_hand",
+            "1 while the circuit breaker's opening in force (open, or half-open after it) was "
+            "made by hand (open_breaker(), resilient-db breaker open), else 0; the reason is "
+            "in health().",
+            labels=["service"],
+        )
         shared = core.GaugeMetricFamily(
             "resilient_db_breaker_shared",
             "1 while the circuit breaker is shared with other processes through Redis, 0 while "
@@ -267,6 +277,7 @@ class HealthCollector:
                 current = breaker.get("state")
                 for name in BREAKER_STATES:
                     state.add_metric([service, name], 1.0 if current == name else 0.0)
+                by_hand.add_metric([service], 1.0 if breaker.get("by_hand") else 0.0)
                 if breaker.get("shared") is not None:
                     up = breaker["shared"].get("connected")
                     shared.add_metric([service], 1.0 if up else 0.0)
@@ -281,6 +292,7 @@ class HealthCollector:
         yield retries
         yield from (families[k] for k, _, _ in _SERVICE_COUNTERS if k != "attempts")
         yield state
+        yield by_hand
         yield shared
         yield followed
         yield available

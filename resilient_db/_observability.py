@@ -546,6 +546,8 @@ def switched_off_view(config: Config) -> dict[str, Any]:
         "failures": 0,
         "failure_threshold": config.failure_threshold,
         "reset_timeout": config.reset_timeout,
+        "by_hand": False,
+        "reason": None,
     }
 
 

@@ -63,7 +63,9 @@ class OpenTelemetryHook:
     ``resilient_db.breaker.state`` (a gauge, ``service``, ``state``: 1 for the breaker's
     current state, 0 for the others, read from :func:`resilient_db.health` as the meter
     collects, as Prometheus's ``resilient_db_breaker_state``; ``state`` is ``closed``,
-    ``open``, ``half_open`` or ``off``),
+    ``open``, ``half_open`` or ``off``), ``resilient_db.breaker.by_hand`` (a gauge,
+    ``service``: 1 while the opening in force was made by hand, as Prometheus's
+    ``resilient_db_breaker_by_hand``),
     ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
     unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``),
     ``resilient_db.transitions.stale`` (``model``, ``via``),
@@ -248,6 +250,17 @@ class _Instruments:
             unit="1",
             description="1 for the circuit breaker's current state, 0 for the others",
         )
+        # whether that state is an operator's opening (its reason is in health(), never an
+        # attribute: one series per service)
+        meter.create_observable_gauge(
+            "resilient_db.breaker.by_hand",
+            callbacks=[self._observe_breaker_by_hand],
+            unit="1",
+            description=(
+                "1 while the circuit breaker's opening in force (open, or half-open after it) "
+                "was made by hand (open_breaker()), else 0"
+            ),
+        )
         self.invalid = meter.create_counter(
             "resilient_db.response_validation.failures",
             unit="{result}",
@@ -306,6 +319,15 @@ class _Instruments:
                 yield self._observation(
                     1 if current == state else 0, {"service": name, "state": state}
                 )
+
+    def _observe_breaker_by_hand(self, _options: Any) -> Iterator[Any]:
+        """Each breaker's ``by_hand``: 1 while its opening in force was an operator's."""
+        if not self._reading():
+            return
+        for name, service in health()["services"].items():
+            breaker = service["breaker"]
+            if breaker is not None:
+                yield self._observation(1 if breaker.get("by_hand") else 0, {"service": name})
 
 
 #: each meter's instruments (a meter provider keeps its meters: weakly held here all the same)

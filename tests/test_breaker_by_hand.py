@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fleet import Gate, fleet
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from processes import wait_for
-from scenarios import FakeClock
+from prometheus_client import CollectorRegistry, generate_latest
+from scenarios import FakeClock, otel_points
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import resilient_db as rdb
+from resilient_db.metrics import HealthCollector
 from resilient_db.testing import FaultProxy, RedisServer
 
 REASON = "database upgrade"
@@ -275,6 +278,61 @@ def test_bad_seconds_are_refused(
     assert rdb.health()["services"][service]["breaker"]["retry_after"] > 86_399
 
 
+def test_health_and_the_metrics_say_an_opening_was_by_hand_and_why(
+    engine: sa.Engine,
+    service: str,
+    otel: tuple[Any, Any, InMemoryMetricReader],
+) -> None:
+    """health()'s breaker entry says whether the opening in force is an operator's, and why
+    (None: not by hand, or no reason given), through its half-open state after it; Prometheus
+    and OpenTelemetry have a 0/1 series per service (the reason is no label: one series per
+    service whatever operators write)."""
+    _, _, reader = otel
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    clock = FakeClock()
+    Session = rdb.ResilientSession(
+        engine,
+        service=service,
+        config=rdb.Config(reset_timeout=30, failure_threshold=1, retry=False),
+    )
+    assert Session.policy.breaker is not None
+    Session.policy.breaker.set_clocks(clock)
+
+    def entry() -> dict[str, Any]:
+        breaker: dict[str, Any] = rdb.health()["services"][service]["breaker"]
+        return breaker
+
+    def metrics() -> tuple[str, int]:
+        exposition = generate_latest(registry).decode()
+        (line,) = [
+            x for x in exposition.splitlines() if x.startswith("resilient_db_breaker_by_hand{")
+        ]
+        gauge = otel_points(reader, "resilient_db.breaker.by_hand")[(("service", service),)]
+        return line, gauge
+
+    assert (entry()["by_hand"], entry()["reason"]) == (False, None)
+    assert metrics() == (f'resilient_db_breaker_by_hand{{service="{service}"}} 0.0', 0)
+
+    rdb.open_breaker(service, reason=REASON)
+    assert (entry()["state"], entry()["by_hand"], entry()["reason"]) == ("open", True, REASON)
+    assert metrics() == (f'resilient_db_breaker_by_hand{{service="{service}"}} 1.0', 1)
+    clock.advance(31)  # its opening over: half-open after an opening by hand
+    assert (entry()["state"], entry()["by_hand"], entry()["reason"]) == ("half-open", True, REASON)
+
+    rdb.close_breaker(service, reason="upgrade done")
+    assert (entry()["state"], entry()["by_hand"], entry()["reason"]) == ("closed", False, None)
+    assert metrics() == (f'resilient_db_breaker_by_hand{{service="{service}"}} 0.0', 0)
+
+    rdb.open_breaker(service)  # no reason given
+    assert (entry()["by_hand"], entry()["reason"]) == (True, None)
+    rdb.close_breaker(service)
+    with pytest.raises(sa.exc.OperationalError):  # the failures' opening is no operator's
+        Session.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    assert (entry()["state"], entry()["by_hand"], entry()["reason"]) == ("open", False, None)
+    assert metrics()[1] == 0
+
+
 # -- shared through Redis ----------------------------------------------------------------------
 
 
@@ -349,17 +407,22 @@ def test_two_processes_share_an_opening_and_a_closing_by_hand(
         health = other.ask("health")["services"]["fleet"]["breaker"]
         assert health["state"] == "open"
         assert 100 < health["retry_after"] <= 120
+        assert (health["by_hand"], health["reason"]) == (True, REASON)
 
         # a process started now reads the opening, by hand, from Redis
         (tmp_path / "late").mkdir()
         with fleet(1, url, fleet_settings(redis_server), tmp_path / "late") as (late,):
             assert late.ask("wait", what="open", timeout=20)["ok"], late.log()
             assert late.ask("try")["cause"] == f"opened by hand in another process: {REASON}"
+            health = late.ask("health")["services"]["fleet"]["breaker"]
+            assert (health["by_hand"], health["reason"]) == (True, REASON)
 
             assert operator.ask("close_breaker", reason="upgrade done") == {"fleet_wide": True}
             for w in (other, late):
                 assert w.ask("wait", what="closed", timeout=10)["ok"], w.log()
                 assert w.ask("try") == {"outcome": "ok"}
+                health = w.ask("health")["services"]["fleet"]["breaker"]
+                assert (health["by_hand"], health["reason"]) == (False, None)
                 (closed,) = w.said("Circuit breaker closed")
                 assert closed.endswith(
                     "by hand in another process (shared through Redis) (upgrade done)"

@@ -90,6 +90,8 @@ def test_an_opening_by_hand_learnt_from_a_failures_answer_says_by_hand(
         factory.run(gate_unit)
     assert refused.value.by_hand is True
     assert refused.value.cause == f"opened by hand in another process: {REASON}"
+    breaker = rdb.health()["services"][SERVICE]["breaker"]
+    assert (breaker["by_hand"], breaker["reason"]) == (True, REASON)
 
 
 def test_an_opening_by_hand_learnt_from_a_probes_admit_says_by_hand(

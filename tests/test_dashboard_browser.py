@@ -764,3 +764,31 @@ def test_page_keeps_its_token_through_a_refusal_that_asks_to_wait(browser: Any) 
     assert any("the dashboard answered 401" in e and "Retry-After: 1" in e for e in errors), errors
     assert any("the dashboard answered 403" in e and "Retry-After: 1" in e for e in errors), errors
     assert not [e for e in errors if "no longer accepted" in e], errors
+
+
+def test_page_says_a_breaker_was_opened_by_hand_and_why(browser: Any, engine: sa.Engine) -> None:
+    """An operator's opening (``open_breaker``) is said on the service's card with its reason
+    (text, never markup), not taken for the database's failures; closed by hand, it is gone."""
+    service = f"by-hand-{next(_services)}"
+    rdb.ResilientSession(engine, service=service, config=rdb.Config(reset_timeout=600))
+    rdb.open_breaker(service, reason=f"database upgrade {XSS}")
+    app = dashboard(auth=token_auth(TOKEN), poll_seconds=0.1)
+
+    def said() -> str | None:
+        text: str | None = browser.execute_script(
+            "const card = Array.from(document.querySelectorAll('section.service'))"
+            ".find(c => c.dataset.service === arguments[0]);"
+            "const note = card && card.querySelector('[data-by-hand]');"
+            "return note ? note.textContent : null;",
+            service,
+        )
+        return text
+
+    with serve_in_background(app) as server:
+        browser.get(f"{server.url}/?token={TOKEN}")
+        wait_for("the breaker open", lambda: breaker_state(browser, service) == "open")
+        assert said() == f"opened by hand: database upgrade {XSS}"
+        assert browser.execute_script("return window.__xss") is None
+        rdb.close_breaker(service)
+        wait_for("the breaker closed", lambda: breaker_state(browser, service) == "closed")
+        assert said() is None

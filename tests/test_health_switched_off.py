@@ -38,6 +38,8 @@ async def test_an_operation_made_off_by_its_config_is_listed_as_a_factory_is(
         "failures": 0,
         "failure_threshold": off.failure_threshold,
         "reset_timeout": off.reset_timeout,
+        "by_hand": False,
+        "reason": None,
     }
     assert made_off["budget"] is None
 
@@ -120,7 +122,14 @@ def test_a_breaker_switched_off_at_start_shows_off_as_one_switched_off_by_a_relo
     rdb.reload_config()
     factory = rdb.ResilientSession(engine, service=f"{service}-factory")
     assert rdb.with_self_healing(lambda: 1, service=f"{service}-op") == 1
-    off = {"state": "off", "failures": 0, "failure_threshold": 7, "reset_timeout": 30.0}
+    off = {
+        "state": "off",
+        "failures": 0,
+        "failure_threshold": 7,
+        "reset_timeout": 30.0,
+        "by_hand": False,
+        "reason": None,
+    }
     assert entry(f"{service}-factory")["breaker"] == off
     assert entry(f"{service}-op")["breaker"] == off
     assert rdb.health()["healthy"] is True

@@ -980,6 +980,8 @@ async def test_breaker_opens_rejects_without_network_half_opens_and_closes(
         "failures": 0,  # none counted toward the next opening while open
         "failure_threshold": 3,
         "reset_timeout": 10.0,
+        "by_hand": False,  # (the failures opened it, not an operator)
+        "reason": None,
         "retry_after": 10.0,
     }
     assert rdb.health()["healthy"] is False
@@ -998,6 +1000,8 @@ async def test_breaker_opens_rejects_without_network_half_opens_and_closes(
         "failures": 0,
         "failure_threshold": 3,
         "reset_timeout": 10.0,
+        "by_hand": False,
+        "reason": None,
     }
     assert fault_proxy.connections_accepted > accepted
 

@@ -287,6 +287,13 @@ col.c-ev { width: 170px; }
       let note = "failures " + breaker.failures + "/" + breaker.failure_threshold;
       if (breaker.retry_after !== undefined) note += " · probes again in " + Number(breaker.retry_after).toFixed(1) + " s";
       top.appendChild(el("span", "note", note));
+      if (breaker.by_hand) {
+        // an operator's opening (open_breaker), not the database's failures: said, with why
+        const hand = el("span", "note by-hand",
+          "opened by hand" + (breaker.reason ? ": " + breaker.reason : ""));
+        hand.dataset.byHand = "true";
+        top.appendChild(hand);
+      }
     }
     card.appendChild(top);
     if (!series && limit) {
