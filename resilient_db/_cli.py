@@ -7,11 +7,14 @@ Subcommands::
                       [--dashboard-port N]
     resilient-db check-config [--json]
     resilient-db rules MODULE:Model [--format mermaid|dot] [--column NAME]
+    resilient-db breaker open SERVICE --reason TEXT [--seconds N] [--redis-url URL]
+    resilient-db breaker close SERVICE --reason TEXT [--redis-url URL]
+    resilient-db breaker status [SERVICE] [--redis-url URL] [--json]
 
-Exit status: 0 success; 1 a demo invariant failed, or the output could not be written (a full
-disk); 2 usage errors, an invalid configuration, a bad ``rules`` target, or a demo that could
-not run; 130 a demo interrupted (Ctrl-C); 143 a demo terminated (SIGTERM); 129 a demo hung up
-(SIGHUP: its terminal closed).
+Exit status: 0 success; 1 a demo invariant failed, Redis did not answer ``breaker`` (or
+refused it), or the output could not be written (a full disk); 2 usage errors, an invalid
+configuration, a bad ``rules`` target, or a demo that could not run; 130 a demo interrupted
+(Ctrl-C); 143 a demo terminated (SIGTERM); 129 a demo hung up (SIGHUP: its terminal closed).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import io
 import json
 import math
 import os
+import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
@@ -59,6 +63,14 @@ def _seconds(text: str) -> float:
     if not math.isfinite(seconds):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text!r}")
     return seconds
+
+
+def _number(text: str) -> float:
+    """A number; whether it fits is the library's check (``open_breaker()``'s)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,6 +221,68 @@ def _parser() -> argparse.ArgumentParser:
     )
     rules.add_argument("--column", help="the guarded column, when the model guards several")
     rules.set_defaults(command_parser=rules, handler=_rules)
+
+    breaker = commands.add_parser(
+        "breaker",
+        help="open or close a service's circuit breaker by hand, fleet-wide, or say its state",
+        description=(
+            "Act on the circuit breakers shared through Redis (SELF_HEALING_REDIS_URL, or "
+            "--redis-url): open one by hand for a maintenance window, close it, or say what the "
+            "fleet's shared record holds. Every process sharing the breaker through that Redis "
+            "follows a change at once, as after rdb.open_breaker() in one of them. Exit status "
+            "0 when done, 2 for a usage error (a bad service name, reason or --seconds, no "
+            "Redis named, an invalid SELF_HEALING_* configuration), 1 when Redis did not "
+            "answer or refused, or the output could not be written, 130 when interrupted."
+        ),
+    )
+    actions = breaker.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    redis_help = (
+        "the Redis the processes share (default: SELF_HEALING_REDIS_URL; never printed unmasked)"
+    )
+    opening = actions.add_parser(
+        "open",
+        help="open SERVICE's breaker by hand for every process sharing it",
+        description=(
+            "Open SERVICE's circuit breaker by hand, in Redis: every process sharing it refuses "
+            "the service's units at once (CircuitOpenError, by_hand, 'opened by hand in another "
+            "process: REASON') for --seconds, then lets its probes through as after any opening."
+        ),
+    )
+    opening.add_argument("service", metavar="SERVICE")
+    opening.add_argument("--reason", required=True, help="why, said by every process's lines")
+    opening.add_argument(
+        "--seconds",
+        type=_number,
+        help="how long (default SELF_HEALING_RESET_TIMEOUT's; above 0, at most 86400)",
+    )
+    opening.add_argument("--redis-url", help=redis_help)
+    opening.set_defaults(command_parser=opening, handler=_breaker)
+    closing = actions.add_parser(
+        "close",
+        help="close SERVICE's breaker by hand for every process sharing it",
+        description=(
+            "Close SERVICE's circuit breaker by hand, in Redis: every process sharing it lets "
+            "the service's units through at once, its counted failures forgotten."
+        ),
+    )
+    closing.add_argument("service", metavar="SERVICE")
+    closing.add_argument("--reason", required=True, help="why, said by every process's lines")
+    closing.add_argument("--redis-url", help=redis_help)
+    closing.set_defaults(command_parser=closing, handler=_breaker)
+    status = actions.add_parser(
+        "status",
+        help="what the fleet's shared record says of SERVICE's breaker (or of every one)",
+        description=(
+            "Print what Redis records of SERVICE's shared circuit breaker, or of every service "
+            "it has a record of: its state, since when, until when an opening lasts, and "
+            "whether it was opened by hand and why. Reads only."
+        ),
+    )
+    status.add_argument("service", metavar="SERVICE", nargs="?")
+    status.add_argument("--redis-url", help=redis_help)
+    status.add_argument("--json", action="store_true", help="print the records as JSON")
+    status.set_defaults(command_parser=status, handler=_breaker)
     return parser
 
 
@@ -529,3 +603,113 @@ def _rules(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         return EXIT_USAGE
     out.write(text)
     return EXIT_OK
+
+
+# -- breaker ------------------------------------------------------------------------------------
+#: the least time a ``breaker`` command waits for Redis: an operator's one command, not a unit's
+#: failure path (SELF_HEALING_REDIS_TIMEOUT, 100 ms by default, is for those), may cross a WAN
+BREAKER_REDIS_TIMEOUT_MIN = 2.0
+
+
+def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    import resilient_db as rdb  # noqa: PLC0415
+
+    from ._config import client_says, mask_url  # noqa: PLC0415
+    from ._fleet import operator_client, operator_force, operator_records  # noqa: PLC0415
+    from ._manual import check_change  # noqa: PLC0415
+
+    action = args.action
+    where = f"resilient-db breaker {action}"
+
+    def error(problem: str, status: int) -> int:
+        err.write(f"{where}: error: {problem}\n")
+        return status
+
+    url = args.redis_url
+    if url is None:
+        url = os.environ.get("SELF_HEALING_REDIS_URL") or None
+    if url is None or not url.strip():
+        return error(
+            "no Redis to act on: give --redis-url URL or set SELF_HEALING_REDIS_URL. The "
+            "command has no breaker of its own: it changes, or reads, the breaker the "
+            "processes share through Redis (without one, each process's breaker is its own: "
+            "call rdb.open_breaker() in that process)",
+            EXIT_USAGE,
+        )
+    try:
+        service, reason, seconds = check_change(
+            args.service if args.service is not None else "-",
+            getattr(args, "reason", None),
+            getattr(args, "seconds", None),
+            where,
+        )
+    except (TypeError, ValueError) as exc:
+        return error(str(exc).removeprefix(f"{where}: "), EXIT_USAGE)
+    try:
+        # the URL as the library checks it, with the rest of the SELF_HEALING_* environment
+        # (the reset timeout an opening lasts by default, the Redis timeout)
+        config = rdb.load_config({**os.environ, "SELF_HEALING_REDIS_URL": url})
+    except rdb.ConfigError as exc:
+        return error(str(exc), EXIT_USAGE)
+    masked = mask_url(url)
+    timeout = max(config.redis_timeout, BREAKER_REDIS_TIMEOUT_MIN)
+    client: Any = None
+    try:
+        client = operator_client(url, timeout)
+        if action == "status":
+            records = operator_records(client, None if args.service is None else service)
+        else:
+            token = f"resilient-db-breaker-{os.getpid()}-{secrets.token_hex(4)}"
+            state = "open" if action == "open" else "closed"
+            length = config.reset_timeout if seconds is None else seconds
+            known = operator_force(
+                client, service, state=state, seconds=length, reason=reason or "", token=token
+            )
+            (record,) = operator_records(client, service)
+    except rdb.ConfigError as exc:  # (the redis package missing)
+        return error(str(exc), EXIT_USAGE)
+    except Exception as exc:  # the redis client's errors, and the sockets' (OSError)
+        return error(f"Redis at {masked} did not act on it: {client_says(exc, url)}", EXIT_FAILED)
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+    if action == "status":
+        if args.json:
+            out.write(json.dumps({"redis": masked, "breakers": records}, indent=2) + "\n")
+        elif not records:
+            out.write(f"no shared circuit breaker recorded in Redis at {masked}\n")
+        for record in [] if args.json else records:
+            out.write(_record_text(record) + "\n")
+        return EXIT_OK
+    if not known:
+        err.write(
+            f"{where}: note: Redis at {masked} had no record of service {service!r} yet (a "
+            "process sharing its breaker writes one at its first failure or change): if no "
+            "failure was expected, check the name; the processes of the service sharing this "
+            "Redis follow the change all the same\n"
+        )
+    done = "opened" if action == "open" else "closed"
+    out.write(f"{done} by hand in Redis at {masked}: {_record_text(record)}\n")
+    return EXIT_OK
+
+
+def _record_text(record: Mapping[str, Any]) -> str:
+    """A shared breaker's record in one line: ``orders: open by hand (database upgrade) since
+    2025-05-01T10:00:00Z, until 2025-05-01T10:10:00Z (599.9 s left); 3 openings``."""
+    text = f"{record['service']}: {record['state']}"
+    if record["by_hand"]:
+        text += " by hand" + (f" ({record['reason']})" if record["reason"] else "")
+    if not record["recorded"]:
+        return text + " (no record: no process has shared a change of it)"
+    text += f" since {_utc(record['since'])}"
+    if record["open_until"] is not None:
+        text += f", until {_utc(record['open_until'])} ({record['seconds_left']:.1f} s left)"
+    return text + f"; {record['fleet_opens']} opening(s) fleet-wide"
+
+
+def _utc(seconds: float) -> str:
+    from datetime import datetime, timezone  # noqa: PLC0415
+
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

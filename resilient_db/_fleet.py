@@ -1852,3 +1852,87 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(close_links)
+
+
+# -- the operator's command (``resilient-db breaker``): one Redis, no link, no breaker --------
+def operator_client(url: str, timeout: float) -> Any:
+    """A client of ``url`` for one command of an operator's: ``timeout`` on every socket, no
+    retries of the client's own (raises :class:`ConfigError` without the redis package)."""
+    redis = _import_redis()
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+def operator_force(
+    client: Any, service: str, *, state: str, seconds: float, reason: str, token: str
+) -> bool:
+    """Open (for ``seconds``) or close ``service``'s shared breaker by hand with ``reason``:
+    the script ``open_breaker()`` runs (``_FORCE``), published on the channel of the client's
+    database, so that every process sharing the breaker takes it as made by hand in another
+    process. ``token`` names the command in the message (no process has it: none takes the
+    change for its own). Raises what the client raises. True when Redis had a record of the
+    breaker before (a process shared it, or a command changed it: else the name may be a
+    typo)."""
+    keys = _breaker_keys(service)
+    known = bool(client.exists(keys[0]))
+    channel = CHANNEL.format(db=client.get_connection_kwargs().get("db") or 0)
+    client.register_script(_FORCE)(
+        keys=keys, args=[channel, service, token, state, seconds, *_view_args(None), reason]
+    )
+    return known
+
+
+def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
+    """What Redis records of ``service``'s shared breaker (None: of every service it has a
+    record of, by name), read only: ``service``, ``recorded`` (False: no record, the breaker
+    closed as far as the fleet knows), ``state`` (``open`` whose time is over is
+    ``half-open``: what the next call meets, as ``health()`` says), ``since`` (Redis time of
+    its last change, seconds since the epoch; None without a record), ``open_until`` and
+    ``seconds_left`` (while open), ``by_hand`` and ``reason`` (the opening in force was made
+    by hand, and why; False and None while closed) and ``fleet_opens``."""
+    if service is None:
+        head, tail = f"{PREFIX}:{{", "}:breaker"
+        names = sorted(
+            {
+                key[len(head) : -len(tail)]
+                for key in map(_s, client.scan_iter(match=f"{head}*{tail}", count=1000))
+                if key.startswith(head) and key.endswith(tail)
+            }
+        )
+    else:
+        names = [service]
+    seconds, micros = client.time()
+    now = float(seconds) + float(micros) / 1_000_000
+    records = []
+    for name in names:
+        fields = ("st", "until", "gen", "opens", "hand", "why")
+        raw = client.hmget(_keys(name).breaker, *fields)
+        st, until, gen, opens, hand, why = (None if v is None else _s(v) for v in raw)
+        record: dict[str, Any] = {
+            "service": name,
+            "recorded": gen is not None,
+            "state": st or "closed",
+            "since": None if gen is None else int(gen) / 1_000_000,
+            "open_until": None,
+            "seconds_left": None,
+            "by_hand": False,
+            "reason": None,
+            "fleet_opens": int(opens or 0),
+        }
+        if record["state"] == "open":
+            end = float(until or now)
+            if end > now:
+                record["open_until"] = end
+                record["seconds_left"] = round(end - now, 3)
+            else:
+                record["state"] = "half-open"
+        if record["state"] != "closed" and hand == "1":
+            record["by_hand"] = True
+            record["reason"] = why or None
+        records.append(record)
+    return records

@@ -15,7 +15,7 @@ from typing import Final
 from ._breaker import Breaker, breakers
 from ._observability import unfit_label
 
-__all__ = ["MAX_OPEN_SECONDS", "MAX_REASON", "close_breaker", "open_breaker"]
+__all__ = ["MAX_OPEN_SECONDS", "MAX_REASON", "check_change", "close_breaker", "open_breaker"]
 
 #: the longest opening by hand (one day): a longer maintenance opens it again; a typo in the
 #: unit (milliseconds given as seconds) does not keep a service refused for weeks
@@ -58,6 +58,20 @@ def close_breaker(service: str, *, reason: str | None = None) -> bool:
     breaker = _breaker_of(service, "close_breaker()")
     reason = _checked_reason(reason, "close_breaker()")
     return breaker.close(reason=reason)
+
+
+def check_change(
+    service: object, reason: object, seconds: object, where: str
+) -> tuple[str, str | None, float | None]:
+    """The checks of :func:`open_breaker` and :func:`close_breaker` on their arguments, for
+    the ``resilient-db breaker`` command (which has no breaker of its own to look up):
+    ``(service, reason, seconds)``, or the same ``TypeError``/``ValueError``, ``where``
+    naming the caller."""
+    from ._unit import check_service_name  # noqa: PLC0415 - it imports the breaker's module
+
+    check_service_name(service, where)
+    assert isinstance(service, str)
+    return service, _checked_reason(reason, where), _checked_seconds(seconds, where)
 
 
 def _breaker_of(service: str, where: str) -> Breaker:
@@ -114,19 +128,19 @@ def _checked_reason(reason: object, where: str) -> str | None:
     return reason
 
 
-def _checked_seconds(seconds: object) -> float | None:
+def _checked_seconds(seconds: object, where: str = "open_breaker()") -> float | None:
     """``seconds`` as a float if it can be an opening's length, else an error naming it."""
     if seconds is None:
         return None
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(
-            f"open_breaker(): seconds must be a number of seconds (int or float) or None, "
+            f"{where}: seconds must be a number of seconds (int or float) or None, "
             f"got {type(seconds).__name__}"
         )
     value = float(seconds)
     if not math.isfinite(value) or value <= 0 or value > MAX_OPEN_SECONDS:
         raise ValueError(
-            f"open_breaker(): seconds must be a finite number above 0 and at most "
+            f"{where}: seconds must be a finite number above 0 and at most "
             f"{MAX_OPEN_SECONDS:g} (one day), got {seconds!r}"
         )
     return value

@@ -36,7 +36,7 @@ __all__ = [
     "sigterm_interrupts",
 ]
 
-_COMMANDS = ("demo", "check-config", "rules")
+_COMMANDS = ("demo", "check-config", "rules", "breaker")
 _MODULES = ("resilient_db", "resilient_db.__main__")
 #: the console script's name, as installers write it (pyproject.toml's [project.scripts]; not
 #: recognised: Windows' launcher .exe, which runs a __main__.py of its own)

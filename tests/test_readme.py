@@ -351,7 +351,9 @@ def test_readme_names_every_option_of_the_command(capsys: pytest.CaptureFixture[
     (``--plain``, ``--verbose``, ``--migrations``, ``--column`` and ``--version`` were not)."""
     text = README.read_text(encoding="utf-8")
     options: set[str] = set()
-    for argv in ((), ("demo",), ("check-config",), ("rules",)):
+    commands = ((), ("demo",), ("check-config",), ("rules",), ("breaker",))
+    actions = (("breaker", "open"), ("breaker", "close"), ("breaker", "status"))
+    for argv in (*commands, *actions):
         options |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", _subcommand_help(capsys, *argv)))
     options.discard("--help")
     assert len(options) > 10
