@@ -1,4 +1,6 @@
-"""The README's Python examples run as written, in order, against a real server."""
+"""The README's Python examples run as written, in order, against a real server, and so do
+those of the reference in docs/ (after the README's, whose names they use); the tables and lists
+the README and docs/ keep are checked against the code, wherever each now lives."""
 
 from __future__ import annotations
 
@@ -12,10 +14,29 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PACKAGE = README.parent / "resilient_db"
+DOCS = README.parent / "docs"
+
+
+def _blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    return _blocks(README)
+
+
+def docs_blocks() -> dict[str, list[str]]:
+    """Each docs file's Python blocks that are not the README's own (a docs file repeats the
+    examples its README section keeps: those run once, as the README's), by file name."""
+    readme = set(python_blocks())
+    found = {p.name: [b for b in _blocks(p) if b not in readme] for p in sorted(DOCS.glob("*.md"))}
+    return {name: blocks for name, blocks in found.items() if blocks}
+
+
+def all_text() -> str:
+    """The README and every docs file."""
+    paths = [README, *sorted(DOCS.glob("*.md"))]
+    return "\n".join(p.read_text(encoding="utf-8") for p in paths)
 
 
 def test_readme_has_examples() -> None:
@@ -42,11 +63,26 @@ def test_readme_examples_run_as_written(
         "in_progress",
         "in_progress",
     ]
+    # Each docs file's examples continue the README's (its quickstart's names: rdb, engine,
+    # Session, Task, DATABASE_URL, ...), in a module of their own made from a copy of them, in
+    # the order of the file; none prints.
+    modules = []
+    for name, blocks in docs_blocks().items():
+        doc_module = types.ModuleType(f"docs_examples_{Path(name).stem.replace('-', '_')}")
+        doc_module.__dict__.update(
+            {k: v for k, v in namespace.items() if k not in ("__name__", "__doc__")}
+        )
+        monkeypatch.setitem(sys.modules, doc_module.__name__, doc_module)
+        for n, block in enumerate(blocks, start=1):
+            exec(compile(block, f"docs/{name} python block {n}", "exec"), doc_module.__dict__)
+        modules.append(doc_module.__dict__)
+    assert capsys.readouterr().out == ""
     namespace["engine"].dispose()  # type: ignore[attr-defined]
     # the Flask example's engines too: left to the garbage collector, their pooled connections
     # are closed whenever a collection comes, in another test (ResourceWarning, an error there)
-    with namespace["flask_app"].app_context():  # type: ignore[attr-defined]
-        for flask_engine in namespace["db"].engines.values():  # type: ignore[attr-defined]
+    (flask,) = [m for m in modules if "flask_app" in m]
+    with flask["flask_app"].app_context():  # type: ignore[attr-defined]
+        for flask_engine in flask["db"].engines.values():  # type: ignore[attr-defined]
             flask_engine.dispose()
 
 
@@ -60,22 +96,44 @@ def test_readme_examples_type_check_strictly(tmp_path: Path) -> None:
     """The examples (quickstart, the wrapper, async, the failover, FastAPI, response
     validation) pass ``mypy --strict`` as a reader copies them, in order: a unit's session is
     annotated with the session class (never the factory, whose name shadows it), a row loaded
-    by key with ``get_one``."""
+    by key with ``get_one``. So do each docs file's own, after the README's (whose names they
+    use), one file of the two for each docs file."""
     from mypy import api  # noqa: PLC0415 (a test dependency, loaded for this test only)
 
-    blocks = [b for b in python_blocks() if not any(layer in b for layer in UNTYPED_LAYERS)]
-    assert len(blocks) == len(python_blocks()) - 2
-    source = tmp_path / "readme_examples.py"
-    source.write_text("".join(blocks), encoding="utf-8")
-    out, err, status = api.run(["--strict", str(source)])
-    assert status == 0, out + err
+    def typed(blocks: list[str]) -> list[str]:
+        return [b for b in blocks if not any(layer in b for layer in UNTYPED_LAYERS)]
+
+    readme = typed(python_blocks())
+    docs = {name: typed(blocks) for name, blocks in docs_blocks().items()}
+    every = python_blocks() + [b for blocks in docs_blocks().values() for b in blocks]
+    assert len(readme) + sum(map(len, docs.values())) == len(every) - 2
+    sources = [tmp_path / "readme_examples.py"]
+    sources[0].write_text("".join(readme), encoding="utf-8")
+    for name, blocks in docs.items():
+        if blocks:
+            sources.append(tmp_path / f"docs_examples_{Path(name).stem.replace('-', '_')}.py")
+            sources[-1].write_text("".join(readme + blocks), encoding="utf-8")
+    for source in sources:
+        out, err, status = api.run(["--strict", str(source)])
+        assert status == 0, out + err
 
 
-def _section(title: str) -> str:
+def _readme_section(title: str) -> str:
     text = README.read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start : None if end < 0 else end]
+
+
+def _section(title: str) -> str:
+    """The README's section ``title`` and, where its reference moved to docs/, the docs file
+    whose title it is (the README keeps the section's heading and its essentials)."""
+    found = [_readme_section(title)]
+    for path in sorted(DOCS.glob("*.md")):
+        doc = path.read_text(encoding="utf-8")
+        if doc.startswith(f"# {title}\n"):
+            found.append(doc)
+    return "\n".join(found)
 
 
 def _keys(value: object, path: str = "") -> set[str]:
@@ -93,7 +151,8 @@ def _keys(value: object, path: str = "") -> set[str]:
 
 def test_readme_documents_every_health_key() -> None:
     """Every key ``health()`` reports for a service with a breaker and a retry budget is named
-    in the README (``Observability``, or ``Running many processes`` for the budget's)."""
+    in the documentation (``Observability``, or ``Running many processes`` for the budget's:
+    the README's section or its reference in docs/)."""
     import resilient_db as rdb  # noqa: PLC0415
 
     rdb.with_self_healing(lambda: 1, service="documented", config=rdb.Config(retry_budget=0.2))
@@ -105,8 +164,9 @@ def test_readme_documents_every_health_key() -> None:
 
 
 def test_readme_prometheus_metrics_exist_with_their_labels() -> None:
-    """Every ``resilient_db_*`` metric the README names is exported, and the list of
-    Observability gives each its exact labels (none written: none exported)."""
+    """Every ``resilient_db_*`` metric the README or docs/ names is exported, and the list of
+    Observability (docs/observability.md) gives each its exact labels (none written: none
+    exported)."""
     pytest.importorskip("prometheus_client")
     import resilient_db as rdb  # noqa: PLC0415
     from resilient_db.metrics import HealthCollector  # noqa: PLC0415
@@ -123,7 +183,7 @@ def test_readme_prometheus_metrics_exist_with_their_labels() -> None:
         if not sample.name.endswith("_created")
     }
     metric = re.compile(r"`(resilient_db_[a-z_]+)(?:\{([a-z_,]*)\})?`")
-    named = {m[1] for m in metric.finditer(README.read_text(encoding="utf-8"))}
+    named = {m[1] for m in metric.finditer(all_text())}
     named.discard("resilient_db_bypass")  # the database role, not a metric
     assert sorted(named - set(labels)) == []
     section = _section("Observability")
@@ -161,9 +221,9 @@ def test_readme_configuration_defaults_are_the_code_s() -> None:
 
 
 def test_readme_sqlstate_table_is_the_default_classifier_s() -> None:
-    """The classes of the README's SQLSTATE table are the default classifier's explicit codes
-    (class 08 is a disconnect by its class; 25006 and 08P01 are named in two rows, each for
-    the case it is)."""
+    """The classes of the SQLSTATE table (docs/units-of-work.md) are the default classifier's
+    explicit codes (class 08 is a disconnect by its class; 25006 and 08P01 are named in two
+    rows, each for the case it is)."""
     from resilient_db import Classifier, Outcome  # noqa: PLC0415
 
     rows = dict(
@@ -248,7 +308,7 @@ def _event_of(node: ast.Call, scope: ast.AST, where: str) -> tuple[str, set[str]
     if name is None and forwarded:
         return None
     readable = isinstance(name, ast.Constant) and isinstance(name.value, str)
-    assert readable, f"{where}: an event name the README's table can't be checked against"
+    assert readable, f"{where}: an event name the table of events can't be checked against"
     assert isinstance(name, ast.Constant)
     return str(name.value), fields - NOT_FIELDS
 
@@ -291,11 +351,11 @@ def _emitted() -> dict[str, tuple[set[str], set[str]]]:
 
 
 def _event_table() -> dict[str, tuple[str, set[str]]]:
-    """The rows of the README's table of events: name -> (its level cell, the fields named in
-    its fields cell)."""
+    """The rows of the table of events (docs/observability.md): name -> (its level cell, the
+    fields named in its fields cell)."""
     section = _section("Observability")
     header = "| event | line | level | what happened | fields |\n|---|---|---|---|---|\n"
-    assert header in section, "the README's table of events is gone"
+    assert header in section, "the table of events is gone"
     start = section.index(header) + len(header)
     rows: dict[str, tuple[str, set[str]]] = {}
     for row in section[start:].split("\n"):
@@ -311,13 +371,13 @@ def _event_table() -> dict[str, tuple[str, set[str]]]:
 
 
 def test_readme_lists_every_event_the_code_emits() -> None:
-    """The README's table of ``SelfHealEvent.name`` values is the set of names the package
-    emits (a new event gets a row; a row outlives no event), each row naming the level of its
-    line and every field the code gives it where it emits it."""
+    """The table of ``SelfHealEvent.name`` values (docs/observability.md) is the set of names
+    the package emits (a new event gets a row; a row outlives no event), each row naming the
+    level of its line and every field the code gives it where it emits it."""
     emitted = _emitted()
     table = _event_table()
-    assert sorted(set(emitted) - set(table)) == [], "emitted, not in the README's table"
-    assert sorted(set(table) - set(emitted)) == [], "in the README's table, not emitted"
+    assert sorted(set(emitted) - set(table)) == [], "emitted, not in the table"
+    assert sorted(set(table) - set(emitted)) == [], "in the table, not emitted"
     for name, (levels, fields) in emitted.items():
         level_cell, documented = table[name]
         assert {level for level in levels if level not in level_cell} == set(), name
@@ -326,13 +386,16 @@ def test_readme_lists_every_event_the_code_emits() -> None:
 
 def test_the_event_class_points_to_the_readmes_table_not_to_a_list_of_its_own() -> None:
     """``SelfHealEvent``'s docstring listed some names followed by "...": a hook author took
-    them for all there are. It names the README's table (in the section it says), and no
-    partial list of names."""
+    them for all there are. It names the table of events (in the file it says, the reference
+    the README's Observability section links to), and no partial list of names."""
     import resilient_db as rdb  # noqa: PLC0415
 
     doc = " ".join((rdb.SelfHealEvent.__doc__ or "").split())
-    assert "README's table of self-healing events" in doc
+    assert "table of self-healing events in docs/observability.md" in doc
     assert '"Observability"' in doc
+    header = "| event | line | level | what happened | fields |\n"
+    assert header in (DOCS / "observability.md").read_text(encoding="utf-8")
+    assert "docs/observability.md" in _readme_section("Observability")
     _event_table()  # (the table is in that section)
     quoted = set(re.findall(r'``"([a-z_]+)"``', doc))
     assert quoted in (set(), set(_event_table())), sorted(quoted)
@@ -347,9 +410,10 @@ def _subcommand_help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 def test_readme_names_every_option_of_the_command(capsys: pytest.CaptureFixture[str]) -> None:
-    """Every option ``resilient-db --help`` and its subcommands' help list is in the README
-    (``--plain``, ``--verbose``, ``--migrations``, ``--column`` and ``--version`` were not)."""
-    text = README.read_text(encoding="utf-8")
+    """Every option ``resilient-db --help`` and its subcommands' help list is in the README or
+    docs/ (``--plain``, ``--verbose``, ``--migrations``, ``--column`` and ``--version`` were
+    not)."""
+    text = all_text()
     options: set[str] = set()
     commands = ((), ("demo",), ("check-config",), ("rules",), ("breaker",))
     actions = (("breaker", "open"), ("breaker", "close"), ("breaker", "status"))
@@ -371,7 +435,8 @@ def test_readme_lists_every_library_whose_internals_are_read() -> None:
 
 
 def test_readme_architecture_names_every_module() -> None:
-    """Each module at the top of the package is in the README's Architecture listing."""
+    """Each module at the top of the package is in the Architecture listing
+    (docs/architecture.md)."""
     block = _section("Architecture")
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert sorted(m for m in modules if not re.search(rf"(?<![\w.]){re.escape(m)}", block)) == []
