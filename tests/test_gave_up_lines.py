@@ -67,8 +67,10 @@ def test_a_unit_that_retried_then_met_an_error_not_retried_gives_up_visibly(
         f"[SELF-HEAL] Gave up: service={service} after 1 retry: the last attempt failed with "
         "IntegrityError (SQLSTATE 23505), which is not retried; raising it"
     ]
-    # the README quotes this line as an example (it said "after 1 retries")
-    readme = " ".join(README.read_text(encoding="utf-8").split())
+    # the documentation quotes this line as an example (it said "after 1 retries"): the
+    # README's or its reference's in docs/ (docs/units-of-work.md)
+    texts = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    readme = " ".join(" ".join(p.read_text(encoding="utf-8").split()) for p in texts)
     quoted = lines(caplog, "Gave up")[0].removeprefix("[SELF-HEAL] ")
     assert f"`{quoted.replace(f'service={service}', 'service=...')}`" in readme
     assert gave_up(service) == 1
