@@ -59,9 +59,9 @@ log_transitions = logging.getLogger("resilient_db.transitions")
 class SelfHealEvent:
     """One self-healing action, as every hook sees it.
 
-    ``name`` is stable: every name, with its line, level and fields, is in the README's table
-    of self-healing events (section "Observability", the one list kept complete: a test holds
-    it to the names the code emits). ``fields`` are the same structured values the log record
+    ``name`` is stable: every name, with its line, level and fields, is in the table of
+    self-healing events in docs/observability.md (the reference of the README's section
+    "Observability"; the one list kept complete: a test holds it to the names the code emits). ``fields`` are the same structured values the log record
     carries (``extra["self_heal"]``), ``event`` (the name) and ``service`` (None when said
     under no service) among them, never a password, a DSN or a bound parameter; ``message`` is
     the log line without its ``[SELF-HEAL]`` prefix.
