@@ -61,10 +61,11 @@ class SelfHealEvent:
 
     ``name`` is stable: every name, with its line, level and fields, is in the table of
     self-healing events in docs/observability.md (the reference of the README's section
-    "Observability"; the one list kept complete: a test holds it to the names the code emits). ``fields`` are the same structured values the log record
-    carries (``extra["self_heal"]``), ``event`` (the name) and ``service`` (None when said
-    under no service) among them, never a password, a DSN or a bound parameter; ``message`` is
-    the log line without its ``[SELF-HEAL]`` prefix.
+    "Observability"; the one list kept complete: a test holds it to the names the code
+    emits). ``fields`` are the same structured values the log record carries
+    (``extra["self_heal"]``), ``event`` (the name) and ``service`` (None when said under no
+    service) among them, never a password, a DSN or a bound parameter; ``message`` is the log
+    line without its ``[SELF-HEAL]`` prefix.
     """
 
     name: str

@@ -906,7 +906,8 @@ def _judge_write(head: str, statement: str) -> int:
 # FUNCTION = f)``) may write as any function may. Operators named as PostgreSQL's built-in ones
 # are taken as those (its own, in pg_catalog: ``SELECT DISTINCT oprname FROM pg_operator``, and
 # ``!=``, which the parser reads as ``<>``); any other name may write. (An operator of your own
-# under a built-in name, on a type of your own, is not seen: see the README's limits.)
+# under a built-in name, on a type of your own, is not seen: see the limits of commit
+# verification in docs/units-of-work.md.)
 _BUILTIN_OPERATORS: Final = frozenset(
     """
     !! !~ !~* !~~ !~~* # ## #- #> #>> % & && &< &<| &> * *< *<= *<> *= *> *>= + - -> ->> -|- /

@@ -1,5 +1,5 @@
-"""The backoff a unit sleeps between its attempts, against what the README promises, with real
-failures (exact SQLSTATEs raised by the server, a backend killed under the unit) and an
+"""The backoff a unit sleeps between its attempts, against what docs/units-of-work.md promises, with
+real failures (exact SQLSTATEs raised by the server, a backend killed under the unit) and an
 injected ``sleep``/``asleep``, ``clock`` and ``rng``: nothing is slept for real.
 
 - conflicts and outages each back off on their own sequence: a unit's first outage backoff

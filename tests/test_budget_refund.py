@@ -263,9 +263,9 @@ async def test_an_async_refund_to_a_hanging_redis_does_not_hold_the_event_loop(
 ) -> None:
     """The fleet paid for an async unit's retry; the breaker opened while it backed off, and
     Redis hangs as the retry is refused: the refund (a script) was sent from the event loop,
-    which held every task until the Redis timeout (the README: a slow Redis holds the failing
-    unit, never the event loop's other tasks), and the link went down. Only a callback of the
-    loop lets Redis go on here."""
+    which held every task until the Redis timeout (docs/many-processes.md: a slow Redis holds the
+    failing unit, never the event loop's other tasks), and the link went down. Only a callback of
+    the loop lets Redis go on here."""
     loop = asyncio.get_running_loop()
 
     async def opened_meanwhile(seconds: float) -> None:

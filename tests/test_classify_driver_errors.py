@@ -326,7 +326,7 @@ def test_a_connect_that_may_heal_is_still_a_disconnect(
 def test_a_raw_connect_that_times_out_is_a_disconnect(
     fault_proxy: FaultProxy, pg_database: str, driver: str
 ) -> None:
-    """README: "A connect that times out (asyncpg's ``timeout``, psycopg's
+    """docs/units-of-work.md: "A connect that times out (asyncpg's ``timeout``, psycopg's
     ``connect_timeout``) is a disconnect". Raised by a driver's own connect (not the pool's),
     asyncpg's timed-out connect was no transient error: its ``TimeoutError`` comes from
     ``asyncpg.connection.connect``, which the classifier did not take for connecting."""

@@ -330,7 +330,7 @@ def test_page_says_it_is_not_updating_while_data_json_gives_no_answer(
     answering.set()
     gone_quiet = threading.Event()
 
-    def check() -> dict[str, Any]:  # a sync check: run in the threadpool, as the README says
+    def check() -> dict[str, Any]:  # a sync check: run in the threadpool, as docs/web.md says
         if not answering.is_set():
             gone_quiet.set()
             answering.wait(30)

@@ -10,7 +10,7 @@ a new connection. So does a plain ``COMMIT`` psycopg sends as a statement (the c
 connection's ``commit()``. What carries none stays an unknown outcome when its answer is lost:
 a ``COMMIT AND CHAIN`` (or any COMMIT with more than the word), and on asyncpg a
 ``text("COMMIT")`` through SQLAlchemy (a prepared statement, not the connection's ``execute``).
-As the README says.
+As docs/units-of-work.md says.
 """
 
 from __future__ import annotations

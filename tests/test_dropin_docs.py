@@ -15,7 +15,8 @@ session_events.rst (events on the factory, on ``Session``, ``do_orm_execute`` wi
 ``get_bind`` overrides for vertical partitioning and a read/write split, horizontal sharding)
 and extensions/asyncio.rst (``AsyncAttrs``, ``run_sync``, ``async_object_session``,
 ``async_scoped_session``, events through ``sync_session_class=``). Where the two differ by
-design, README's "Drop-in use" item says so (``repr``, ``type(session)``, a bind of the other
+design, the "Drop-in use" item of docs/units-of-work.md says so (``repr``, ``type(session)``, a
+bind of the other
 kind refused when the factory is made, the COMMIT of an async ``Session.begin()``)."""
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def test_errors_raised_by_real_units_survive_pickling(
     assert copies[0].to_state == "completed"
     assert isinstance(copies[2], sa.orm.exc.StaleDataError)  # caught as SQLAlchemy's too
     assert copies[4].validator == invalid.value.validator
-    assert copies[4].__cause__ is None  # as with any exception: said in the README
+    assert copies[4].__cause__ is None  # as with any exception: said in docs/many-processes.md
     assert copies[5].retry_after == refused.value.retry_after
     assert copies[6].problems == bad_config.value.problems
     assert sorted(copies[6].problems) == ["SELF_HEALING_ENABLED", "SELF_HEALING_MAX_RETRIES"]

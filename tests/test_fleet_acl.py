@@ -248,7 +248,7 @@ def test_a_refused_login_names_the_user_and_never_the_password(
     assert f"redis://u:***@{redis_server.host}:{redis_server.port}/0" in line
 
 
-#: the rights the README lists for resilient_db's ACL user, and nothing more
+#: the rights docs/many-processes.md lists for resilient_db's ACL user, and nothing more
 DOCUMENTED_RIGHTS = (
     "resetchannels",
     "~resilient_db:*",
@@ -285,7 +285,7 @@ def test_the_documented_acl_keeps_the_link_up_past_its_subscription_checks(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The link checks a silent subscription with a command the README's ACL allows (a
+    """The link checks a silent subscription with a command docs/many-processes.md's ACL allows (a
     SUBSCRIBE again, not a PING it does not list): a user with exactly those rights stays
     connected through several checks, with no warning."""
     caplog.set_level(logging.INFO, logger="resilient_db")

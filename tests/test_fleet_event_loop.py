@@ -172,7 +172,7 @@ async def test_a_half_open_probes_admission_and_end_do_not_hold_the_event_loop(
 ) -> None:
     """The shared breaker's opening ran out: the next unit asks Redis for a half-open probe,
     and its success tells Redis. Both were sent from the event loop for a unit's first
-    attempt, so a Redis that hangs held every task of the loop (the README: a slow Redis
+    attempt, so a Redis that hangs held every task of the loop (docs/many-processes.md: a slow Redis
     holds the failing unit, never the event loop's other tasks)."""
     Sessions = await _shared_factory(
         aengine, redis_server, service, SELF_HEALING_RESET_TIMEOUT="100"
@@ -339,7 +339,7 @@ async def test_a_shared_breakers_refusal_from_its_own_view_waits_for_no_worker_t
 @pytest.mark.xfail(
     strict=True,
     reason="not fixed: a callable not declared async is admitted before it is called, on the "
-    "loop (called first, a sync one would run unadmitted); the README says so",
+    "loop (called first, a sync one would run unadmitted); docs/many-processes.md says so",
 )
 @pytest.mark.asyncio
 async def test_with_self_healing_of_a_lambda_returning_a_coroutine_asks_for_a_probe_off_the_loop(
@@ -353,7 +353,8 @@ async def test_with_self_healing_of_a_lambda_returning_a_coroutine_asks_for_a_pr
     shared breaker's opening ran out, and the operation's admission asks Redis for the
     half-open probe. It was asked on the event loop (the callable is called to find out that
     it is async, after its admission): a Redis that hangs held every task of the loop, against
-    the README (a half-open probe's admission of an async unit runs in a worker thread)."""
+    docs/many-processes.md (a half-open probe's admission of an async unit runs in a worker
+    thread)."""
     Sessions = await _shared_factory(
         aengine, redis_server, service, SELF_HEALING_RESET_TIMEOUT="100"
     )

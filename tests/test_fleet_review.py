@@ -215,8 +215,8 @@ def test_a_probe_failing_after_its_lease_ran_out_counts_nowhere(
 ) -> None:
     """Probe A is let through and hangs; its lease runs out and probe B is let through (the
     slots are given again). A fails then: it holds no slot any more, so it counts nowhere (the
-    README's "a probe still running past the lease counts nowhere when it ends"; it re-opened
-    the breaker for the whole fleet), and B's success closes the breaker."""
+    docs/many-processes.md's "a probe still running past the lease counts nowhere when it ends"; it
+    re-opened the breaker for the whole fleet), and B's success closes the breaker."""
     monkeypatch.setattr(_fleet, "PROBE_LEASE_MIN", 0.5)
     config = rdb.Config(
         redis_url=redis_server.url, retry=False, reset_timeout=RESET, half_open_probes=1

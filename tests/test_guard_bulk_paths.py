@@ -4,9 +4,10 @@ them: each illegal move is refused with the documented error (``IllegalTransitio
 and nothing is half-written (a refused statement's unit leaves every row as it was, and is not
 replayed).
 
-The paths the README leaves to the trigger (Core and raw SQL, ``MERGE``, a data-modifying
-``WITH``, an upsert's UPDATE half, ``insert().from_select()``, ``bulk_update_mappings``,
-``exec_driver_sql`` with one or many parameter sets, a function the application calls, a
+The paths docs/transition-guard.md leaves to the trigger (Core and raw SQL, ``MERGE``, a
+data-modifying ``WITH``, an upsert's UPDATE half, ``insert().from_select()``,
+``bulk_update_mappings``, ``exec_driver_sql`` with one or many parameter sets, a function the
+application calls, a
 deferred trigger of the application's moving a status at COMMIT, a statement on the driver's
 own connection) run with the trigger installed; the ORM ``update(Model)`` forms (each
 ``synchronize_session``, ``RETURNING``, ``UPDATE ... FROM``, by primary key) run without it, so

@@ -10,7 +10,8 @@ subclass only or per subclass; joined-table inheritance with the status on eithe
 ``MappedAsDataclass``; ``map_imperatively``; ``__table__``; an attribute named otherwise than
 its column, ``key=``, ``column_property``, a status inside a ``composite``; enum, ``Literal``,
 integer, Boolean, nullable and ``TypeDecorator`` statuses; several guarded columns; a table
-mapped by two classes) are covered by the README's list and the suite's other guard tests."""
+mapped by two classes) are covered by docs/transition-guard.md's list and the suite's other guard
+tests."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ object (``task.state = session.get(State, "running")``, ``pending.tasks.append(T
 the bulk guard's condition under SQLAlchemy's ``"evaluate"`` synchronization.
 
 - A new row whose status the flush copies from a related object was refused before the copy
-  (``(new row) -> None``), even in its initial state, although the README promises such a row
-  is judged as set: it is judged when inserted now.
+  (``(new row) -> None``), even in its initial state, although docs/transition-guard.md promises
+  such a row is judged as set: it is judged when inserted now.
 - A new row whose relationship to its state has ``post_update=True`` was inserted in its
   column's default state, then moved by SQLAlchemy's second UPDATE to the related state, which
   no one judged: ``Late(state=done)`` was committed as a new row in 'done' (without the

@@ -1,6 +1,6 @@
-"""Paths the session guards don't judge, which the README leaves to the database trigger (they
-were not in its table of paths): each is shown getting past the session guards and blocked by
-the trigger.
+"""Paths the session guards don't judge, which docs/transition-guard.md leaves to the database
+trigger (they were not in its table of paths): each is shown getting past the session guards and
+blocked by the trigger.
 
 - A class mapping a guarded table without ``__transitions__`` of its own (a second model of
   the same ``Table``, an admin tool's, an automap of the database): the session guards follow
@@ -101,7 +101,8 @@ def test_a_class_without_rules_is_left_to_the_trigger(
     engine: sa.Engine, service: str, through_another_class: Callable[[Session], None]
 ) -> None:
     """The session guards follow the class that declares the rules: another class of the same
-    table moves its rows unjudged (what the README says); the trigger blocks that move."""
+    table moves its rows unjudged (what docs/transition-guard.md says); the trigger blocks that
+    move."""
     assert run(engine, service, through_another_class) is None
     assert stored(engine) == ["pending", "pending", "done"]
     install_trigger(engine)

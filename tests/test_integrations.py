@@ -8,8 +8,8 @@
   string and an enum status (flush guard, bulk-UPDATE guard through ``session.exec``, trigger);
   SQLModel classes as ``validate=``.
 * Flask-SQLAlchemy 3.1: ``db.session`` made by a ``ResilientSession`` on each app's engine (a
-  subclass overriding ``init_app``, as the README shows): app contexts, views, units surviving a
-  killed backend, the guard through ``db.session`` (409 problem details), dead pooled
+  subclass overriding ``init_app``, as docs/sqlmodel-flask.md shows): app contexts, views, units
+  surviving a killed backend, the guard through ``db.session`` (409 problem details), dead pooled
   connections replaced, several apps alive at once, another bind key's database, the tracked
   modifications' signals; a view decorated with ``with_self_healing`` (or running an operation
   of its call form) replayed on ``db.session`` without its failed attempt's
@@ -535,7 +535,8 @@ async def test_async_sqlmodel_guards_refuse_illegal_moves(
 
 # -- Flask-SQLAlchemy -----------------------------------------------------------------------------
 class ResilientSQLAlchemy(SQLAlchemy):
-    """What the README shows: ``db.session`` made by a ``ResilientSession`` on each app's engine.
+    """What docs/sqlmodel-flask.md shows: ``db.session`` made by a ``ResilientSession`` on each
+    app's engine.
 
     Flask-SQLAlchemy builds ``db.session`` in ``__init__``, before any engine exists (engines
     are made per app by ``init_app``), so the factories are made in ``init_app``, in an app
@@ -1002,9 +1003,9 @@ def test_flask_view_that_succeeds_at_once_keeps_its_after_request_callbacks(
 def test_flask_before_request_using_db_session_and_a_replayed_view(
     flask_app: Flask, pg_server: Any, service: str, hook_commits: bool
 ) -> None:
-    """As the README says: a ``before_request`` hook reading through ``db.session`` begins its
-    transaction before the decorated view's operation, which is then not replayed (503, the
-    original error); a hook that ends its transaction (``db.session.commit()``) leaves the
+    """As docs/sqlmodel-flask.md says: a ``before_request`` hook reading through ``db.session``
+    begins its transaction before the decorated view's operation, which is then not replayed (503,
+    the original error); a hook that ends its transaction (``db.session.commit()``) leaves the
     view replayable."""
     calls: list[int] = []
 

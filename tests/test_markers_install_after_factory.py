@@ -71,7 +71,8 @@ def test_an_install_through_a_connection_after_the_factory_is_used_from_its_next
 async def test_an_async_install_after_the_factory_is_used_from_the_next_checkout(
     engine: sa.Engine, pg_async_url: str, service: str
 ) -> None:
-    """The README's asyncio form (``conn.run_sync`` on a connection of ``engine.begin()``)."""
+    """docs/units-of-work.md's asyncio form (``conn.run_sync`` on a connection of
+    ``engine.begin()``)."""
     async_engine = create_async_engine(pg_async_url, pool_size=1)
     try:
         Sessions = rdb.AsyncResilientSession(async_engine, service=service)

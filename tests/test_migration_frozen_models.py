@@ -1,5 +1,5 @@
-"""The pattern the README gives for the transition trigger in an Alembic history: each migration
-that installs it declares the trigger frozen as at that revision (a
+"""The pattern docs/transition-guard.md gives for the transition trigger in an Alembic history: each
+migration that installs it declares the trigger frozen as at that revision (a
 ``rdb.transitions.TransitionTrigger``: table, key, column, rules) and never imports the
 application's model, whose rules and columns when the migration runs may be later ones. Loaded
 into the application's process (by an upgrade run there), the migrations' descriptions are never

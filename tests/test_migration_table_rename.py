@@ -1,6 +1,6 @@
-"""Renaming a guarded table in a migration, as the README says to: the triggers follow the table
-(PostgreSQL keeps them on it) and go on judging writes, but their function is named for the old
-table, so their errors are not ours to the application (a plain database error, SQLSTATE
+"""Renaming a guarded table in a migration, as docs/transition-guard.md says to: the triggers follow
+the table (PostgreSQL keeps them on it) and go on judging writes, but their function is named for
+the old table, so their errors are not ours to the application (a plain database error, SQLSTATE
 RDB01) and ``trigger_drift`` of the renamed table says so; installing the trigger of the new name
 in the same migration replaces them and drops the old function, and the downgrade, renaming the
 table back, installs the old one again."""
@@ -107,7 +107,8 @@ def test_a_renamed_table_keeps_its_trigger_and_a_new_install_makes_it_ours(
     assert drift is not None
     assert f"calls {old}()" in drift
 
-    migrate(engine, "jobs")  # the step as the README writes it: install the new name's
+    # the step as docs/transition-guard.md writes it: install the new name's
+    migrate(engine, "jobs")
     (new,) = functions(engine)
     assert new != old
     with engine.connect() as conn:

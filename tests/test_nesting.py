@@ -603,7 +603,7 @@ def breaker_state(service: str) -> str:
 def test_a_half_open_breaker_closes_through_an_operation_using_a_drop_in_session(
     engine: sa.Engine, service: str
 ) -> None:
-    """The README's pattern: ``with_self_healing(handler)`` whose handler opens a drop-in
+    """docs/web.md's pattern: ``with_self_healing(handler)`` whose handler opens a drop-in
     session of the same service. The operation was let through as the one probe, then its
     session's connect asked the same breaker again, found the probe slot taken and raised
     CircuitOpenError: the breaker stayed half-open for good, the database back."""
@@ -622,7 +622,7 @@ def test_a_half_open_breaker_closes_through_a_unit_calling_a_decorated_helper(
     engine: sa.Engine, service: str
 ) -> None:
     """A unit whose code calls a ``@with_self_healing`` helper of the same service (as the
-    README allows): the helper asked the breaker again and was refused."""
+    docs/web.md allows): the helper asked the breaker again and was refused."""
     Session = half_open(engine, service)
 
     @rdb.with_self_healing(service=service, config=Session.config)

@@ -404,13 +404,13 @@ async def test_an_async_replayed_operation_bulk_saves_again_the_new_objects_made
 async def test_a_plain_async_session_in_an_operation_is_the_limit_the_readme_says(
     engine: sa.Engine, aengine: AsyncEngine, service: str, async_driver: str
 ) -> None:
-    """Not fixed (the README says so, loudly): a plain ``AsyncSession``, not made by a factory,
-    inside a ``with_self_healing`` operation. Its sync session is of a class resilient_db does
-    not make, and SQLAlchemy has no event where a bulk save keys an object: the keys the
+    """Not fixed (docs/units-of-work.md says so, loudly): a plain ``AsyncSession``, not made by a
+    factory, inside a ``with_self_healing`` operation. Its sync session is of a class resilient_db
+    does not make, and SQLAlchemy has no event where a bulk save keys an object: the keys the
     failed attempt gave stay, and the replay sends UPDATEs matching nothing. psycopg raises
     ``StaleDataError`` (not retried); asyncpg, reporting no row counts for a batch, returns:
     the operation reports success with nothing written. This test pins that limit (if it
-    fails, the README's text is what to change)."""
+    fails, docs/units-of-work.md's text is what to change)."""
     items = made_outside(110)
     calls: list[int] = []
 

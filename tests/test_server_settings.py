@@ -517,7 +517,7 @@ def test_under_session_replication_role_replica_the_flush_guard_still_refuses(
 ) -> None:
     """PostgreSQL fires no ordinary trigger, the guard's included, in a session whose
     ``session_replication_role`` is ``replica`` (only a superuser, or a role granted SET on
-    it, can have it: README, Security): raw SQL moves past the rules there, as documented; the
+    it, can have it: docs/security.md): raw SQL moves past the rules there, as documented; the
     ORM's paths are still judged by the client. The check at connect reads the setting: a
     warning once per engine (``triggers_off``), each such connection counted in
     ``health()``."""

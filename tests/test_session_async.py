@@ -1891,8 +1891,8 @@ async def test_run_refuses_what_is_not_an_async_unit_before_sending_anything(
 async def test_a_schema_change_under_prepared_statements_fails_once_or_is_replayed(
     pg_async_url: str, make_engine: Callable[..., AsyncEngine], service: str, replayed: bool
 ) -> None:
-    """What the README says of an online schema change: a statement the driver prepared on a
-    pooled connection before an ALTER TABLE fails once on that connection (0A000 "cached plan
+    """What docs/units-of-work.md says of an online schema change: a statement the driver prepared
+    on a pooled connection before an ALTER TABLE fails once on that connection (0A000 "cached plan
     must not change result type"; asyncpg: its InvalidCachedStatementError), not retried by
     default (0A000 also reports features that are not supported at all); with 0A000 added as a
     conflict, the unit is replayed at once and succeeds (the driver dropped its statement)."""

@@ -1,6 +1,6 @@
 """Results read through a server-side cursor (``stream_results``, ``yield_per``,
 ``AsyncSession.stream``), and work on the driver's own connection (psycopg's pipeline mode,
-``COPY``), in a unit whose backend is lost midway (README, "Units of work"). Real server,
+``COPY``), in a unit whose backend is lost midway (docs/units-of-work.md). Real server,
 real faults: ``pg_terminate_backend`` from another connection, a server restart.
 
 - A fault between two fetches of a stream replays the unit from its start (its code sees the

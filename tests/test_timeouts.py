@@ -214,9 +214,9 @@ async def test_a_lost_commits_check_cut_off_by_command_timeout_is_checked_again(
 ) -> None:
     """The server stalls just as the check of a lost COMMIT answer has connected (a paused VM,
     a stalled host: TCP accepted, nothing answered), and asyncpg's ``command_timeout`` (which
-    the README has bound every statement) cuts the check's statement off. The server did not
-    answer that check: it is made again within the deadline, as a check whose connect timed
-    out is, and the next one finds the unit committed. It used to end the verification at
+    docs/units-of-work.md has bound every statement) cuts the check's statement off. The server did
+    not answer that check: it is made again within the deadline, as a check whose connect timed out
+    is, and the next one finds the unit committed. It used to end the verification at
     once: ``CommitOutcomeUnknownError``, "the check on a new connection failed: TimeoutError",
     with retries and deadline left."""
     set_up_database(pg_server, pg_database, "CREATE TABLE ledger (id int)", markers=True)

@@ -228,9 +228,9 @@ async def test_where_the_driver_keeps_no_code_a_unit_past_its_timeout_is_a_lost_
     service: str,
     driver: str,
 ) -> None:
-    """What the README says of psycopg before 3.2.4 and asyncpg before 0.32, which keep no code
-    of the server's error: a lost connection, replayed (each attempt waiting out the timeout);
-    nothing committed."""
+    """What docs/units-of-work.md says of psycopg before 3.2.4 and asyncpg before 0.32, which keep
+    no code of the server's error: a lost connection, replayed (each attempt waiting out the
+    timeout); nothing committed."""
     if not _keeps_no_code(driver):
         pytest.skip(f"{driver} keeps the server's code here (the tests above)")
     prepare(pg_server, pg_database, MARKERS)

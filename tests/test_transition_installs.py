@@ -1181,9 +1181,10 @@ def test_the_script_through_op_execute_with_names_that_look_like_bind_parameters
 def test_a_function_written_with_plain_column_names_by_an_earlier_release_is_no_drift(
     engine: sa.Engine, reg: registry, *, column: str, key: str
 ) -> None:
-    """Before the ``(NEW).U&"..."`` spelling, install_transition_trigger (where the README sent
-    such tables) wrote a guarded or key column named ``"state :now"`` as ``NEW."state :now"``:
-    the same function, PL/pgSQL reading either. Installed so, it is no drift (which said its
+    """Before the ``(NEW).U&"..."`` spelling, install_transition_trigger (where
+    docs/transition-guard.md sent such tables) wrote a guarded or key column named ``"state :now"``
+    as ``NEW."state :now"``: the same function, PL/pgSQL reading either. Installed so, it is no
+    drift (which said its
     body was changed, its stamp kept, and made the application role's startup install raise)."""
     table = f"plain_{uuid.uuid4().hex[:8]}"
     model = reg.mapped(

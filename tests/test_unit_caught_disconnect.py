@@ -1,5 +1,5 @@
 """A unit whose code catches a disconnect and goes on: a statement that may fail, in a
-``begin_nested()`` block (as the README advises for statements that may fail), meets a
+``begin_nested()`` block (as docs/units-of-work.md advises for statements that may fail), meets a
 connection the server ended (``pg_terminate_backend``). The transaction went with the
 connection, so SQLAlchemy raises ``PendingRollbackError`` at the unit's next statement or at
 its COMMIT: that error was raised after one attempt, not transient, with no line, though nothing

@@ -1,7 +1,7 @@
 """What the application's own session listeners see of a unit that is replayed: each attempt
 is a new session doing the work again, so they fire once per attempt; ``after_commit`` fires
 once, for the attempt that committed, also when its answer was lost and a check proved it
-committed (as the README says). Real server, real faults (a serialization failure
+committed (as docs/units-of-work.md says). Real server, real faults (a serialization failure
 raised by the server, a COMMIT answer lost by the fault proxy)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a unit leaves its caller (README, "Units of work").
+"""What a unit leaves its caller (README, "Units of work", and docs/units-of-work.md).
 
 ORM objects a unit returns: as a committed ``Session.begin()`` block leaves them, whichever
 way the unit's COMMIT was proved. With the session's default ``expire_on_commit=True`` they
@@ -8,7 +8,8 @@ values the attempt flushed (a server default or a trigger's change missing from 
 ``expire_on_commit=False`` they keep their loaded values either way. Real server, real faults
 (the fault proxy loses the COMMIT's answer), sync and both async drivers.
 
-A side effect outside the database registered, as the README says, on the attempt's session
+A side effect outside the database registered, as docs/units-of-work.md says, on the attempt's
+session
 (``event.listen(session, "after_commit", ...)``) happens once: not for an attempt that failed
 (a serialization failure the server raised), once for a COMMIT whose answer was lost and that a
 check proved committed."""

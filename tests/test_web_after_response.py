@@ -6,7 +6,7 @@ error instead of calling it. Registering for ``DBAPIError`` and ``OSError`` ther
 application's own database errors raised after the response (an ``IntegrityError`` in a
 background task) into that ``RuntimeError`` too, which they were not without the handlers: the
 original error is its ``__cause__``, with its own traceback, printed first in the server's log.
-These tests pin that down, against a real server, for the README's note."""
+These tests pin that down, against a real server, for docs/web.md's note."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""README's Flask recipe for resilient_db's errors (``problem_details(exc)`` in an
+"""docs/sqlmodel-flask.md's Flask recipe for resilient_db's errors (``problem_details(exc)`` in an
 ``errorhandler``, ``return answer.body, answer.status, answer.response_headers``) answers
 ``application/problem+json`` with ``Retry-After`` where there is one, not the
 ``application/json`` Flask gives a dict body: through Flask's test client, against real failures
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 
 
 def readme_recipe(exc: Exception) -> Any:
-    """The README's recipe: ``app.register_error_handler(Exception, ...)``."""
+    """docs/sqlmodel-flask.md's recipe: ``app.register_error_handler(Exception, ...)``."""
     if isinstance(exc, HTTPException):
         return exc  # Flask's own answers (404, 405, abort()), as without this handler
     answer = problem_details(exc)

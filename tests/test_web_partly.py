@@ -560,7 +560,7 @@ def test_an_error_of_any_class_after_an_operation_committed_is_partly_committed(
 ) -> None:
     """A ``with_self_healing`` route whose unit committed, then failing with an error of the
     application's own class (a ``KeyError``): answered 500 ``partly-committed`` without
-    ``failure``, as the README says "whatever its class". Before: only the classes the
+    ``failure``, as docs/web.md says "whatever its class". Before: only the classes the
     handlers are registered for were, and a ``KeyError`` got Starlette's plain 500, which says
     nothing of the saved part. The same error with nothing committed stays a plain 500; the
     application's own ``Exception`` handler, registered before, still answers that one."""
