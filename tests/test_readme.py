@@ -77,12 +77,12 @@ def test_readme_examples_run_as_written(
             exec(compile(block, f"docs/{name} python block {n}", "exec"), doc_module.__dict__)
         modules.append(doc_module.__dict__)
     assert capsys.readouterr().out == ""
-    namespace["engine"].dispose()  # type: ignore[attr-defined]
+    namespace["engine"].dispose()
     # the Flask example's engines too: left to the garbage collector, their pooled connections
     # are closed whenever a collection comes, in another test (ResourceWarning, an error there)
     (flask,) = [m for m in modules if "flask_app" in m]
-    with flask["flask_app"].app_context():  # type: ignore[attr-defined]
-        for flask_engine in flask["db"].engines.values():  # type: ignore[attr-defined]
+    with flask["flask_app"].app_context():
+        for flask_engine in flask["db"].engines.values():
             flask_engine.dispose()
 
 
