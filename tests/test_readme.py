@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -116,6 +117,33 @@ def test_readme_examples_type_check_strictly(tmp_path: Path) -> None:
     for source in sources:
         out, err, status = api.run(["--strict", str(source)])
         assert status == 0, out + err
+
+
+def _test_file_blocks() -> list[str]:
+    """The README's examples of a test file of the reader's (``py`` blocks: pytest runs them,
+    with the package's plugin, not the in-order run above)."""
+    blocks = re.findall(r"```py\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    return [b for b in blocks if "\ndef test_" in b]
+
+
+@pytest.mark.slow
+def test_readme_example_test_file_passes_under_pytest(tmp_path: Path) -> None:
+    """The example test file of "Testing your own code", run as a reader runs it: pytest in a
+    directory of its own, the plugin giving it its server (its ``server_control`` test stops
+    and restarts that server; with ``RESILIENT_DB_TEST_URL`` it is skipped, saying so)."""
+    (block,) = _test_file_blocks()
+    (tmp_path / "test_example.py").write_text(block, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "test_example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"1 (passed|skipped) in .*", summary), done.stdout
 
 
 def _readme_section(title: str) -> str:
