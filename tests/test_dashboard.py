@@ -13,7 +13,9 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import re
+import socket
 import threading
 import uuid
 import weakref
@@ -1313,3 +1315,17 @@ def test_breaker_state_changes_served_are_the_windows_and_the_one_before() -> No
     assert len(changes) == 13  # 12 in the last 60 s (one every 5 s), and the one before
     assert changes[0][0] <= now[0] - 60 < changes[1][0]
     assert changes[-1] == [now[0], "open"]
+
+
+def test_data_json_names_the_process_whose_figures_it_serves() -> None:
+    """Behind several workers each ``data.json`` may come from another process, each with
+    figures of its own (``health()`` is per process): the answer says whose they are, the
+    page shows it (``test_dashboard_browser``), full and delta answers alike."""
+    client = mounted(dashboard(auth=lambda request: True))
+    path = "/admin/self-healing/data.json"
+    first = client.get(path).json()
+    me = {"pid": os.getpid(), "hostname": socket.gethostname()}
+    assert first["process"] == me
+    delta = client.get(path, params={"after": first["cursor"]}).json()
+    assert delta["delta"] is True
+    assert delta["process"] == me

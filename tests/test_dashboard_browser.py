@@ -16,6 +16,9 @@ import itertools
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -792,3 +795,89 @@ def test_page_says_a_breaker_was_opened_by_hand_and_why(browser: Any, engine: sa
         rdb.close_breaker(service)
         wait_for("the breaker closed", lambda: breaker_state(browser, service) == "closed")
         assert said() is None
+
+
+_OTHER_DASHBOARD = """
+import sys
+from resilient_db.web import dashboard, token_auth
+from resilient_db.web._serve import serve_in_background
+with serve_in_background(dashboard(auth=token_auth(sys.argv[1]), poll_seconds=0.1)) as server:
+    print(server.url, flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_page_says_whose_figures_it_shows_when_several_processes_answer(
+    browser: Any, tmp_path: Path
+) -> None:
+    """Two worker processes behind one address (a round-robin front, as a load balancer or
+    uvicorn's workers spread requests): the page names the process whose figures it shows,
+    and once both have answered says that each shows its own."""
+    import httpx2 as httpx  # noqa: PLC0415 (Starlette's test client's)
+
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_DASHBOARD, TOKEN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None
+        other_url = other.stdout.readline().strip()
+        assert other_url.startswith("http://127.0.0.1:"), other_url
+        here = dashboard(auth=token_auth(TOKEN), poll_seconds=0.1)
+        turns = itertools.count()
+
+        async def front(scope: Any, receive: Any, send: Any) -> None:
+            """data.json from each process in turn, the page from this one."""
+            assert scope["type"] == "http"
+            if scope["path"].endswith("/data.json") and next(turns) % 2:
+                query = scope["query_string"].decode()
+                headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+                headers.pop("host", None)
+                async with httpx.AsyncClient() as client:
+                    answer = await client.get(f"{other_url}/data.json?{query}", headers=headers)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": answer.status_code,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": answer.content})
+                return
+            await here(scope, receive, send)
+
+        def shown() -> str:
+            text: str = browser.execute_script(
+                "return document.getElementById('process').textContent"
+            )
+            return text
+
+        with serve_in_background(front) as server:
+            browser.get(f"{server.url}/?token={TOKEN}")
+            host = socket.gethostname()
+            pids = {os.getpid(), other.pid}
+            first = wait_for(
+                "the process named", lambda: re.match(r"figures of pid (\d+) on ", shown())
+            )
+            assert int(first.group(1)) in pids
+            assert shown().startswith(f"figures of pid {first.group(1)} on {host}")
+            wait_for(
+                "both processes seen",
+                lambda: (
+                    browser.find_element("tag name", "body").get_attribute("data-processes") == "2"
+                ),
+            )
+            assert "(2 processes answered this page: each shows its own)" in shown()
+            browser.save_screenshot(str(artifacts() / "dashboard-two-processes.png"))
+    finally:
+        if other.stdin is not None:
+            other.stdin.close()
+        try:
+            other.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
+        if other.stdout is not None:
+            other.stdout.close()

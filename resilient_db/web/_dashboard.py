@@ -10,7 +10,9 @@ import inspect
 import json
 import logging
 import math
+import os
 import secrets
+import socket
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -255,6 +257,8 @@ class Dashboard:
         snapshot = self.recorder.snapshot(events=self.events, after=after)
         return {
             "title": self.title,
+            # whose figures these are: behind several workers each request may reach another
+            "process": {"pid": os.getpid(), "hostname": socket.gethostname()},
             "health": health,
             "no_service": NO_SERVICE,
             **snapshot,
@@ -283,7 +287,9 @@ def dashboard(
     changed since (``delta`` true: the new events, and the series that changed with their
     changed rows and new breaker state changes), as the page asks after its first answer; a
     cursor that can't be followed (another process's, one from before ``reset_state()``) gets
-    the full answer (``delta`` false).
+    the full answer (``delta`` false). Its ``process`` (``pid``, ``hostname``) names the
+    process whose figures it holds (behind several workers each request may reach another);
+    the page shows it.
     Events are recorded from the first ``dashboard()`` call on, by a hook
     (:func:`resilient_db.add_hook`) with bounded memory: the process's shared
     :class:`~resilient_db.web.Recorder`, or ``recorder`` (installed as a hook once, however many

@@ -96,6 +96,7 @@ col.c-ev { width: 170px; }
   <span class="sub">resilient_db self-healing dashboard</span>
   <span id="overall" class="pill unknown">loading</span>
   <span class="spacer"></span>
+  <span id="process" class="sub"></span>
   <span id="live">connecting…</span>
 </header>
 <div id="error" role="alert"></div>
@@ -385,6 +386,18 @@ col.c-ev { width: 170px; }
     card.appendChild(table);
     return card;
   }
+  // the process that answered: behind several workers each poll may reach another, each with
+  // figures of its own (health() is per process), so the page says whose it shows
+  const processesSeen = new Set();
+  function processShown(process) {
+    const node = document.getElementById("process");
+    if (!process || typeof process !== "object") { node.textContent = ""; return; }
+    const who = "pid " + String(process.pid) + " on " + String(process.hostname);
+    processesSeen.add(who);
+    node.textContent = "figures of " + who + (processesSeen.size > 1
+      ? " (" + processesSeen.size + " processes answered this page: each shows its own)" : "");
+    document.body.dataset.processes = String(processesSeen.size);
+  }
   function render(data) {
     const health = data.health || {};
     const services = health.services || {};
@@ -421,6 +434,7 @@ col.c-ev { width: 170px; }
       ? "degraded: breaker open for " + open.join(", ")
       : "degraded" + (health.problem ? ": " + String(health.problem) : "");
     document.body.dataset.healthy = String(!!health.healthy);
+    processShown(data.process);
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   }
   // a delta answer (only what changed after the cursor sent) added to the data shown: rows by
