@@ -108,11 +108,14 @@ class Gate:
 
 
 class WorkerProcess:
-    """One worker; :meth:`ask` sends a command and returns its answer."""
+    """One worker; :meth:`ask` sends a command and returns its answer. Started here, it is
+    ready once :meth:`wait_ready` returns (a fleet starts its workers at once, then waits for
+    each: a worker's start is mostly its interpreter's imports)."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
+        self.pid = 0
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER)],
             stdin=subprocess.PIPE,
@@ -122,6 +125,9 @@ class WorkerProcess:
             text=True,
             bufsize=1,
         )
+
+    def wait_ready(self) -> None:
+        """Wait for the worker's ``ready`` line (it has its breaker: see fleet_worker.main)."""
         ready = self._read()
         assert "ready" in ready, ready
         self.pid = int(ready["ready"])
@@ -198,6 +204,8 @@ def fleet(
     try:
         for i in range(n):
             workers.append(WorkerProcess(env, tmp_path / f"worker{i}.log"))
+        for worker in workers:
+            worker.wait_ready()
         yield workers
     finally:
         for worker in workers:
