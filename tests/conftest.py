@@ -63,6 +63,77 @@ def pytest_configure(config: pytest.Config) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     elif loop != "asyncio":
         raise pytest.UsageError(f"RESILIENT_DB_TEST_LOOP={loop!r}: asyncio or uvloop")
+    # Under pytest-xdist the workers order the files (see pytest_collection_modifyitems): the
+    # controller hands them out in that order, not re-sorted by their number of tests
+    if getattr(config.option, "loadscopereorder", False):
+        config.option.loadscopereorder = False
+
+
+#: Seconds each of the longest test files takes (its tests' wall times added up, in a run of the
+#: whole suite, ``-n 2 --dist loadfile``, on a busy 2-core machine: what counts is their order).
+#: ``--dist loadfile`` gives a worker a whole file at a time, the next in collection order when
+#: it is nearly done: a long file handed out last keeps one worker busy while the other has
+#: nothing left. The workers collect these first, longest first; the other files follow, the
+#: ones with more tests first (pytest-xdist's own order). Only the order changes: each file
+#: still runs whole, on one worker, its tests in their order. A file missing here starts later.
+FILE_SECONDS: dict[str, float] = {
+    "test_harness.py": 215,
+    "test_sync_replication.py": 179,
+    "test_dropin.py": 102,
+    "test_failover_review.py": 69,
+    "test_failover.py": 63,
+    "test_frozen_server.py": 58,
+    "test_demo_fleet.py": 53,
+    "test_fleet_restore.py": 50,
+    "test_guard_bulk_paths.py": 49,
+    "test_dashboard_browser.py": 46,
+    "test_bench_large.py": 45,
+    "test_saved_then_interrupted.py": 41,
+    "test_commit_interrupted.py": 38,
+    "test_fleet_breaker.py": 35,
+    "test_session_async.py": 30,
+    "test_demo.py": 30,
+    "test_commit_markers.py": 27,
+    "test_migrations.py": 27,
+    "test_engine_lifetime.py": 26,
+    "test_fleet_review.py": 24,
+    "test_sync_unit_coroutine.py": 23,
+    "test_cold_start.py": 22,
+    "test_commit_protocol_async.py": 22,
+    "test_server_settings.py": 22,
+    "test_soak.py": 21,
+    "test_commit_unseen_writes.py": 20,
+    "test_transitions.py": 20,
+    "test_commit_statements.py": 19,
+    "test_pool_configurations.py": 18,
+    "test_startup_installs.py": 18,
+    "test_fleet_probe.py": 17,
+    "test_breaker_settings.py": 16,
+    "test_transaction_timeout.py": 16,
+    "test_cli.py": 15,
+    "test_classify_driver_errors.py": 15,
+    "test_binds.py": 15,
+    "test_async_cancel_sweep.py": 14,
+    "test_session.py": 14,
+    "test_fleet_acl.py": 14,
+    "test_commit_protocol.py": 12,
+}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, the files longest first (:data:`FILE_SECONDS`); a run in one
+    process keeps pytest's order."""
+    if not hasattr(config, "workerinput"):
+        return
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(item.nodeid.partition("::")[0], []).append(item)
+    files = sorted(
+        by_file,
+        key=lambda name: (-FILE_SECONDS.get(name.rpartition("/")[2], 0.0), -len(by_file[name])),
+    )
+    items[:] = [item for name in files for item in by_file[name]]
 
 
 @pytest.fixture(autouse=True)
