@@ -33,8 +33,11 @@ types: $(STAMP)
 PYTEST_WORKERS ?= $(if $(RESILIENT_DB_TEST_URL),0,2)
 PYTEST_XDIST = -n $(PYTEST_WORKERS) $(if $(filter-out 0,$(PYTEST_WORKERS)),--dist loadfile)
 
+# Bytecode is written (PYTHONDONTWRITEBYTECODE emptied: an environment that sets it would
+# have every Python process the tests start (fleet workers, demos, the CLI) compile the
+# package again, and each pytest worker rewrite every test module's assertions again).
 pytest: $(STAMP)
-	$(BIN)/pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # The suite with the lowest versions pyproject.toml allows (scripts/oldest-constraints.txt), in
 # a venv of its own; not part of `make test` (it takes as long again).
