@@ -31,13 +31,13 @@ import dataclasses
 import itertools
 import random
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from faults import ScriptedFaults
 from scenarios import ASYNC_DRIVERS, async_connect_args
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -206,90 +206,35 @@ class Results:
         return len(self.done) + len(self.unknown) + len(self.failed)
 
 
-class Faults(threading.Thread):
-    """A scripted sequence of faults, each after ``PACE`` more units settled; a swallowed
-    COMMIT is released (or delivered late) within its own step."""
+#: the faults, in order
+FAULT_SCRIPT = (
+    "kill-backends",
+    "lose-answers",
+    "cut",
+    "swallow",
+    "crash-restart",
+    "lose-answers",
+    "swallow-late",
+    "kill-backends",
+    "lose-answers",
+    "cut",
+    "swallow",
+    "lose-answers",
+)
 
-    SCRIPT = (
-        "kill-backends",
-        "lose-answers",
-        "cut",
-        "swallow",
-        "crash-restart",
-        "lose-answers",
-        "swallow-late",
-        "kill-backends",
-        "lose-answers",
-        "cut",
-        "swallow",
-        "lose-answers",
+
+def faults_for(board: Board, results: Results, finished: threading.Event) -> ScriptedFaults:
+    return ScriptedFaults(
+        board.server,
+        board.proxy,
+        board.database,
+        script=FAULT_SCRIPT,
+        settled=lambda: results.settled,
+        finished=finished,
+        pace=PACE,
+        step_timeout=STEP_TIMEOUT,
+        name="guard-faults",
     )
-
-    def __init__(
-        self,
-        server: PostgresServer,
-        proxy: FaultProxy,
-        database: str,
-        results: Results,
-        finished: threading.Event,
-    ) -> None:
-        super().__init__(name="guard-faults", daemon=True)
-        self.server, self.proxy, self.database = server, proxy, database
-        self.results, self.finished = results, finished
-        self.injected: collections.Counter[str] = collections.Counter()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for fault in self.SCRIPT:
-                if not self._wait_for_progress():
-                    return
-                getattr(self, "_" + fault.replace("-", "_"))()
-                self.injected[fault] += 1
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-        finally:
-            self.proxy.swallow_commit(0)
-            self.proxy.release_swallowed()
-            self.proxy.deliver_late_commits()
-
-    def _wait_for_progress(self) -> bool:
-        target = self.results.settled + PACE
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while self.results.settled < target and time.monotonic() < deadline:
-            if self.finished.wait(0.005):
-                return False
-        return not self.finished.is_set()
-
-    def _kill_backends(self) -> None:
-        self.server.terminate_backends(database=self.database)
-
-    def _lose_answers(self) -> None:
-        self.proxy.lose_commit_answer(times=2)
-
-    def _cut(self) -> None:
-        self.proxy.cut_all()
-
-    def _crash_restart(self) -> None:
-        self.server.crash()
-        self.server.start()
-
-    def _swallow(self, *, late: bool = False) -> None:
-        before = self.proxy.commits_swallowed
-        self.proxy.swallow_commit()
-        deadline = time.monotonic() + 1.0
-        while self.proxy.commits_swallowed == before and time.monotonic() < deadline:
-            if self.finished.wait(0.005):
-                break
-        self.proxy.swallow_commit(0)  # disarm before releasing: nothing stays held after this
-        time.sleep(0.05)  # the client waits on its COMMIT a little
-        self.proxy.release_swallowed(keep_server=late)
-        if late:
-            time.sleep(0.1)  # the unit settles (and replays) before its COMMIT arrives
-            self.proxy.deliver_late_commits()
-
-    def _swallow_late(self) -> None:
-        self._swallow(late=True)
 
 
 # -- setup and checks ----------------------------------------------------------------------------
@@ -342,13 +287,13 @@ def check(
     board: Board,
     units: list[Unit],
     results: Results,
-    faults: Faults,
+    faults: ScriptedFaults,
     record_property: Callable[[str, object], None],
 ) -> None:
     server, database = board.server, board.database
     assert faults.error is None, faults.error
     assert not faults.is_alive()
-    assert faults.injected.keys() == set(Faults.SCRIPT), f"not every fault ran: {faults.injected}"
+    assert faults.injected.keys() == set(FAULT_SCRIPT), f"not every fault ran: {faults.injected}"
     assert results.settled == len(units)
 
     audit = server.execute(
@@ -432,7 +377,7 @@ def test_guarded_moves_under_faults(
     todo_lock = threading.Lock()
     results = Results()
     finished = threading.Event()
-    faults = Faults(board.server, board.proxy, board.database, results, finished)
+    faults = faults_for(board, results, finished)
 
     def counted(session: Session, unit: Unit) -> None:
         with results.lock:
@@ -482,7 +427,7 @@ async def test_guarded_moves_under_faults_async(
     todo = collections.deque(units)
     results = Results()
     finished = threading.Event()
-    faults = Faults(board.server, board.proxy, board.database, results, finished)
+    faults = faults_for(board, results, finished)
 
     async def counted(session: AsyncSession, unit: Unit) -> None:
         results.calls[unit.id] += 1

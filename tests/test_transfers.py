@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from faults import ScriptedFaults
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -163,99 +164,25 @@ class Results:
 
 
 # -- faults --------------------------------------------------------------------------------------
-class Faults(threading.Thread):
-    """Injects a scripted sequence of faults, each after ``PACE`` more transfers settled.
-
-    Stops by itself when the script ends or the workload is over; a swallowed COMMIT is always
-    released (or delivered late) within its own step, so no worker waits on the fault thread.
-    """
-
-    def __init__(
-        self,
-        server: PostgresServer,
-        proxy: FaultProxy,
-        database: str,
-        results: Results,
-        finished: threading.Event,
-        *,
-        late_commits: bool,
-    ) -> None:
-        super().__init__(name="transfer-faults", daemon=True)
-        self.server = server
-        self.proxy = proxy
-        self.database = database
-        self.results = results
-        self.finished = finished
-        self.injected: collections.Counter[str] = collections.Counter()
-        self.error: BaseException | None = None
-        late: list[str] = ["swallow-late"] if late_commits else []
-        self.script = 2 * [
-            "kill-backends",
-            "lose-answers",
-            "cut",
-            "swallow",
-            "lose-answers",
-            "crash-restart",
-            "kill-backends",
-            *late,
-            "lose-answers",
-            "cut",
-            "swallow",
-            "lose-answers",
-            *late,
-        ]
-
-    def run(self) -> None:
-        try:
-            for fault in self.script:
-                if not self._wait_for_progress():
-                    return
-                getattr(self, "_" + fault.replace("-", "_"))()
-                self.injected[fault] += 1
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-        finally:
-            self.proxy.swallow_commit(0)
-            self.proxy.release_swallowed()
-            self.proxy.deliver_late_commits()
-
-    def _wait_for_progress(self) -> bool:
-        target = self.results.settled + PACE
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while self.results.settled < target and time.monotonic() < deadline:
-            if self.finished.wait(0.005):
-                return False
-        return not self.finished.is_set()
-
-    def _kill_backends(self) -> None:
-        self.server.terminate_backends(database=self.database)
-
-    def _lose_answers(self) -> None:
-        self.proxy.lose_commit_answer(times=2)
-
-    def _cut(self) -> None:
-        self.proxy.cut_all()
-
-    def _crash_restart(self) -> None:
-        self.server.crash()
-        self.server.start()
-
-    def _swallow(self, *, late: bool = False) -> None:
-        before = self.proxy.commits_swallowed
-        self.proxy.swallow_commit()
-        deadline = time.monotonic() + 1.0
-        while self.proxy.commits_swallowed == before and time.monotonic() < deadline:
-            if self.finished.wait(0.005):
-                break
-        self.proxy.swallow_commit(0)  # disarm before releasing: nothing stays held after this
-        time.sleep(0.05)  # the client waits on its COMMIT a little
-        self.proxy.release_swallowed(keep_server=late)
-        if late:
-            time.sleep(0.1)  # the unit settles (and replays) before its COMMIT arrives
-            self.proxy.deliver_late_commits()
-
-    def _swallow_late(self) -> None:
-        self._swallow(late=True)
+def fault_script(*, late_commits: bool) -> list[str]:
+    """The transfers' faults, twice over (a COMMIT delivered late after its unit settled, when
+    ``late_commits``)."""
+    late: list[str] = ["swallow-late"] if late_commits else []
+    return 2 * [
+        "kill-backends",
+        "lose-answers",
+        "cut",
+        "swallow",
+        "lose-answers",
+        "crash-restart",
+        "kill-backends",
+        *late,
+        "lose-answers",
+        "cut",
+        "swallow",
+        "lose-answers",
+        *late,
+    ]
 
 
 # -- setup and checks ----------------------------------------------------------------------------
@@ -292,7 +219,7 @@ def check(
     bank: Bank,
     transfers: list[Transfer],
     results: Results,
-    faults: Faults,
+    faults: ScriptedFaults,
     record_property: Callable[[str, object], None],
 ) -> None:
     server, database = bank.server, bank.database
@@ -364,8 +291,18 @@ class Bank:
     proxy: FaultProxy
     service: str
 
-    def faults(self, results: Results, finished: threading.Event, *, late: bool) -> Faults:
-        return Faults(self.server, self.proxy, self.database, results, finished, late_commits=late)
+    def faults(self, results: Results, finished: threading.Event, *, late: bool) -> ScriptedFaults:
+        return ScriptedFaults(
+            self.server,
+            self.proxy,
+            self.database,
+            script=fault_script(late_commits=late),
+            settled=lambda: results.settled,
+            finished=finished,
+            pace=PACE,
+            step_timeout=STEP_TIMEOUT,
+            name="transfer-faults",
+        )
 
 
 @pytest.fixture
