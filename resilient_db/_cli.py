@@ -669,7 +669,9 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     except rdb.ConfigError as exc:  # (the redis package missing)
         return error(str(exc), EXIT_USAGE)
     except Exception as exc:  # the redis client's errors, and the sockets' (OSError)
-        return error(f"Redis at {masked} did not act on it: {client_says(exc, url)}", EXIT_FAILED)
+        # (status only reads: Redis did not answer the read; open and close change it)
+        failed = "did not answer" if action == "status" else "did not act on it"
+        return error(f"Redis at {masked} {failed}: {client_says(exc, url)}", EXIT_FAILED)
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
