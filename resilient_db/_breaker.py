@@ -1141,7 +1141,8 @@ class Breaker:
                 self._hold(reservation)
             return True
         if decision == CLOSED:
-            self.fleet_update(CLOSED, 0.0, gen, opens, answer=True)
+            # (a closing by hand whose message this process missed: said so, and why)
+            self.fleet_update(CLOSED, 0.0, gen, opens, answer=True, hand=hand, read=True)
             return False
         if decision == OPEN:
             # (an opening by hand whose message this process missed: said so, and why)
@@ -1263,12 +1264,13 @@ class Breaker:
         lost the breaker's state (restarted empty, flushed; see ``restore_view`` in
         ``_fleet``'s scripts), sent with every breaker script of the failure path and the read
         on rejoining: open with the time it has left (its own end, not a new reset timeout),
-        or half-open once that time is up. Without it every process would follow the empty
-        Redis, closed, and send its units to a database that is down still until the fleet
-        counted the failure threshold again. None: the view is closed or holds no shared
-        state, or the local breaker moved past it (closed by this process's probes or its
-        ``close()`` while Redis did not answer), or holds an opening of its own (shared as
-        such, see :meth:`fleet_rejoin`).
+        or half-open once that time is up, and made by hand (with the operator's reason) when
+        it was, so that it comes back as the operator's, not as the failures'. Without it every
+        process would follow the empty Redis, closed, and send its units to a database that is
+        down still until the fleet counted the failure threshold again. None: the view is
+        closed or holds no shared state, or the local breaker moved past it (closed by this
+        process's probes or its ``close()`` while Redis did not answer), or holds an opening
+        of its own (shared as such, see :meth:`fleet_rejoin`).
 
         None too when Redis has not confirmed the view within :data:`~._fleet.VIEW_FRESH`
         before ``since`` (the moment the link went down, on rejoining; None: now), unless
@@ -1290,9 +1292,11 @@ class Breaker:
         if not proven and self._view_seen < (now if since is None else since) - VIEW_FRESH:
             return None
         left = self._fleet_until - now if state == OPEN else 0.0
+        # an opening by hand is written back as one, with its reason
+        hand = (self.hand_reason or "") if self.by_hand else None
         if left > 0:
-            return (OPEN, left, self._fleet_opens, gen)
-        return (HALF_OPEN, 0.0, self._fleet_opens, gen)
+            return (OPEN, left, self._fleet_opens, gen, hand)
+        return (HALF_OPEN, 0.0, self._fleet_opens, gen, hand)
 
     def holds_opening(self) -> bool:
         """Whether the view holds the fleet's opening with time left (the link's background
@@ -1435,7 +1439,14 @@ class Breaker:
             if state != CLOSED:
                 self._fleet_failures = 0
             changed_by_hand = hand is not None and not read
-            if changed_by_hand and state == CLOSED:
+            # a closing by hand: its message, or a read or an answer that is the first to tell
+            # of it (its message missed: a subscription dropped without a reset), said so
+            closing_by_hand = (
+                state == CLOSED
+                and hand is not None
+                and (changed_by_hand or self._storage.state != CLOSED)
+            )
+            if closing_by_hand:
                 self._fleet_failures = 0
                 self._fleet_run = ""
                 self._last_failure = -math.inf
@@ -1465,9 +1476,14 @@ class Breaker:
                 self._stamp_opening(self.config.reset_timeout - max(0.0, remaining))
                 # a new opening (not ``seen``) read while the local breaker is still open (its
                 # time over, no call came since): taken silently, as the same opening would
-                # be, unless it changes who made it, an operator or the failures (a by-hand
-                # opening whose message was missed, learnt from an answer or a read): said so
-                new_maker = not seen and (hand is not None or self.by_hand)
+                # be, unless it changes who made it, an operator or the failures, or the
+                # operator's reason (a by-hand opening whose message was missed, learnt from an
+                # answer or a read): said so. The opening by hand the view holds, read again
+                # (written back into a Redis that lost it), is not said again
+                new_maker = not seen and (
+                    (hand is not None) != self.by_hand
+                    or (hand is not None and (hand or None) != self.hand_reason)
+                )
                 if self._storage.state == OPEN and not changed_by_hand and not new_maker:
                     return  # the same opening, a fresher remaining time
                 if hand is not None and state == OPEN:
@@ -1497,7 +1513,7 @@ class Breaker:
             try:
                 self._set_state(state)
             finally:
-                if changed_by_hand and state == CLOSED:
+                if closing_by_hand:
                     self.close_reason = None
                     self.closing_by_hand = False
 

@@ -291,12 +291,14 @@ local function publish(st, remaining, gen, opens)
 end
 -- where the caller's view of the breaker starts in ARGV (set by the scripts that carry it):
 -- its state ('' none to write back, 'open', 'half-open'), the seconds its opening has left,
--- the openings and the generation it saw
+-- the openings and the generation it saw, then '1' when the opening was made by hand (else
+-- '0') and the operator's reason ('' for none)
 local VIEW = nil
 -- Redis lost the breaker's state (gen 0: restarted empty, flushed) while the caller's view
 -- holds the fleet's opening: write it back, as one opening already counted (its openings, not
 -- one more) ending when it ended (no new reset timeout), or half-open with every probe slot
--- free when its time is up (the reservations were lost with the rest). The first caller
+-- free when its time is up (the reservations were lost with the rest). An opening made by
+-- hand comes back as one, with its reason (its message carries it: ``h``). The first caller
 -- writes it; the others find it there and follow. The failures and reservations counted
 -- since the loss go.
 local function restore_view(now)
@@ -305,18 +307,33 @@ local function restore_view(now)
   local left = tonumber(ARGV[VIEW + 1]) or 0
   local opens = tonumber(ARGV[VIEW + 2]) or 0
   local gen = next_gen(now, tonumber(ARGV[VIEW + 3]) or 0)
+  local vhand = ARGV[VIEW + 4] == '1' and '1' or '0'
+  local vwhy = vhand == '1' and (ARGV[VIEW + 5] or '') or ''
   restored = 1
+  local was = hand
+  if vhand == '1' then hand = vwhy end
   if vst == 'open' and left > 0 then
     redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + left), 'at',
-               tostring(now), 'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', '')
+               tostring(now), 'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', '',
+               'hand', vhand, 'why', vwhy)
     publish('open', left, gen, opens)
   else
     redis.call('HSET', KEYS[1], 'st', 'half-open', 'hos', tostring(now), 'gen', gstr(gen),
-               'opens', opens, 'probes', 0, 'ok', 0, 'by', '')
+               'opens', opens, 'probes', 0, 'ok', 0, 'by', '', 'hand', vhand, 'why', vwhy)
     publish('half-open', 0, gen, opens)
   end
+  hand = was
   redis.call('DEL', KEYS[2], KEYS[3])
   return true
+end
+-- whether the state in force is a closing by hand (_FORCE's close; 'hclose' holds its
+-- generation, so any later change, whichever script makes it, ends it: a probe closing the
+-- breaker after an opening by hand is no closing by hand) -> '1' and the operator's reason
+-- ('' for none), else '0', ''
+local function closed_hand()
+  local f = redis.call('HMGET', KEYS[1], 'hclose', 'gen', 'why')
+  if f[1] and f[1] == f[2] then return '1', f[3] or '' end
+  return '0', ''
 end
 -- the time now, then the breaker hash (KEYS[1]): its fields st, until, gen, opens and any
 -- further ones asked for (h[5], ...), its state, generation and openings. A state lost
@@ -373,7 +390,9 @@ end
 # (open_breaker, close_breaker, the ``resilient-db breaker`` command: 'hand' and 'why' in the
 # hash, see _FORCE) and the operator's reason: a process learning of the opening from it (its
 # subscription dropped the message that said so) tells its lines and rejections the truth, not
-# "another process's failures" (see _hand_of).
+# "another process's failures" (see _hand_of). An answer saying it is closed says so of a
+# closing by hand ('hclose' in the hash, its generation: see closed_hand), so that such a
+# process says the operator closed it, not that the database recovered.
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # threshold, reset timeout (s), failure memory (ms), age of the failed attempt (s; -1: a probe,
@@ -382,7 +401,8 @@ end
 # -> {state, remaining, gen, failures, opens, opened by this call, the run of failures, and
 # for an open breaker, opened by this process (its token: another call of it, in another
 # thread, may have opened it just before), then '1' when the opening was made by hand (else
-# '0') and its reason (see _hand_of)}
+# '0') and its reason (see _hand_of); for a closed breaker 0, then whether it was closed by
+# hand, and why}
 # An attempt that began before the last failure counted (by any process: its Redis time is
 # ``lastfail`` in the breaker hash) and fails within the failover window after it was in flight
 # when the database failed: the same event seen again, not counted (one failover cutting off a
@@ -408,6 +428,12 @@ local function open()
   gen, opens = open_breaker(now, gen, opens, reset)
   return {'open', tostring(reset), gstr(gen), 0, opens, 1, '', 1, '0', ''}
 end
+-- the state left as it was, with ``n`` failures counted (closed: whether by hand, and why)
+local function unchanged(n)
+  local ch, cw = '0', ''
+  if st == 'closed' then ch, cw = closed_hand() end
+  return {st, '0', gstr(gen), n, opens, 0, run, 0, ch, cw}
+end
 if st == 'open' then
   return {'open', remaining(h, now), gstr(gen), 0, opens, 0, '', h[7] == ARGV[3] and 1 or 0,
           h[8] or '0', h[9] or ''}
@@ -419,13 +445,13 @@ if rid ~= '' then
     redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[10]) * 2000))
   end
   if st == 'half-open' and held == '1' then return open() end
-  return {st, '0', gstr(gen), tonumber(redis.call('GET', KEYS[2])) or 0, opens, 0, run}
+  return unchanged(tonumber(redis.call('GET', KEYS[2])) or 0)
 end
 if age >= 0 then
   local last = tonumber(h[5])
   -- (a last failure ahead of the clock: it stepped back since, and the window is not known)
   if last ~= nil and last <= now and now - age < last and now - last < tonumber(ARGV[8]) then
-    return {st, '0', gstr(gen), tonumber(redis.call('GET', KEYS[2])) or 0, opens, 0, run}
+    return unchanged(tonumber(redis.call('GET', KEYS[2])) or 0)
   end
   redis.call('HSET', KEYS[1], 'lastfail', string.format('%.6f', now))
 end
@@ -437,7 +463,7 @@ if n == 1 then
   redis.call('HSET', KEYS[1], 'run', run)
 end
 if n >= tonumber(ARGV[4]) then return open() end
-return {'closed', '0', gstr(gen), n, opens, 0, run}
+return unchanged(n)
 """
 )
 
@@ -457,13 +483,17 @@ return 0
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # probes, lease (s), reservation id, then the caller's view (see restore_view).
 # -> {decision (probe|closed|open|full), remaining, gen, opens, and for an open breaker
-# whether this process (its token) opened it, then whether by hand and why (see _hand_of)}
+# whether this process (its token) opened it, then whether by hand and why (see _hand_of); for
+# a closed one 0, then whether it was closed by hand, and why}
 _ADMIT = (
     _COMMON
     + """
 VIEW = 7
 local now, h, st, gen, opens = read_breaker('probes', 'hos', 'by', 'hand', 'why')
-if st == 'closed' then return {'closed', '0', gstr(gen), opens} end
+if st == 'closed' then
+  local ch, cw = closed_hand()
+  return {'closed', '0', gstr(gen), opens, 0, ch, cw}
+end
 local rid = ARGV[6]
 local function reserve()
   redis.call('HSET', KEYS[3], rid, '1')
@@ -516,7 +546,8 @@ return {'full', '0', gstr(gen), opens}
 # reservation not made yet is marked ended, so that its admit, arriving late, takes no slot.
 # Then the caller's view (see restore_view): a probe ending after Redis lost its reservation
 # finds it nowhere, and counts nowhere. -> {state, remaining, gen, opens}, and for an open
-# breaker whether it was opened by hand and why (see _hand_of)
+# breaker whether it was opened by hand and why (see _hand_of), for a closed one whether it
+# was closed by hand and why
 _PROBE_DONE = (
     _COMMON
     + """
@@ -530,6 +561,10 @@ if held ~= '0' then
 end
 if st == 'open' then
   return {'open', remaining(h, now), gstr(gen), opens, h[7] or '0', h[8] or ''}
+end
+if st == 'closed' then
+  local ch, cw = closed_hand()
+  return {st, '0', gstr(gen), opens, ch, cw}
 end
 if st ~= 'half-open' or held ~= '1' then return {st, '0', gstr(gen), opens} end
 local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
@@ -559,7 +594,10 @@ return {'half-open', '0', gstr(gen), opens}
 # (forced) and ``h`` (the reason), so that the processes taking it, the caller's own
 # background thread included, say so, not "failures"; the hash keeps ``hand`` and ``why``
 # while the opening lasts (an opening by failures sets ``hand`` back to '0', see
-# open_breaker), so that a process reading the state (starting, rejoining) says so too.
+# open_breaker; one written back into a Redis that lost it keeps them, see restore_view), and
+# ``hclose`` (the generation of a closing by hand) and ``why`` while that closing is the last
+# change (any later one has another generation: see closed_hand), so that a process reading
+# the state (starting, rejoining, its subscription having dropped the message) says so too.
 _FORCE = (
     _COMMON
     + """
@@ -571,17 +609,21 @@ if want == '' then
   if st == 'open' then
     return {'open', remaining(h, now), gstr(gen), opens, h[5] or '0', h[6] or ''}
   end
+  if st == 'closed' then
+    local ch, cw = closed_hand()
+    return {st, '0', gstr(gen), opens, ch, cw}
+  end
   return {st, '0', gstr(gen), opens, '0', ''}
 end
 local reset = tonumber(ARGV[5])
-hand = ARGV[10] or ''
+hand = ARGV[12] or ''
 if want == 'open' then
   gen, opens = open_breaker(now, gen, opens, reset)
   redis.call('HSET', KEYS[1], 'hand', '1', 'why', hand)
 else
   gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'closed', 'gen', gstr(gen), 'probes', 0, 'ok', 0,
-             'hand', '1', 'why', hand)
+             'hand', '0', 'why', hand, 'hclose', gstr(gen))
   redis.call('DEL', KEYS[2], KEYS[3])
   publish(want, 0, gen, opens)
   reset = 0
@@ -766,20 +808,21 @@ def _breaker_keys(service: str) -> list[str]:
 
 
 #: a process's view of a shared breaker's opening, for Redis to write back if it lost the
-#: breaker's state (restarted empty, flushed): ``("open", seconds left, openings, gen)`` or
-#: ``("half-open", 0.0, openings, gen)``; None: nothing to write back (see ``restore_view`` in
-#: the scripts, and ``Breaker.lost_view``)
-View = tuple[str, float, int, int]
+#: breaker's state (restarted empty, flushed): ``("open", seconds left, openings, gen, hand)``
+#: or ``("half-open", 0.0, openings, gen, hand)``, ``hand`` the operator's reason when the
+#: opening was made by hand (``""``: none given), None when failures made it; None: nothing to
+#: write back (see ``restore_view`` in the scripts, and ``Breaker.lost_view``)
+View = tuple[str, float, int, int, str | None]
 
 
 def _view_args(view: View | None, opens: int = 0) -> list[Any]:
-    """The last four ARGV of a script that carries the caller's view (see ``restore_view``);
-    with no view to write back, ``opens``: the openings the caller had seen (a script opening
-    the breaker in a Redis that lost its state counts on from them, see ``open_breaker``)."""
+    """The six ARGV of a script that carries the caller's view (see ``restore_view``); with
+    no view to write back, ``opens``: the openings the caller had seen (a script opening the
+    breaker in a Redis that lost its state counts on from them, see ``open_breaker``)."""
     if view is None:
-        return ["", 0, opens, 0]
-    state, left, seen, gen = view
-    return [state, round(left, 3), seen, gen]
+        return ["", 0, opens, 0, "0", ""]
+    state, left, seen, gen, hand = view
+    return [state, round(left, 3), seen, gen, "0" if hand is None else "1", hand or ""]
 
 
 def _import_redis() -> Any:
@@ -1585,6 +1628,11 @@ class FleetLink:
             # a change by hand (open_breaker, close_breaker; see _FORCE): the operator's reason
             hand = _s(data.get("h") or "") if data.get("f") else None
             restored = bool(data.get("w"))  # written back into a Redis that lost it
+            # an opening written back and nothing more: the same opening, not a new one (one
+            # by hand carries its reason, see restore_view)
+            same = restored and not data.get("f")
+            if same and "h" in data:
+                hand = _s(data["h"])
         except (KeyError, TypeError, ValueError):
             log_quietly(
                 _log, logging.DEBUG, "ignoring a message on %s that is not ours", self.channel
@@ -1594,7 +1642,7 @@ class FleetLink:
         if breaker is not None:
             reason = _RESTORED_REASON if restored and not mine else None
             try:
-                breaker.fleet_update(*update, mine=mine, reason=reason, hand=hand)
+                breaker.fleet_update(*update, mine=mine, reason=reason, hand=hand, read=same)
                 if restored and mine:
                     breaker.say_restored(update[0], update[1])
             except Exception as exc:
@@ -1727,10 +1775,10 @@ def _acl_refusal(text: str) -> str:
 
 
 def _hand_of(answer: Any, at: int) -> str | None:
-    """Whether a breaker script's ``answer`` says the state it names (open) was set by hand:
-    ``answer[at]`` is ``'1'`` then and ``answer[at + 1]`` the operator's reason (``""``: none
-    given), returned; None when it was not (failures opened it), or the answer says nothing
-    of it (not open)."""
+    """Whether a breaker script's ``answer`` says the state it names (open, or closed) was set
+    by hand: ``answer[at]`` is ``'1'`` then and ``answer[at + 1]`` the operator's reason
+    (``""``: none given), returned; None when it was not (failures opened it, a probe closed
+    it), or the answer says nothing of it (half-open)."""
     if len(answer) > at + 1 and _s(answer[at]) == "1":
         return _s(answer[at + 1])
     return None

@@ -3,8 +3,9 @@ never heard of: its subscription was dropped without a reset (a NAT forgetting t
 the pub/sub message saying "by hand" never arrived, its commands' connection still passing. It
 learns of the opening from the answer of a failure-path script instead (a failure counted, a
 half-open probe asked for, a probe's end), and must say what the fleet's record says: opened
-by hand, and why, not "another process's failures". Real Redis, real PostgreSQL, a real
-second process."""
+by hand, and why, not "another process's failures". A closing by hand missed so, and learnt
+from the background check or an answer, says by hand too, not "recovered". Real Redis, real
+PostgreSQL, a real second process."""
 
 from __future__ import annotations
 
@@ -160,3 +161,109 @@ def test_an_opening_by_hand_learnt_from_a_probes_end_says_by_hand(
     with pytest.raises(rdb.CircuitOpenError) as refused:
         factory.run(gate_unit)
     assert refused.value.cause == f"opened by hand in another process: {REASON}"
+
+
+# -- a closing by hand missed the same way ------------------------------------------------------
+DONE = "upgrade done"
+CLOSED_BY_HAND_ELSEWHERE = f"by hand in another process (shared through Redis) ({DONE})"
+
+
+def closed_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "Circuit breaker closed" in r.getMessage()]
+
+
+def assert_closed_by_hand(
+    caplog: pytest.LogCaptureFixture, events: list[rdb.SelfHealEvent], breaker: Any
+) -> None:
+    """This process's one closing line and event say the operator's closing, not a recovery,
+    and nothing by hand is left in its breaker's health."""
+    (line,) = closed_lines(caplog)
+    assert line.endswith(f"service={SERVICE} {CLOSED_BY_HAND_ELSEWHERE}"), line
+    assert "recovered" not in line
+    (closed,) = [e for e in events if e.name == "breaker_closed"]
+    assert closed.fields["by_hand"] is True
+    assert closed.fields["reason"] == CLOSED_BY_HAND_ELSEWHERE
+    assert (breaker.describe()["by_hand"], breaker.describe()["reason"]) == (False, None)
+
+
+def test_a_closing_by_hand_learnt_from_the_background_check_says_by_hand(
+    deaf: Any,
+    operator: WorkerProcess,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """This process follows the operator's opening (its message came), then its subscription
+    is dropped: the operator's closing reaches it only through its background thread's read
+    of the opening it holds (about once a second), which must say the closing was by hand."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    breaker = factory.policy.breaker
+    assert operator.ask("open_breaker", reason=REASON, seconds=120) == {"fleet_wide": True}
+    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
+    forwarder.forget(subscriptions_only=True)
+    caplog.clear()
+    events.clear()
+
+    assert operator.ask("close_breaker", reason=DONE) == {"fleet_wide": True}
+    wait_for(lambda: breaker.state == "closed", "the background check reading the closing", 10)
+    assert_closed_by_hand(caplog, events, breaker)
+    assert factory.run(gate_unit) == 1
+
+
+def test_a_closing_by_hand_learnt_from_a_probes_admit_says_by_hand(
+    deaf: Any,
+    operator: WorkerProcess,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The operator's short opening is over in this process's view (nobody asked for a probe
+    yet, so nothing reads it in the background) when the operator closes the breaker, its
+    message dropped: the answer to this process's request for a probe, closed, is the first
+    it hears of the closing."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    breaker = factory.policy.breaker
+    assert operator.ask("open_breaker", reason=REASON, seconds=0.5) == {"fleet_wide": True}
+    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
+    # the opening's own 0.5 s (a condition on the breaker, not a backoff)
+    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
+    forwarder.forget(subscriptions_only=True)
+    caplog.clear()
+    events.clear()
+
+    assert operator.ask("close_breaker", reason=DONE) == {"fleet_wide": True}
+    assert breaker.state == "open"  # the message never came
+    assert factory.run(gate_unit) == 1  # asks Redis for a probe: closed
+    assert breaker.state == "closed"
+    assert_closed_by_hand(caplog, events, breaker)
+
+
+def test_a_probes_closing_after_an_opening_by_hand_learnt_later_says_recovered(
+    deaf: Any,
+    operator: WorkerProcess,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The by-hand record of an opening does not outlive it: the operator's process's probe
+    closes the breaker after the opening by hand, and this process, which missed that
+    message, learns it from its admit's answer and says the breaker recovered."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    breaker = factory.policy.breaker
+    assert operator.ask("open_breaker", reason=REASON, seconds=0.5) == {"fleet_wide": True}
+    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
+    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
+    forwarder.forget(subscriptions_only=True)
+    caplog.clear()
+    events.clear()
+
+    assert operator.ask("try") == {"outcome": "ok"}  # its probe closes the fleet's breaker
+    assert operator.ask("wait", what="closed", timeout=10)["ok"], operator.log()
+    assert factory.run(gate_unit) == 1
+    (line,) = closed_lines(caplog)
+    assert line.endswith(f"service={SERVICE} recovered"), line
+    (closed,) = [e for e in events if e.name == "breaker_closed"]
+    assert closed.fields["by_hand"] is False

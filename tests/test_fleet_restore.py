@@ -472,3 +472,70 @@ def test_a_closed_breaker_follows_an_opening_another_process_wrote_back(
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(1 for r in caplog.records if text in r.getMessage())
+
+
+def test_an_opening_by_hand_written_back_is_still_by_hand(
+    redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path, capsys: Any
+) -> None:
+    """Process A opens the fleet's breaker by hand, with a reason; B follows it. Redis is
+    flushed while both are stopped (SIGSTOP) and C, started then, reads the empty Redis (its
+    breaker closed). Written back by A's or B's background check, the opening is still the
+    operator's: Redis records it by hand with the reason (``resilient-db breaker status``
+    says so), A and B say nothing new, C's line says it was opened by hand in another
+    process, and every process's refusals and ``health()`` say by hand and why, not
+    failures."""
+    from resilient_db._cli import main  # noqa: PLC0415
+
+    reason = "database upgrade"
+    service = "handback"
+    settings = opener_settings(redis_server.url)
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "c").mkdir()
+    with contextlib.ExitStack() as stack:
+        a, b = stack.enter_context(fleet(2, pg_url, settings, tmp_path / "ab", service=service))
+        for w in (a, b):
+            assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+        assert a.ask("open_breaker", reason=reason, seconds=300) == {"fleet_wide": True}
+        assert b.ask("wait", what="open", timeout=10)["ok"], b.log()
+        before = _breaker_hash(redis_server, service)
+        assert (before["hand"], before["why"]) == ("1", reason)
+
+        for w in (a, b):
+            os.kill(w.pid, signal.SIGSTOP)
+        try:
+            redis_server.flushall()
+            (c,) = stack.enter_context(fleet(1, pg_url, settings, tmp_path / "c", service=service))
+            assert c.ask("wait", what="connected", timeout=20)["ok"], c.log()
+            assert c.ask("health")["services"][service]["breaker"]["state"] == "closed"
+        finally:
+            for w in (a, b):
+                os.kill(w.pid, signal.SIGCONT)
+
+        assert c.ask("wait", what="open", timeout=20)["ok"], (c.log(), a.log(), b.log())
+        after = _breaker_hash(redis_server, service)
+        assert after["st"] == "open", after
+        assert abs(float(after["until"]) - float(before["until"])) < 0.5, (after, before)
+        assert (after["hand"], after["why"]) == ("1", reason), after
+
+        calls = gate.calls()
+        causes = {
+            a: f"opened by hand: {reason}",
+            b: f"opened by hand in another process: {reason}",
+            c: f"opened by hand in another process: {reason}",
+        }
+        for w, cause in causes.items():
+            refused = w.ask("try")
+            assert refused["outcome"] == "open", (refused, w.log())
+            assert (refused["by_hand"], refused["cause"]) == (True, cause), (refused, w.log())
+            health = w.ask("health")["services"][service]["breaker"]
+            assert (health["by_hand"], health["reason"]) == (True, reason), w.log()
+        assert gate.calls() == calls  # nothing reached the database
+        for w in (a, b):
+            assert len(w.self_heal_lines("Circuit breaker opened")) == 1, w.log()
+        (opened,) = c.self_heal_lines("Circuit breaker opened")
+        assert f"by hand in another process (shared through Redis) ({reason})" in opened, opened
+        assert "failures" not in opened, opened
+
+        assert main(["breaker", "status", service, "--redis-url", redis_server.url]) == 0
+        out = capsys.readouterr().out
+        assert f"{service}: open by hand ({reason}) since" in out, out
