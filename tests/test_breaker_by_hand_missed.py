@@ -207,6 +207,13 @@ def test_a_closing_by_hand_learnt_from_the_background_check_says_by_hand(
 
     assert operator.ask("close_breaker", reason=DONE) == {"fleet_wide": True}
     wait_for(lambda: breaker.state == "closed", "the background check reading the closing", 10)
+    # the background thread says it just after the state changed (the breaker's listeners
+    # run once the new state is set)
+    wait_for(
+        lambda: bool(closed_lines(caplog) and [e for e in events if e.name == "breaker_closed"]),
+        "the closing's line and event",
+        10,
+    )
     assert_closed_by_hand(caplog, events, breaker)
     assert factory.run(gate_unit) == 1
 
