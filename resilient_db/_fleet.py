@@ -335,6 +335,14 @@ local function closed_hand()
   if f[1] and f[1] == f[2] then return '1', f[3] or '' end
   return '0', ''
 end
+-- who set the state ``st`` in force, for an answer: an opening's 'hand' and 'why' (h[at] and
+-- h[at + 1], asked of read_breaker), a closing's (closed_hand) -> '1' and the operator's reason
+-- ('' for none), else '0', '' (half-open; opened by failures, closed by probes)
+local function hand_fields(st, h, at)
+  if st == 'open' then return h[at] or '0', h[at + 1] or '' end
+  if st == 'closed' then return closed_hand() end
+  return '0', ''
+end
 -- the time now, then the breaker hash (KEYS[1]): its fields st, until, gen, opens and any
 -- further ones asked for (h[5], ...), its state, generation and openings. A state lost
 -- while the caller's view holds an opening is written back first (see restore_view)
@@ -430,13 +438,11 @@ local function open()
 end
 -- the state left as it was, with ``n`` failures counted (closed: whether by hand, and why)
 local function unchanged(n)
-  local ch, cw = '0', ''
-  if st == 'closed' then ch, cw = closed_hand() end
-  return {st, '0', gstr(gen), n, opens, 0, run, 0, ch, cw}
+  return {st, '0', gstr(gen), n, opens, 0, run, 0, hand_fields(st, h, 8)}
 end
 if st == 'open' then
   return {'open', remaining(h, now), gstr(gen), 0, opens, 0, '', h[7] == ARGV[3] and 1 or 0,
-          h[8] or '0', h[9] or ''}
+          hand_fields(st, h, 8)}
 end
 if rid ~= '' then
   local held = redis.call('HGET', KEYS[3], rid)
@@ -490,10 +496,7 @@ _ADMIT = (
     + """
 VIEW = 7
 local now, h, st, gen, opens = read_breaker('probes', 'hos', 'by', 'hand', 'why')
-if st == 'closed' then
-  local ch, cw = closed_hand()
-  return {'closed', '0', gstr(gen), opens, 0, ch, cw}
-end
+if st == 'closed' then return {'closed', '0', gstr(gen), opens, 0, hand_fields(st, h, 8)} end
 local rid = ARGV[6]
 local function reserve()
   redis.call('HSET', KEYS[3], rid, '1')
@@ -505,7 +508,7 @@ if st == 'open' then
   local untl = opening_end(h, now)
   if now < untl or released then
     return {'open', tostring(math.max(0, untl - now)), gstr(gen), opens,
-            h[7] == ARGV[3] and 1 or 0, h[8] or '0', h[9] or ''}
+            h[7] == ARGV[3] and 1 or 0, hand_fields(st, h, 8)}
   end
   gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'half-open', 'hos', tostring(now), 'probes', 1, 'ok', 0,
@@ -559,14 +562,10 @@ if held ~= '0' then
   redis.call('HSET', KEYS[3], rid, '0')
   redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[7]) * 2000))
 end
-if st == 'open' then
-  return {'open', remaining(h, now), gstr(gen), opens, h[7] or '0', h[8] or ''}
+if st ~= 'half-open' then
+  return {st, st == 'open' and remaining(h, now) or '0', gstr(gen), opens, hand_fields(st, h, 7)}
 end
-if st == 'closed' then
-  local ch, cw = closed_hand()
-  return {st, '0', gstr(gen), opens, ch, cw}
-end
-if st ~= 'half-open' or held ~= '1' then return {st, '0', gstr(gen), opens} end
+if held ~= '1' then return {st, '0', gstr(gen), opens} end
 local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
 if ARGV[5] == '1' then
   local ok = (tonumber(h[6]) or 0) + 1
@@ -606,14 +605,8 @@ local now, h, st, gen, opens = read_breaker('hand', 'why')
 forced = 1
 local want = ARGV[4]
 if want == '' then
-  if st == 'open' then
-    return {'open', remaining(h, now), gstr(gen), opens, h[5] or '0', h[6] or ''}
-  end
-  if st == 'closed' then
-    local ch, cw = closed_hand()
-    return {st, '0', gstr(gen), opens, ch, cw}
-  end
-  return {st, '0', gstr(gen), opens, '0', ''}
+  local left = st == 'open' and remaining(h, now) or '0'
+  return {st, left, gstr(gen), opens, hand_fields(st, h, 5)}
 end
 local reset = tonumber(ARGV[5])
 hand = ARGV[12] or ''
