@@ -638,7 +638,7 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         )
     try:
         service, reason, seconds = check_change(
-            args.service if args.service is not None else "-",
+            args.service,
             getattr(args, "reason", None),
             getattr(args, "seconds", None),
             where,
@@ -657,8 +657,9 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     try:
         client = operator_client(url, timeout)
         if action == "status":
-            records = operator_records(client, None if args.service is None else service)
+            records = operator_records(client, service)
         else:
+            assert service is not None  # (open and close name one: argparse requires it)
             token = f"resilient-db-breaker-{os.getpid()}-{secrets.token_hex(4)}"
             state = "open" if action == "open" else "closed"
             length = config.reset_timeout if seconds is None else seconds

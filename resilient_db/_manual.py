@@ -62,15 +62,16 @@ def close_breaker(service: str, *, reason: str | None = None) -> bool:
 
 def check_change(
     service: object, reason: object, seconds: object, where: str
-) -> tuple[str, str | None, float | None]:
+) -> tuple[str | None, str | None, float | None]:
     """The checks of :func:`open_breaker` and :func:`close_breaker` on their arguments, for
     the ``resilient-db breaker`` command (which has no breaker of its own to look up):
     ``(service, reason, seconds)``, or the same ``TypeError``/``ValueError``, ``where``
-    naming the caller."""
+    naming the caller. ``service`` None (``status`` of every service) is not checked."""
     from ._unit import check_service_name  # noqa: PLC0415 - it imports the breaker's module
 
-    check_service_name(service, where)
-    assert isinstance(service, str)
+    if service is not None:
+        check_service_name(service, where)
+        assert isinstance(service, str)
     return service, _checked_reason(reason, where), _checked_seconds(seconds, where)
 
 
