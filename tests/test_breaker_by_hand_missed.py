@@ -218,6 +218,28 @@ def test_a_closing_by_hand_learnt_from_the_background_check_says_by_hand(
     assert factory.run(gate_unit) == 1
 
 
+def short_opening_over_then_deaf(
+    deaf: Any,
+    operator: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> tuple[Any, Any]:
+    """The operator opens the breaker by hand for 0.5 s, this process follows (its message
+    came) until the opening is over in its view; then its subscription is dropped and what
+    it logged and emitted so far forgotten. ``(factory, breaker)``."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    breaker = factory.policy.breaker
+    assert operator.ask("open_breaker", reason=REASON, seconds=0.5) == {"fleet_wide": True}
+    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
+    # the opening's own 0.5 s (a condition on the breaker, not a backoff)
+    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
+    forwarder.forget(subscriptions_only=True)
+    caplog.clear()
+    events.clear()
+    return factory, breaker
+
+
 def test_a_closing_by_hand_learnt_from_a_probes_admit_says_by_hand(
     deaf: Any,
     operator: WorkerProcess,
@@ -229,16 +251,7 @@ def test_a_closing_by_hand_learnt_from_a_probes_admit_says_by_hand(
     yet, so nothing reads it in the background) when the operator closes the breaker, its
     message dropped: the answer to this process's request for a probe, closed, is the first
     it hears of the closing."""
-    caplog.set_level(logging.INFO, logger="resilient_db")
-    factory, forwarder = deaf
-    breaker = factory.policy.breaker
-    assert operator.ask("open_breaker", reason=REASON, seconds=0.5) == {"fleet_wide": True}
-    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
-    # the opening's own 0.5 s (a condition on the breaker, not a backoff)
-    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
-    forwarder.forget(subscriptions_only=True)
-    caplog.clear()
-    events.clear()
+    factory, breaker = short_opening_over_then_deaf(deaf, operator, caplog, events)
 
     assert operator.ask("close_breaker", reason=DONE) == {"fleet_wide": True}
     assert breaker.state == "open"  # the message never came
@@ -257,15 +270,7 @@ def test_a_probes_closing_after_an_opening_by_hand_learnt_later_says_recovered(
     """The by-hand record of an opening does not outlive it: the operator's process's probe
     closes the breaker after the opening by hand, and this process, which missed that
     message, learns it from its admit's answer and says the breaker recovered."""
-    caplog.set_level(logging.INFO, logger="resilient_db")
-    factory, forwarder = deaf
-    breaker = factory.policy.breaker
-    assert operator.ask("open_breaker", reason=REASON, seconds=0.5) == {"fleet_wide": True}
-    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
-    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
-    forwarder.forget(subscriptions_only=True)
-    caplog.clear()
-    events.clear()
+    factory, _ = short_opening_over_then_deaf(deaf, operator, caplog, events)
 
     assert operator.ask("try") == {"outcome": "ok"}  # its probe closes the fleet's breaker
     assert operator.ask("wait", what="closed", timeout=10)["ok"], operator.log()
