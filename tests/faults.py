@@ -1,6 +1,7 @@
-"""A scripted fault injector for workloads under real faults (tests/test_transfers.py,
-tests/test_guard_under_faults.py): each fault of its script comes after ``pace`` more units of
-the workload settled, through the test server and the fault proxy in front of it."""
+"""Workloads under real faults (tests/test_transfers.py, tests/test_guard_under_faults.py):
+their configuration, the record of what each unit's ``run`` reported, and a scripted fault
+injector, each fault of its script after ``pace`` more units settled, through the test server
+and the fault proxy in front of it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,50 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import resilient_db as rdb
 from resilient_db.testing import FaultProxy, PostgresServer
 
 #: the faults a script may name
 FAULTS = ("kill-backends", "lose-answers", "cut", "swallow", "swallow-late", "crash-restart")
+
+
+def workload_config() -> rdb.Config:
+    """A small real backoff (the server is down for a moment during a crash-restart); the
+    breaker would fail units fast during that outage: the retry loop alone rides it out."""
+    return rdb.Config(
+        max_retries=30,
+        initial_delay=0.01,
+        max_delay=0.1,
+        conflict_delay=0.002,
+        deadline=20.0,
+        circuit_breaker=False,
+    )
+
+
+class Results:
+    """What each unit's ``run`` reported (done, unknown, or failed with its error), by the
+    unit's id, and how many times each unit's function was called (``calls``, kept by the
+    test)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done: set[str] = set()
+        self.unknown: set[str] = set()
+        self.failed: dict[str, BaseException] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def record(self, unit_id: str, error: BaseException | None) -> None:
+        with self.lock:
+            if error is None:
+                self.done.add(unit_id)
+            elif isinstance(error, rdb.CommitOutcomeUnknownError):
+                self.unknown.add(unit_id)
+            else:
+                self.failed[unit_id] = error
+
+    @property
+    def settled(self) -> int:
+        return len(self.done) + len(self.unknown) + len(self.failed)
 
 
 class ScriptedFaults(threading.Thread):

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from faults import ScriptedFaults
+from faults import Results, ScriptedFaults, workload_config
 from scenarios import ASYNC_DRIVERS, async_connect_args
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -182,30 +182,6 @@ async def move_async(session: AsyncSession, unit: Unit) -> None:
 
 
 # -- outcomes ------------------------------------------------------------------------------------
-class Results:
-    """What each unit's ``run`` reported, and how many times its function was called."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.done: set[str] = set()
-        self.unknown: set[str] = set()
-        self.failed: dict[str, BaseException] = {}
-        self.calls: collections.Counter[str] = collections.Counter()
-
-    def record(self, unit: Unit, error: BaseException | None) -> None:
-        with self.lock:
-            if error is None:
-                self.done.add(unit.id)
-            elif isinstance(error, rdb.CommitOutcomeUnknownError):
-                self.unknown.add(unit.id)
-            else:
-                self.failed[unit.id] = error
-
-    @property
-    def settled(self) -> int:
-        return len(self.done) + len(self.unknown) + len(self.failed)
-
-
 #: the faults, in order
 FAULT_SCRIPT = (
     "kill-backends",
@@ -253,19 +229,6 @@ def prepare(url: str) -> None:
         rdb.install_commit_markers(engine)
     finally:
         engine.dispose()
-
-
-def config() -> rdb.Config:
-    # a small real backoff rides out the crash-restart; the breaker would fail units fast
-    # during that outage, the retry loop alone rides it out here
-    return rdb.Config(
-        max_retries=30,
-        initial_delay=0.01,
-        max_delay=0.1,
-        conflict_delay=0.002,
-        deadline=20.0,
-        circuit_breaker=False,
-    )
 
 
 @dataclasses.dataclass
@@ -371,7 +334,7 @@ def test_guarded_moves_under_faults(
         connect_args={"connect_timeout": 2},
         pool_size=WORKERS + 2,
     )
-    Sessions = rdb.ResilientSession(engine, service=board.service, config=config())
+    Sessions = rdb.ResilientSession(engine, service=board.service, config=workload_config())
     units = plan(seed=21)
     todo = collections.deque(units)
     todo_lock = threading.Lock()
@@ -393,9 +356,9 @@ def test_guarded_moves_under_faults(
             try:
                 Sessions.run(counted, unit)
             except Exception as exc:
-                results.record(unit, exc)
+                results.record(unit.id, exc)
             else:
-                results.record(unit, None)
+                results.record(unit.id, None)
 
     with rdb.set_testing(False):
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(WORKERS)]
@@ -422,7 +385,7 @@ async def test_guarded_moves_under_faults_async(
         connect_args=async_connect_args(driver, 2),
         pool_size=TASKS + 2,
     )
-    Sessions = rdb.AsyncResilientSession(engine, service=board.service, config=config())
+    Sessions = rdb.AsyncResilientSession(engine, service=board.service, config=workload_config())
     units = plan(seed=22)
     todo = collections.deque(units)
     results = Results()
@@ -439,9 +402,9 @@ async def test_guarded_moves_under_faults_async(
             try:
                 await Sessions.run(counted, unit)
             except Exception as exc:
-                results.record(unit, exc)
+                results.record(unit.id, exc)
             else:
-                results.record(unit, None)
+                results.record(unit.id, None)
 
     try:
         with rdb.set_testing(False):

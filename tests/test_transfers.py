@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from faults import ScriptedFaults
+from faults import Results, ScriptedFaults, workload_config
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -140,29 +140,6 @@ async def transfer_function_async(session: AsyncSession, t: Transfer) -> str:
 
 
 # -- outcomes ------------------------------------------------------------------------------------
-class Results:
-    """What each transfer's ``run`` reported: done, unknown, or failed (with the error)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.done: set[str] = set()
-        self.unknown: set[str] = set()
-        self.failed: dict[str, BaseException] = {}
-
-    def record(self, t: Transfer, error: BaseException | None) -> None:
-        with self.lock:
-            if error is None:
-                self.done.add(t.id)
-            elif isinstance(error, rdb.CommitOutcomeUnknownError):
-                self.unknown.add(t.id)
-            else:
-                self.failed[t.id] = error
-
-    @property
-    def settled(self) -> int:
-        return len(self.done) + len(self.unknown) + len(self.failed)
-
-
 # -- faults --------------------------------------------------------------------------------------
 def fault_script(*, late_commits: bool) -> list[str]:
     """The transfers' faults, twice over (a COMMIT delivered late after its unit settled, when
@@ -200,19 +177,6 @@ def prepare(url: str, mode: str) -> None:
             rdb.install_commit_markers(engine)
     finally:
         engine.dispose()
-
-
-def config() -> rdb.Config:
-    # Small real backoff (the server is down for a moment during the crash-restart); the breaker
-    # would fail units fast during the outage: the retry loop alone rides it out here.
-    return rdb.Config(
-        max_retries=30,
-        initial_delay=0.01,
-        max_delay=0.1,
-        conflict_delay=0.002,
-        deadline=20.0,
-        circuit_breaker=False,
-    )
 
 
 def check(
@@ -322,7 +286,7 @@ def test_concurrent_transfers_under_faults(
         connect_args={"connect_timeout": 2},
         pool_size=WORKERS + 2,
     )
-    Session = rdb.ResilientSession(engine, service=bank.service, config=config())
+    Session = rdb.ResilientSession(engine, service=bank.service, config=workload_config())
     transfers = plan(seed=8)
     todo = collections.deque(transfers)
     todo_lock = threading.Lock()
@@ -340,9 +304,9 @@ def test_concurrent_transfers_under_faults(
             try:
                 Session.run(fn, t)
             except Exception as exc:
-                results.record(t, exc)
+                results.record(t.id, exc)
             else:
-                results.record(t, None)
+                results.record(t.id, None)
 
     with rdb.set_testing(False):
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(WORKERS)]
@@ -371,7 +335,7 @@ async def test_concurrent_transfers_under_faults_async(
         connect_args={"timeout": 2},
         pool_size=TASKS + 2,
     )
-    Session = rdb.AsyncResilientSession(engine, service=bank.service, config=config())
+    Session = rdb.AsyncResilientSession(engine, service=bank.service, config=workload_config())
     transfers = plan(seed=9)
     todo = collections.deque(transfers)
     results = Results()
@@ -385,9 +349,9 @@ async def test_concurrent_transfers_under_faults_async(
             try:
                 await Session.run(fn, t)
             except Exception as exc:
-                results.record(t, exc)
+                results.record(t.id, exc)
             else:
-                results.record(t, None)
+                results.record(t.id, None)
 
     try:
         with rdb.set_testing(False):
