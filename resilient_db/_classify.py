@@ -726,6 +726,8 @@ def never_sent(exc: BaseException) -> bool:
     between releases without notice. Should asyncpg move that method, nothing matches and such
     a COMMIT stays an unknown outcome, as before (the canary in ``tests/test_internals.py``
     says so first)."""
+    if refused_in_pipeline(exc):
+        return True  # libpq refused it before sending: see refused_in_pipeline
     module, function = ASYNCPG_SIMPLE_QUERY
     for err in error_chain(exc):
         kind = type(err)
@@ -951,6 +953,82 @@ def _left_mid_statement(err: BaseException) -> bool:
         return False
 
 
+_PIPELINE_REFUSED = "resilient_db_refused_in_pipeline"
+
+
+def refused_in_pipeline(exc: BaseException) -> bool:
+    """Whether ``exc`` (SQLAlchemy's error, or the driver's) is libpq refusing to send a query
+    on a psycopg connection that psycopg left in pipeline mode: psycopg's ``OperationalError``
+    without SQLSTATE raised by ``PGconn.send_query`` (libpq's ``PQsendQuery``, which psycopg
+    uses outside its pipelines only: ``ROLLBACK``, ``COMMIT``, the marked COMMIT) while libpq
+    says the connection is sound and in pipeline mode. psycopg leaves a connection so when it
+    could not leave pipeline mode at the end of a pipeline (an ``executemany``, a
+    ``pipeline()`` block) that failed: it logs "error ignored exiting" and raises the
+    pipeline's own error; libpq refuses every later message ("sending query failed: cannot exit
+    pipeline mode while busy ... PQsendQuery not allowed in pipeline mode"). Nothing of the
+    refused query was sent (a COMMIT so refused committed nothing), and the connection can't
+    be used again. Told by where it was raised and libpq's state, never by its text.
+
+    Recorded on the driver's error the first time it is judged (in the engine's
+    ``handle_error``, the connection as psycopg left it): later judgements find that
+    connection invalidated."""
+    for err in error_chain(exc):
+        kind = type(err)
+        if kind.__module__.startswith("psycopg") and kind.__name__ == "OperationalError":
+            if getattr(err, "sqlstate", None) is not None:
+                return False
+            try:
+                found = getattr(err, _PIPELINE_REFUSED, None)
+            except Exception:  # a type whose attribute lookup misbehaves: judged afresh
+                found = None
+            if isinstance(found, bool):
+                return found
+            refused = _sent_by_libpq(err) and _left_in_pipeline(err)
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(err, _PIPELINE_REFUSED, refused)
+            return refused
+    return False
+
+
+def _sent_by_libpq(err: BaseException) -> bool:
+    """Whether ``err`` was raised by psycopg's ``PGconn.send_query`` (its C or Python libpq
+    wrapper: Cython names the frame by its qualified name)."""
+    return any(
+        module.startswith("psycopg") and function.rpartition(".")[2] == "send_query"
+        for module, function in _frames(err)
+    )
+
+
+def _left_in_pipeline(err: BaseException) -> bool:
+    """Whether the psycopg connection whose method raised ``err`` is sound to libpq and in
+    pipeline mode (on or aborted)."""
+    pgconn = getattr(_driver_connection_of(err), "pgconn", None)
+    try:
+        return bool(
+            pgconn is not None
+            and pgconn.status == _CONNECTION_OK
+            and pgconn.pipeline_status != _PIPELINE_OFF
+        )
+    except Exception:  # a connection that tells nothing: judged by the rest
+        return False
+
+
+def _left_pipeline_by(exc: BaseException) -> BaseException | None:
+    """For an error libpq refused to send on a connection left in pipeline mode
+    (:func:`refused_in_pipeline`): the error it was raised while handling (its
+    ``__context__``, the first that is not such a refusal itself), which is what left the
+    connection so (a serialization failure, a lost connection, an application's mistake
+    inside the pipeline); None when there is none."""
+    current = exc.__context__
+    for _ in range(_MAX_CHAIN):
+        if current is None:
+            return None
+        if not refused_in_pipeline(current):
+            return current
+        current = current.__context__
+    return None
+
+
 def _raised_connecting(err: BaseException) -> bool:
     """Whether ``err`` came out of psycopg's ``connect`` (its host list, DNS, the attempts)."""
     return any(
@@ -1137,6 +1215,11 @@ class Classifier:
                 return Outcome.CONFLICT
             if getattr(err, _COMMIT_UNANSWERED, False):
                 return Outcome.COMMIT_UNKNOWN
+        if refused_in_pipeline(exc):
+            # a connection psycopg left in pipeline mode refused this query (nothing sent): the
+            # failure is the one that left it so, which this error was raised while handling
+            cause = _left_pipeline_by(exc)
+            return Outcome.NOT_TRANSIENT if cause is None else self.classify(cause)
         code = sqlstate_of(exc)
         if code is not None:
             if code == READ_ONLY_SQLSTATE and _read_only_by_the_application(exc):

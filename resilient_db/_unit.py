@@ -54,6 +54,7 @@ from ._classify import (
     mark_replay_safe,
     marked_replay_safe,
     refused_by_a_writable_server,
+    refused_in_pipeline,
     socket_given_up,
     sqlstate_of,
     text_mark,
@@ -3388,12 +3389,14 @@ class EngineHooks:
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
         elif not ctx.is_disconnect and (
-            client_state_broken(original) or (code is None and socket_given_up(original))
+            client_state_broken(original)
+            or (code is None and (socket_given_up(original) or refused_in_pipeline(original)))
         ):
             # this one connection is lost although its driver does not say so yet: asyncpg's
             # protocol state is broken (a session the server ended, whose close asyncpg has not
             # read yet), or psycopg gave up on its socket mid-statement before libpq saw it
-            # lost. It must not go back to the pool (its reset would fail); the pool's other
+            # lost, or psycopg left it in pipeline mode (libpq refuses every later query). It
+            # must not go back to the pool (its reset would fail); the pool's other
             # connections are judged by their own errors.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
