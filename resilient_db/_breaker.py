@@ -279,6 +279,8 @@ class Breaker:
         #: the local breaker opened by this process's own decision (Redis did not answer), not
         #: as a mirror of the fleet's state: shared on rejoining (see fleet_rejoin)
         self._opened_locally = False
+        #: when (timer) this process made that opening (None: another's, followed; or closed)
+        self._opened_alone_at: float | None = None
         #: the reservations of the probes this process let through and that have not ended yet,
         #: oldest first (None: a probe of its own state, Redis reserved nothing for it); each
         #: probe's end takes one (see _take_probe)
@@ -1136,7 +1138,9 @@ class Breaker:
             self._report_later(fleet, reservation, False)
             raise
         if decision == "probe":
-            self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)
+            # (the half-open state after an opening by hand whose message this process missed:
+            # said so, as the processes that followed the opening say it)
+            self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True, hand=hand, read=True)
             with self._lock:
                 self._hold(reservation)
             return True
@@ -1152,7 +1156,7 @@ class Breaker:
             raise self._reject(remaining, OPEN)
         # half-open with every probe slot taken: the answer comes within one attempt; the
         # pub/sub message of the closing or re-opening ends the wait sooner
-        self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)
+        self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True, hand=hand, read=True)
         wait = self._retry_after_probe()
         self._fleet_wait = now + wait
         raise self._reject(wait, HALF_OPEN)
@@ -1362,23 +1366,37 @@ class Breaker:
             if self._opened_locally and self._storage.state == OPEN:
                 remaining = self._remaining_open()
                 if remaining > 0:
-                    opening = (remaining, self.config.reset_timeout - remaining)
+                    # its age: since this process opened it (an opening by hand lasts its
+                    # seconds, not the reset timeout: its age is not the time it has used of one)
+                    made = self._opened_alone_at
+                    age = (
+                        self._timer() - made
+                        if made is not None
+                        else self.config.reset_timeout - remaining
+                    )
+                    opening = (remaining, age)
+            # an opening by hand is shared as one, with its reason
+            hand = (self.hand_reason or "") if self.by_hand else None
         if opening is None:
             # (Redis lost the state while the view holds the fleet's opening, confirmed
             # shortly before the link went down: written back)
             view = self.lost_view(since=fleet.down_since)
             self.fleet_sync(fleet.breaker_read(self.service, background=background, view=view))
             return
-        state, remaining, gen, opens, by_me = fleet.breaker_share_opening(
+        state, remaining, gen, opens, by_me, hand = fleet.breaker_share_opening(
             self.service,
             round(opening[0], 3),
             round(max(0.0, opening[1]), 3),
             background=background,
             opens=self._fleet_opens,
+            hand=hand,
         )
         if by_me:
             self._opened_here += 1
-        self.fleet_update(state, remaining, gen, opens, answer=True, force=True, mine=by_me)
+        # (shared, its own opening, by hand or not, read back: the same opening, not said again)
+        self.fleet_update(
+            state, remaining, gen, opens, answer=True, force=True, mine=by_me, hand=hand, read=True
+        )
 
     def fleet_update(
         self,
@@ -1426,6 +1444,10 @@ class Breaker:
             seen = gen == self._fleet_gen and gen != 0  # the view had this state already
             # the view had a shared state, and Redis has none now: restarted, or flushed
             lost = gen == 0 and self._fleet_gen > 0
+            # an opening the fleet made since the view's last (each one counts in ``opens``;
+            # one written back into a Redis that lost it keeps the count it had: the same), but
+            # for the one this process made alone, shared now (its own, said when made)
+            opened_since = opens > self._fleet_opens and not (mine and self._opened_locally)
             self._fleet_gen = gen
             self._view_seen = time.monotonic()
             self._opened_locally = False  # the view and the local breaker follow the fleet
@@ -1453,6 +1475,13 @@ class Breaker:
                 if self.close_reason is None:
                     self.close_reason = _hand_phrase(hand, elsewhere=not mine)
                     self.closing_by_hand = True
+            if state == HALF_OPEN and hand is not None:
+                # the half-open state after an opening by hand (learnt from a read, an answer,
+                # or the half-open message) is the operator's, as after one the view followed
+                if not self.by_hand or (hand or None) != self.hand_reason:
+                    self._take_hand(hand, elsewhere=not mine)
+            elif state == HALF_OPEN and read and self.by_hand:
+                self._forget_hand()  # (Redis says the opening before it was the failures')
             if self._storage.state == state and state != OPEN and not changed_by_hand:
                 return
             if seen and state == OPEN and remaining <= 0 and self._storage.state != OPEN:
@@ -1474,14 +1503,16 @@ class Breaker:
                 )
             if state == OPEN:
                 self._stamp_opening(self.config.reset_timeout - max(0.0, remaining))
-                # a new opening (not ``seen``) read while the local breaker is still open (its
-                # time over, no call came since): taken silently, as the same opening would
-                # be, unless it changes who made it, an operator or the failures, or the
-                # operator's reason (a by-hand opening whose message was missed, learnt from an
-                # answer or a read): said so. The opening by hand the view holds, read again
-                # (written back into a Redis that lost it), is not said again
+                # a new state (not ``seen``) read while the local breaker is still open (its
+                # time over, no call came since, or its message missed): taken silently when it
+                # is the same opening (written back into a Redis that lost it: the fleet's count
+                # of openings unchanged, and the same maker), else said as its message would
+                # have said it: a new opening (a re-opening by hand with the same reason, say),
+                # or one whose maker, an operator or the failures, or operator's reason differs
+                # (a by-hand opening whose message was missed, learnt from an answer or a read)
                 new_maker = not seen and (
-                    (hand is not None) != self.by_hand
+                    opened_since
+                    or (hand is not None) != self.by_hand
                     or (hand is not None and (hand or None) != self.hand_reason)
                 )
                 if self._storage.state == OPEN and not changed_by_hand and not new_maker:
@@ -1538,6 +1569,7 @@ class Breaker:
         self._stamp_opening(0.0 if seconds is None else self.config.reset_timeout - seconds)
         self._set_state(OPEN)
         self._opened_locally = self._fleet is not None
+        self._opened_alone_at = self._timer()
 
     def _close_saying(self, reason: str, *, by_hand: bool = False) -> None:
         """Close, the line saying ``reason`` (not a recovery), ``by_hand`` an operator's."""
@@ -1556,6 +1588,7 @@ class Breaker:
 
     def _set_state(self, state: str) -> None:
         self._opened_locally = False
+        self._opened_alone_at = None
         if state == HALF_OPEN:
             # a new lease for new probes; those of an earlier half-open state still running
             # hold no slot of this one

@@ -699,7 +699,9 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 def _record_text(record: Mapping[str, Any]) -> str:
     """A shared breaker's record in one line: ``orders: open by hand (database upgrade) since
-    2025-05-01T10:00:00Z, until 2025-05-01T10:10:00Z (599.9 s left); 3 openings``."""
+    2025-05-01T10:00:00Z, until 2025-05-01T10:10:00Z (599.9 s left); by resilient-db breaker,
+    pid 4242 on admin-1; 3 opening(s) fleet-wide`` (``by``: who set by hand the state in force,
+    an opening or a closing, when Redis records it)."""
     text = f"{record['service']}: {record['state']}"
     if record["by_hand"]:
         text += " by hand" + (f" ({record['reason']})" if record["reason"] else "")
@@ -708,6 +710,8 @@ def _record_text(record: Mapping[str, Any]) -> str:
     text += f" since {_utc(record['since'])}"
     if record["open_until"] is not None:
         text += f", until {_utc(record['open_until'])} ({record['seconds_left']:.1f} s left)"
+    if record.get("by"):
+        text += f"; by {record['by']}"
     return text + f"; {record['fleet_opens']} opening(s) fleet-wide"
 
 

@@ -147,6 +147,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -336,12 +337,12 @@ local function closed_hand()
   return '0', ''
 end
 -- who set the state ``st`` in force, for an answer: an opening's 'hand' and 'why' (h[at] and
--- h[at + 1], asked of read_breaker), a closing's (closed_hand) -> '1' and the operator's reason
--- ('' for none), else '0', '' (half-open; opened by failures, closed by probes)
+-- h[at + 1], asked of read_breaker), the half-open state's after it (the opening's: half-opening
+-- leaves them), a closing's (closed_hand) -> '1' and the operator's reason ('' for none), else
+-- '0', '' (opened by failures, closed by probes)
 local function hand_fields(st, h, at)
-  if st == 'open' then return h[at] or '0', h[at + 1] or '' end
   if st == 'closed' then return closed_hand() end
-  return '0', ''
+  return h[at] or '0', h[at + 1] or ''
 end
 -- the time now, then the breaker hash (KEYS[1]): its fields st, until, gen, opens and any
 -- further ones asked for (h[5], ...), its state, generation and openings. A state lost
@@ -378,7 +379,7 @@ local function open_breaker(now, gen, opens, reset)
   opens = opens + 1
   redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'at', tostring(now),
              'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', ARGV[3],
-             'hand', '0', 'why', '')
+             'hand', '0', 'why', '', 'who', '')
   redis.call('DEL', KEYS[2], KEYS[3])
   publish('open', reset, gen, opens)
   return gen, opens
@@ -489,8 +490,8 @@ return 0
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # probes, lease (s), reservation id, then the caller's view (see restore_view).
 # -> {decision (probe|closed|open|full), remaining, gen, opens, and for an open breaker
-# whether this process (its token) opened it, then whether by hand and why (see _hand_of); for
-# a closed one 0, then whether it was closed by hand, and why}
+# whether this process (its token) opened it (else 0), then whether the state was set by hand
+# and why (see _hand_of): an opening's, the half-open state's after it, a closing's}
 _ADMIT = (
     _COMMON
     + """
@@ -515,10 +516,12 @@ if st == 'open' then
              'gen', gstr(gen))
   redis.call('DEL', KEYS[3])
   reserve()
+  -- (the half-open state after an opening by hand is said so: its message carries the reason)
+  if h[8] == '1' then hand = h[9] or '' end
   publish('half-open', 0, gen, opens)
-  return {'probe', '0', gstr(gen), opens}
+  return {'probe', '0', gstr(gen), opens, 0, hand_fields('half-open', h, 8)}
 end
-if released then return {'full', '0', gstr(gen), opens} end
+if released then return {'full', '0', gstr(gen), opens, 0, hand_fields(st, h, 8)} end
 local probes = tonumber(h[5]) or 0
 local hos = tonumber(h[6]) or now
 if now < hos then
@@ -535,9 +538,9 @@ end
 if probes < tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'probes', probes + 1)
   reserve()
-  return {'probe', '0', gstr(gen), opens}
+  return {'probe', '0', gstr(gen), opens, 0, hand_fields(st, h, 8)}
 end
-return {'full', '0', gstr(gen), opens}
+return {'full', '0', gstr(gen), opens, 0, hand_fields(st, h, 8)}
 """
 )
 
@@ -548,9 +551,8 @@ return {'full', '0', gstr(gen), opens}
 # earlier half-open state (a probe reported late, after a Redis blip), does nothing; a
 # reservation not made yet is marked ended, so that its admit, arriving late, takes no slot.
 # Then the caller's view (see restore_view): a probe ending after Redis lost its reservation
-# finds it nowhere, and counts nowhere. -> {state, remaining, gen, opens}, and for an open
-# breaker whether it was opened by hand and why (see _hand_of), for a closed one whether it
-# was closed by hand and why
+# finds it nowhere, and counts nowhere. -> {state, remaining, gen, opens, then whether that
+# state was set by hand and why (see _hand_of)}; a closing by this probe is no change by hand
 _PROBE_DONE = (
     _COMMON
     + """
@@ -565,7 +567,7 @@ end
 if st ~= 'half-open' then
   return {st, st == 'open' and remaining(h, now) or '0', gstr(gen), opens, hand_fields(st, h, 7)}
 end
-if held ~= '1' then return {st, '0', gstr(gen), opens} end
+if held ~= '1' then return {st, '0', gstr(gen), opens, hand_fields(st, h, 7)} end
 local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
 if ARGV[5] == '1' then
   local ok = (tonumber(h[6]) or 0) + 1
@@ -580,14 +582,15 @@ if ARGV[5] == '1' then
 else
   redis.call('HSET', KEYS[1], 'probes', probes)
 end
-return {'half-open', '0', gstr(gen), opens}
+return {'half-open', '0', gstr(gen), opens, hand_fields(st, h, 7)}
 """
 )
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # state to force ('' = read only), the seconds an opening lasts, then the caller's view (see
 # restore_view: a read on rejoining writes back an opening Redis lost), then the operator's
-# reason ('' for none).
+# reason ('' for none) and who made the change (kept as ``who`` for ``resilient-db breaker
+# status``: the command, or a process, with its pid and host).
 # -> {state, remaining, gen, opens, '1' when that state was set by hand (else '0'), its reason}
 # A change by hand (open_breaker, close_breaker) is an operator's: its message carries ``f``
 # (forced) and ``h`` (the reason), so that the processes taking it, the caller's own
@@ -612,11 +615,11 @@ local reset = tonumber(ARGV[5])
 hand = ARGV[12] or ''
 if want == 'open' then
   gen, opens = open_breaker(now, gen, opens, reset)
-  redis.call('HSET', KEYS[1], 'hand', '1', 'why', hand)
+  redis.call('HSET', KEYS[1], 'hand', '1', 'why', hand, 'who', ARGV[13] or '')
 else
   gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'closed', 'gen', gstr(gen), 'probes', 0, 'ok', 0,
-             'hand', '0', 'why', hand, 'hclose', gstr(gen))
+             'hand', '0', 'why', hand, 'hclose', gstr(gen), 'who', ARGV[13] or '')
   redis.call('DEL', KEYS[2], KEYS[3])
   publish(want, 0, gen, opens)
   reset = 0
@@ -628,21 +631,32 @@ return {want, tostring(reset), gstr(gen), opens, '1', hand}
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token, the
 # seconds an opening this process made on its own (while Redis did not answer it) has left,
 # its age (s), then a view with nothing to write back, for the openings it had seen (see
-# open_breaker). Shared when the breaker is not open and changed last before that opening (gen 0:
-# it never changed): this process's failures would have opened it, had Redis heard them. Else
-# only read: the fleet's opening, or a change made since, is followed.
-# -> {state, remaining, gen, opens, opened by this call}
+# open_breaker), then '1' when that opening was made by hand (else '0'), the operator's reason
+# ('' for none) and who made it. Shared when the breaker is not open and changed last before
+# that opening (gen 0: it never changed): this process's failures (or its operator) would have
+# opened it, had Redis heard them. Shared as what it is: an opening by hand keeps 'hand', 'why'
+# and 'who', and its message carries the reason (``h``, not ``f``: no change made now by hand,
+# the one made then), so that the other processes say it was by hand. Else only read: the
+# fleet's opening, or a change made since, is followed.
+# -> {state, remaining, gen, opens, opened by this call, then whether the state was set by hand
+# and why (see _hand_of)}
 _SHARE_OPENING = (
     _COMMON
     + """
 VIEW = 6
-local now, h, st, gen, opens = read_breaker()
+local now, h, st, gen, opens = read_breaker('hand', 'why')
 if st ~= 'open' and gen / 1000000 < now - tonumber(ARGV[5]) then
+  local by_hand = ARGV[12] == '1'
+  if by_hand then hand = ARGV[13] or '' end
   gen, opens = open_breaker(now, gen, opens, tonumber(ARGV[4]))
-  return {'open', ARGV[4], gstr(gen), opens, 1}
+  if by_hand then
+    redis.call('HSET', KEYS[1], 'hand', '1', 'why', hand, 'who', ARGV[14] or '')
+    return {'open', ARGV[4], gstr(gen), opens, 1, '1', hand}
+  end
+  return {'open', ARGV[4], gstr(gen), opens, 1, '0', ''}
 end
-if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens, 0} end
-return {st, '0', gstr(gen), opens, 0}
+local left = st == 'open' and remaining(h, now) or '0'
+return {st, left, gstr(gen), opens, 0, hand_fields(st, h, 5)}
 """
 )
 
@@ -1174,8 +1188,9 @@ class FleetLink:
         """Set the shared state to ``state`` by hand, an opening for ``reset_timeout`` seconds,
         ``hand`` the operator's reason (``""``: none); ``state`` ``""``: only read it, writing
         ``view`` back first if Redis lost the breaker's state. The last of the answer: the
-        reason of the opening in force when it was made by hand (``""``: with none), None when
-        it was not (failures made it, or it is not open); for a change, ``hand``."""
+        reason of the state in force when it was set by hand (an opening, the half-open state
+        after it, a closing; ``""``: with none), None when it was not (failures opened it, a
+        probe closed it); for a change, ``hand``."""
         answer = self._call(
             "force",
             _breaker_keys(service),
@@ -1187,6 +1202,7 @@ class FleetLink:
                 reset_timeout,
                 *_view_args(view, opens),
                 hand,
+                changed_by("") if state else "",
             ],
             background=background,
         )
@@ -1201,20 +1217,35 @@ class FleetLink:
         *,
         background: bool = True,
         opens: int = 0,
-    ) -> tuple[str, float, int, int, bool]:
+        hand: str | None = None,
+    ) -> tuple[str, float, int, int, bool, str | None]:
         """On rejoining, or attaching: share the opening this process made on its own while
         Redis did not answer it (or before it shared the breaker: ``remaining`` seconds left,
         made ``age`` seconds ago), unless the shared breaker is open or changed since; the
-        shared state, and whether this call opened it. ``background``: run by the background
-        thread (it handles failures itself); else a failure marks the link down and raises
-        :class:`FleetDown`."""
-        st, rem, gen, opens, by_me = self._call(
+        shared state, whether this call opened it, and the reason of the state in force when
+        it was set by hand (see :func:`_hand_of`). ``hand``: that opening was made by hand
+        (``open_breaker``), the operator's reason (``""``: none given); None: by failures. It
+        is shared as such: the other processes say it was by hand, and why. ``background``:
+        run by the background thread (it handles failures itself); else a failure marks the
+        link down and raises :class:`FleetDown`."""
+        answer = self._call(
             "share_opening",
             _breaker_keys(service),
-            [self.channel, service, self.token, remaining, age, *_view_args(None, opens)],
+            [
+                self.channel,
+                service,
+                self.token,
+                remaining,
+                age,
+                *_view_args(None, opens),
+                "0" if hand is None else "1",
+                hand or "",
+                "" if hand is None else changed_by(""),
+            ],
             background=background,
         )
-        return _s(st), float(rem), int(gen), int(opens), bool(by_me)
+        st, rem, gen, opens, by_me = answer[:5]
+        return _s(st), float(rem), int(gen), int(opens), bool(by_me), _hand_of(answer, 5)
 
     def breaker_read(
         self, service: str, *, background: bool = False, view: View | None = None
@@ -1618,14 +1649,16 @@ class FleetLink:
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
             mine = data.get("b") == self.token
-            # a change by hand (open_breaker, close_breaker; see _FORCE): the operator's reason
-            hand = _s(data.get("h") or "") if data.get("f") else None
+            # the state was set by hand: the operator's reason. A change made by hand now
+            # (``f``: open_breaker, close_breaker; see _FORCE) is said even when the view
+            # was in that state already; else (no ``f``) the message tells of the state the
+            # operator set before: an opening by hand written back into a Redis that lost it
+            # (see restore_view), or shared on rejoining (see _SHARE_OPENING), the half-open
+            # state after one (see _ADMIT)
+            forced = bool(data.get("f"))
+            hand = _s(data.get("h") or "") if forced or "h" in data else None
+            read = hand is not None and not forced
             restored = bool(data.get("w"))  # written back into a Redis that lost it
-            # an opening written back and nothing more: the same opening, not a new one (one
-            # by hand carries its reason, see restore_view)
-            same = restored and not data.get("f")
-            if same and "h" in data:
-                hand = _s(data["h"])
         except (KeyError, TypeError, ValueError):
             log_quietly(
                 _log, logging.DEBUG, "ignoring a message on %s that is not ours", self.channel
@@ -1635,7 +1668,7 @@ class FleetLink:
         if breaker is not None:
             reason = _RESTORED_REASON if restored and not mine else None
             try:
-                breaker.fleet_update(*update, mine=mine, reason=reason, hand=hand, read=same)
+                breaker.fleet_update(*update, mine=mine, reason=reason, hand=hand, read=read)
                 if restored and mine:
                     breaker.say_restored(update[0], update[1])
             except Exception as exc:
@@ -1768,10 +1801,10 @@ def _acl_refusal(text: str) -> str:
 
 
 def _hand_of(answer: Any, at: int) -> str | None:
-    """Whether a breaker script's ``answer`` says the state it names (open, or closed) was set
-    by hand: ``answer[at]`` is ``'1'`` then and ``answer[at + 1]`` the operator's reason
-    (``""``: none given), returned; None when it was not (failures opened it, a probe closed
-    it), or the answer says nothing of it (half-open)."""
+    """Whether a breaker script's ``answer`` says the state it names was set by hand (an
+    opening, the half-open state after it, a closing): ``answer[at]`` is ``'1'`` then and
+    ``answer[at + 1]`` the operator's reason (``""``: none given), returned; None when it was
+    not (failures opened it, a probe closed it), or the answer says nothing of it."""
     if len(answer) > at + 1 and _s(answer[at]) == "1":
         return _s(answer[at + 1])
     return None
@@ -1909,6 +1942,19 @@ def operator_client(url: str, timeout: float) -> Any:
     )
 
 
+def changed_by(what: str) -> str:
+    """Who makes a change by hand, as ``resilient-db breaker status`` says it (``by``):
+    ``what`` (``"resilient-db breaker"``: the command; ``""``: a process of the fleet,
+    ``open_breaker()``), this process's pid and its host's name."""
+    host = socket.gethostname()[:_HOST_MAX] or "an unnamed host"
+    where = f"pid {os.getpid()} on {host}"
+    return f"{what}, {where}" if what else where
+
+
+#: the longest host name a change by hand records (``changed_by``)
+_HOST_MAX = 100
+
+
 def operator_force(
     client: Any, service: str, *, state: str, seconds: float, reason: str, token: str
 ) -> bool:
@@ -1922,8 +1968,10 @@ def operator_force(
     keys = _breaker_keys(service)
     known = bool(client.exists(keys[0]))
     channel = CHANNEL.format(db=client.get_connection_kwargs().get("db") or 0)
+    who = changed_by("resilient-db breaker")
     client.register_script(_FORCE)(
-        keys=keys, args=[channel, service, token, state, seconds, *_view_args(None), reason]
+        keys=keys,
+        args=[channel, service, token, state, seconds, *_view_args(None), reason, who],
     )
     return known
 
@@ -1934,8 +1982,10 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
     closed as far as the fleet knows), ``state`` (``open`` whose time is over is
     ``half-open``: what the next call meets, as ``health()`` says), ``since`` (Redis time of
     its last change, seconds since the epoch; None without a record), ``open_until`` and
-    ``seconds_left`` (while open), ``by_hand`` and ``reason`` (the opening in force was made
-    by hand, and why; False and None while closed) and ``fleet_opens``."""
+    ``seconds_left`` (while open), ``by_hand``, ``reason`` and ``by`` (the state in force was
+    set by hand: an opening, the half-open state after it, or a closing; why, and who made
+    the change: the command or a process, its pid and host; False, None and None when
+    failures opened it or probes closed it) and ``fleet_opens``."""
     if service is None:
         head, tail = f"{PREFIX}:{{", "}:breaker"
         names = sorted(
@@ -1951,9 +2001,9 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
     now = float(seconds) + float(micros) / 1_000_000
     records = []
     for name in names:
-        fields = ("st", "until", "gen", "opens", "hand", "why")
+        fields = ("st", "until", "gen", "opens", "hand", "why", "hclose", "who")
         raw = client.hmget(_keys(name).breaker, *fields)
-        st, until, gen, opens, hand, why = (None if v is None else _s(v) for v in raw)
+        st, until, gen, opens, hand, why, hclose, who = (None if v is None else _s(v) for v in raw)
         record: dict[str, Any] = {
             "service": name,
             "recorded": gen is not None,
@@ -1963,6 +2013,7 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
             "seconds_left": None,
             "by_hand": False,
             "reason": None,
+            "by": None,
             "fleet_opens": int(opens or 0),
         }
         if record["state"] == "open":
@@ -1972,8 +2023,12 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
                 record["seconds_left"] = round(end - now, 3)
             else:
                 record["state"] = "half-open"
-        if record["state"] != "closed" and hand == "1":
+        # (a closing by hand is the last change while 'hclose' is its generation: see
+        # closed_hand in the scripts)
+        closed = record["state"] == "closed"
+        if (hand == "1" and not closed) or (closed and hclose is not None and hclose == gen):
             record["by_hand"] = True
             record["reason"] = why or None
+            record["by"] = who or None
         records.append(record)
     return records

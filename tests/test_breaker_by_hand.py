@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet
+from fleet import ForgetfulForwarder, Gate, fleet
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from processes import wait_for
 from prometheus_client import CollectorRegistry, generate_latest
@@ -429,3 +429,91 @@ def test_two_processes_share_an_opening_and_a_closing_by_hand(
                 ), closed
         (closed,) = operator.said("Circuit breaker closed")
         assert closed.endswith("by hand (upgrade done)")
+
+
+@pytest.mark.slow
+def test_an_opening_by_hand_made_while_redis_was_down_is_shared_as_one(
+    redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path
+) -> None:
+    """Opened by hand while Redis does not answer, the opening is this process's alone; Redis
+    answering again (restarted, empty), it is shared with the fleet as what it is: the other
+    process follows an opening by hand, with its reason (its line, refusals and health(), and
+    the fleet's record that ``resilient-db breaker status`` reads), not one of "another
+    process's failures"; and the process that made it says it once, by hand, not a second
+    time as the fleet's failures."""
+    from resilient_db._fleet import operator_records  # noqa: PLC0415
+
+    with fleet(2, pg_url, fleet_settings(redis_server), tmp_path) as (operator, other):
+        for w in (operator, other):
+            assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+        redis_server.kill()
+        for w in (operator, other):
+            assert w.ask("wait", what="disconnected", timeout=10)["ok"], w.log()
+        assert operator.ask("open_breaker", reason=REASON, seconds=120) == {"fleet_wide": False}
+        assert other.ask("try") == {"outcome": "ok"}  # (the other process's own breaker)
+
+        redis_server.start()  # same port, no state
+        for w in (operator, other):
+            assert w.ask("wait", what="connected", timeout=10)["ok"], w.log()
+        assert other.ask("wait", what="open", timeout=10)["ok"], other.log()
+        calls = gate.calls()
+        refused = other.ask("try")
+        assert (refused["outcome"], refused["by_hand"]) == ("open", True)
+        assert refused["cause"] == f"opened by hand in another process: {REASON}"
+        assert gate.calls() == calls
+        (line,) = other.said("Circuit breaker opened")
+        assert f"by hand in another process (shared through Redis) ({REASON})" in line, line
+        health = other.ask("health")["services"]["fleet"]["breaker"]
+        assert (health["by_hand"], health["reason"]) == (True, REASON)
+        assert 100 < health["retry_after"] <= 120
+        assert health["shared"]["opens_followed"] == 1
+
+        (own,) = operator.said("Circuit breaker opened")
+        assert f"by hand ({REASON}), in this process only (Redis does not answer)" in own
+        service = operator.ask("health")["services"]["fleet"]
+        health = service["breaker"]
+        assert (health["by_hand"], health["reason"]) == (True, REASON)
+        assert health["shared"]["opened_here"] == 1
+        assert service["counters"]["breaker_opens"] == 1  # one opening, counted once
+        (record,) = operator_records(redis_server.client(), "fleet")
+        assert (record["state"], record["by_hand"], record["reason"]) == ("open", True, REASON)
+
+
+@pytest.mark.slow
+def test_a_short_opening_by_hand_made_while_redis_did_not_answer_is_shared_on_rejoining(
+    redis_server: RedisServer, engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An opening by hand for less than the reset timeout, made while Redis did not answer
+    (its connections forgotten by a NAT: the command never reached it), is shared when Redis
+    answers again, though the shared breaker changed a moment before it was made (it is
+    shared unless the breaker changed since): it is not thrown away, the local breaker closed
+    as the fleet's record said before the opening."""
+    from resilient_db._fleet import operator_records  # noqa: PLC0415
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with ForgetfulForwarder(redis_server.port) as forwarder:
+        config = rdb.Config(
+            redis_url=forwarder.url(redis_server.url), retry=False, reset_timeout=600
+        )
+        Session = rdb.ResilientSession(engine, service=service, config=config)
+        wait_for(lambda: shared_entry(service)["connected"], "the link", 10)
+        assert rdb.close_breaker(service, reason="a record") is True  # the fleet's last change
+        forwarder.forget()  # (nothing sent reaches Redis, nothing comes back)
+        assert rdb.open_breaker(service, reason=REASON, seconds=60) is False
+        wait_for(lambda: not shared_entry(service)["connected"], "the link down", 10)
+        # its background thread connects anew (new connections pass) and shares the opening
+        wait_for(lambda: shared_entry(service)["connected"], "the link back", 20)
+        (record,) = operator_records(redis_server.client(), service)
+        assert (record["state"], record["by_hand"], record["reason"]) == ("open", True, REASON)
+        assert 50 < record["seconds_left"] <= 60
+        with pytest.raises(rdb.CircuitOpenError) as refused:
+            Session.run(select_one)
+        assert refused.value.cause == f"opened by hand: {REASON}"
+        assert lines(caplog, "Circuit breaker closed") == [
+            f"[SELF-HEAL] Circuit breaker closed: service={service} by hand (a record)"
+        ]
+
+
+def shared_entry(service: str) -> dict[str, Any]:
+    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]
+    return entry

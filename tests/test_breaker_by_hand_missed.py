@@ -279,3 +279,88 @@ def test_a_probes_closing_after_an_opening_by_hand_learnt_later_says_recovered(
     assert line.endswith(f"service={SERVICE} recovered"), line
     (closed,) = [e for e in events if e.name == "breaker_closed"]
     assert closed.fields["by_hand"] is False
+
+
+# -- the half-open state after an opening by hand, and a re-opening, learnt from Redis ----------
+def test_a_process_joining_while_half_open_after_an_opening_by_hand_says_by_hand(
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    operator: WorkerProcess,
+    gate: Gate,
+) -> None:
+    """The operator's short opening by hand is over and the operator's process runs the fleet's
+    one half-open probe (it waits on a lock in the database) when this process joins the
+    fleet: the state it reads is half-open, after an opening by hand, as the process that
+    followed the opening says (health(), the refusal of a unit finding every probe slot
+    taken); the probe's closing is a recovery."""
+    assert operator.ask("open_breaker", reason=REASON, seconds=0.5) == {"fleet_wide": True}
+
+    def operators() -> dict[str, Any]:
+        entry: dict[str, Any] = operator.ask("health")["services"][SERVICE]["breaker"]
+        return entry
+
+    # the opening's own 0.5 s (a condition on the breaker, not a backoff)
+    wait_for(lambda: operators()["state"] == "half-open", "the opening's end", 10)
+    gate.set(hold=True)
+    with gate.holding():
+        assert operator.ask("start", n=1) == {"started": 1}  # the fleet's probe
+        wait_for(lambda: gate.waiting_on_hold() == 1, "the probe, waiting in the database", 10)
+        assert (operators()["by_hand"], operators()["reason"]) == (True, REASON)
+
+        config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=0.5)
+        factory = rdb.ResilientSession(engine, service=SERVICE, config=config)
+        wait_for(lambda: shared(SERVICE)["connected"], "the link", 10)
+        breaker = rdb.health()["services"][SERVICE]["breaker"]
+        assert (breaker["state"], breaker["by_hand"], breaker["reason"]) == (
+            "half-open",
+            True,
+            REASON,
+        )
+        with pytest.raises(rdb.CircuitOpenError) as refused:
+            factory.run(gate_unit)  # every probe slot taken
+        assert refused.value.state == "half-open"
+        assert refused.value.by_hand is True
+        assert refused.value.cause == f"opened by hand in another process: {REASON}"
+        gate.set(hold=False)
+    assert operator.ask("wait", what="closed", timeout=10)["ok"], operator.log()
+    wait_for(lambda: rdb.health()["services"][SERVICE]["breaker"]["state"] == "closed",
+             "the probe's closing", 10)  # fmt: skip
+    breaker = rdb.health()["services"][SERVICE]["breaker"]
+    assert (breaker["by_hand"], breaker["reason"]) == (False, None)
+
+
+def test_a_reopening_by_hand_learnt_from_the_background_check_is_said(
+    deaf: Any,
+    operator: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """This process follows the operator's opening by hand (its message came), then its
+    subscription is dropped; the operator opens the breaker again, for longer, with the same
+    reason (the maintenance runs late): the background check's read is the first this process
+    hears of it, and it says the new opening as its message would have (a written-back view,
+    the same opening read again, is not: it carries the fleet's count of openings unchanged)."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    factory, forwarder = deaf
+    breaker = factory.policy.breaker
+    assert operator.ask("open_breaker", reason=REASON, seconds=60) == {"fleet_wide": True}
+    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
+    forwarder.forget(subscriptions_only=True)
+    caplog.clear()
+    events.clear()
+
+    assert operator.ask("open_breaker", reason=REASON, seconds=600) == {"fleet_wide": True}
+    wait_for(
+        lambda: breaker.describe().get("retry_after", 0) > 300,
+        "the background check reading the re-opening",
+        10,
+    )
+    # said just after the view took it (the breaker's listeners run once the state is set)
+    wait_for(lambda: bool(opened_lines(caplog)), "the re-opening's line", 10)
+    (line,) = opened_lines(caplog)
+    assert BY_HAND_ELSEWHERE in line, line
+    assert "rejecting calls for 59" in line, line  # (the 600 s asked for, less the trip)
+    (opened,) = [e for e in events if e.name == "breaker_opened"]
+    assert (opened.fields["by_hand"], opened.fields["opened_here"]) == (True, False)
+    assert shared(SERVICE)["opens_followed"] == 2
+    assert shared(SERVICE)["fleet_opens"] == 2

@@ -78,7 +78,8 @@ def test_an_operator_opens_and_closes_a_fleets_breaker_from_the_command_line(
             f"opened by hand in Redis at {mask_url(redis_server.url)}: fleet: open by hand "
             f"({REASON}) since "
         ), done.stdout
-        assert "s left); 1 opening(s) fleet-wide" in done.stdout
+        assert "s left); by resilient-db breaker, pid " in done.stdout
+        assert done.stdout.endswith(f" on {socket.gethostname()}; 1 opening(s) fleet-wide\n")
         calls, connections = gate.calls(), fault_proxy.connections_accepted
         for w in workers:
             assert w.ask("wait", what="open", timeout=10)["ok"], w.log()
@@ -108,7 +109,10 @@ def test_an_operator_opens_and_closes_a_fleets_breaker_from_the_command_line(
         done = command("breaker", "close", "fleet", "--reason", "upgrade done",
                        redis_url=redis_server.url)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        assert ": fleet: closed since " in done.stdout
+        assert ": fleet: closed by hand (upgrade done) since " in done.stdout
+        # (by the command's own process, on this host)
+        assert "; by resilient-db breaker, pid " in done.stdout
+        assert f" on {socket.gethostname()}; " in done.stdout
         for w in workers:
             assert w.ask("wait", what="closed", timeout=10)["ok"], w.log()
             assert w.ask("try") == {"outcome": "ok"}
@@ -143,14 +147,19 @@ def test_status_lists_every_recorded_service_and_says_one_without_a_record(
     by_name = {r["service"]: r for r in payload["breakers"]}
     assert sorted(by_name) == ["billing", "orders"]
     assert (by_name["billing"]["state"], by_name["billing"]["reason"]) == ("open", REASON)
+    # closed by hand: said so, why, and by what
     assert by_name["orders"]["state"] == "closed"
-    assert (by_name["orders"]["by_hand"], by_name["orders"]["reason"]) == (False, None)
+    assert (by_name["orders"]["by_hand"], by_name["orders"]["reason"]) == (True, "fixed")
+    assert by_name["orders"]["by"].startswith(f"resilient-db breaker, pid {os.getpid()} on ")
+    assert by_name["billing"]["by"] == by_name["orders"]["by"]
     assert by_name["orders"]["open_until"] is None
 
     assert main(["breaker", "status", "--redis-url", url]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["billing", "orders"]
     assert lines[0].startswith(f"billing: open by hand ({REASON}) since ")
+    assert lines[1].startswith("orders: closed by hand (fixed) since ")
+    assert f"; by resilient-db breaker, pid {os.getpid()} on " in lines[1]
 
     assert main(["breaker", "status", "nothing-here", "--redis-url", url]) == 0
     assert capsys.readouterr().out == (
