@@ -126,3 +126,60 @@ def test_the_recipe_leaves_flasks_own_answers_and_the_applications_errors_as_the
     assert failed.status_code == 500
     assert failed.headers["Content-Type"].startswith("text/html")  # Flask's own 500
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [KeyError]  # logged once
+
+
+def test_an_opening_by_hand_is_answered_as_paused_not_as_a_failing_database(
+    direct: sa.Engine, service: str
+) -> None:
+    """A maintenance window opened by an operator (``rdb.open_breaker``) is no failure: the
+    503 a Flask view answers during it, and the partly-committed answer of an operation it cut
+    short, say the dependency was paused by an operator, not that it "is failing" (the error
+    itself never says "after repeated database failures" for an opening by hand)."""
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config(reset_timeout=30))
+    app = flask.Flask(__name__)
+    app.register_error_handler(Exception, readme_recipe)
+
+    def add(session: Session) -> None:
+        create_task(session, title="t", idem_key=str(uuid.uuid4()))
+
+    @app.post("/one")
+    def one() -> Any:
+        Sessions.run(add)
+        return {"ok": True}
+
+    @app.post("/two")
+    @rdb.with_self_healing(service=f"{service}-view")  # a view of units, as docs/web.md shows
+    def two() -> Any:
+        Sessions.run(add)  # committed
+        rdb.open_breaker(service, reason="database upgrade", seconds=30)
+        Sessions.run(add)  # refused: the rest of the change is not attempted
+        return {"ok": True}
+
+    client = app.test_client()
+    try:
+        assert client.post("/one").status_code == 200  # closed: the unit runs
+        rdb.open_breaker(service, reason="database upgrade", seconds=30)
+        paused = client.post("/one")
+        assert paused.status_code == 503
+        assert paused.json is not None
+        assert paused.json["type"] == "urn:resilient-db:problem:circuit-open"
+        assert "failing" not in paused.json["detail"]
+        assert paused.json["detail"] == (
+            f"Requests to the {service!r} dependency are paused by an operator; they are not "
+            "attempted for 30 s. Retry after that."
+        )
+        assert "database upgrade" not in paused.json["detail"]  # the reason stays server-side
+
+        rdb.close_breaker(service, reason="upgrade done")
+        partly = client.post("/two")
+        assert partly.status_code == 500
+        assert partly.json is not None
+        assert partly.json["type"] == "urn:resilient-db:problem:partly-committed"
+        assert partly.json["failure"] == "circuit-open"
+        assert "failing" not in partly.json["detail"]
+        assert partly.json["detail"].endswith(
+            f" The rest was not attempted: requests to the {service!r} dependency are paused "
+            "by an operator."
+        )
+    finally:
+        rdb.close_breaker(service, reason="test done")

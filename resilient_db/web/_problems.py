@@ -301,12 +301,18 @@ def _body(
     return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
 
 
+def _why_open(exc: CircuitOpenError) -> str:
+    """Why an open circuit refuses: an operator's pause (``open_breaker``: no failure; its
+    reason stays on the server) or a failing dependency."""
+    if exc.by_hand:
+        return f"requests to the {exc.service!r} dependency are paused by an operator"
+    return f"the {exc.service!r} dependency is failing"
+
+
 #: what the rest of a partly-committed change failed with, by the problem type its error has by
 #: itself (the sentence names no values: no row key, state or message text)
 _REST: dict[str, Callable[[Any], str]] = {
-    "circuit-open": lambda exc: (
-        f" The rest was not attempted: the {exc.service!r} dependency is failing."
-    ),
+    "circuit-open": lambda exc: f" The rest was not attempted: {_why_open(exc)}.",
     "stale-transition": lambda exc: (
         f" The rest was refused: the {exc.model} was moved by another request meanwhile."
     ),
@@ -403,8 +409,13 @@ def _problem_by_class(
                 "circuit-open",
                 "Service temporarily unavailable",
                 503,
-                f"The {exc.service!r} dependency is failing; requests are not attempted for "
-                f"{seconds} s. Retry after that.",
+                (
+                    f"Requests to the {exc.service!r} dependency are paused by an operator; "
+                    f"they are not attempted for {seconds} s. Retry after that."
+                    if exc.by_hand
+                    else f"The {exc.service!r} dependency is failing; requests are not "
+                    f"attempted for {seconds} s. Retry after that."
+                ),
                 service=exc.service,
                 retry_after=seconds,
             ),
