@@ -1,0 +1,309 @@
+"""SQLAlchemy's own ORM tests, run plainly and through resilient_db's session factories.
+
+resilient_db promises a drop-in in the strict sense: anything that works with ``sessionmaker``
+works with ``ResilientSession``. This script checks that promise with SQLAlchemy's own test
+suite (the ``test/`` directory of its source distribution, for the version installed): it runs
+the chosen modules twice against a throwaway PostgreSQL (the project's embedded server), once
+plainly and once with this file loaded as a pytest plugin, which makes every session those tests
+make come from resilient_db's factories with their default configuration (retries, breaker,
+transition guard on; commit markers not installed), and reports each test whose outcome differs.
+
+Run it (a few minutes; it is not part of ``make test``)::
+
+    cd /tmp && pip download --no-binary :all: --no-deps "sqlalchemy==$(python -c \\
+        'import sqlalchemy; print(sqlalchemy.__version__)')" && tar xzf sqlalchemy-*.tar.gz
+    python scripts/sqlalchemy_suite.py --source /tmp/sqlalchemy-X.Y.Z
+    python scripts/sqlalchemy_suite.py --source ... --driver asyncpg \\
+        test/ext/asyncio/test_session.py test/ext/asyncio/test_scoping.py
+
+``--url URL`` uses an existing server instead (a database the suite may fill with tables and
+the schemas ``test_schema`` and ``test_schema_2``); ``--through-only`` skips the plain run;
+``--keep DIR`` keeps the two runs' JUnit XML files there. The exit status is 0 when no test
+passed plainly and failed through resilient_db, 1 otherwise.
+
+How the sessions are routed (pytest plugin ``sqlalchemy_suite``, on when
+``RDB_SQLA_SUITE_ROUTE=1``): SQLAlchemy's ``fixture_session()`` and, in every collected test
+module, the names ``Session``, ``sessionmaker``, ``AsyncSession`` and ``async_sessionmaker``
+are replaced: ``sessionmaker(...)`` becomes ``rdb.ResilientSession(...)`` (and
+``async_sessionmaker`` ``rdb.AsyncResilientSession``), and a session built directly,
+``Session(bind, **kw)``, becomes ``rdb.ResilientSession(bind, **kw)()`` (the class named
+``Session`` there is a subclass of SQLAlchemy's that the factory's sessions are instances of,
+so ``isinstance`` and events set on it work as before). Between tests
+``rdb.reset_state()`` closes every breaker, as a test suite of a user's would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+ROUTE_ENV = "RDB_SQLA_SUITE_ROUTE"
+
+DEFAULT_MODULES = (
+    "test/orm/test_transaction.py",
+    "test/orm/test_session.py",
+    "test/orm/test_events.py",
+    "test/orm/test_scoping.py",
+    "test/orm/test_bind.py",
+)
+
+# -- the pytest plugin -----------------------------------------------------------------------
+
+
+def _routed_names() -> dict[str, Any]:
+    """The replacements: name in a test module -> what it becomes."""
+    from sqlalchemy import orm  # noqa: PLC0415 - only when the plugin routes
+    from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415
+
+    import resilient_db as rdb  # noqa: PLC0415
+
+    class _RoutedMeta(type):
+        """``Session(...)`` on the routed class itself: a session from a factory."""
+
+        def __call__(cls, *args: Any, **kw: Any) -> Any:
+            # (AsyncSession making its sync session: the async factory routed that one)
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if cls.__dict__.get("_routed_factory") is None or caller == sa_asyncio.session.__name__:
+                return super().__call__(*args, **kw)
+            return cls._routed_factory(cls, *args, **kw)
+
+    def _session(cls: type, bind: Any = None, **kw: Any) -> Any:
+        kw.setdefault("class_", cls)
+        _MADE["sessions"] += 1
+        return rdb.ResilientSession(bind, **kw)()
+
+    def _async_session(cls: type, bind: Any = None, **kw: Any) -> Any:
+        kw.setdefault("class_", cls)
+        _MADE["async sessions"] += 1
+        return rdb.AsyncResilientSession(bind, **kw)()
+
+    class Session(orm.Session, metaclass=_RoutedMeta):
+        _routed_factory = staticmethod(_session)
+
+    class AsyncSession(sa_asyncio.AsyncSession, metaclass=_RoutedMeta):
+        _routed_factory = staticmethod(_async_session)
+
+    # (the class keeps SQLAlchemy's name, which tests print and compare, and its signature,
+    # which resilient_db reads to check the keywords a factory is given)
+    for routed, original in ((Session, orm.Session), (AsyncSession, sa_asyncio.AsyncSession)):
+        routed.__qualname__ = routed.__name__ = original.__name__
+        routed.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+
+    def sessionmaker(bind: Any = None, **kw: Any) -> Any:
+        kw.setdefault("class_", Session)
+        _MADE["factories"] += 1
+        return rdb.ResilientSession(bind, **kw)
+
+    def async_sessionmaker(bind: Any = None, **kw: Any) -> Any:
+        kw.setdefault("class_", AsyncSession)
+        _MADE["async factories"] += 1
+        return rdb.AsyncResilientSession(bind, **kw)
+
+    return {
+        "Session": (orm.Session, Session),
+        "sessionmaker": (orm.sessionmaker, sessionmaker),
+        "AsyncSession": (sa_asyncio.AsyncSession, AsyncSession),
+        "async_sessionmaker": (sa_asyncio.async_sessionmaker, async_sessionmaker),
+    }
+
+
+_ROUTED: dict[str, Any] = {}
+#: what the routing made, said at the end of the run (a run that routed nothing checks nothing)
+_MADE: dict[str, int] = dict.fromkeys(
+    ("sessions", "async sessions", "factories", "async factories"), 0
+)
+
+
+def _routing() -> bool:
+    return os.environ.get(ROUTE_ENV) == "1"
+
+
+def _route_fixture_session() -> None:
+    """SQLAlchemy's ``fixture_session()``: a session from a factory (imported only now:
+    SQLAlchemy's plugin sets its testing package up first)."""
+    from sqlalchemy.testing import config as sa_config  # noqa: PLC0415
+    from sqlalchemy.testing import fixtures  # noqa: PLC0415
+    from sqlalchemy.testing.fixtures import orm as orm_fixtures  # noqa: PLC0415
+
+    _ROUTED.update(_routed_names())
+    routed_session = _ROUTED["Session"][1]
+    original = orm_fixtures.fixture_session
+
+    def fixture_session(**kw: Any) -> Any:
+        kw.setdefault("autoflush", True)
+        kw.setdefault("expire_on_commit", True)
+        bind = kw.pop("bind", sa_config.db)
+        sess = routed_session(bind, **kw)
+        orm_fixtures._fixture_sessions.add(sess)
+        return sess
+
+    fixture_session.__wrapped__ = original  # type: ignore[attr-defined]
+    orm_fixtures.fixture_session = fixture_session
+    fixtures.fixture_session = fixture_session
+    _ROUTED["fixture_session"] = (original, fixture_session)
+
+
+def pytest_collection_modifyitems(session: Any, config: Any, items: list[Any]) -> None:
+    if not _routing():
+        return
+    if not _ROUTED:
+        _route_fixture_session()
+    seen: set[int] = set()
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, (original, routed) in _ROUTED.items():
+            if module.__dict__.get(name) is original:
+                setattr(module, name, routed)
+
+
+def pytest_runtest_teardown(item: Any) -> None:
+    if not _routing():
+        return
+    import resilient_db as rdb  # noqa: PLC0415
+
+    rdb.reset_state()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _routing():
+        made = ", ".join(f"{n} {what}" for what, n in _MADE.items())
+        terminalreporter.write_line(f"made through resilient_db: {made}")
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def _outcomes(xml_path: Path) -> dict[str, str]:
+    """test id -> passed / failed / error / skipped, from a JUnit XML file."""
+    result: dict[str, str] = {}
+    if not xml_path.exists():
+        return result
+    for case in ET.parse(xml_path).iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                if outcome != "skipped":
+                    break
+        result[name] = outcome
+    return result
+
+
+def _run(
+    source: Path, url: str, modules: list[str], xml_path: Path, *, route: bool, extra: list[str]
+) -> int:
+    env = dict(os.environ)
+    env[ROUTE_ENV] = "1" if route else "0"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parent), env.get("PYTHONPATH")) if p
+    )
+    command = [
+        sys.executable,
+        "-s",  # the installed SQLAlchemy (the sdist's conftest adds its lib/ otherwise)
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:resilient_db",
+        "-p",
+        "sqlalchemy_suite",
+        "-q",
+        "--tb=short",
+        "--maxfail=100000",
+        f"--junitxml={xml_path}",
+        f"--dburi={url}",
+        *extra,
+        *modules,
+    ]
+    print(("through resilient_db: " if route else "plainly: ") + " ".join(modules), flush=True)
+    return subprocess.call(command, cwd=source, env=env)
+
+
+def _prepare(url: str) -> None:
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for schema in ("test_schema", "test_schema_2"):
+            conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, type=Path, help="SQLAlchemy's unpacked sdist")
+    parser.add_argument("--url", help="an existing server's database (psycopg URL)")
+    parser.add_argument(
+        "--driver", default="psycopg", choices=("psycopg", "asyncpg", "psycopg_async")
+    )
+    parser.add_argument("--through-only", action="store_true")
+    parser.add_argument("--keep", type=Path, help="keep the JUnit XML files in this directory")
+    parser.add_argument("modules", nargs="*", default=list(DEFAULT_MODULES))
+    args, extra = parser.parse_known_args(argv)
+    if not (args.source / "test" / "conftest.py").is_file():
+        parser.error(f"--source {args.source}: no test/conftest.py there (SQLAlchemy's sdist?)")
+    with contextlib.ExitStack() as stack:
+        url = args.url
+        if url is None:
+            from resilient_db.testing import EmbeddedPostgres  # noqa: PLC0415
+
+            server = EmbeddedPostgres()
+            stack.callback(server.close)
+            server.start()
+            server.create_database("test")
+            url = server.url("test")
+        _prepare(url)
+        import sqlalchemy as sa  # noqa: PLC0415
+
+        dburi = sa.make_url(url).set(drivername=f"postgresql+{args.driver}")
+        dburi_text = dburi.render_as_string(hide_password=False)
+        out = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        out.mkdir(parents=True, exist_ok=True)
+        plain_xml, routed_xml = out / "plain.xml", out / "routed.xml"
+        if not args.through_only:
+            _run(args.source, dburi_text, args.modules, plain_xml, route=False, extra=extra)
+        _run(args.source, dburi_text, args.modules, routed_xml, route=True, extra=extra)
+        plain, routed = _outcomes(plain_xml), _outcomes(routed_xml)
+    return _report(plain, routed, through_only=args.through_only)
+
+
+def _report(plain: dict[str, str], routed: dict[str, str], *, through_only: bool) -> int:
+    def count(outcomes: dict[str, str], what: str) -> int:
+        return sum(1 for o in outcomes.values() if o == what)
+
+    if not through_only:
+        print(
+            f"plainly:              {count(plain, 'passed')} passed, {count(plain, 'failed')}"
+            f" failed, {count(plain, 'error')} errors, {count(plain, 'skipped')} skipped"
+        )
+    print(
+        f"through resilient_db: {count(routed, 'passed')} passed, {count(routed, 'failed')}"
+        f" failed, {count(routed, 'error')} errors, {count(routed, 'skipped')} skipped"
+    )
+    if through_only:
+        differences = sorted(t for t, o in routed.items() if o in ("failed", "error"))
+    else:
+        differences = sorted(
+            t for t, o in plain.items() if o == "passed" and routed.get(t, "missing") != "passed"
+        )
+    for test in differences:
+        print(f"  {routed.get(test, 'missing'):8} {test}")
+    print(f"{len(differences)} difference(s)")
+    return 1 if differences else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
