@@ -75,6 +75,20 @@ def _routed_names() -> dict[str, Any]:
                 return super().__call__(*args, **kw)
             return cls._routed_factory(cls, *args, **kw)
 
+        # ``isinstance(x, Session)`` as with SQLAlchemy's class: AsyncSession makes its sync
+        # session of its ``sync_session_class``, SQLAlchemy's ``Session`` unless told otherwise
+        def __instancecheck__(cls, instance: Any) -> bool:
+            original = cls.__dict__.get("_routed_original")
+            if original is not None and isinstance(instance, original):
+                return True
+            return super().__instancecheck__(instance)
+
+        def __subclasscheck__(cls, subclass: type) -> bool:
+            original = cls.__dict__.get("_routed_original")
+            if original is not None and issubclass(subclass, original):
+                return True
+            return super().__subclasscheck__(subclass)
+
     def _session(cls: type, bind: Any = None, **kw: Any) -> Any:
         kw.setdefault("class_", cls)
         _MADE["sessions"] += 1
@@ -96,6 +110,7 @@ def _routed_names() -> dict[str, Any]:
     for routed, original in ((Session, orm.Session), (AsyncSession, sa_asyncio.AsyncSession)):
         routed.__qualname__ = routed.__name__ = original.__name__
         routed.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+        routed._routed_original = original  # type: ignore[attr-defined]
 
     def sessionmaker(bind: Any = None, **kw: Any) -> Any:
         kw.setdefault("class_", Session)
