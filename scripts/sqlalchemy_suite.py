@@ -123,7 +123,7 @@ def _routed_names() -> dict[str, Any]:
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if cls.__dict__.get("_routed_factory") is None or caller == sa_asyncio.session.__name__:
                 return super().__call__(*args, **kw)
-            return cls._routed_factory(cls, *args, **kw)
+            return cls.__dict__["_routed_factory"](cls, *args, **kw)
 
         # ``isinstance(x, Session)`` as with SQLAlchemy's class: AsyncSession makes its sync
         # session of its ``sync_session_class``, SQLAlchemy's ``Session`` unless told otherwise
@@ -157,7 +157,11 @@ def _routed_names() -> dict[str, Any]:
 
     # (the class keeps SQLAlchemy's name, which tests print and compare, and its signature,
     # which resilient_db reads to check the keywords a factory is given)
-    for routed, original in ((Session, orm.Session), (AsyncSession, sa_asyncio.AsyncSession)):
+    pairs: tuple[tuple[type, type], ...] = (
+        (Session, orm.Session),
+        (AsyncSession, sa_asyncio.AsyncSession),
+    )
+    for routed, original in pairs:
         routed.__qualname__ = routed.__name__ = original.__name__
         routed.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
         routed._routed_original = original  # type: ignore[attr-defined]
