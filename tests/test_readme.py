@@ -479,3 +479,21 @@ def test_changelog_unreleased_has_each_kind_of_change_once() -> None:
     headings = re.findall(r"^### (.+)$", text[start : None if end < 0 else end], re.M)
     assert headings
     assert sorted(h for h in set(headings) if headings.count(h) > 1) == []
+
+
+def test_readme_names_every_public_name_of_the_test_harness() -> None:
+    """Each name ``resilient_db.testing`` exports, each fixture of its pytest plugin and each
+    ``RESILIENT_DB_TEST_*`` variable the harness reads is in "Testing your own code" (the
+    README's section or docs/testing.md): ``ExternalPostgres``, ``server_from_env()``,
+    ``RESILIENT_DB_TEST_DOCKER_IMAGE`` and seven more were in no documentation."""
+    import resilient_db.testing as harness  # noqa: PLC0415
+    from resilient_db.testing import _pytest_plugin  # noqa: PLC0415
+
+    text = _section("Testing your own code")
+    fixtures = [n for n in _pytest_plugin.__all__ if n != "SERVER_CONTROL_SKIP_REASON"]
+    variables = set()
+    for path in (PACKAGE / "testing").glob("*.py"):
+        variables |= set(re.findall(r"RESILIENT_DB_TEST_[A-Z_]*[A-Z]", path.read_text("utf-8")))
+    names = [*harness.__all__, *fixtures, *sorted(variables)]
+    assert len(fixtures) == 8
+    assert [n for n in names if not re.search(rf"`{n}[`(=]", text)] == []
