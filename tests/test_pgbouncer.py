@@ -1,0 +1,648 @@
+"""Units of work behind a real PgBouncer, in transaction and session pooling, under real faults.
+
+Each test starts its own ``pgbouncer`` (on 127.0.0.1 and a free port, its files in a directory of
+its own) in front of the test's database, and stops it afterwards, failed or not. The binary is
+``RESILIENT_DB_TEST_PGBOUNCER``, else ``pgbouncer`` on ``PATH``, else ``/usr/sbin/pgbouncer``
+(Debian's package); without one the module is skipped, saying so: ``make test`` needs no
+system package. PgBouncer runs as the embedded server's OS user when the tests run as root (it
+refuses to run as root).
+
+The commit markers are installed through a direct connection and used through PgBouncer, with
+the pooler announced as the units-of-work reference says (psycopg ``prepare_threshold=None``,
+asyncpg ``statement_cache_size=0``): the marker's INSERT travels inline with the COMMIT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from processes import wait_for
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.examples import tasks
+from resilient_db.testing import FaultProxy, PostgresServer, free_port
+
+#: where Debian's package puts it (``/usr/sbin`` is not on every user's PATH)
+_DEBIAN_BINARY = "/usr/sbin/pgbouncer"
+#: the OS user PgBouncer runs as when the tests run as root (the embedded server's)
+_OS_USER = "embedded_postgres"
+_START_TIMEOUT = 10.0
+
+
+def pgbouncer_binary() -> str | None:
+    """The ``pgbouncer`` to run, or None when there is none."""
+    given = os.environ.get("RESILIENT_DB_TEST_PGBOUNCER", "").strip()
+    if given:
+        return given
+    found = shutil.which("pgbouncer")
+    if found is not None:
+        return found
+    return _DEBIAN_BINARY if os.access(_DEBIAN_BINARY, os.X_OK) else None
+
+
+_BINARY = pgbouncer_binary()
+pytestmark = [
+    pytest.mark.skipif(
+        _BINARY is None,
+        reason="needs a pgbouncer binary (apt-get install pgbouncer, or name one in "
+        "RESILIENT_DB_TEST_PGBOUNCER)",
+    ),
+    pytest.mark.usefixtures("no_backoff"),
+]
+
+#: the pooler announced: nothing prepared (psycopg, sync and async; asyncpg)
+PSYCOPG_ARGS: dict[str, Any] = {"prepare_threshold": None}
+ASYNCPG_ARGS: dict[str, Any] = {"statement_cache_size": 0}
+DRIVER_ARGS = {"psycopg": PSYCOPG_ARGS, "asyncpg": ASYNCPG_ARGS}
+#: retries enough to outlast a restart (no backoff: the pooler holds a query while it waits
+#: for its server), bounded by the deadline
+CONFIG = rdb.Config(max_retries=200, deadline=30.0, failure_threshold=1000)
+
+
+class PgBouncer:
+    """A ``pgbouncer`` process in front of ``server``'s ``database``, on 127.0.0.1."""
+
+    def __init__(self, server: PostgresServer, database: str, **settings: object) -> None:
+        assert _BINARY is not None
+        self.server, self.database = server, database
+        self.port = free_port()
+        self.password = sa.make_url(server.url()).password
+        self.settings = {
+            "pool_mode": "transaction",
+            "default_pool_size": 3,
+            # a failed server login keeps clients out this long (15 s by default)
+            "server_login_retry": 1,
+            **settings,
+        }
+        self.dir = Path(tempfile.mkdtemp(prefix="resilient-db-pgbouncer-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._write_files()
+
+    def _write_files(self) -> None:
+        lines = [
+            "[databases]",
+            f"{self.database} = host={self.server.host} port={self.server.port}",
+            "[pgbouncer]",
+            "listen_addr = 127.0.0.1",
+            f"listen_port = {self.port}",
+            "unix_socket_dir =",
+            "auth_type = scram-sha-256",
+            f"auth_file = {self.dir / 'userlist.txt'}",
+            f"admin_users = {self.server.user}",
+            # asyncpg and psycopg send these at connect
+            "ignore_startup_parameters = extra_float_digits,options",
+            *(f"{name} = {value}" for name, value in self.settings.items()),
+        ]
+        (self.dir / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
+        userlist = self.dir / "userlist.txt"
+        userlist.write_text(f'"{self.server.user}" "{self.password}"\n')
+        userlist.chmod(0o600)
+        if os.geteuid() == 0:  # it refuses to run as root: as the server's OS user
+            user = pwd.getpwnam(_OS_USER)
+            for path in (self.dir, *self.dir.iterdir()):
+                os.chown(path, user.pw_uid, user.pw_gid)
+
+    def start(self) -> None:
+        """Start it; return once it accepts connections (bounded)."""
+        assert _BINARY is not None
+        command = [_BINARY, str(self.dir / "pgbouncer.ini")]
+        if os.geteuid() == 0:
+            command[1:1] = ["-u", _OS_USER]
+        with open(self.dir / "stderr.log", "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + _START_TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"pgbouncer exited at start:\n{self.log()}") from None
+                assert time.monotonic() < deadline, f"pgbouncer did not listen:\n{self.log()}"
+                time.sleep(0.01)  # (polling a start, not a backoff)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL), bounded."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.dir / "stderr.log").read_text(errors="replace")[-4000:]
+        return ""
+
+    def url(self, driver: str = "psycopg") -> str:
+        return self.server.url_at("127.0.0.1", self.port, self.database, driver=driver)
+
+    def admin(self, command: str) -> None:
+        """A command on PgBouncer's admin console (``PAUSE``, ``KILL db``, ...)."""
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            dbname="pgbouncer",
+            user=self.server.user,
+            password=self.password,
+            autocommit=True,
+            prepare_threshold=None,
+            connect_timeout=5,
+        ) as conn:
+            conn.execute(command)
+
+
+@pytest.fixture
+def database(pg_server: PostgresServer, pg_database: str) -> str:
+    """The test's database with the example's tasks (its trigger too), a ledger and the
+    commit markers, set up through a direct connection."""
+    engine = sa.create_engine(pg_server.url(pg_database), poolclass=sa.NullPool)
+    try:
+        tasks.Base.metadata.create_all(engine)
+        rdb.install_transition_trigger(engine, tasks.Task)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE ledger (id uuid PRIMARY KEY)")
+            # a COMMIT that waits for advisory lock 42 (a row with hold = true): a test kills
+            # its backend, or lets it through, while it runs
+            conn.exec_driver_sql(
+                "ALTER TABLE ledger ADD COLUMN hold boolean NOT NULL DEFAULT false;"
+                "CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM pg_advisory_xact_lock(42); RETURN NULL; END $$;"
+                "CREATE CONSTRAINT TRIGGER hold AFTER INSERT ON ledger DEFERRABLE INITIALLY "
+                "DEFERRED FOR EACH ROW WHEN (NEW.hold) EXECUTE FUNCTION hold()"
+            )
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    return pg_database
+
+
+@pytest.fixture
+def bouncer_factory(pg_server: PostgresServer, database: str) -> Iterator[Callable[..., PgBouncer]]:
+    made: list[PgBouncer] = []
+
+    def make(**settings: object) -> PgBouncer:
+        bouncer = PgBouncer(pg_server, database, **settings)
+        made.append(bouncer)
+        bouncer.start()
+        return bouncer
+
+    try:
+        yield make
+    finally:
+        for bouncer in made:
+            bouncer.close()
+
+
+@pytest.fixture(params=["transaction", "session"])
+def bouncer(request: pytest.FixtureRequest, bouncer_factory: Callable[..., PgBouncer]) -> PgBouncer:
+    return bouncer_factory(pool_mode=request.param)
+
+
+@pytest.fixture
+def txn_bouncer(bouncer_factory: Callable[..., PgBouncer]) -> PgBouncer:
+    return bouncer_factory()
+
+
+def count(server: PostgresServer, database: str, sql: str) -> int:
+    return int(server.execute(sql, database=database)[0][0])
+
+
+def markers(server: PostgresServer, database: str) -> int:
+    return count(server, database, "SELECT count(*) FROM resilient_db.commit_markers")
+
+
+def ledger(server: PostgresServer, database: str) -> int:
+    return count(server, database, "SELECT count(*) FROM ledger")
+
+
+def write(session: Session, hold: bool = False) -> str:
+    session.execute(
+        sa.text("INSERT INTO ledger (id, hold) VALUES (:i, :h)"), {"i": uuid.uuid4(), "h": hold}
+    )
+    return "written"
+
+
+def waiting_for_lock_42(server: PostgresServer, database: str) -> bool:
+    return bool(
+        count(
+            server,
+            database,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 42 "
+            "AND NOT granted",
+        )
+    )
+
+
+# ---- the units, through the pooler ------------------------------------------------------------
+
+
+def test_units_through_pgbouncer_sync(
+    bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """Writes, guarded writes (the flush guard and the trigger), a nested unit and drop-in use,
+    through PgBouncer: each writing unit's marker went in with its COMMIT."""
+    engine = sa.create_engine(bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    try:
+        before = markers(pg_server, database)
+
+        def create(session: Session, key: str) -> int:
+            task = tasks.create_task(session, title="t", idem_key=key)
+            session.flush()
+            return task.id
+
+        def move(session: Session, task_id: int, to: str) -> str:
+            task = session.get_one(tasks.Task, task_id)
+            tasks.move_task(session, task, to, idem_key=str(uuid.uuid4()))
+            return task.status
+
+        ids = [Sessions.run(create, str(uuid.uuid4())) for _ in range(3)]
+        assert [Sessions.run(move, i, "in_progress") for i in ids] == ["in_progress"] * 3
+        with pytest.raises(rdb.IllegalTransitionError) as flushed:
+            Sessions.run(move, ids[0], "cancelled")
+        assert flushed.value.via == "flush"
+        with pytest.raises(rdb.IllegalTransitionError) as by_trigger:
+            Sessions.run(
+                lambda s: s.execute(
+                    sa.text("UPDATE tasks SET status = 'cancelled' WHERE id = :i"), {"i": ids[1]}
+                )
+            )
+        assert by_trigger.value.via == "db"
+
+        def outer(session: Session) -> int:
+            write(session)
+            return Sessions.run(lambda inner: inner.execute(sa.text("SELECT 1")).scalar_one())
+
+        assert Sessions.run(outer) == 1
+        with Sessions.begin() as session:  # drop-in, outside run()
+            write(session)
+        with Sessions() as session:
+            assert session.execute(sa.text("SELECT count(*) FROM ledger")).scalar_one() == 2
+        # run()'s writing units: 3 creations, 3 moves, the outer unit (the drop-in COMMIT
+        # carries none)
+        assert markers(pg_server, database) - before == 7
+        assert ledger(pg_server, database) == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_units_through_pgbouncer_async(
+    bouncer: PgBouncer,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+) -> None:
+    engine = create_async_engine(bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
+    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    try:
+        before = markers(pg_server, database)
+
+        async def create(session: AsyncSession) -> int:
+            task = tasks.create_task(session, title="t", idem_key=str(uuid.uuid4()))
+            await session.flush()
+            return task.id
+
+        async def move(session: AsyncSession, task_id: int, to: str) -> str:
+            task = await session.get_one(tasks.Task, task_id)
+            tasks.move_task(session, task, to, idem_key=str(uuid.uuid4()))
+            return task.status
+
+        task_id = await Sessions.run(create)
+        assert await Sessions.run(move, task_id, "in_progress") == "in_progress"
+        with pytest.raises(rdb.IllegalTransitionError):
+            await Sessions.run(move, task_id, "cancelled")
+
+        async def outer(session: AsyncSession) -> int:
+            await session.run_sync(write)
+
+            async def inner(nested: AsyncSession) -> int:
+                return int((await nested.execute(sa.text("SELECT 1"))).scalar_one())
+
+            return await Sessions.run(inner)
+
+        assert await Sessions.run(outer) == 1
+        async with Sessions.begin() as session:
+            await session.run_sync(write)
+        # run()'s writing units (the drop-in COMMIT carries none)
+        assert markers(pg_server, database) - before == 3
+        assert ledger(pg_server, database) == 2
+    finally:
+        await engine.dispose()
+
+
+# ---- faults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["mid-unit", "between units"])
+def test_backend_killed_behind_pgbouncer(
+    bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, where: str
+) -> None:
+    """The backend behind PgBouncer terminated: mid-unit the unit is replayed once (its
+    error, 57P01 passed on by PgBouncer, a disconnect); between units the next one runs."""
+    engine = sa.create_engine(bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    attempts: list[int] = []
+
+    def unit(session: Session) -> str:
+        attempts.append(1)
+        session.execute(sa.text("SELECT 1"))
+        if where == "mid-unit" and len(attempts) == 1:
+            assert pg_server.terminate_backends(database=database) >= 1
+        return write(session)
+
+    try:
+        Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+        if where == "between units":
+            assert pg_server.terminate_backends(database=database) >= 1
+        assert Sessions.run(unit) == "written"
+        assert len(attempts) == (2 if where == "mid-unit" else 1)
+        assert ledger(pg_server, database) == 1
+    finally:
+        engine.dispose()
+
+
+def test_pgbouncer_kill_mid_unit_is_a_disconnect(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """``KILL db`` on the admin console mid-unit: PgBouncer closes the client with 08P01
+    (FATAL), a disconnect: the unit is replayed once PgBouncer resumes."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    def unit(session: Session) -> str:
+        attempts.append(1)
+        session.execute(sa.text("SELECT 1"))
+        if len(attempts) == 1:
+            txn_bouncer.admin(f"KILL {database}")
+            txn_bouncer.admin(f"RESUME {database}")
+        return write(session)
+
+    rdb.add_hook(seen.append)
+    try:
+        assert Sessions.run(unit) == "written"
+    finally:
+        rdb.remove_hook(seen.append)
+        engine.dispose()
+    assert len(attempts) == 2
+    retries = [e.fields for e in seen if e.name == "retry"]
+    assert [(f["sqlstate"], f["outcome"]) for f in retries] == [("08P01", "disconnect")]
+    assert ledger(pg_server, database) == 1
+
+
+def test_query_wait_timeout_is_a_disconnect(
+    bouncer_factory: Callable[..., PgBouncer], service: str
+) -> None:
+    """A paused database past ``query_wait_timeout``: PgBouncer's FATAL 08P01, a disconnect
+    (replayed while retries last), raised as it is when they run out."""
+    bouncer = bouncer_factory(query_wait_timeout=1)
+    engine = sa.create_engine(bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=0, failure_threshold=1000)
+    )
+    try:
+        Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+        bouncer.admin(f"PAUSE {bouncer.database}")
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            Sessions.run(write)
+        assert rdb.sqlstate_of(raised.value) == "08P01"
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+        bouncer.admin(f"RESUME {bouncer.database}")
+        assert Sessions.run(write) == "written"
+    finally:
+        engine.dispose()
+
+
+def test_max_client_conn_is_a_disconnect(
+    bouncer_factory: Callable[..., PgBouncer], service: str
+) -> None:
+    """A connect past ``max_client_conn``: PgBouncer refuses it (FATAL 08P01 while
+    connecting), a disconnect; the unit runs once a client connection is free."""
+    bouncer = bouncer_factory(max_client_conn=1)
+    engine = sa.create_engine(bouncer.url(), connect_args=PSYCOPG_ARGS, poolclass=sa.NullPool)
+    Sessions = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=0, failure_threshold=1000)
+    )
+    holder = psycopg.connect(bouncer.url(driver=""))
+    try:
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            Sessions.run(write)
+        # (libpq reports a refusal while connecting without its SQLSTATE)
+        assert "max_client_conn" in str(raised.value)
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+        holder.close()
+        assert Sessions.run(write) == "written"
+    finally:
+        holder.close()
+        engine.dispose()
+
+
+@pytest.mark.server_control
+def test_postgres_restarted_behind_pgbouncer(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """PostgreSQL crashes and starts again while PgBouncer stays up: the unit waiting on it
+    runs once the server is back."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    try:
+        Sessions.run(write)
+        back = pg_server.restart_after(0.5)
+        try:
+            assert Sessions.run(write) == "written"
+        finally:
+            back.join(timeout=60)
+        assert ledger(pg_server, database) == 2
+    finally:
+        engine.dispose()
+
+
+def test_pgbouncer_shut_down_and_restarted(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """``SHUTDOWN`` on the admin console, then PgBouncer started again: the dead pooled
+    connection is replaced and the unit runs."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    try:
+        Sessions.run(write)
+        with pytest.raises(psycopg.OperationalError):  # it closes the console too
+            txn_bouncer.admin("SHUTDOWN")
+        assert txn_bouncer.proc is not None
+        txn_bouncer.proc.wait(timeout=10)
+        txn_bouncer.start()
+        assert Sessions.run(write) == "written"
+        assert ledger(pg_server, database) == 2
+    finally:
+        engine.dispose()
+
+
+# ---- lost COMMIT answers ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy_to_bouncer(txn_bouncer: PgBouncer) -> Iterator[FaultProxy]:
+    """A FaultProxy between the client and PgBouncer."""
+    with FaultProxy(("127.0.0.1", txn_bouncer.port)) as proxy:
+        yield proxy
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+@pytest.mark.asyncio
+async def test_lost_commit_answer_behind_pgbouncer(
+    proxy_to_bouncer: FaultProxy,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+) -> None:
+    """The answer to a marked COMMIT lost between the client and PgBouncer: the check, through
+    PgBouncer, finds the marker: done once, not replayed."""
+    url = pg_server.url_at("127.0.0.1", proxy_to_bouncer.port, database, driver=driver)
+    engine = create_async_engine(url, connect_args=DRIVER_ARGS[driver])
+    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    attempts: list[int] = []
+
+    async def unit(session: AsyncSession) -> str:
+        attempts.append(1)
+        return await session.run_sync(write)
+
+    try:
+        await Sessions.run(unit)
+        proxy_to_bouncer.lose_commit_answer()
+        assert await Sessions.run(unit) == "written"
+        assert proxy_to_bouncer.commits_lost == 1
+        assert len(attempts) == 2  # (the first unit, then the one whose answer was lost)
+        assert ledger(pg_server, database) == 2
+    finally:
+        await engine.dispose()
+
+
+def test_commit_that_never_reached_pgbouncer_is_replayed(
+    proxy_to_bouncer: FaultProxy, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """A COMMIT swallowed before PgBouncer, the client then reset: PgBouncer drops the server
+    connection (the transaction rolls back), the check proves it and the unit runs again."""
+    url = pg_server.url_at("127.0.0.1", proxy_to_bouncer.port, database)
+    engine = sa.create_engine(url, connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    attempts: list[int] = []
+
+    def unit(session: Session) -> str:
+        attempts.append(1)
+        return write(session)
+
+    try:
+        proxy_to_bouncer.swallow_commit()
+        releaser = threading.Thread(
+            target=lambda: (
+                wait_for(lambda: proxy_to_bouncer.commits_swallowed == 1, "the COMMIT held"),
+                proxy_to_bouncer.release_swallowed(),
+            )
+        )
+        releaser.start()
+        try:
+            assert Sessions.run(unit) == "written"
+        finally:
+            releaser.join(timeout=60)
+        assert len(attempts) == 2
+        assert ledger(pg_server, database) == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("commits", [False, True], ids=["killed", "let-through"])
+def test_backend_killed_or_pgbouncer_killed_during_commit(
+    txn_bouncer: PgBouncer,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    commits: bool,
+) -> None:
+    """A COMMIT running on the server (held by a deferred trigger) when either its backend is
+    terminated (PgBouncer's 08P01 "server conn crashed?": not committed, replayed once), or
+    PgBouncer is killed and started again, and the COMMIT then let through (the check, through
+    the new PgBouncer, waits for it and finds it committed: not replayed)."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    attempts: list[int] = []
+
+    def unit(session: Session) -> str:
+        attempts.append(1)
+        return write(session, hold=len(attempts) == 1)
+
+    lock = psycopg.connect(pg_server.conninfo(database), autocommit=True)
+    lock.execute("SELECT pg_advisory_lock(42)")
+    failed: list[BaseException] = []
+
+    def fault() -> None:
+        try:
+            wait_for(lambda: waiting_for_lock_42(pg_server, database), "the COMMIT waiting")
+            if not commits:
+                pg_server.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = "
+                    "'advisory' AND objid = 42 AND NOT granted",
+                    database=database,
+                )
+                return
+            assert txn_bouncer.proc is not None
+            txn_bouncer.proc.kill()
+            txn_bouncer.proc.wait(timeout=10)
+            txn_bouncer.start()
+            wait_for(
+                lambda: bool(
+                    count(
+                        pg_server,
+                        database,
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%claim_commit%'",
+                    )
+                ),
+                "the check waiting for the COMMIT",
+            )
+            lock.execute("SELECT pg_advisory_unlock(42)")
+        except BaseException as exc:
+            failed.append(exc)
+            lock.execute("SELECT pg_advisory_unlock_all()")
+
+    thread = threading.Thread(target=fault)
+    thread.start()
+    try:
+        assert Sessions.run(unit) == "written"
+    finally:
+        thread.join(timeout=60)
+        lock.close()
+        engine.dispose()
+    assert not failed, failed
+    assert len(attempts) == (1 if commits else 2)
+    assert ledger(pg_server, database) == 1
