@@ -355,6 +355,14 @@ def hot_standby_server(driver: Any) -> str | None:
     application made read-only."""
     if _reported(driver, "in_hot_standby") != "on":
         return None
+    return server_address(driver)
+
+
+def server_address(driver: Any) -> str | None:
+    """The address (``host:port``) of the server behind ``driver`` (a psycopg 3 connection,
+    sync or async, an asyncpg, psycopg2 or pg8000 one; a multi-host URL's: the host that
+    answered), ``"an unknown address"`` where the driver does not say, None for a connection
+    that broke meanwhile. Asks the server nothing."""
     try:
         if getattr(driver, "pgconn", None) is not None:  # psycopg 3
             info = driver.info
@@ -521,6 +529,22 @@ def hot_standby_hint(server: str) -> str:
         f"the server at {server} is a read-only hot standby (in recovery, SQLSTATE 25006): "
         f"{HOT_STANDBY_FIX}"
     )
+
+
+_FENCED = "resilient_db_fenced"
+
+
+def mark_fenced(exc: BaseException, server: str) -> None:
+    """Record on ``exc`` (the error of SQLSTATE 08004 a refused connection raises) that the
+    connection to ``server`` was refused as an old primary's (a timeline of its cluster below
+    one seen before: see ``CommitProtocol._fence``)."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _FENCED, server)
+
+
+def fenced_server_of(exc: BaseException | None) -> str | None:
+    """The server :func:`mark_fenced` recorded on ``exc`` or an error it wraps, or None."""
+    return None if exc is None else text_mark(exc, _FENCED)
 
 
 _HOSTS_FAILED = "resilient_db_hosts_failed"

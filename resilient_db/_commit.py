@@ -79,13 +79,17 @@ from ._classify import (
     answered,
     commit_left_unanswered,
     debug_failure,
+    fenced_server_of,
     host_address,
     log_quietly,
+    mark_fenced,
     mark_hosts_failed,
     mark_replay_safe,
     note_read_only_source,
     read_only_by_default,
     read_only_reported,
+    server_address,
+    sqlstate_of,
     unanswered_commit,
 )
 from ._config import Config
@@ -99,7 +103,7 @@ from ._internals import (
     psycopg_simple_query_async,
     sa_await,
 )
-from ._observability import emit, log_session
+from ._observability import LineLimit, emit, log_session, more_since, stats_for
 from ._state import STATE, renew_after_fork
 from ._statements import (
     SAFE_CALL_NAMES,
@@ -842,6 +846,20 @@ _SHADOWED_SQL = f"""pg_catalog.array_to_string(ARRAY(SELECT DISTINCT p.proname::
     AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
       AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')), ' ')"""
+# The server's cluster and, on a primary, its timeline (see CommitProtocol._fence): the
+# cluster's system identifier (made by initdb, kept by its standbys, base backups and
+# pg_rewind), and the timeline of the current WAL insert position, in hex (a promoted standby
+# writes on a new timeline at once; pg_control_checkpoint()'s timeline_id waits for the next
+# checkpoint, minutes after a fast promotion). NULL for the timeline on a standby, where
+# pg_walfile_name() is refused (55000): a standby is never fenced. A role may not call one of
+# the three functions (revoked from PUBLIC: a hardening; a CASE does not spare the statement
+# the server's check of EXECUTE, made when it starts): the check is made again without them
+# (_CHECK_UNFENCED_SQL), once per engine.
+_TIMELINE_SQL = (
+    "(SELECT s.system_identifier::text FROM pg_catalog.pg_control_system() s), "
+    "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE pg_catalog.substr("
+    "pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END"
+)
 _CHECK_SQL = f"""SELECT COALESCE(
   pg_catalog.has_schema_privilege(pg_catalog.to_regnamespace('{SCHEMA}'), 'USAGE')
   AND pg_catalog.has_function_privilege(
@@ -863,21 +881,26 @@ _CHECK_SQL = f"""SELECT COALESCE(
   pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE'),
   -- "replica" (a role's or database's setting): no ordinary trigger fires on the connection,
   -- the transition trigger's and the foreign keys' among them (see _note_replication_role)
-  pg_catalog.current_setting('session_replication_role')"""
-#: The check where the server reports ``default_transaction_read_only`` on: also where that
-#: comes from (the role's or the URL's settings make a write refused there the application's,
-#: see ``_classify.note_read_only_source``). pg_settings builds every setting's row: asked only
-#: there, not on every connection.
-_CHECK_READ_ONLY_SQL = f"""{_CHECK_SQL},
+  pg_catalog.current_setting('session_replication_role'),
+  {_TIMELINE_SQL}"""
+#: the check without the cluster and timeline, for an engine whose role may not read them
+_CHECK_UNFENCED_SQL = _CHECK_SQL.replace(_TIMELINE_SQL, "NULL::text, NULL::text")
+#: Added to the check where the server reports ``default_transaction_read_only`` on: where
+#: that comes from (the role's or the URL's settings make a write refused there the
+#: application's, see ``_classify.note_read_only_source``). pg_settings builds every setting's
+#: row: asked only there, not on every connection.
+_READ_ONLY_SOURCE_SQL = """,
   (SELECT s.source FROM pg_catalog.pg_settings s
     WHERE s.name OPERATOR(pg_catalog.=) 'default_transaction_read_only')"""
 
 
-def _check_sql(driver: Any) -> str:
-    """The check at connect for ``driver``'s connection (see ``_CHECK_READ_ONLY_SQL``)."""
+def _check_sql(driver: Any, fenced: bool = True) -> str:
+    """The check at connect for ``driver``'s connection (see ``_READ_ONLY_SOURCE_SQL``);
+    without the cluster and timeline unless ``fenced``."""
+    check = _CHECK_SQL if fenced else _CHECK_UNFENCED_SQL
     if read_only_reported(driver):
-        return _CHECK_READ_ONLY_SQL
-    return _CHECK_SQL
+        return check + _READ_ONLY_SOURCE_SQL
+    return check
 
 
 def _note_read_only_source(driver: Any, row: Any) -> None:
@@ -886,8 +909,13 @@ def _note_read_only_source(driver: Any, row: Any) -> None:
         note_read_only_source(driver, row[_CHECK_COLUMNS])
 
 
-#: the columns of ``_CHECK_SQL`` (``_CHECK_READ_ONLY_SQL`` has one more)
-_CHECK_COLUMNS: Final = 5
+#: the columns of ``_CHECK_SQL`` (where ``default_transaction_read_only`` is reported on it
+#: has one more)
+_CHECK_COLUMNS: Final = 7
+_INSUFFICIENT_PRIVILEGE: Final = "42501"
+#: the clusters (system identifiers) an engine keeps the highest timeline of: the oldest is
+#: forgotten past this many (an engine's URL reaches one cluster, or a few over its life)
+_MAX_CLUSTERS: Final = 16
 
 
 # What keeps an installed set of markers from being usable by the connection's role, asked
@@ -2509,6 +2537,12 @@ class CommitProtocol:
         self._unusable_said = False  # (see markers_unusable)
         self._replica_said = False  # (see _note_replication_role)
         self._control_refused = False  # (see control_refused)
+        # the highest timeline seen per cluster (system identifier), with the server it was
+        # seen at (see _fence); False once the role was refused the functions that read them
+        self._timelines: dict[str, tuple[int, str]] = {}
+        self._timelines_lock = threading.Lock()
+        self._fenced = True
+        self._fence_lines = LineLimit()  # connections refused, per server
         self._engine_name = engine.dialect.name
         self._shadow_asked = False  # (see _note_shadowed)
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
@@ -2552,6 +2586,8 @@ class CommitProtocol:
         """New locks in a forked child (a thread of the parent may have held them: a reload
         switching self-healing on, a prune)."""
         self._prune_lock = threading.Lock()
+        self._timelines_lock = threading.Lock()
+        self._fence_lines.after_fork_in_child()
         self._made_off_lock = threading.Lock()
         self.pruning = None  # (the parent's loop's)
 
@@ -2763,6 +2799,8 @@ class CommitProtocol:
                 elif reports and not self._statement_refused:
                     form = self.inline_marker  # the client knows the read mode: sent inline
         except Exception as exc:
+            if fenced_server_of(exc) is not None:
+                raise  # an old primary's (see _fence): closed by the caller, as a lost one
             if self._connection_lost(driver, exc):
                 # not a missing install: the connection died under the set-up. It is not used
                 # on (unverified, and dead anyway): the error goes on, the connection closed by
@@ -3059,13 +3097,22 @@ class CommitProtocol:
         if self.is_asyncpg:
             reports = hasattr(driver.get_settings(), "in_hot_standby")
             run = _runner(dbapi_connection, driver)
-            check = _check_sql(driver)
+            fenced = self._fenced
             sent = _wall_clock()
             try:
-                row = run(lambda d: d.fetchrow(check))
+                try:
+                    row = run(lambda d: d.fetchrow(_check_sql(driver, fenced)))
+                except Exception as exc:
+                    if not (fenced and sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE):
+                        raise
+                    # (the cluster and timeline refused: asked again without them)
+                    sent = _wall_clock()
+                    row = run(lambda d: d.fetchrow(_check_sql(driver, False)))
+                    self._timeline_unreadable()
             except Exception:  # (no USAGE on the schema fails the lookups: say that)
                 self._look_for_missing(lambda sql: run(lambda d: d.fetchval(sql)))
                 raise
+            self._fence(driver, row[5], row[6])
             _note_read_only_source(driver, row)
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
@@ -3090,14 +3137,23 @@ class CommitProtocol:
         cursor = dbapi_connection.cursor()
         interrupted = False
         try:
-            check = _check_sql(driver)
+            fenced = self._fenced
             sent = _wall_clock()
             try:
-                cursor.execute(check)
+                try:
+                    cursor.execute(_check_sql(driver, fenced))
+                except Exception as exc:
+                    if not (fenced and sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE):
+                        raise
+                    # (the cluster and timeline refused: asked again without them)
+                    sent = _wall_clock()
+                    cursor.execute(_check_sql(driver, False))
+                    self._timeline_unreadable()
             except Exception:  # (no USAGE on the schema fails the lookups: say that)
                 self._look_for_missing(lambda sql: _fetch_value(cursor, sql))
                 raise
             row = cursor.fetchone()
+            self._fence(driver, row[5], row[6])
             _note_read_only_source(driver, row)
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
@@ -3200,6 +3256,106 @@ class CommitProtocol:
             self._where,
             service=self._settings.service,
             event="triggers_off",
+        )
+
+    def _fence(self, driver: Any, system: str | None, timeline_hex: str | None) -> None:
+        """A new connection's cluster (``system``: its system identifier) and timeline (hex;
+        None on a standby, or where the role may not read them): the highest timeline seen of
+        each cluster is kept, and a connection to a server of the same cluster on a lower one
+        is refused (:class:`_Fenced`): an old primary back as a primary after a failover, which
+        would otherwise take writes beside the new primary (split brain), or settle a lost
+        COMMIT answer of the new primary by looking there. A standby (read-only, maybe behind)
+        is never refused; a server of another cluster (a new ``initdb``) is judged against its
+        own cluster's timelines only."""
+        if system is None or timeline_hex is None:
+            return
+        try:
+            timeline = int(timeline_hex, 16)
+        except (TypeError, ValueError):  # (not a WAL file's name: nothing to judge by)
+            return
+        server = server_address(driver) or "an unknown address"
+        with self._timelines_lock:
+            seen = self._timelines.get(system)
+            if seen is None or timeline >= seen[0]:
+                if seen is None and len(self._timelines) >= _MAX_CLUSTERS:
+                    del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
+                if seen is None or timeline > seen[0] or seen[1] != server:
+                    self._timelines[system] = (timeline, server)
+                return
+        self._refuse(server, system, timeline, seen)
+
+    def _refuse(self, server: str, system: str, timeline: int, seen: tuple[int, str]) -> None:
+        """Refuse the connection to ``server``, on ``timeline`` of cluster ``system`` where
+        ``seen`` (timeline, server) is the highest seen: counted, said (one line per server
+        every few seconds; the hooks see each), and raised as the driver's error of SQLSTATE
+        08004 (the server rejected the connection): a lost connection to the classifier, so
+        the unit is retried and the breaker counts it. The caller closes the connection."""
+        config, service = self._settings.config, self._settings.service
+        stats_for(service).add("stale_timeline_refusals")
+        log, unlogged = self._fence_lines.take(server)
+        database = self.engine.url.database
+        emit(
+            config,
+            log_session,
+            logging.ERROR,
+            "Refused a connection to an old primary: service=%s database %s at %s takes writes "
+            "on timeline %d of its cluster (system identifier %s), but timeline %d of that "
+            "cluster was seen at %s: a standby was promoted since, and this server was "
+            "restarted as a primary without being demoted (split brain). Nothing is written "
+            "or verified there: its units fail as if it were down (retried; the circuit "
+            "breaker may open). Stop it, or rejoin it as a standby of the new primary "
+            "(pg_rewind)%s",
+            service,
+            database,
+            server,
+            timeline,
+            system,
+            seen[0],
+            seen[1],
+            more_since(unlogged),
+            log=log,
+            service=service,
+            event="stale_timeline_refused",
+            server=server,
+            timeline=timeline,
+            newest_server=seen[1],
+            newest_timeline=seen[0],
+            system_identifier=system,
+            suppressed=unlogged,
+        )
+        message = (
+            f"resilient_db refused the connection to {server} (database {database}): it takes "
+            f"writes on timeline {timeline} of its cluster (system identifier {system}), but "
+            f"timeline {seen[0]} of that cluster was seen at {seen[1]}: an old primary back as "
+            "a primary after a failover"
+        )
+        error: Exception
+        if self.is_asyncpg:
+            error = asyncpg.exceptions.ConnectionRejectionError(message)
+        else:
+            error = psycopg.errors.SqlserverRejectedEstablishmentOfSqlconnection(message)
+        mark_fenced(error, server)
+        raise error
+
+    def _timeline_unreadable(self) -> None:
+        """The check at connect was refused the cluster and timeline (42501: the role may not
+        call pg_control_system(), pg_walfile_name() or pg_current_wal_lsn()) and answered
+        without them: the engine's connections are checked without them from now on, so no
+        old primary is refused here; said once per engine."""
+        if not self._fenced:
+            return
+        self._fenced = False
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "The role of database %s may not call pg_control_system(), pg_walfile_name() or "
+            "pg_current_wal_lsn() (SQLSTATE 42501): the server's cluster and timeline can't "
+            "be read at connect, so an old primary back as a primary after a failover is not "
+            "refused here. GRANT EXECUTE on the three functions to the role to have it refused",
+            self._where,
+            service=self._settings.service,
+            event="timeline_unreadable",
         )
 
     def control_refused(self, driver: Any) -> None:

@@ -33,6 +33,8 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_dead_pooled_connections_total``       counter  pooled connections found dead at
                                                               checkout, replaced
 ``resilient_db_hot_standby_refused_writes_total``    counter  writes a hot standby refused (25006)
+``resilient_db_stale_timeline_refusals_total``       counter  connections refused: an old primary
+                                                              on an older timeline
 ``resilient_db_transitions_blocked_total``           counter  rows whose illegal move was blocked
 ``resilient_db_transitions_stale_total``             counter  transitions refused: the row had moved
 ``resilient_db_transition_rows_filtered_total``      counter  of the blocked: rows a bulk UPDATE's
@@ -156,6 +158,12 @@ _SERVICE_COUNTERS = (
         "resilient_db_hot_standby_refused_writes",
         "Writes refused by a hot standby (SQLSTATE 25006 from a server in recovery): a URL "
         "that reaches a standby, or an old primary restarted as one during a failover.",
+    ),
+    (
+        "stale_timeline_refusals",
+        "resilient_db_stale_timeline_refusals",
+        "New connections refused because their server, a primary, is on a timeline of its "
+        "cluster below one seen before: an old primary back as a primary after a failover.",
     ),
 )
 _TRANSITION_COUNTERS = (

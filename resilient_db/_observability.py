@@ -371,6 +371,7 @@ class ServiceStats:
     pool_invalidations: int = 0
     dead_pooled_connections: int = 0
     hot_standby_refused_writes: int = 0
+    stale_timeline_refusals: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -415,6 +416,7 @@ class ServiceStats:
                 "pool_invalidations": self.pool_invalidations,
                 "dead_pooled_connections": self.dead_pooled_connections,
                 "hot_standby_refused_writes": self.hot_standby_refused_writes,
+                "stale_timeline_refusals": self.stale_timeline_refusals,
                 "retries_by_class": dict(self.retries_by_class),
             }
 
@@ -435,6 +437,7 @@ class ServiceStats:
                 "pool_invalidations",
                 "dead_pooled_connections",
                 "hot_standby_refused_writes",
+                "stale_timeline_refusals",
             ):
                 setattr(self, name, 0)
             self.retries_by_class.clear()
@@ -489,7 +492,10 @@ def health() -> dict[str, Any]:
     by a restart, a failover or ``pg_terminate_backend``, and replaced: the ``Discarded a dead
     pooled connection`` line), ``hot_standby_refused_writes`` (writes a hot standby refused with
     25006: the ``Write refused by a hot standby`` warning, counted for each refusal, its line
-    rate-limited).
+    rate-limited), ``stale_timeline_refusals`` (new connections refused because their server,
+    a primary, is on a timeline of its cluster below one seen before: an old primary back as a
+    primary after a failover; the ``Refused a connection to an old primary`` error, counted for
+    each, its line rate-limited).
 
     ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
     was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that

@@ -91,7 +91,9 @@ class OpenTelemetryHook:
     its ``pool_invalidations`` (``resilient_db_pool_invalidations_total``),
     ``resilient_db.pool.dead_connections`` its ``dead_pooled_connections``
     (``resilient_db_dead_pooled_connections_total``), ``resilient_db.hot_standby.refused_writes``
-    its ``hot_standby_refused_writes`` (``resilient_db_hot_standby_refused_writes_total``).
+    its ``hot_standby_refused_writes`` (``resilient_db_hot_standby_refused_writes_total``),
+    ``resilient_db.stale_timeline.refusals`` its ``stale_timeline_refusals``
+    (``resilient_db_stale_timeline_refusals_total``).
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
@@ -172,6 +174,8 @@ class OpenTelemetryHook:
             counters.dead_connections.add(1, {"service": service})
         elif name == "hot_standby_refused_write":
             counters.standby_refusals.add(1, {"service": service})
+        elif name == "stale_timeline_refused":
+            counters.timeline_refusals.add(1, {"service": service})
         elif name == "response_invalid":
             counters.invalid.add(
                 1, {"service": service, "validator": str(fields.get("validator", ""))}
@@ -285,6 +289,11 @@ class _Instruments:
             "resilient_db.hot_standby.refused_writes",
             unit="{write}",
             description="Writes refused by a hot standby (SQLSTATE 25006)",
+        )
+        self.timeline_refusals = meter.create_counter(
+            "resilient_db.stale_timeline.refusals",
+            unit="{connection}",
+            description="Connections refused: a primary on an older timeline of its cluster",
         )
 
     def _reading(self) -> bool:

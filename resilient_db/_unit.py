@@ -45,6 +45,7 @@ from ._classify import (
     answer_timed_out,
     client_state_broken,
     debug_failure,
+    fenced_server_of,
     hot_standby_server,
     interrupted_commit,
     log_quietly,
@@ -3371,7 +3372,13 @@ class EngineHooks:
         code = sqlstate_of(original)  # psycopg 3, asyncpg, psycopg2 and pg8000 alike
         if code == READ_ONLY_SQLSTATE and refused_by_a_writable_server(ctx.connection, original):
             code = None  # a read-only transaction of the application's on a primary: its bug
-        if (
+        if fenced_server_of(original) is not None:
+            # a new connection refused as an old primary's at connect (see
+            # CommitProtocol._fence): it is closed already, and the pooled ones stay (made to a
+            # server on the newest timeline)
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
+        elif (
             code is not None
             and self.classifier.is_disconnect_code(code)
             and not ctx.is_disconnect

@@ -1,0 +1,173 @@
+"""An old primary back as a primary after a failover (split brain) is refused by its timeline.
+
+A promoted standby writes on a new timeline of its cluster; the old primary, restarted without
+being demoted, is still on the old one. Each new connection's check at connect reads the
+server's cluster (system identifier) and timeline, in the statement it already sent: an engine
+that has seen the new timeline refuses a connection to a primary of the same cluster on an
+older one (SQLSTATE 08004, a lost connection to the classifier). Nothing is written or verified
+there. Not refused: a server restarted on its own timeline, another cluster at the same
+address (a new ``initdb``), a standby.
+
+Real servers (:class:`~resilient_db.testing.StandbyPair`, :class:`EmbeddedPostgres`), real
+faults (an immediate stop, ``pg_promote``, a restart, a COMMIT answer lost by a
+:class:`~resilient_db.testing.FaultProxy`), a plain login role (no superuser)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+from test_failover_review import DATABASE, LEDGER_DDL, fail_over, ledger, units
+
+import resilient_db as rdb
+from resilient_db.testing import EmbeddedPostgres, FaultProxy, StandbyPair
+
+pytestmark = pytest.mark.slow
+
+DRIVERS = ["psycopg", "asyncpg"]
+ROLE, PASSWORD = "app", "app-secret"
+#: a few quick retries, no breaker: a refused unit gives up within a second
+CONFIG = rdb.Config(
+    initial_delay=0.01, max_delay=0.05, max_retries=3, deadline=5.0, circuit_breaker=False
+)
+
+
+def prepare_as_plain_role(server: EmbeddedPostgres) -> None:
+    """The ledger in database ``app``, owned by a plain login role, and the commit markers."""
+    server.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
+    server.create_database(DATABASE)
+    server.execute(f"ALTER DATABASE {DATABASE} OWNER TO {ROLE}")
+    engine = sa.create_engine(as_plain_role(server.url(DATABASE)))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(LEDGER_DDL))
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+
+
+def as_plain_role(url: str | sa.URL) -> sa.URL:
+    return sa.make_url(url).set(username=ROLE, password=PASSWORD)
+
+
+def keys_on(server: EmbeddedPostgres) -> dict[str, int]:
+    rows = server.execute("SELECT key, count(*) FROM ledger GROUP BY key", database=DATABASE)
+    return {str(key): int(count) for key, count in rows}
+
+
+def refused_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if getattr(r, "self_heal", {}).get("event") == "stale_timeline_refused"
+    ]
+
+
+@pytest.fixture
+def split_pair(pg_standby_factory: Callable[..., StandbyPair]) -> StandbyPair:
+    """An asynchronous pair (the old primary, restarted, waits for no standby), its ledger
+    owned by a plain role."""
+    pair = pg_standby_factory(synchronous=False)
+    prepare_as_plain_role(pair.primary)
+    pair.wait_replayed()
+    return pair
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_an_old_primary_back_as_a_primary_takes_no_unit(
+    split_pair: StandbyPair, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the failover the engine has seen the new timeline; the old primary, restarted as
+    a primary and listed first, is refused at connect (units fail as if it were down, named in
+    one ERROR line), and units go on once it is stopped again."""
+    pair = split_pair
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = f"fencing-{driver}"
+    url = as_plain_role(pair.url(DATABASE, driver=driver))
+    with units(url, driver, config=CONFIG, service=service) as made:
+        assert made.write("a") == pair.primary.port
+        fail_over(pair)
+        assert made.write("b") == pair.standby.port  # timeline 2 seen here
+        pair.primary.start()  # not demoted: a second primary, on timeline 1
+        pair.standby.terminate_backends()  # a disconnect: the next connections are new ones
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - the driver's, wrapped or not
+            made.write("c")
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT, raised.value
+        assert rdb.is_transient(raised.value)
+        assert rdb.sqlstate_of(raised.value) == "08004", raised.value
+        assert f"127.0.0.1:{pair.primary.port}" in str(raised.value)
+        counters = rdb.health()["services"][service]["counters"]
+        assert counters["stale_timeline_refusals"] == 1 + CONFIG.max_retries
+        pair.primary.stop()  # fenced by hand at last: the next connections go to the new one
+        assert made.write("d") == pair.standby.port
+    pair.primary.start()  # (to look)
+    assert keys_on(pair.primary) == {"a": 1}  # nothing landed on the old primary
+    assert ledger(pair) == {"a": 1, "b": 1, "d": 1}
+    lines = refused_lines(caplog)
+    assert len(lines) == 1, [r.getMessage() for r in lines]  # rate-limited: one per server
+    line = lines[0]
+    assert line.levelno == logging.ERROR
+    text = line.getMessage()
+    assert text.startswith("[SELF-HEAL] Refused a connection to an old primary"), text
+    assert f"127.0.0.1:{pair.primary.port} takes writes on timeline 1" in text, text
+    assert f"timeline 2 of that cluster was seen at 127.0.0.1:{pair.standby.port}" in text
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_lost_commit_answer_on_the_new_primary_is_not_settled_on_the_old_one(
+    split_pair: StandbyPair, driver: str
+) -> None:
+    """The COMMIT answer of a unit on the new primary is lost; the check's new connection goes
+    to the old primary (listed first, back as a primary): refused there, so the unit is
+    neither found missing there nor replayed there; while the old primary answers, the outcome
+    stays unknown (the unit wrote once, on the new primary)."""
+    pair = split_pair
+    config = rdb.Config(
+        initial_delay=0.01, max_delay=0.05, max_retries=5, deadline=2.0, circuit_breaker=False
+    )
+    with FaultProxy(pair.standby) as proxy:
+        url = sa.make_url(pair.url(DATABASE, driver=driver)).update_query_dict(
+            {"host": [f"{pair.primary.host}:{pair.primary.port}", f"{proxy.host}:{proxy.port}"]}
+        )
+        with units(as_plain_role(url), driver, config=config) as made:
+            assert made.write("a") == pair.primary.port
+            fail_over(pair)
+            assert made.write("b") == pair.standby.port  # through the proxy: timeline 2
+            pair.primary.start()  # a second primary, listed first
+            proxy.lose_commit_answer()
+            with pytest.raises(rdb.CommitOutcomeUnknownError):
+                made.write("k")
+    assert proxy.commits_lost == 1
+    assert made.calls.count("k") == 1  # never replayed
+    assert keys_on(pair.primary) == {"a": 1}
+    assert ledger(pair) == {"a": 1, "b": 1, "k": 1}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_restarted_server_and_a_new_cluster_at_its_address_are_not_refused(
+    driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server restarted (after a crash too) stays on its timeline: its connections are
+    taken. A new cluster (another ``initdb``, so another system identifier) at the same
+    address, on timeline 1 where the old one was on timeline 2, is not judged by the old
+    cluster's timelines."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with StandbyPair(synchronous=False) as pair:
+        prepare_as_plain_role(pair.primary)
+        pair.wait_replayed()
+        fail_over(pair)  # the standby: timeline 2
+        port = pair.standby.port
+        url = as_plain_role(pair.standby.url(DATABASE, driver=driver))
+        with units(url, driver, config=CONFIG) as made:
+            assert made.write("a") == port
+            pair.standby.restart(crash=True)  # the same cluster, the same timeline
+            assert made.write("b") == port
+            pair.close()  # its files deleted: the address is free for another cluster
+            with EmbeddedPostgres(port=port) as other:
+                prepare_as_plain_role(other)  # timeline 1 of a new cluster
+                assert made.write("c") == port
+                assert keys_on(other) == {"c": 1}
+    assert made.calls == ["a", "b", "c"]
+    assert refused_lines(caplog) == []
