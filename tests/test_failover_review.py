@@ -323,32 +323,7 @@ def test_units_give_up_by_the_deadline_when_no_standby_is_promoted(
     assert pair.standby.is_in_recovery()
 
 
-# -- the old primary back as a second primary -----------------------------------------------------
-@pytest.mark.parametrize("driver", DRIVERS)
-def test_an_old_primary_back_as_a_second_primary_acknowledges_nothing_twice(
-    pg_standby_factory: Callable[..., StandbyPair], driver: str
-) -> None:
-    """Split brain (README: the cluster must fence it): the old primary, restarted without
-    being demoted, takes the units of the pool's next connections (listed first). Each unit
-    still writes once, on one server or the other."""
-    pair = pg_standby_factory(synchronous=False)
-    prepare(pair)
-    with units(pair.url(DATABASE, driver=driver), driver) as made:
-        assert made.write("a") == pair.primary.port
-        fail_over(pair)
-        assert made.write("b") == pair.standby.port
-        pair.primary.start()
-        pair.standby.terminate_backends()  # a disconnect renews the pool
-        landed = {key: made.write(key) for key in ("c", "d")}
-    print(f"\n[review] {driver} split brain: {landed}")
-    on_old = dict(
-        pair.primary.execute("SELECT key, count(*) FROM ledger GROUP BY key", database=DATABASE)
-    )
-    on_new = ledger(pair)
-    for key in ("b", "c", "d"):
-        assert on_old.get(key, 0) + on_new.get(key, 0) == 1, (key, on_old, on_new)
-    assert set(landed.values()) == {pair.primary.port}  # (the documented split brain)
-    assert made.calls.count("c") == made.calls.count("d") == 1
+# -- the old primary back as a second primary: refused (tests/test_failover_fencing.py) -----------
 
 
 # -- a two-phase unit prepared when the primary dies ----------------------------------------------
