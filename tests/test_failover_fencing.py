@@ -171,3 +171,29 @@ def test_a_restarted_server_and_a_new_cluster_at_its_address_are_not_refused(
                 assert keys_on(other) == {"c": 1}
     assert made.calls == ["a", "b", "c"]
     assert refused_lines(caplog) == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_role_that_may_not_read_the_timeline_connects_unfenced(
+    driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pg_control_system() revoked from PUBLIC (a hardening, a managed service): the check at
+    connect is refused (42501) and made again without the cluster and timeline, once per
+    engine; connections work, the commit markers are used, a WARNING says nothing is fenced."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with EmbeddedPostgres() as server:
+        prepare_as_plain_role(server)
+        server.execute(
+            "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_control_system() FROM PUBLIC",
+            database=DATABASE,
+        )
+        url = as_plain_role(server.url(DATABASE, driver=driver))
+        with units(url, driver, config=CONFIG, pool_size=1, max_overflow=0) as made:
+            assert made.write("a") == server.port
+            server.terminate_backends()  # the next unit's connection is a new one
+            assert made.write("b") == server.port
+            assert keys_on(server) == {"a": 1, "b": 1}
+    events = [getattr(r, "self_heal", {}).get("event") for r in caplog.records]
+    assert events.count("timeline_unreadable") == 1, events
+    assert "commit_markers_missing" not in events  # (the check answered: markers in use)
+    assert "stale_timeline_refused" not in events
