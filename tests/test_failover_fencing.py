@@ -88,6 +88,7 @@ def test_an_old_primary_back_as_a_primary_takes_no_unit(
     url = as_plain_role(pair.url(DATABASE, driver=driver))
     with units(url, driver, config=CONFIG, service=service) as made:
         assert made.write("a") == pair.primary.port
+        pair.wait_replayed()  # (asynchronous: "a" is on the standby before the crash)
         fail_over(pair)
         assert made.write("b") == pair.standby.port  # timeline 2 seen here
         pair.primary.start()  # not demoted: a second primary, on timeline 1
@@ -133,6 +134,7 @@ def test_a_lost_commit_answer_on_the_new_primary_is_not_settled_on_the_old_one(
         )
         with units(as_plain_role(url), driver, config=config) as made:
             assert made.write("a") == pair.primary.port
+            pair.wait_replayed()  # (asynchronous: "a" is on the standby before the crash)
             fail_over(pair)
             assert made.write("b") == pair.standby.port  # through the proxy: timeline 2
             pair.primary.start()  # a second primary, listed first
