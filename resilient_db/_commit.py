@@ -912,7 +912,23 @@ def _note_read_only_source(driver: Any, row: Any) -> None:
 #: the columns of ``_CHECK_SQL`` (where ``default_transaction_read_only`` is reported on it
 #: has one more)
 _CHECK_COLUMNS: Final = 7
-_INSUFFICIENT_PRIVILEGE: Final = "42501"
+#: the SQLSTATE classes of an error the check's cluster and timeline columns may meet where
+#: the server does not give them to the role: 42 (42501, EXECUTE revoked from PUBLIC; 42883,
+#: a function a server built from PostgreSQL lacks), 0A (a managed service's fork that does
+#: not support reading its WAL position), 55 (a state the functions refuse) and 58, XX (the
+#: control file unreadable, a fork's internal error). The check is then made again without
+#: them (see CommitProtocol._timeline_unreadable); an error of another class (a lost
+#: connection, a cancellation) is the check's own
+_TIMELINE_REFUSALS: Final = ("42", "0A", "55", "58", "XX")
+
+
+def _timeline_refused(exc: BaseException) -> str | None:
+    """The SQLSTATE of ``exc`` when it is one the check's cluster and timeline columns may
+    have met (:data:`_TIMELINE_REFUSALS`), else None."""
+    code = sqlstate_of(exc)
+    return code if code is not None and code[:2] in _TIMELINE_REFUSALS else None
+
+
 #: the clusters (system identifiers) an engine keeps the highest timeline of: the oldest is
 #: forgotten past this many (an engine's URL reaches one cluster, or a few over its life)
 _MAX_CLUSTERS: Final = 16
@@ -3103,12 +3119,13 @@ class CommitProtocol:
                 try:
                     row = run(lambda d: d.fetchrow(_check_sql(driver, fenced)))
                 except Exception as exc:
-                    if not (fenced and sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE):
+                    refused = _timeline_refused(exc) if fenced else None
+                    if refused is None:
                         raise
                     # (the cluster and timeline refused: asked again without them)
                     sent = _wall_clock()
                     row = run(lambda d: d.fetchrow(_check_sql(driver, False)))
-                    self._timeline_unreadable()
+                    self._timeline_unreadable(refused)
             except Exception:  # (no USAGE on the schema fails the lookups: say that)
                 self._look_for_missing(lambda sql: run(lambda d: d.fetchval(sql)))
                 raise
@@ -3143,12 +3160,13 @@ class CommitProtocol:
                 try:
                     cursor.execute(_check_sql(driver, fenced))
                 except Exception as exc:
-                    if not (fenced and sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE):
+                    refused = _timeline_refused(exc) if fenced else None
+                    if refused is None:
                         raise
                     # (the cluster and timeline refused: asked again without them)
                     sent = _wall_clock()
                     cursor.execute(_check_sql(driver, False))
-                    self._timeline_unreadable()
+                    self._timeline_unreadable(refused)
             except Exception:  # (no USAGE on the schema fails the lookups: say that)
                 self._look_for_missing(lambda sql: _fetch_value(cursor, sql))
                 raise
@@ -3337,9 +3355,10 @@ class CommitProtocol:
         mark_fenced(error, server)
         raise error
 
-    def _timeline_unreadable(self) -> None:
-        """The check at connect was refused the cluster and timeline (42501: the role may not
-        call pg_control_system(), pg_walfile_name() or pg_current_wal_lsn()) and answered
+    def _timeline_unreadable(self, code: str) -> None:
+        """The check at connect was refused the cluster and timeline (SQLSTATE ``code``: the
+        role may not call pg_control_system(), pg_walfile_name() or pg_current_wal_lsn(), 42501,
+        or the server does not give them, as a managed service's fork may not) and answered
         without them: the engine's connections are checked without them from now on, so no
         old primary is refused here; said once per engine."""
         if not self._fenced:
@@ -3349,13 +3368,18 @@ class CommitProtocol:
             self._settings.config,
             log_session,
             logging.WARNING,
-            "The role of database %s may not call pg_control_system(), pg_walfile_name() or "
-            "pg_current_wal_lsn() (SQLSTATE 42501): the server's cluster and timeline can't "
-            "be read at connect, so an old primary back as a primary after a failover is not "
-            "refused here. GRANT EXECUTE on the three functions to the role to have it refused",
+            "Database %s did not give the server's cluster and timeline at connect "
+            "(pg_control_system(), pg_walfile_name(), pg_current_wal_lsn(): SQLSTATE %s%s): "
+            "an old primary back as a primary after a failover is not refused here. %s",
             self._where,
+            code,
+            " (the role may not call them)" if code == "42501" else "",
+            "GRANT EXECUTE on the three functions to the role to have it refused"
+            if code == "42501"
+            else "Connections are made as before, unfenced",
             service=self._settings.service,
             event="timeline_unreadable",
+            sqlstate=code,
         )
 
     def control_refused(self, driver: Any) -> None:

@@ -175,20 +175,28 @@ def test_a_restarted_server_and_a_new_cluster_at_its_address_are_not_refused(
     assert refused_lines(caplog) == []
 
 
+#: how a server keeps the cluster and timeline from the role: EXECUTE revoked from PUBLIC (a
+#: hardening, a managed service), or a function it lacks (a server built from PostgreSQL that
+#: does not give its WAL position: here renamed away in the application's database)
+REFUSALS = {
+    "42501": "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_control_system() FROM PUBLIC",
+    "42883": "ALTER FUNCTION pg_catalog.pg_walfile_name(pg_catalog.pg_lsn) RENAME TO gone",
+}
+
+
+@pytest.mark.parametrize("code", sorted(REFUSALS))
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_role_that_may_not_read_the_timeline_connects_unfenced(
-    driver: str, caplog: pytest.LogCaptureFixture
+    driver: str, code: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """pg_control_system() revoked from PUBLIC (a hardening, a managed service): the check at
-    connect is refused (42501) and made again without the cluster and timeline, once per
-    engine; connections work, the commit markers are used, a WARNING says nothing is fenced."""
+    """The check at connect is refused the cluster and timeline (42501: the role may not call
+    pg_control_system(); 42883: the server lacks pg_walfile_name()) and made again without
+    them, once per engine; connections work, the commit markers are used, a WARNING says
+    nothing is fenced, with the SQLSTATE."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     with EmbeddedPostgres() as server:
         prepare_as_plain_role(server)
-        server.execute(
-            "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_control_system() FROM PUBLIC",
-            database=DATABASE,
-        )
+        server.execute(REFUSALS[code], database=DATABASE)
         url = as_plain_role(server.url(DATABASE, driver=driver))
         with units(url, driver, config=CONFIG, pool_size=1, max_overflow=0) as made:
             assert made.write("a") == server.port
@@ -197,5 +205,11 @@ def test_a_role_that_may_not_read_the_timeline_connects_unfenced(
             assert keys_on(server) == {"a": 1, "b": 1}
     events = [getattr(r, "self_heal", {}).get("event") for r in caplog.records]
     assert events.count("timeline_unreadable") == 1, events
+    (line,) = [
+        r
+        for r in caplog.records
+        if getattr(r, "self_heal", {}).get("event") == "timeline_unreadable"
+    ]
+    assert line.self_heal["sqlstate"] == code  # type: ignore[attr-defined]
     assert "commit_markers_missing" not in events  # (the check answered: markers in use)
     assert "stale_timeline_refused" not in events
