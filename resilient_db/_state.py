@@ -125,10 +125,14 @@ def _renew_lock_in_child() -> None:
         STATE.lock = threading.RLock()
     for stats in list(STATE.stats.values()):  # each service's counters have a short lock too
         stats.after_fork_in_child()
-    for hooks in list(STATE.engine_hooks.values()):  # each engine's (commit protocol, lines)
+    engines = list(STATE.engine_hooks.items())
+    for _, hooks in engines:  # each engine's (commit protocol, lines)
         hooks.after_fork_in_child()
     for namespace, name, factory in _MODULE_LOCKS:
         namespace[name] = factory()
+    # then each engine's pool (see EngineHooks.new_pool_in_child), every lock renewed first
+    for engine, hooks in engines:
+        hooks.new_pool_in_child(engine)
 
 
 if hasattr(os, "register_at_fork"):

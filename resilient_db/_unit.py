@@ -3359,6 +3359,22 @@ class EngineHooks:
         self._standby_lines.after_fork_in_child()
         self._pool_lines.after_fork_in_child()
 
+    def new_pool_in_child(self, engine: Engine) -> None:
+        """In a forked child (see ``_state._renew_lock_in_child``): a new pool for ``engine``,
+        these hooks' engine.
+
+        The parent's pooled connections are the parent's: a child that used them would share
+        one server session with its parent and its siblings (gunicorn's ``--preload``, Celery's
+        prefork pool, ``multiprocessing`` with fork, where the parent used the engine before
+        forking), and their answers would cross: rows of another process's query, a unit
+        reported done having read another's answer. SQLAlchemy leaves the parent's pool in the
+        child (its rule: call ``engine.dispose(close=False)`` there); resilient_db does it for
+        every engine its factories hook, as soon as the child exists. The old pool is dropped
+        without closing its connections (``close=False``): the drivers leave the session of
+        the process that made a connection open when the child frees its object (psycopg 3 and
+        psycopg2 alike: tests/test_fork_pool.py)."""
+        engine.dispose(close=False)
+
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
             lost_commit_while_off(ctx, self.classifier)  # (an unknown outcome: no 503)

@@ -1,0 +1,77 @@
+"""A forked child gets a pool of its own for every engine resilient_db's factories hook.
+
+gunicorn's ``--preload``, Celery's prefork pool and ``multiprocessing`` with fork make worker
+processes after the parent imported the application, often after it used its engines (the
+quickstart's ``create_all`` and ``install_commit_markers`` at import). SQLAlchemy leaves the
+parent's pool in the child, so the child's first unit took the parent's pooled connection: one
+server session shared by the parent and its children, their answers crossed (a new user's
+Celery workers: wrong rows, ``ResourceClosedError``, a task reported done having read another
+process's answer). The child now starts with a new pool, and the parent's session is left as it
+was: never used nor ended by the child (the old pool is dropped without closing its
+connections, and freeing them in the child ends no session of the parent's: checked for
+psycopg 3 and psycopg2 after a garbage collection in the child).
+
+Real forks (``os.fork``), a real server; each child reports through a pipe."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from test_fork_locks import in_child
+
+import resilient_db as rdb
+from resilient_db.testing import PostgresServer
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def backend(session: Session) -> int:
+    return int(session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_a_forked_child_never_uses_nor_ends_the_parents_pooled_connection(
+    pg_server: PostgresServer, pg_database: str, service: str, driver: str
+) -> None:
+    engine = sa.create_engine(pg_server.url(pg_database, driver=driver), pool_size=1)
+    try:
+        Session = rdb.ResilientSession(engine, service=service)
+        parents = Session.run(backend)  # the pool now holds the parent's connection
+
+        def child() -> bool:
+            gc.collect()  # (whatever the child dropped of the parent's is freed now)
+            # a new session on the server: not the parent's, and it works
+            return Session.run(backend) != parents
+
+        assert in_child(child) == b"\x00", "the child used the parent's pooled connection"
+        # the parent's session was neither used nor ended by the child: the same one still
+        assert Session.run(backend) == parents
+        alive = pg_server.execute(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {parents}")
+        assert alive == [(1,)]
+    finally:
+        engine.dispose()
+
+
+def test_a_forked_childs_engine_made_by_hand_is_left_to_the_user(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """An engine no factory hooked is SQLAlchemy's alone: its pool is left as it was (the
+    child's ``engine.dispose(close=False)`` is the user's, as SQLAlchemy documents)."""
+    engine = sa.create_engine(pg_server.url(pg_database), pool_size=1)
+    try:
+        with engine.connect() as conn:
+            parents = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        pool = engine.pool
+
+        def child() -> bool:
+            return engine.pool is pool
+
+        assert in_child(child) == b"\x00"
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() == parents
+    finally:
+        engine.dispose()
