@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from test_failover_review import DATABASE, LEDGER_DDL, fail_over, ledger, units
@@ -213,3 +216,53 @@ def test_a_role_that_may_not_read_the_timeline_connects_unfenced(
     assert line.self_heal["sqlstate"] == code  # type: ignore[attr-defined]
     assert "commit_markers_missing" not in events  # (the check answered: markers in use)
     assert "stale_timeline_refused" not in events
+
+
+def test_the_cluster_is_asked_only_of_a_connection_off_the_highest_timeline(
+    pg_url: str, service: str, tmp_path: Path
+) -> None:
+    """pg_control_system() reads the control file from disk at each call: a ``NullPool``
+    engine would pay it on every unit. The check at connect reads the timeline alone; the
+    cluster is asked (a second statement) of the first connection only, whose timeline the
+    engine had not seen; the next connections, on that timeline, send the check alone."""
+    eng = sa.create_engine(pg_url, poolclass=sa.NullPool)
+    Sessions = rdb.ResilientSession(eng, service=service, config=CONFIG)
+    paths: list[Path] = []
+
+    def traced(dbapi_connection: Any, record: Any) -> None:  # before the factory's set-up
+        path = tmp_path / f"trace-{len(paths)}"
+        paths.append(path)
+        handle = path.open("w")
+        dbapi_connection.pgconn.trace(handle.fileno())
+        dbapi_connection.pgconn.set_trace_flags(
+            psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE
+        )
+        handles.append(handle)
+
+    handles: list[Any] = []
+    sa.event.listen(eng, "connect", traced, insert=True)
+    try:
+        for _ in range(3):
+            assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    finally:
+        eng.dispose()
+        for handle in handles:
+            handle.close()
+    assert len(paths) == 3  # a new connection per unit
+    sent = [_client_messages(path.read_text()) for path in paths]
+    checks = [[m for m in messages if "pg_walfile_name" in m] for messages in sent]
+    assert [len(c) for c in checks] == [1, 1, 1], sent  # the check, with the timeline
+    assert all("pg_control_system" not in m for c in checks for m in c), checks
+    asked = [len([m for m in messages if "pg_control_system" in m]) for messages in sent]
+    assert asked == [1, 0, 0], sent
+
+
+def _client_messages(trace: str) -> list[str]:
+    """The messages a libpq trace shows the client sent (a query's text may span lines)."""
+    messages: list[str] = []
+    for line in trace.splitlines():
+        if line.startswith(("F\t", "B\t")):
+            messages.append(line if line.startswith("F") else "")
+        elif messages:
+            messages[-1] += "\n" + line if messages[-1] else ""
+    return [m for m in messages if m]
