@@ -1032,6 +1032,11 @@ _control_unreadable: weakref.WeakSet[Any] = weakref.WeakSet()
 #: it was set up for them: a claim that fenced a missing marker asks whether they were made
 #: again since (see ``_maybe_before_table``)
 _identities: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+#: what a connection's check at connect found of its server (see CommitProtocol._fence), per
+#: driver connection: [the fence token it was last judged under, its cluster (None: nothing
+#: to judge, a standby or an unfenced engine), its timeline, its server], kept in the pool's
+#: record with the connection (see EngineHooks.checkout) and judged again at checkout
+_fences: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
 _XID_STATUS = (
     "SELECT {incarnation}, "
@@ -2563,6 +2568,9 @@ class CommitProtocol:
         # the highest timeline of any cluster in _timelines, and a cluster seen on it: a
         # connection on that timeline is taken without asking its cluster
         self._highest: tuple[int, str] | None = None
+        #: replaced whenever a cluster's highest timeline rises: a pooled connection judged
+        #: under another is judged again at its checkout (see judge_pooled)
+        self.fence_token = object()
         self._fenced = True
         self._fence_lines = LineLimit()  # connections refused, per server
         self._engine_name = engine.dialect.name
@@ -3305,9 +3313,13 @@ class CommitProtocol:
             timeline = int(timeline_hex, 16)
         except (TypeError, ValueError):  # (not a WAL file's name: nothing to judge by)
             return
-        highest = self._highest
-        if highest is not None and timeline == highest[0]:
-            return
+        server = server_address(driver) or "an unknown address"
+        with self._timelines_lock:
+            highest = self._highest
+            if highest is not None and timeline == highest[0]:
+                # (taken for the cluster seen on it, to be judged again at checkout)
+                _fences[driver] = [self.fence_token, highest[1], timeline, server]
+                return
         try:
             answer = ask_system()
         except Exception as exc:
@@ -3319,7 +3331,6 @@ class CommitProtocol:
         if answer is None:
             return
         system = str(answer)
-        server = server_address(driver) or "an unknown address"
         with self._timelines_lock:
             seen = self._timelines.get(system)
             if seen is None or timeline >= seen[0]:
@@ -3327,9 +3338,32 @@ class CommitProtocol:
                     del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
                 if seen is None or timeline > seen[0] or seen[1] != server:
                     self._timelines[system] = (timeline, server)
+                if seen is not None and timeline > seen[0]:
+                    self.fence_token = object()  # (the pool's connections judged again)
                 self._note_highest(system)
+                _fences[driver] = [self.fence_token, system, timeline, server]
                 return
         self._refuse(server, system, timeline, seen)
+
+    def fence_of(self, driver: Any) -> list[Any]:
+        """What the check at connect found of ``driver``'s server (see ``_fences``), to be
+        kept with the pooled connection: nothing to judge where it found nothing."""
+        fence = _fences.get(driver)
+        return [self.fence_token, None, 0, ""] if fence is None else fence
+
+    def judge_pooled(self, fence: list[Any]) -> str | None:
+        """Judge again a pooled connection whose ``fence`` (see ``_fences``) was judged under
+        another fence token (a cluster's highest timeline rose since): the connection is kept
+        (None) unless its cluster was seen since on a higher timeline than its own (an old
+        primary's connection, made before the engine saw the promoted standby), when the
+        refusal is counted and said as at connect (:meth:`_say_refused`) and returned, for the
+        pool to replace it. Asks the server nothing."""
+        with self._timelines_lock:
+            seen = None if fence[1] is None else self._timelines.get(fence[1])
+            if seen is None or fence[2] >= seen[0]:
+                fence[0] = self.fence_token
+                return None
+        return self._say_refused(fence[3], fence[1], fence[2], seen)
 
     def _note_highest(self, system: str) -> None:
         """Keep the highest timeline of any cluster in ``_timelines`` and a cluster seen on
@@ -3345,6 +3379,17 @@ class CommitProtocol:
         every few seconds; the hooks see each), and raised as the driver's error of SQLSTATE
         08004 (the server rejected the connection): a lost connection to the classifier, so
         the unit is retried and the breaker counts it. The caller closes the connection."""
+        message = self._say_refused(server, system, timeline, seen)
+        error: Exception
+        if self.is_asyncpg:
+            error = asyncpg.exceptions.ConnectionRejectionError(message)
+        else:
+            error = psycopg.errors.SqlserverRejectedEstablishmentOfSqlconnection(message)
+        mark_fenced(error, server)
+        raise error
+
+    def _say_refused(self, server: str, system: str, timeline: int, seen: tuple[int, str]) -> str:
+        """Count and say a connection refused (see :meth:`_refuse`): the error's message."""
         config, service = self._settings.config, self._settings.service
         stats_for(service).add("stale_timeline_refusals")
         log, unlogged = self._fence_lines.take(server)
@@ -3378,19 +3423,12 @@ class CommitProtocol:
             system_identifier=system,
             suppressed=unlogged,
         )
-        message = (
+        return (
             f"resilient_db refused the connection to {server} (database {database}): it takes "
             f"writes on timeline {timeline} of its cluster (system identifier {system}), but "
             f"timeline {seen[0]} of that cluster was seen at {seen[1]}: an old primary back as "
             "a primary after a failover"
         )
-        error: Exception
-        if self.is_asyncpg:
-            error = asyncpg.exceptions.ConnectionRejectionError(message)
-        else:
-            error = psycopg.errors.SqlserverRejectedEstablishmentOfSqlconnection(message)
-        mark_fenced(error, server)
-        raise error
 
     def _timeline_unreadable(self, code: str) -> None:
         """The check at connect was refused the cluster and timeline (SQLSTATE ``code``: the

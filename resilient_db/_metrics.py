@@ -162,8 +162,9 @@ _SERVICE_COUNTERS = (
     (
         "stale_timeline_refusals",
         "resilient_db_stale_timeline_refusals",
-        "New connections refused because their server, a primary, is on a timeline of its "
-        "cluster below one seen before: an old primary back as a primary after a failover.",
+        "Connections refused (new ones at connect, pooled ones at checkout) because their "
+        "server, a primary, is on a timeline of its cluster below one seen before: an old "
+        "primary back as a primary after a failover.",
     ),
 )
 _TRANSITION_COUNTERS = (

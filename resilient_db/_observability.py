@@ -492,10 +492,10 @@ def health() -> dict[str, Any]:
     by a restart, a failover or ``pg_terminate_backend``, and replaced: the ``Discarded a dead
     pooled connection`` line), ``hot_standby_refused_writes`` (writes a hot standby refused with
     25006: the ``Write refused by a hot standby`` warning, counted for each refusal, its line
-    rate-limited), ``stale_timeline_refusals`` (new connections refused because their server,
-    a primary, is on a timeline of its cluster below one seen before: an old primary back as a
-    primary after a failover; the ``Refused a connection to an old primary`` error, counted for
-    each, its line rate-limited).
+    rate-limited), ``stale_timeline_refusals`` (connections refused, new ones at connect and
+    pooled ones at checkout, because their server, a primary, is on a timeline of its cluster
+    below one seen before: an old primary back as a primary after a failover; the ``Refused a
+    connection to an old primary`` error, counted for each, its line rate-limited).
 
     ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
     was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that

@@ -3658,6 +3658,8 @@ class EngineHooks:
             if driver is not None:
                 if probe[1]():
                     self._dead_at_checkout(dbapi_connection)
+                if probe[3][0] is not self.commit.fence_token:  # (a timeline rose since)
+                    self._judge_timeline(dbapi_connection, probe[3])
                 # a transaction rolled back before it was returned
                 driver._rdb_may_write = driver._rdb_writes = False
                 # the connecting session has its connection (see _checkout_first)
@@ -3683,7 +3685,7 @@ class EngineHooks:
             # retries a checkout once, so a dead pooled connection followed by a new one the
             # server ended at once raised "This connection is closed", not a disconnect; such
             # a connection fails its first statement as one instead
-            probe = (dbapi_connection, dead_probe(dbapi_connection, info), None)
+            probe = (dbapi_connection, dead_probe(dbapi_connection, info), None, None)
             info[_PROBE_KEY] = probe
             dead = not info.pop(_FRESH_KEY, False) and probe[1]()
         else:
@@ -3701,13 +3703,26 @@ class EngineHooks:
                 replace_at_checkout(dbapi_connection, "connection made before the commit protocol")
             self.commit.prepare(dbapi_connection, record)
         if getattr(driver, "_rdb_mode", None) is not None:  # prepared (stays so): fast from now
-            info[_PROBE_KEY] = (dbapi_connection, probe[1], driver)
+            fence = self.commit.fence_of(driver)
+            info[_PROBE_KEY] = (dbapi_connection, probe[1], driver, fence)
+            if fence[0] is not self.commit.fence_token:
+                self._judge_timeline(dbapi_connection, fence)
         # the connecting session has its connection, a live one: not before, since a pooled
         # connection found dead above is replaced by a connect that is still the session's (it
         # retries as the session's first connect does: a restart leaves the pool full of dead
         # connections while the server still refuses)
         if connecting_for.get() is not None:
             connecting_for.set(None)
+
+    def _judge_timeline(self, dbapi_connection: Any, fence: list[Any]) -> None:
+        """A pooled connection judged by its timeline under an older fence token (see
+        ``CommitProtocol.judge_pooled``): kept, or refused as a new one to its server would be
+        (an old primary's, made before the engine saw the promoted standby: the same ERROR
+        line and counter) and replaced by the pool, whose new connection is checked at
+        connect."""
+        refused = self.commit.judge_pooled(fence)
+        if refused is not None:
+            replace_at_checkout(dbapi_connection, refused)
 
     def _dead_at_checkout(self, dbapi_connection: Any) -> NoReturn:
         """A pooled connection found dead (its backend ended: a restart, a failover,
@@ -4141,7 +4156,7 @@ def set_up_again(connection: Connection) -> None:
     driver._rdb_mode = None
     probe = pooled.info.get(_PROBE_KEY)
     if probe is not None:
-        pooled.info[_PROBE_KEY] = (probe[0], probe[1], None)  # (no fast path: see checkout)
+        pooled.info[_PROBE_KEY] = (probe[0], probe[1], None, None)  # (no fast path: checkout)
 
 
 _FRESH_KEY = "resilient_db.connecting"  # our do_connect ran for the record's connection

@@ -15,14 +15,15 @@ faults (an immediate stop, ``pg_promote``, a restart, a COMMIT answer lost by a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
-from test_failover_review import DATABASE, LEDGER_DDL, fail_over, ledger, units
+from test_failover_review import DATABASE, LEDGER_DDL, Units, fail_over, ledger, units
 
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres, FaultProxy, StandbyPair
@@ -266,3 +267,67 @@ def _client_messages(trace: str) -> list[str]:
         elif messages:
             messages[-1] += "\n" + line if messages[-1] else ""
     return [m for m in messages if m]
+
+
+@contextmanager
+def holding(made: Units) -> Iterator[None]:
+    """One of ``made``'s pooled connections checked out (and given back at the end)."""
+    if made.driver == "asyncpg":
+        loop = made._runner
+        assert loop is not None
+        conn = loop.run_until_complete(made.engine.connect())
+        try:
+            yield
+        finally:
+            loop.run_until_complete(conn.close())
+    else:
+        with made.engine.connect():
+            yield
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_pooled_connection_to_the_old_primary_is_refused_at_its_next_checkout(
+    split_pair: StandbyPair, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection made to the old primary, back as a primary, before the engine saw the new
+    timeline (it was not refused then: nothing said there was a newer one) stays in the pool;
+    once another connection of the engine reached the promoted standby, the old one is refused
+    at its next checkout as a new one would be (the same ERROR line and counter), in memory,
+    and the pool replaces it: the unit goes to the new primary."""
+    pair = split_pair
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = f"fencing-pooled-{driver}"
+    with FaultProxy(pair.primary) as proxy:
+        url = sa.make_url(pair.url(DATABASE, driver=driver)).update_query_dict(
+            {"host": [f"{proxy.host}:{proxy.port}", f"{pair.standby.host}:{pair.standby.port}"]}
+        )
+        with units(
+            as_plain_role(url),
+            driver,
+            config=CONFIG,
+            service=service,
+            pool_size=2,
+            max_overflow=0,
+            pool_use_lifo=True,  # (the pool's most recently returned connection next)
+        ) as made:
+            assert made.write("a") == pair.primary.port
+            pair.wait_replayed()
+            fail_over(pair)
+            pair.primary.start()  # not demoted: a second primary, on timeline 1
+            # its pooled connection died with it: the new one reaches it again (listed first),
+            # and is taken, as the engine has seen no other timeline yet
+            assert made.write("b") == pair.primary.port
+            with holding(made):  # that connection, out of the pool
+                proxy.refuse()  # (new connections only: the held one goes on)
+                assert made.write("c") == pair.standby.port  # timeline 2 seen here
+            # the old primary's connection is back in the pool, handed out next
+            assert made.write("d") == pair.standby.port
+            counters = rdb.health()["services"][service]["counters"]
+            assert counters["stale_timeline_refusals"] == 1
+    assert keys_on(pair.primary) == {"a": 1, "b": 1}  # nothing more landed there
+    assert ledger(pair) == {"a": 1, "c": 1, "d": 1}
+    (line,) = refused_lines(caplog)
+    assert line.levelno == logging.ERROR
+    text = line.getMessage()
+    assert f"127.0.0.1:{proxy.port} takes writes on timeline 1" in text, text
+    assert f"timeline 2 of that cluster was seen at 127.0.0.1:{pair.standby.port}" in text
