@@ -3403,8 +3403,15 @@ class EngineHooks:
             # e.g. 57P01 after pg_terminate_backend, 25006 on a demoted primary: the connection
             # (and the pool's other connections, made before this moment) must not be reused.
             ctx.is_disconnect = True
-            ctx.invalidate_pool_on_disconnect = True
-            self._pool_invalidated(code)
+            if ctx.connection is None and not ctx.is_pre_ping:
+                # while connecting (a FATAL of class 08 at login: PgBouncer's 08P01, a login
+                # refused; a check at connect ended): no connection was made, and SQLAlchemy
+                # replaces nothing on that path, so nothing is said of the pool (its
+                # connections are judged at their checkout: a dead one is replaced there)
+                ctx.invalidate_pool_on_disconnect = False
+            else:
+                ctx.invalidate_pool_on_disconnect = True
+                self._pool_invalidated(code)
         elif code in SESSION_TIMEOUT_CODES:
             # the server ended this one session for its own transaction's timeout: the
             # connection is gone (the drivers say so), the pool's others are sound (SQLAlchemy
