@@ -69,7 +69,7 @@ def test_a_login_refused_with_class_08_keeps_the_pool_and_says_nothing_of_it(
             first = await Sessions.run(backend)  # the pool's connection
             pg_server.execute("INSERT INTO refuse_logins VALUES ('08004')", database=refusing)
             async with engine.connect():  # that one out: the next unit connects
-                with pytest.raises(sa.exc.DBAPIError) as raised:
+                with pytest.raises(Exception) as raised:  # noqa: PT011 - the driver's, wrapped or not
                     await Sessions.run(backend)
             pg_server.execute("DELETE FROM refuse_logins", database=refusing)
             return first, raised.value, await Sessions.run(backend)
