@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -445,7 +445,22 @@ def read_only_by_default(driver: Any) -> bool:
 _WRITABLE = "resilient_db_refused_by_writable_server"
 
 
-def refused_by_a_writable_server(connection: Any, exc: BaseException) -> bool:
+def takes_writes_now(in_recovery: object, read_only: object, source: object) -> bool:
+    """Whether a server that answered ``pg_is_in_recovery()``, ``default_transaction_read_only``
+    and its ``pg_settings.source`` (asked now, on the failure path: see
+    :func:`refused_by_a_writable_server`) takes writes, as :func:`server_takes_writes` judges
+    the reported settings: not in recovery, and transactions not read-only by default, or
+    read-only by the login's own settings (:data:`LOGIN_READ_ONLY_SOURCES`)."""
+    if in_recovery is not False:
+        return False
+    return read_only == "off" or (read_only == "on" and source in LOGIN_READ_ONLY_SOURCES)
+
+
+def refused_by_a_writable_server(
+    connection: Any,
+    exc: BaseException,
+    ask: Callable[[Any], bool | None] | None = None,
+) -> bool:
     """For a 25006 (read_only_sql_transaction) raised on ``connection`` (SQLAlchemy's, as its
     ``handle_error`` has it): True, and ``exc`` marked for the classifier, when the server says
     it takes writes (:func:`server_takes_writes`). Then the transaction was read-only by the
@@ -454,7 +469,15 @@ def refused_by_a_writable_server(connection: Any, exc: BaseException) -> bool:
     pool sound, nothing for the breaker. Otherwise (a hot standby, an old primary restarted as
     one during a failover, a server whose transactions are read-only by default, a server that
     reports nothing before PostgreSQL 14) 25006 is a server that takes no writes: a lost
-    server, as the classifier's table says."""
+    server, as the classifier's table says.
+
+    What the server reported may be stale: behind a transaction-mode pooler (PgBouncer) a
+    client connection keeps the settings of its login, whatever server a later transaction
+    reaches (a primary made read-only, or demoted, since). So where the report says the server
+    takes writes, ``ask(connection)``, when given, asks the server what is true now (True: it
+    takes writes; None: it could not be asked, the report stands); False: the server takes no
+    writes, ``exc`` is marked so (the classifier does not fall back on the report) and this
+    returns False."""
     if connection is None or connection.closed or connection.invalidated:
         return False
     try:
@@ -463,23 +486,24 @@ def refused_by_a_writable_server(connection: Any, exc: BaseException) -> bool:
         return False
     if not server_takes_writes(driver):
         return False
+    writable = True if ask is None else ask(connection) is not False
     with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
-        setattr(exc, _WRITABLE, True)
-    return True
+        setattr(exc, _WRITABLE, writable)
+    return writable
 
 
 def _read_only_by_the_application(exc: BaseException) -> bool:
-    """Whether ``exc`` (a 25006) came from a server that takes writes: marked so by
+    """Whether ``exc`` (a 25006) came from a server that takes writes: marked so (or not) by
     :func:`refused_by_a_writable_server`, or, for an error SQLAlchemy's ``handle_error`` did
     not see, raised by a driver connection whose server says so."""
     chain = list(error_chain(exc))
     for err in chain:
         try:
-            found = getattr(err, _WRITABLE, False)
+            found = getattr(err, _WRITABLE, None)
         except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
             continue
-        if found is True:
-            return True
+        if isinstance(found, bool):  # (False: the server, asked, takes no writes)
+            return found
     for err in chain:
         driver = _driver_connection_of(err)
         if driver is not None:

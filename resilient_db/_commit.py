@@ -90,6 +90,7 @@ from ._classify import (
     read_only_reported,
     server_address,
     sqlstate_of,
+    takes_writes_now,
     unanswered_commit,
 )
 from ._config import Config
@@ -793,6 +794,59 @@ def _run_statements(
     from .transitions._install import run_statements  # noqa: PLC0415
 
     run_statements(bind_or_op, statements, current=current, lock_timeout=lock_timeout)
+
+
+#: What a server says of its read mode now: asked on the failure path of a write refused as
+#: read-only (25006) where the login's report says the server takes writes, which behind a
+#: transaction-mode pooler may be stale (see :func:`takes_writes_asked`)
+_READ_MODE_NOW_SQL: Final = """SELECT pg_catalog.pg_is_in_recovery(), s.setting, s.source
+  FROM pg_catalog.pg_settings s
+  WHERE s.name OPERATOR(pg_catalog.=) 'default_transaction_read_only'"""
+
+
+def takes_writes_asked(connection: Connection) -> bool | None:
+    """Whether the server behind ``connection`` (SQLAlchemy's, whose statement was just refused
+    with 25006) takes writes now, asked (see ``_classify.refused_by_a_writable_server``): its
+    failed transaction rolled back first (the only thing a failed transaction allows, which
+    the application's rollback then finds done), then one statement outside any transaction.
+    None, leaving the login's report to judge, where it can't be asked without undoing what
+    the application may still use: inside a savepoint (a ``begin_nested()``, which the
+    application may roll back to and go on), on a driver the library does not mark, or where
+    asking failed."""
+    if connection.in_nested_transaction():
+        return None
+    try:
+        dbapi_connection = connection.connection.dbapi_connection
+        driver = connection.connection.driver_connection
+    except Exception:
+        return None
+    try:
+        with library_work():
+            if isinstance(driver, asyncpg.Connection):
+                dbapi_connection.rollback()
+                row = _runner(dbapi_connection, driver)(
+                    lambda d: d.fetchrow(_READ_MODE_NOW_SQL)
+                )
+            elif isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
+                dbapi_connection.rollback()
+                autocommit = dbapi_connection.autocommit
+                dbapi_connection.autocommit = True
+                try:
+                    cursor = dbapi_connection.cursor()
+                    try:
+                        cursor.execute(_READ_MODE_NOW_SQL)
+                        row = cursor.fetchone()
+                    finally:
+                        cursor.close()
+                finally:
+                    dbapi_connection.autocommit = autocommit
+            else:
+                return None
+    except Exception:  # (a connection lost meanwhile: its next use says so)
+        return None
+    if row is None:
+        return None
+    return takes_writes_now(row[0], row[1], row[2])
 
 
 def _fetch_value(cursor: Any, sql: str) -> Any:

@@ -80,6 +80,7 @@ from ._commit import (
     prune,
     replication_wait_within,
     stall_cut,
+    takes_writes_asked,
     time_left,
     warnings_into,
     wrote_past_commit,
@@ -3386,7 +3387,16 @@ class EngineHooks:
         if marked_replay_safe(original):
             return None  # the commit protocol's own statement failed: the connection is sound
         code = sqlstate_of(original)  # psycopg 3, asyncpg, psycopg2 and pg8000 alike
-        if code == READ_ONLY_SQLSTATE and refused_by_a_writable_server(ctx.connection, original):
+        if code == READ_ONLY_SQLSTATE and refused_by_a_writable_server(
+            ctx.connection,
+            original,
+            # what the login's report says may be stale (a transaction-mode pooler's client
+            # connection keeps it): the server asked, unless the statement was the library's
+            # own (a commit check's, a prune's, which handle their errors themselves)
+            ask=takes_writes_asked
+            if current_request.get() is None and not own_work.get()
+            else None,
+        ):
             code = None  # a read-only transaction of the application's on a primary: its bug
         if fenced_server_of(original) is not None:
             # a new connection refused as an old primary's at connect (see
