@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db.examples import tasks
-from resilient_db.testing import FaultProxy, PostgresServer, free_port
+from resilient_db.testing import FaultProxy, PostgresServer, StandbyPair, free_port
 
 #: where Debian's package puts it (``/usr/sbin`` is not on every user's PATH)
 _DEBIAN_BINARY = "/usr/sbin/pgbouncer"
@@ -83,6 +83,8 @@ class PgBouncer:
     def __init__(self, server: PostgresServer, database: str, **settings: object) -> None:
         assert _BINARY is not None
         self.server, self.database = server, database
+        #: the server its database entry points at (see :meth:`point_at`)
+        self.target = server
         self.port = free_port()
         self.password = sa.make_url(server.url()).password
         self.settings = {
@@ -99,7 +101,7 @@ class PgBouncer:
     def _write_files(self) -> None:
         lines = [
             "[databases]",
-            f"{self.database} = host={self.server.host} port={self.server.port}",
+            f"{self.database} = host={self.target.host} port={self.target.port}",
             "[pgbouncer]",
             "listen_addr = 127.0.0.1",
             f"listen_port = {self.port}",
@@ -162,6 +164,15 @@ class PgBouncer:
 
     def url(self, driver: str = "psycopg") -> str:
         return self.server.url_at("127.0.0.1", self.port, self.database, driver=driver)
+
+    def point_at(self, server: PostgresServer) -> None:
+        """Point the database entry at ``server`` (``RELOAD``), and have every server
+        connection made again as it is released (``RECONNECT``): the client connections stay,
+        with the server settings of their login."""
+        self.target = server
+        self._write_files()
+        self.admin("RELOAD")
+        self.admin(f"RECONNECT {self.database}")
 
     def admin(self, command: str) -> None:
         """A command on PgBouncer's admin console (``PAUSE``, ``KILL db``, ...)."""
@@ -649,3 +660,306 @@ def test_backend_killed_or_pgbouncer_killed_during_commit(
     assert not failed, failed
     assert len(attempts) == (1 if commits else 2)
     assert ledger(pg_server, database) == 1
+
+
+# ---- a server that stops taking writes under the client connections --------------------------
+# PgBouncer passes on the server settings of a client connection's login only: in transaction
+# pooling a later transaction may reach a server that takes no writes (a primary made read-only,
+# a standby the pooler was pointed at), while the client was told at login that it takes them.
+# A write refused there (25006) is a lost server, as on a direct connection: the pool's client
+# connections renewed and the unit replayed, not raised as the application's own read-only
+# transaction.
+
+
+def refused_then_resumed(seen: list[rdb.SelfHealEvent]) -> None:
+    """The unit's first attempt was refused with 25006, taken for a lost server (the pool's
+    connections replaced), and replayed."""
+    assert [(e.name, e.fields.get("sqlstate")) for e in seen if e.name != "attempt"][:2] == [
+        ("pool_invalidated", "25006"),
+        ("retry", "25006"),
+    ]
+    retries = [e.fields for e in seen if e.name == "retry"]
+    assert [(f["sqlstate"], f["outcome"]) for f in retries] == [("25006", "disconnect")]
+
+
+@contextlib.contextmanager
+def read_only_server(server: PostgresServer, bouncer: PgBouncer) -> Iterator[Callable[[], None]]:
+    """``server`` made read-only (``ALTER SYSTEM SET default_transaction_read_only``, reloaded:
+    what fences a primary, for its open sessions too), and ``bouncer``'s server connections
+    made again (``RECONNECT``, as its ``server_lifetime`` does); yields what takes it back.
+
+    (An open server session reports the change once, after the reload: PgBouncer passes that
+    on to whichever client connection is linked to it then, if any, so some units would see it
+    and others not. The login of a new server connection reaches no client at all.)"""
+
+    def back() -> None:
+        server.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        server.execute("SELECT pg_reload_conf()")
+
+    server.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+    server.execute("SELECT pg_reload_conf()")
+    bouncer.admin(f"RECONNECT {bouncer.database}")
+    try:
+        yield back
+    finally:
+        back()
+
+
+def sync_drivers(engine: sa.Engine) -> set[Any]:
+    """The driver connections the pool hands out for two connections at once."""
+    with engine.connect() as a, engine.connect() as b:
+        return {a.connection.driver_connection, b.connection.driver_connection}
+
+
+async def async_drivers(engine: Any) -> set[Any]:
+    async with engine.connect() as a, engine.connect() as b:
+        return {
+            (await a.get_raw_connection()).driver_connection,
+            (await b.get_raw_connection()).driver_connection,
+        }
+
+
+@pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
+def test_primary_made_read_only_behind_pgbouncer_sync(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """Client connections made while the server takes writes, then the server made read-only
+    (reloaded, PgBouncer's server connections made again, no client reconnecting): the write it refuses is a lost server (the pool's
+    client connections renewed), replayed, and it goes in once the server takes writes again.
+    Before, the login's report decided: raised at once as the application's own read-only
+    transaction, the pool kept."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    try:
+        Sessions.run(write)
+        before = sync_drivers(engine)
+        with read_only_server(pg_server, txn_bouncer) as back:
+
+            def unit(session: Session) -> str:
+                attempts.append(1)
+                if len(attempts) == 2:
+                    back()  # (the pooler reaches a server that takes writes again)
+                return write(session)
+
+            rdb.add_hook(seen.append)
+            try:
+                assert Sessions.run(unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+        assert len(attempts) == 2
+        refused_then_resumed(seen)
+        assert not sync_drivers(engine) & before  # the client connections renewed
+        assert ledger(pg_server, database) == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.server_control
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_primary_made_read_only_behind_pgbouncer_async(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, driver: str
+) -> None:
+    engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
+    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    try:
+        await Sessions.run(lambda s: s.run_sync(write))
+        before = await async_drivers(engine)
+        with read_only_server(pg_server, txn_bouncer) as back:
+
+            async def unit(session: AsyncSession) -> str:
+                attempts.append(1)
+                if len(attempts) == 2:
+                    back()
+                return await session.run_sync(write)
+
+            rdb.add_hook(seen.append)
+            try:
+                assert await Sessions.run(unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+        assert len(attempts) == 2
+        refused_then_resumed(seen)
+        assert not await async_drivers(engine) & before
+        assert ledger(pg_server, database) == 2
+    finally:
+        await engine.dispose()
+
+
+def own_read_only(session: Session, way: str) -> None:
+    """The unit's own transaction made read-only (``way``), then a write in it."""
+    if way == "postgresql_readonly":
+        session.connection(execution_options={"postgresql_readonly": True})
+    else:
+        session.execute(sa.text("SET TRANSACTION READ ONLY"))
+    write(session)
+
+
+WAYS = ["postgresql_readonly", "set-transaction-read-only"]
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_own_read_only_write_behind_pgbouncer_raises_at_once_sync(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    """The application's own read-only transaction behind the pooler, on a server that takes
+    writes: its write is the unit's bug, raised after one attempt, the pool kept."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    def unit(session: Session) -> None:
+        attempts.append(1)
+        own_read_only(session, way)
+
+    try:
+        Sessions.run(write)
+        before = sync_drivers(engine)
+        rdb.add_hook(seen.append)
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                Sessions.run(unit)
+        finally:
+            rdb.remove_hook(seen.append)
+        assert rdb.sqlstate_of(raised.value) == "25006"
+        assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
+        assert len(attempts) == 1
+        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
+        assert sync_drivers(engine) == before  # the pool kept
+        assert Sessions.run(write) == "written"  # (the connection sound)
+        assert ledger(pg_server, database) == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_own_read_only_write_behind_pgbouncer_raises_at_once_async(
+    txn_bouncer: PgBouncer,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    way: str,
+) -> None:
+    engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
+    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        attempts.append(1)
+        await session.run_sync(own_read_only, way)
+
+    try:
+        await Sessions.run(lambda s: s.run_sync(write))
+        before = await async_drivers(engine)
+        rdb.add_hook(seen.append)
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                await Sessions.run(unit)
+        finally:
+            rdb.remove_hook(seen.append)
+        assert rdb.sqlstate_of(raised.value) == "25006"
+        assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
+        assert len(attempts) == 1
+        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
+        assert await async_drivers(engine) == before
+        assert await Sessions.run(lambda s: s.run_sync(write)) == "written"
+        assert ledger(pg_server, database) == 2
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def standby_bouncer(pg_standby: StandbyPair) -> Iterator[PgBouncer]:
+    """PgBouncer (transaction pooling) in front of the pair's primary, whose database has the
+    ledger and the commit markers, replicated to the standby."""
+    pg_standby.create_database("app")
+    engine = sa.create_engine(pg_standby.primary.url("app"), poolclass=sa.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE ledger (id uuid PRIMARY KEY, hold boolean)")
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    pg_standby.wait_replayed()
+    bouncer = PgBouncer(pg_standby.primary, "app")
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.close()
+
+
+@pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_pgbouncer_pointed_at_a_hot_standby(
+    standby_bouncer: PgBouncer, pg_standby: StandbyPair, service: str, driver: str
+) -> None:
+    """Client connections made while PgBouncer reaches the primary; PgBouncer then pointed at
+    the hot standby (as when the primary is demoted under it), the client connections kept:
+    the standby's refusal (25006) is a lost server, the pool's client connections renewed and
+    the unit replayed; it goes in once PgBouncer reaches the primary again. Before, it was
+    raised at once as the application's own read-only transaction."""
+    primary, standby = pg_standby.primary, pg_standby.standby
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    def repoint() -> None:
+        if len(attempts) == 1:
+            standby_bouncer.point_at(standby)
+        elif len(attempts) == 2:
+            standby_bouncer.point_at(primary)
+
+    if driver == "psycopg-sync":
+        engine = sa.create_engine(standby_bouncer.url(), connect_args=PSYCOPG_ARGS)
+        Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+
+        def unit(session: Session) -> str:
+            attempts.append(1)
+            repoint()
+            return write(session)
+
+        try:
+            Sessions.run(write)
+            before = sync_drivers(engine)
+            rdb.add_hook(seen.append)
+            try:
+                assert Sessions.run(unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+            assert not sync_drivers(engine) & before
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            standby_bouncer.url(driver), connect_args=DRIVER_ARGS[driver]
+        )
+        AsyncSessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+
+        async def async_unit(session: AsyncSession) -> str:
+            attempts.append(1)
+            repoint()
+            return await session.run_sync(write)
+
+        try:
+            await AsyncSessions.run(lambda s: s.run_sync(write))
+            before = await async_drivers(async_engine)
+            rdb.add_hook(seen.append)
+            try:
+                assert await AsyncSessions.run(async_unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+            assert not await async_drivers(async_engine) & before
+        finally:
+            await async_engine.dispose()
+    assert len(attempts) == 2
+    refused_then_resumed(seen)
+    assert count(primary, "app", "SELECT count(*) FROM ledger") == 2
