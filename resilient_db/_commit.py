@@ -816,17 +816,17 @@ def takes_writes_asked(connection: Connection) -> bool | None:
     if connection.in_nested_transaction():
         return None
     try:
-        dbapi_connection = connection.connection.dbapi_connection
+        dbapi_connection: Any = connection.connection.dbapi_connection
         driver = connection.connection.driver_connection
     except Exception:
+        return None
+    if dbapi_connection is None:
         return None
     try:
         with library_work():
             if isinstance(driver, asyncpg.Connection):
                 dbapi_connection.rollback()
-                row = _runner(dbapi_connection, driver)(
-                    lambda d: d.fetchrow(_READ_MODE_NOW_SQL)
-                )
+                row = _runner(dbapi_connection, driver)(lambda d: d.fetchrow(_READ_MODE_NOW_SQL))
             elif isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
                 dbapi_connection.rollback()
                 autocommit = dbapi_connection.autocommit

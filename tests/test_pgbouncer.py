@@ -724,8 +724,9 @@ def test_primary_made_read_only_behind_pgbouncer_sync(
     txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
 ) -> None:
     """Client connections made while the server takes writes, then the server made read-only
-    (reloaded, PgBouncer's server connections made again, no client reconnecting): the write it refuses is a lost server (the pool's
-    client connections renewed), replayed, and it goes in once the server takes writes again.
+    (reloaded, PgBouncer's server connections made again, no client reconnecting): the write
+    it refuses is a lost server (the pool's client connections renewed), replayed, and it goes
+    in once the server takes writes again.
     Before, the login's report decided: raised at once as the application's own read-only
     transaction, the pool kept."""
     engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
@@ -841,6 +842,7 @@ def test_own_read_only_write_behind_pgbouncer_raises_at_once_sync(
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 @pytest.mark.asyncio
 async def test_own_read_only_write_behind_pgbouncer_raises_at_once_async(
+    *,
     txn_bouncer: PgBouncer,
     pg_server: PostgresServer,
     database: str,
