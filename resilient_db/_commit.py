@@ -1088,8 +1088,9 @@ _control_unreadable: weakref.WeakSet[Any] = weakref.WeakSet()
 _identities: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 #: what a connection's check at connect found of its server (see CommitProtocol._fence), per
 #: driver connection: [the fence token it was last judged under, its cluster (None: nothing
-#: to judge, a standby or an unfenced engine), its timeline, its server], kept in the pool's
-#: record with the connection (see EngineHooks.checkout) and judged again at checkout
+#: to judge, a standby or an unfenced engine), its timeline, its server, whether the cluster
+#: was taken unasked for the one seen on its timeline], kept in the pool's record with the
+#: connection (see EngineHooks.checkout) and judged again at checkout
 _fences: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
 _XID_STATUS = (
@@ -3371,8 +3372,10 @@ class CommitProtocol:
         with self._timelines_lock:
             highest = self._highest
             if highest is not None and timeline == highest[0]:
-                # (taken for the cluster seen on it, to be judged again at checkout)
-                _fences[driver] = [self.fence_token, highest[1], timeline, server]
+                # (taken for the cluster seen on it, unasked: a URL's hosts may be clusters
+                # on the same timeline, so its cluster is asked before it is ever refused, at
+                # a checkout that would refuse it: see judge_pooled)
+                _fences[driver] = [self.fence_token, highest[1], timeline, server, True]
                 return
         try:
             answer = ask_system()
@@ -3385,39 +3388,90 @@ class CommitProtocol:
         if answer is None:
             return
         system = str(answer)
+        fence = [None, system, timeline, server, False]
+        seen = self._judge_cluster(fence)
+        if seen is None:
+            _fences[driver] = fence
+            return
+        self._refuse(server, system, timeline, seen)
+
+    def _judge_cluster(self, fence: list[Any]) -> tuple[int, str] | None:
+        """Judge ``fence`` (see ``_fences``; its cluster asked of its server) against the
+        highest timeline seen of its cluster: None, the timeline noted (and ``fence`` given the
+        current fence token), where it is not below it; else that highest (timeline, server)."""
+        system, timeline, server = fence[1], fence[2], fence[3]
         with self._timelines_lock:
             seen = self._timelines.get(system)
-            if seen is None or timeline >= seen[0]:
-                if seen is None and len(self._timelines) >= _MAX_CLUSTERS:
-                    del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
-                if seen is None or timeline > seen[0] or seen[1] != server:
-                    self._timelines[system] = (timeline, server)
-                if seen is not None and timeline > seen[0]:
-                    self.fence_token = object()  # (the pool's connections judged again)
-                self._note_highest(system)
-                _fences[driver] = [self.fence_token, system, timeline, server]
-                return
-        self._refuse(server, system, timeline, seen)
+            if seen is not None and timeline < seen[0]:
+                return seen
+            if seen is None and len(self._timelines) >= _MAX_CLUSTERS:
+                del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
+            if seen is None or timeline > seen[0] or seen[1] != server:
+                self._timelines[system] = (timeline, server)
+            if seen is not None and timeline > seen[0]:
+                self.fence_token = object()  # (the pool's connections judged again)
+            self._note_highest(system)
+            fence[0] = self.fence_token
+            return None
 
     def fence_of(self, driver: Any) -> list[Any]:
         """What the check at connect found of ``driver``'s server (see ``_fences``), to be
         kept with the pooled connection: nothing to judge where it found nothing."""
         fence = _fences.get(driver)
-        return [self.fence_token, None, 0, ""] if fence is None else fence
+        return [self.fence_token, None, 0, "", False] if fence is None else fence
 
-    def judge_pooled(self, fence: list[Any]) -> str | None:
-        """Judge again a pooled connection whose ``fence`` (see ``_fences``) was judged under
-        another fence token (a cluster's highest timeline rose since): the connection is kept
-        (None) unless its cluster was seen since on a higher timeline than its own (an old
-        primary's connection, made before the engine saw the promoted standby), when the
-        refusal is counted and said as at connect (:meth:`_say_refused`) and returned, for the
-        pool to replace it. Asks the server nothing."""
+    def judge_pooled(self, fence: list[Any], dbapi_connection: Any) -> str | None:
+        """Judge again a pooled connection (``dbapi_connection``) whose ``fence`` (see
+        ``_fences``) was judged under another fence token (a cluster's highest timeline rose
+        since): the connection is kept (None) unless its cluster was seen since on a higher
+        timeline than its own (an old primary's connection, made before the engine saw the
+        promoted standby), when the refusal is counted and said as at connect
+        (:meth:`_say_refused`) and returned, for the pool to replace it. Judged in memory,
+        unless the connection's cluster was taken, unasked, for the one seen on its timeline
+        (see :meth:`_fence`) and would be refused: its server is asked its cluster then (a
+        statement outside any transaction), and the connection judged by that one (another
+        cluster on the same timeline is kept). A lost connection raises."""
         with self._timelines_lock:
             seen = None if fence[1] is None else self._timelines.get(fence[1])
             if seen is None or fence[2] >= seen[0]:
                 fence[0] = self.fence_token
                 return None
+        if fence[4]:
+            try:
+                answer = self._ask_system(dbapi_connection)
+            except Exception as exc:
+                refused = _timeline_refused(exc)
+                if refused is None:
+                    raise  # (a lost connection: replaced by the caller)
+                self._timeline_unreadable(refused)
+                answer = None
+            fence[4] = False
+            if answer is None:  # (nothing to judge by: kept, as at connect)
+                fence[0], fence[1] = self.fence_token, None
+                return None
+            fence[1] = str(answer)
+            seen = self._judge_cluster(fence)
+            if seen is None:
+                return None
         return self._say_refused(fence[3], fence[1], fence[2], seen)
+
+    def _ask_system(self, dbapi_connection: Any) -> Any:
+        """The cluster (``_SYSTEM_SQL``) of the server of ``dbapi_connection``, idle (checked
+        out), asked outside any transaction."""
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if self.is_asyncpg:
+            return _runner(dbapi_connection, driver)(lambda d: d.fetchval(_SYSTEM_SQL))
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                return _fetch_value(cursor, _SYSTEM_SQL)
+            finally:
+                cursor.close()
+        finally:
+            if not dbapi_connection.closed:
+                dbapi_connection.autocommit = autocommit
 
     def _note_highest(self, system: str) -> None:
         """Keep the highest timeline of any cluster in ``_timelines`` and a cluster seen on

@@ -3737,7 +3737,11 @@ class EngineHooks:
         (an old primary's, made before the engine saw the promoted standby: the same ERROR
         line and counter) and replaced by the pool, whose new connection is checked at
         connect."""
-        refused = self.commit.judge_pooled(fence)
+        try:
+            refused = self.commit.judge_pooled(fence, dbapi_connection)
+        except Exception:  # (its server asked its cluster, the connection lost meanwhile)
+            debug_failure(log_session, "a pooled connection was lost while judged by timeline")
+            replace_at_checkout(dbapi_connection, "connection lost while judged by timeline")
         if refused is not None:
             replace_at_checkout(dbapi_connection, refused)
 

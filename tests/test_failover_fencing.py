@@ -331,3 +331,52 @@ def test_a_pooled_connection_to_the_old_primary_is_refused_at_its_next_checkout(
     text = line.getMessage()
     assert f"127.0.0.1:{proxy.port} takes writes on timeline 1" in text, text
     assert f"timeline 2 of that cluster was seen at 127.0.0.1:{pair.standby.port}" in text
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_pooled_connection_to_another_cluster_on_the_same_timeline_is_kept(
+    split_pair: StandbyPair, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL whose hosts are two clusters, both on timeline 1: a connection to the second
+    one, made while the first one's timeline 1 was the highest the engine had seen, is not
+    taken for the first cluster's. Once the first cluster fails over (its standby reached on
+    timeline 2), that pooled connection to the other cluster is judged by its own cluster at
+    its next checkout and kept: nothing is refused, the unit runs there."""
+    pair = split_pair
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = f"fencing-two-clusters-{driver}"
+    with (
+        EmbeddedPostgres() as other,
+        FaultProxy(pair.primary) as to_primary,
+        FaultProxy(other) as to_other,
+    ):
+        prepare_as_plain_role(other)  # another initdb: its own timeline 1
+        hosts = [to_primary, to_other, pair.standby]
+        url = sa.make_url(pair.url(DATABASE, driver=driver)).update_query_dict(
+            {"host": [f"{h.host}:{h.port}" for h in hosts]}
+        )
+        with units(
+            as_plain_role(url),
+            driver,
+            config=CONFIG,
+            service=service,
+            pool_size=2,
+            max_overflow=0,
+            pool_use_lifo=True,  # (the pool's most recently returned connection next)
+        ) as made:
+            assert made.write("a") == pair.primary.port  # cluster 1, timeline 1
+            with holding(made):  # the primary's connection, out of the pool
+                to_primary.refuse()
+                assert made.write("b") == other.port  # cluster 2, timeline 1
+            pair.wait_replayed()
+            fail_over(pair)  # the primary's pooled connection died with it
+            to_other.refuse()  # (new connections only: the pooled one goes on)
+            with holding(made):  # a new connection, to the promoted standby: timeline 2
+                # the other cluster's pooled connection, judged again: its cluster is not
+                # the one that rose
+                assert made.write("c") == other.port
+            counters = rdb.health()["services"][service]["counters"]
+            assert counters["stale_timeline_refusals"] == 0
+        assert keys_on(other) == {"b": 1, "c": 1}
+    assert ledger(pair) == {"a": 1}
+    assert refused_lines(caplog) == []
