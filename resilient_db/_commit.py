@@ -826,7 +826,12 @@ def takes_writes_asked(connection: Connection) -> bool | None:
         with library_work():
             if isinstance(driver, asyncpg.Connection):
                 dbapi_connection.rollback()
-                row = _runner(dbapi_connection, driver)(lambda d: d.fetchrow(_READ_MODE_NOW_SQL))
+                try:
+                    row = _runner(dbapi_connection, driver)(
+                        lambda d: d.fetchrow(_READ_MODE_NOW_SQL)
+                    )
+                finally:
+                    _fail_again(dbapi_connection)
             elif isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
                 dbapi_connection.rollback()
                 autocommit = dbapi_connection.autocommit
@@ -840,6 +845,7 @@ def takes_writes_asked(connection: Connection) -> bool | None:
                         cursor.close()
                 finally:
                     dbapi_connection.autocommit = autocommit
+                    _fail_again(dbapi_connection)
             else:
                 return None
     except Exception:  # (a connection lost meanwhile: its next use says so)
@@ -847,6 +853,28 @@ def takes_writes_asked(connection: Connection) -> bool | None:
     if row is None:
         return None
     return takes_writes_now(row[0], row[1], row[2])
+
+
+#: a statement that fails (22012) wherever it is sent: see :func:`_fail_again`
+_FAILING_SQL: Final = "SELECT 1 OPERATOR(pg_catalog./) 0"
+
+
+def _fail_again(dbapi_connection: Any) -> None:
+    """Leave ``dbapi_connection`` (not in autocommit: the application's transaction failed,
+    rolled back by :func:`takes_writes_asked` to ask the server) in a failed transaction again,
+    as PostgreSQL left it: a statement the application sends next before its rollback is
+    refused (25P02, in_failed_sql_transaction) instead of running in a new transaction, which
+    a commit would keep without what came before the refusal. Through the DBAPI cursor, which
+    begins the transaction (SQLAlchemy's asyncpg adapter knows it began one); its statement's
+    error is the point."""
+    if dbapi_connection.autocommit:
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        with contextlib.suppress(Exception):
+            cursor.execute(_FAILING_SQL)
+    finally:
+        cursor.close()
 
 
 def _fetch_value(cursor: Any, sql: str) -> Any:

@@ -354,3 +354,57 @@ async def test_async_an_engine_without_a_factory_is_told_apart_too(
         assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
     finally:
         await plain.dispose()
+
+
+# -- the transaction the refusal failed stays failed -----------------------------------------------
+FAILED_TRANSACTION = "25P02"  # in_failed_sql_transaction: what PostgreSQL answers next
+
+
+def test_a_write_refused_read_only_leaves_its_transaction_failed(
+    engine: sa.Engine, service: str
+) -> None:
+    """The server, asked whether it takes writes (its failed transaction rolled back first),
+    leaves the application's transaction failed as PostgreSQL would: a statement sent next on
+    the same connection, before a rollback, is refused (25P02), not run in a new transaction
+    that a commit would keep without what came before the refusal; a unit that swallows the
+    error commits nothing either."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    with engine.connect() as conn:  # drop-in
+        conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+        with pytest.raises(sa_exc.DBAPIError) as refused:
+            conn.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        with pytest.raises(sa_exc.DBAPIError) as after:
+            conn.execute(WRITE, {"name": "after"})
+        assert rdb.sqlstate_of(after.value) == FAILED_TRANSACTION
+        conn.rollback()
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text("SET TRANSACTION READ ONLY"))
+        with pytest.raises(sa_exc.DBAPIError) as refused:  # (swallowed by the unit)
+            session.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        session.execute(WRITE, {"name": "after"})
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        Sessions.run(unit)
+    assert rdb.sqlstate_of(info.value) == FAILED_TRANSACTION
+    with engine.connect() as conn:
+        assert conn.execute(COUNT).scalar_one() == 0
+
+
+@pytest.mark.asyncio
+async def test_async_a_write_refused_read_only_leaves_its_transaction_failed(
+    aengine: AsyncEngine, service: str
+) -> None:
+    rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    async with aengine.connect() as conn:  # drop-in
+        await conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+        with pytest.raises(sa_exc.DBAPIError) as refused:
+            await conn.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        with pytest.raises(sa_exc.DBAPIError) as after:
+            await conn.execute(WRITE, {"name": "after"})
+        assert rdb.sqlstate_of(after.value) == FAILED_TRANSACTION
+        await conn.rollback()
+    assert await _count(aengine) == 0
