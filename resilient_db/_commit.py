@@ -855,8 +855,14 @@ def takes_writes_asked(connection: Connection) -> bool | None:
     return takes_writes_now(row[0], row[1], row[2])
 
 
-#: a statement that fails (22012) wherever it is sent: see :func:`_fail_again`
-_FAILING_SQL: Final = "SELECT 1 OPERATOR(pg_catalog./) 0"
+#: a statement that fails wherever it is sent (see :func:`_fail_again`), saying why in the
+#: server's log, with the refusal's own SQLSTATE (any error would do: one that fails to
+#: parse, where plpgsql is not installed, fails the transaction all the same)
+_FAILING_SQL: Final = (
+    "DO $$BEGIN RAISE EXCEPTION 'resilient_db: this transaction was refused a write (25006) "
+    "and stays failed until its rollback (the server was asked whether it takes writes)' "
+    "USING ERRCODE = '25006'; END$$"
+)
 
 
 def _fail_again(dbapi_connection: Any) -> None:
