@@ -833,6 +833,9 @@ def takes_writes_asked(connection: Connection) -> bool | None:
                 finally:
                     _fail_again(dbapi_connection)
             elif isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
+                # (in autocommit, a transaction the application began itself with a BEGIN
+                # statement: the rollback ends it, and it is made failed again all the same)
+                began = driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
                 dbapi_connection.rollback()
                 autocommit = dbapi_connection.autocommit
                 dbapi_connection.autocommit = True
@@ -845,7 +848,7 @@ def takes_writes_asked(connection: Connection) -> bool | None:
                         cursor.close()
                 finally:
                     dbapi_connection.autocommit = autocommit
-                    _fail_again(dbapi_connection)
+                    _fail_again(dbapi_connection, begin=autocommit and began)
             else:
                 return None
     except Exception:  # (a connection lost meanwhile: its next use says so)
@@ -865,19 +868,23 @@ _FAILING_SQL: Final = (
 )
 
 
-def _fail_again(dbapi_connection: Any) -> None:
-    """Leave ``dbapi_connection`` (not in autocommit: the application's transaction failed,
-    rolled back by :func:`takes_writes_asked` to ask the server) in a failed transaction again,
-    as PostgreSQL left it: a statement the application sends next before its rollback is
-    refused (25P02, in_failed_sql_transaction) instead of running in a new transaction, which
-    a commit would keep without what came before the refusal. Through the DBAPI cursor, which
-    begins the transaction (SQLAlchemy's asyncpg adapter knows it began one); its statement's
-    error is the point."""
-    if dbapi_connection.autocommit:
+def _fail_again(dbapi_connection: Any, *, begin: bool = False) -> None:
+    """Leave ``dbapi_connection`` (the application's transaction failed, rolled back by
+    :func:`takes_writes_asked` to ask the server) in a failed transaction again, as PostgreSQL
+    left it: a statement the application sends next before its rollback is refused (25P02,
+    in_failed_sql_transaction) instead of running in a new transaction (or, in autocommit,
+    committing on its own), which a commit would keep without what came before the refusal.
+    Through the DBAPI cursor, which begins the transaction (SQLAlchemy's asyncpg adapter knows
+    it began one); its statement's error is the point. In autocommit, nothing, unless
+    ``begin``: the application had begun a transaction itself (a ``BEGIN`` statement), which
+    is begun again by one."""
+    if dbapi_connection.autocommit and not begin:
         return
     cursor = dbapi_connection.cursor()
     try:
         with contextlib.suppress(Exception):
+            if begin:
+                cursor.execute("BEGIN")
             cursor.execute(_FAILING_SQL)
     finally:
         cursor.close()

@@ -1,0 +1,197 @@
+"""Edges of a 25006 whose server is asked whether it takes writes (``takes_writes_asked``):
+the failed transaction is rolled back to ask, then made failed again. Tried for real:
+
+- in autocommit, a transaction the application began itself (``BEGIN READ ONLY``): the
+  rollback ended it, and the statement sent next committed on its own where PostgreSQL refuses
+  it (25P02) and the application's ``COMMIT`` commits nothing (psycopg, sync and async);
+- a two-phase unit (``twophase=True``: psycopg's ``tpc_begin``, asyncpg's plain BEGIN);
+- read-only by the session's own setting in autocommit, and ``postgresql_readonly=True`` there
+  (which no driver applies outside a transaction: the write commits, as without the library).
+
+Each compared with a plain engine (no factory hooks it): the library commits nothing that
+PostgreSQL alone would not have. Real server, real drivers, exact SQLSTATEs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from scenarios import ASYNC_DRIVERS, Base, assert_breaker_untouched, metadata_engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+WRITE = sa.text("INSERT INTO items (name) VALUES (:name)")
+COUNT = sa.text("SELECT count(*) FROM items")
+CONFIG = rdb.Config(failure_threshold=2, reset_timeout=60.0)
+FAILED_TRANSACTION = "25P02"
+SESSION_READ_ONLY = [
+    "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "SET default_transaction_read_only = on",
+]
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    yield from metadata_engine(pg_url, Base)
+
+
+def _count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(COUNT).scalar_one())
+
+
+# -- sync (psycopg) --------------------------------------------------------------------------------
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "factory"])
+def test_a_transaction_begun_by_statement_in_autocommit_stays_failed(
+    engine: sa.Engine, service: str, hooked: bool
+) -> None:
+    if hooked:
+        rdb.ResilientSession(engine, service=service, config=CONFIG)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("BEGIN READ ONLY")
+        with pytest.raises(sa_exc.DBAPIError) as refused:
+            conn.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        assert rdb.classify(refused.value) is rdb.Outcome.NOT_TRANSIENT
+        with pytest.raises(sa_exc.DBAPIError) as after:
+            conn.execute(WRITE, {"name": "after"})  # committed on its own before the fix
+        assert rdb.sqlstate_of(after.value) == FAILED_TRANSACTION
+        conn.exec_driver_sql("COMMIT")  # PostgreSQL: ROLLBACK
+        conn.execute(WRITE, {"name": "autocommitted"})  # the connection is sound
+    assert _count(engine) == 1
+
+
+def test_a_two_phase_unit_refused_read_only_is_raised_at_once_and_stays_failed(
+    engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG, twophase=True)
+    calls: list[rdb.Outcome] = []
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text("SET TRANSACTION READ ONLY"))
+        with pytest.raises(sa_exc.DBAPIError) as refused:  # (swallowed by the unit)
+            session.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        calls.append(rdb.classify(refused.value))
+        session.execute(WRITE, {"name": "after"})
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        Sessions.run(unit)
+    assert rdb.sqlstate_of(info.value) == FAILED_TRANSACTION
+    assert calls == [rdb.Outcome.NOT_TRANSIENT]  # one attempt
+    assert_breaker_untouched(service)
+    assert _count(engine) == 0
+
+
+@pytest.mark.parametrize("statement", SESSION_READ_ONLY)
+def test_a_unit_read_only_by_its_sessions_setting_in_autocommit_is_raised_at_once(
+    engine: sa.Engine, service: str, statement: str
+) -> None:
+    """The server reports the session's setting on, which the library takes for a server
+    that takes no writes (docs/units-of-work.md, 25006): the pool is replaced, but an
+    autocommit unit that sent a setting is not replayed, and nothing is committed."""
+    Sessions = rdb.ResilientSession(
+        engine.execution_options(isolation_level="AUTOCOMMIT"), service=service, config=CONFIG
+    )
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.text(statement))
+        session.execute(WRITE, {"name": "refused"})
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        Sessions.run(unit)
+    assert rdb.sqlstate_of(info.value) == "25006"
+    assert calls == [1]
+    assert rdb.health()["services"][service]["counters"]["retries"] == 0
+    assert _count(engine) == 0
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "factory"])
+def test_postgresql_readonly_in_autocommit_is_the_drivers_as_without_the_library(
+    engine: sa.Engine, service: str, hooked: bool
+) -> None:
+    """psycopg begins no transaction in autocommit, so its read-only mode is not applied: the
+    write commits, with the library as without it."""
+    Sessions = (rdb.ResilientSession if hooked else sa.orm.sessionmaker)(
+        engine.execution_options(isolation_level="AUTOCOMMIT"),
+        **({"service": service} if hooked else {}),
+    )
+    with Sessions() as session:
+        session.connection(execution_options={"postgresql_readonly": True})
+        session.execute(WRITE, {"name": "written"})
+    assert _count(engine) == 1
+
+
+# -- async (asyncpg, psycopg) ----------------------------------------------------------------------
+@pytest.fixture(params=ASYNC_DRIVERS)
+def async_driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def aengine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(pg_async_url)
+    async with eng.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    yield eng
+    await eng.dispose()
+
+
+async def _acount(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(COUNT)).scalar_one())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "factory"])
+async def test_async_a_transaction_begun_by_statement_in_autocommit_stays_failed(
+    aengine: AsyncEngine, service: str, hooked: bool
+) -> None:
+    if hooked:
+        rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    async with aengine.connect() as opened:
+        conn = await opened.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.exec_driver_sql("BEGIN READ ONLY")
+        with pytest.raises(sa_exc.DBAPIError) as refused:
+            await conn.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        assert rdb.classify(refused.value) is rdb.Outcome.NOT_TRANSIENT
+        with pytest.raises(sa_exc.DBAPIError) as after:
+            await conn.execute(WRITE, {"name": "after"})
+        assert rdb.sqlstate_of(after.value) == FAILED_TRANSACTION
+        await conn.exec_driver_sql("COMMIT")
+        await conn.execute(WRITE, {"name": "autocommitted"})
+    assert await _acount(aengine) == 1
+
+
+@pytest.mark.asyncio
+async def test_async_a_two_phase_unit_refused_read_only_is_raised_at_once_and_stays_failed(
+    aengine: AsyncEngine, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(aengine, service=service, config=CONFIG, twophase=True)
+    calls: list[rdb.Outcome] = []
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.text("SET TRANSACTION READ ONLY"))
+        with pytest.raises(sa_exc.DBAPIError) as refused:
+            await session.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        calls.append(rdb.classify(refused.value))
+        await session.execute(WRITE, {"name": "after"})
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        await Sessions.run(unit)
+    assert rdb.sqlstate_of(info.value) == FAILED_TRANSACTION
+    assert calls == [rdb.Outcome.NOT_TRANSIENT]
+    assert_breaker_untouched(service)
+    assert await _acount(aengine) == 0
