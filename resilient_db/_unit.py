@@ -3373,8 +3373,19 @@ class EngineHooks:
         every engine its factories hook, as soon as the child exists. The old pool is dropped
         without closing its connections (``close=False``): the drivers leave the session of
         the process that made a connection open when the child frees its object (psycopg 3 and
-        psycopg2 alike: tests/test_fork_pool.py)."""
-        engine.dispose(close=False)
+        psycopg2 alike: tests/test_fork_pool.py). An error of an ``engine_disposed`` listener
+        of the user's (SQLAlchemy calls them once the new pool is in place) is logged, not
+        raised: the fork must not fail, nor leave the next engines with the parent's pool."""
+        try:
+            engine.dispose(close=False)
+        except Exception as exc:  # (a user's listener: the new pool is in place already)
+            log_session.warning(
+                "[SELF-HEAL] A forked child gave database %s a new pool, and an "
+                "engine_disposed listener raised %s: ignored (the fork goes on)",
+                engine.url.database,
+                type(exc).__name__,
+                exc_info=True,
+            )
 
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
