@@ -3379,12 +3379,17 @@ class EngineHooks:
         try:
             engine.dispose(close=False)
         except Exception as exc:  # (a user's listener: the new pool is in place already)
-            log_session.warning(
-                "[SELF-HEAL] A forked child gave database %s a new pool, and an "
-                "engine_disposed listener raised %s: ignored (the fork goes on)",
+            emit(
+                self.config,
+                log_session,
+                logging.WARNING,
+                "A forked child gave database %s a new pool, and an engine_disposed listener "
+                "raised %s: ignored (the fork goes on)",
                 engine.url.database,
                 type(exc).__name__,
-                exc_info=True,
+                service=self.service,
+                event="fork_listener_failed",
+                error=type(exc).__name__,
             )
 
     def handle_error(self, ctx: Any) -> BaseException | None:
