@@ -249,6 +249,11 @@ class Breaker:
         #: the local view of a shared breaker started over (switch_on) while Redis did not
         #: answer: the state first read back is the fleet's, not a change
         self._view_restarted = False
+        #: states of the shared breaker taken into the view (see fleet_update), counted
+        self._view_takes = 0
+        #: that count when the breaker was attached to a link by being switched on again (its
+        #: users all had it off), until switch_on has looked (None: not attached that way)
+        self._takes_at_attach: int | None = None
         self._cb.add_listener(_LogListener(self))
         #: the listeners of the caller's (``breaker_listeners=``), told of each attempt's
         #: outcome too (see :meth:`_tell`); empty: nothing to tell, the fast paths stay fast
@@ -382,22 +387,33 @@ class Breaker:
         stale = not others_on and len(self._users_off) > 0
         self._users_off.discard(user)
         self._users_on.add(user)
-        if not stale:
-            return
         with self._lock:
-            self._fleet_gen = -1
-            self._fleet_state = CLOSED
-            self._fleet_until = self._fleet_wait = 0.0
+            takes_at_attach, self._takes_at_attach = self._takes_at_attach, None
+            if not stale:
+                return
+            fleet = self._fleet
+            # the link this breaker was attached to by being switched on (following the
+            # configuration, before this) may have taken the shared state into the view
+            # already, its thread not having marked it up yet: that is the fleet's state now,
+            # kept (started over, it was lost: nothing reads it again while the link stays up)
+            taken = (
+                fleet is not None
+                and takes_at_attach is not None
+                and self._view_takes != takes_at_attach
+            )
+            if not taken:
+                self._fleet_gen = -1
+                self._fleet_state = CLOSED
+                self._fleet_until = self._fleet_wait = 0.0
             self._fleet_failures = 0
             self._probes = 0
             self._last_failure = -math.inf
             self._storage.reset_counter()
-        was = self._storage.state
-        self.close_reason = (
-            f"switched on again (it was {was} when switched off; that state is not kept while off)"
-        )
+        if taken:
+            self._resumed_shared()
+            return
+        self.close_reason = _switched_on_again(self._storage.state)
         try:
-            fleet = self._fleet
             if fleet is not None and fleet.up:
                 with contextlib.suppress(FleetDown):
                     # the fleet's state replaces the view, whatever it was
@@ -405,13 +421,15 @@ class Breaker:
                     self._resumed_shared()
                     return
             with self._lock:
-                if self._fleet_gen != -1:
-                    return  # Redis answered meanwhile: its background thread read the state
-                self._view_restarted = fleet is not None
-                if self._storage.state != CLOSED:
-                    self._set_state(CLOSED)
-                self._storage.reset_counter()
-                self._storage.reset_success_counter()
+                read = self._fleet_gen != -1
+                if not read:
+                    self._view_restarted = fleet is not None
+                    if self._storage.state != CLOSED:
+                        self._set_state(CLOSED)
+                    self._storage.reset_counter()
+                    self._storage.reset_success_counter()
+            if read:  # Redis answered meanwhile: its background thread read the state
+                self._resumed_shared()
         finally:
             self.close_reason = None
 
@@ -440,21 +458,30 @@ class Breaker:
         this breaker followed (closed when nothing else is attached to it)."""
         shared = bool(config.redis_url) and self.storage_given is None
         old = self._fleet
-        if shared and (old is None or old.url != config.redis_url):
+        moved = shared and (old is None or old.url != config.redis_url)
+        if moved:
             # shared from now on (a reload setting SELF_HEALING_REDIS_URL), or through another
             # Redis (whose processes know nothing of this one's opening): an opening this
             # process holds is kept and shared, as one made while Redis was down is (read back
             # as closed, it would be thrown away and the next unit sent to the database that
-            # just failed). Marked before attaching: a new link's thread may connect and read
-            # the shared state back before attach() returns
+            # just failed); but not one it held when its users all switched it off (being
+            # switched on again now: stale, see switch_on). Marked, and the view's generation
+            # started over, before attaching: a new link's thread may connect and read the
+            # shared state back before attach() returns, and that read is kept
             with self._lock:
-                if self._storage.state == OPEN and self._remaining_open() > 0:
+                off = self.switched_off
+                if off:
+                    self._opened_locally = False
+                elif self._storage.state == OPEN and self._remaining_open() > 0:
                     self._opened_locally = True
+                self._fleet_gen = -1
+                self._takes_at_attach = self._view_takes if off else None
         link = attach(config, breaker=self) if shared else None
         self._fleet = link
         if old is link:
             return
-        self._fleet_gen = -1
+        if not moved:
+            self._fleet_gen = -1
         if old is not None:
             self._leave(old)
             detach(old, breaker=self)
@@ -1449,6 +1476,7 @@ class Breaker:
             # for the one this process made alone, shared now (its own, said when made)
             opened_since = opens > self._fleet_opens and not (mine and self._opened_locally)
             self._fleet_gen = gen
+            self._view_takes += 1
             self._view_seen = time.monotonic()
             self._opened_locally = False  # the view and the local breaker follow the fleet
             restarted, self._view_restarted = self._view_restarted, False
@@ -1492,6 +1520,10 @@ class Breaker:
                 return
             # mirror into the local breaker: what it falls back to, and its listeners log
             self._probes = 0
+            if state == CLOSED and self.close_reason is None and self._takes_at_attach is not None:
+                # read back by the link that being switched on again attached, before
+                # switch_on: the local state it closes is the one held when switched off
+                self.close_reason = _switched_on_again(self._storage.state)
             if state == CLOSED and gen == 0 and self.close_reason is None:
                 # no shared state: not the database's recovery (it may well be down still)
                 self.close_reason = (
@@ -1666,6 +1698,11 @@ def _settings_text(config: Config) -> str:
         f"(failure_threshold={config.failure_threshold}, reset_timeout={config.reset_timeout:g} s,"
         f" half_open_probes={config.half_open_probes}, {shared})"
     )
+
+
+def _switched_on_again(was: str) -> str:
+    """Why a breaker switched on again closes (see :meth:`Breaker.switch_on`)."""
+    return f"switched on again (it was {was} when switched off; that state is not kept while off)"
 
 
 def breaker_for(

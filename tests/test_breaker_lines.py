@@ -17,7 +17,8 @@ from scenarios import FakeClock
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db._fleet import links
+from resilient_db._breaker import Breaker
+from resilient_db._fleet import FleetLink, links
 from resilient_db.metrics import register
 from resilient_db.testing import RedisServer
 
@@ -535,3 +536,90 @@ def test_a_shared_breaker_switched_on_again_takes_the_fleets_state_and_says_so(
         )
         for line in lines(caplog, "switched on again")
     ), caplog.text
+
+
+@pytest.mark.parametrize("fleet", ["open", "flushed"])
+def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
+    fleet: str,
+    engine: sa.Engine,
+    service: str,
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The link made by switching a shared breaker on again reads the fleet's state as soon as
+    it connects, and may do so before the switching on starts the view over while the link is
+    not up yet: that read is the fleet's current state, kept (thrown away, the view stayed
+    closed for good, the fleet's opening in Redis never read back while no unit ran, and
+    units went to the database the fleet refuses). Forced here: the link's thread, its read
+    taken, waits to be marked up until the breaker is switched on, which waits for that read.
+    Redis flushed while it was off: the opening it held then is not shared (stale: the whole
+    fleet would refuse calls for it), the fleet's closed state is read back, said so."""
+    for name, value in {
+        "SELF_HEALING_REDIS_URL": redis_server.url,
+        "SELF_HEALING_FAILURE_THRESHOLD": "1",
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_RESET_TIMEOUT": "60000",
+    }.items():
+        clean_env.setenv(name, value)
+    Factory = rdb.ResilientSession(engine, service=service)
+    wait_for(lambda: shared(service)["connected"], "the link")
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)  # opens the shared breaker
+    switched(clean_env, on=False)
+    assert links() == {}  # it left Redis while off
+    if fleet == "flushed":
+        redis_server.flushall()
+
+    fleet_state = {"open": "open", "flushed": "closed"}
+    read = threading.Event()  # the new link's thread has read the shared state
+    switched_on = threading.Event()
+    mark_up = FleetLink._mark_up
+    switch_on = Breaker.switch_on
+
+    def late_mark_up(link: FleetLink) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            read.set()
+            switched_on.wait(10.0)
+        mark_up(link)
+
+    def switch_on_after_the_read(breaker: Breaker, user: object) -> None:
+        if breaker.service != service:  # (another test's factory, still alive)
+            switch_on(breaker, user)
+            return
+        read.wait(10.0)
+        try:
+            switch_on(breaker, user)
+        finally:
+            switched_on.set()
+
+    monkeypatch.setattr(FleetLink, "_mark_up", late_mark_up)
+    monkeypatch.setattr(Breaker, "switch_on", switch_on_after_the_read)
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    try:
+        switched(clean_env, on=True)
+        assert read.is_set(), "the link's thread did not read the shared state within 10 s"
+        # read before the switching on ended: the view holds the fleet's state already
+        assert rdb.health()["services"][service]["breaker"]["state"] == fleet_state[fleet]
+        if fleet == "open":
+            with pytest.raises(rdb.CircuitOpenError):
+                Factory.run(healthy)
+        else:
+            assert Factory.run(healthy) == 1
+        wait_for(lambda: shared(service)["connected"], "the link, switched on again")
+        assert rdb.health()["services"][service]["breaker"]["state"] == fleet_state[fleet]
+        (link,) = links().values()
+        assert link.breaker_read(service)[0] == fleet_state[fleet]  # the fleet's, untouched
+    finally:
+        switched_on.set()
+        clean_env.delenv("SELF_HEALING_REDIS_URL")
+        rdb.reload_config()
+    if fleet == "open":
+        resumed = lines(caplog, "resumes open, as the processes sharing it through Redis left it")
+        assert len(resumed) == 1, caplog.text
+        assert not lines(caplog, "Circuit breaker closed"), caplog.text
+    else:
+        (closed,) = lines(caplog, "Circuit breaker closed")
+        assert "switched on again (it was open when switched off" in closed, caplog.text
+        assert not lines(caplog, "resumes"), caplog.text
