@@ -2527,6 +2527,21 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
+def _kill_tree(tree: list[int]) -> None:
+    """SIGKILL to every process of ``tree`` (see :func:`_process_tree`) as if at once, as a
+    cgroup's kill does: each is stopped first (SIGSTOP), then killed. Killed one by one, a
+    watchdog killed after its test process (the tree's root comes first) ran meanwhile, its
+    stdin closed, and cleaned up: its server stopped, its directory removed (the killing thread
+    preempted on a loaded machine, for as long as the scheduler keeps it waiting). Killed
+    descendants first, the root last: nothing stopped is woken by its parent's end (the kernel's
+    SIGCONT to a process group its end orphans)."""
+    for signum, order in ((signal.SIGSTOP, tree), (signal.SIGKILL, tree[::-1])):
+        for pid in order:
+            # (one may have ended meanwhile: a server's child once its parent was killed)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
 @contextlib.contextmanager
 def _test_run(pg_dir: Path, redis_dir: Path) -> Iterator[subprocess.Popen[str]]:
     """A test process (a session of its own, as a CI job's) with an embedded PostgreSQL and a
@@ -2603,10 +2618,7 @@ def test_a_start_removes_what_a_run_killed_with_its_watchdogs_left_and_nothing_e
             (cluster,) = left & set(pg_dir.iterdir())
             segment = _sysv_segment(cluster / "data")
             tree = _process_tree(killed.pid)
-            for pid in tree:
-                # (one may have ended meanwhile: a server's child once its parent was killed)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _kill_tree(tree)
             killed.wait(timeout=30)
             wait_for(lambda: not any(alive(pid) for pid in tree), "the killed run to end", 30)
         assert left <= set(_entries(pg_dir, redis_dir))  # its watchdogs died: the files stay
