@@ -543,9 +543,9 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
     fleet: str,
     engine: sa.Engine,
     service: str,
+    *,
     redis_server: RedisServer,
     clean_env: pytest.MonkeyPatch,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The link made by switching a shared breaker on again reads the fleet's state as soon as
@@ -594,8 +594,8 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
         finally:
             switched_on.set()
 
-    monkeypatch.setattr(FleetLink, "_mark_up", late_mark_up)
-    monkeypatch.setattr(Breaker, "switch_on", switch_on_after_the_read)
+    clean_env.setattr(FleetLink, "_mark_up", late_mark_up)
+    clean_env.setattr(Breaker, "switch_on", switch_on_after_the_read)
     caplog.set_level(logging.INFO, logger="resilient_db")
     try:
         switched(clean_env, on=True)
