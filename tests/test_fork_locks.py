@@ -50,9 +50,14 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng.dispose()
 
 
-def in_child(work: Callable[[], bool], timeout: float = 15.0) -> bytes:
+def in_child(
+    work: Callable[[], bool],
+    timeout: float = 15.0,
+    parent: Callable[[], None] | None = None,
+) -> bytes:
     """Fork; the child runs ``work`` and reports whether it returned True (b"\\x00"), failed
-    (b"\\x01") or hung (b"": killed after ``timeout``)."""
+    (b"\\x01") or hung (b"": killed after ``timeout``); ``parent()``, if given, is called
+    by the parent once the child exists."""
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
@@ -66,6 +71,8 @@ def in_child(work: Callable[[], bool], timeout: float = 15.0) -> bytes:
             os._exit(code)
     os.close(write_end)
     try:
+        if parent is not None:
+            parent()
         ready, _, _ = select.select([read_end], [], [], timeout)
         if not ready:
             os.kill(pid, signal.SIGKILL)

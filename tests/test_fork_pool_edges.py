@@ -16,11 +16,7 @@ import asyncio
 import gc
 import logging
 import os
-import select
-import signal
 import threading
-import warnings
-from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -47,32 +43,6 @@ async def abackend(session: AsyncSession) -> int:
 
 def alive(server: PostgresServer, pid: int) -> bool:
     return server.execute(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == [(1,)]
-
-
-def in_child_then(work: Callable[[], bool], parent: Callable[[], None]) -> bytes:
-    """As ``in_child``, the parent calling ``parent()`` once the child exists."""
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = 0 if work() else 1
-        finally:
-            os.write(write_end, bytes([code]))
-            os._exit(code)
-    os.close(write_end)
-    try:
-        parent()
-        ready, _, _ = select.select([read_end], [], [], 15.0)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-        answer = os.read(read_end, 1) if ready else b""
-        os.waitpid(pid, 0)
-        return answer
-    finally:
-        os.close(read_end)
 
 
 @pytest.mark.asyncio
@@ -155,7 +125,7 @@ def test_a_fork_while_another_thread_is_inside_the_pools_connect(
                 gc.collect()
                 return isinstance(Sessions.run(backend), int)
 
-            answer = in_child_then(child, proxy.restore)
+            answer = in_child(child, parent=proxy.restore)
             thread.join(30)
             assert answer == b"\x00", "the child's unit failed or hung"
             assert len(results) == 1  # the parent's thread connected and ran its unit
