@@ -43,6 +43,14 @@ def _breaker_hash(redis: RedisServer, service: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+def _opening_until(redis: RedisServer, service: str) -> float:
+    """The end of the opening Redis holds for ``service``, once it holds one: an opening whose
+    failure's script timed out (a loaded machine) was made locally and is shared when the link
+    is back, a moment later."""
+    wait_for(lambda: "until" in _breaker_hash(redis, service), "the opening in Redis", 20)
+    return float(_breaker_hash(redis, service)["until"])
+
+
 def _redis_now(redis: RedisServer) -> float:
     seconds, micros = redis.client().time()
     return float(seconds) + micros / 1_000_000
@@ -170,7 +178,7 @@ def test_a_process_started_after_a_flush_follows_the_opening_without_the_databas
         (opener,) = stack.enter_context(fleet(1, pg_url, settings, tmp_path / "a", service=service))
         gate.set(down=True)
         open_the_fleets_breaker(opener)
-        until = float(_breaker_hash(redis_server, service)["until"])
+        until = _opening_until(redis_server, service)
         assert opener.self_heal_lines(RESTORED) == []  # (Redis holds it: nothing written back)
 
         # A is stopped (SIGSTOP) from before the flush until B has read the empty Redis: B's
@@ -292,7 +300,7 @@ def test_an_opening_that_ended_is_not_checked_in_the_background(
     assert breaker is not None
     link = breaker._fleet
     breaker.open()
-    until = float(_breaker_hash(redis_server, service)["until"])
+    until = _opening_until(redis_server, service)
     commands = link.commands
     wait_for(lambda: link.commands >= commands + 2, "two checks of the opening", 10)
     _wait_past(redis_server, until)
@@ -362,7 +370,7 @@ def test_probes_held_when_redis_is_flushed_end_and_new_ones_stay_bounded(
     breaker = Factory.policy.breaker
     assert breaker is not None
     breaker.open()
-    until = float(_breaker_hash(redis_server, service)["until"])
+    until = _opening_until(redis_server, service)
     outcomes: list[str] = []
     lock = threading.Lock()
 

@@ -396,7 +396,14 @@ def test_backend_killed_behind_pgbouncer(
         if where == "between units":
             assert pg_server.terminate_backends(database=database) >= 1
         assert Sessions.run(unit) == "written"
-        assert len(attempts) == (2 if where == "mid-unit" else 1)
+        if where == "mid-unit":
+            assert len(attempts) == 2
+        else:
+            # the pooled client connection is found dead at checkout once PgBouncer has closed
+            # it (session pooling closes the client whose server connection died: a moment
+            # after the kill); checked out before that, its first statement fails as a
+            # disconnect and the unit is replayed, once
+            assert len(attempts) in (1, 2), attempts
         assert ledger(pg_server, database) == 1
     finally:
         engine.dispose()
