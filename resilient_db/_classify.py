@@ -961,16 +961,25 @@ def _psycopg_gave_up(err: BaseException) -> bool:
     Recorded on ``err`` the first time it is judged (for a factory's engine: in its
     ``handle_error``, the connection as psycopg left it): a later judgement (the retry
     engine's, a web handler's) may find that connection closed by the pool, or in use again."""
+    return _judged_once(
+        err, _GAVE_UP, lambda: isinstance(err.__cause__, OSError) or _left_mid_statement(err)
+    )
+
+
+def _judged_once(err: BaseException, name: str, judge: Callable[[], bool]) -> bool:
+    """``judge()`` of ``err``, recorded on it as attribute ``name`` the first time (a later
+    judgement, once the connection it looked at is closed or in use again, finds the answer
+    recorded); judged afresh where the error takes no attribute, or misbehaves reading one."""
     try:
-        found = getattr(err, _GAVE_UP, None)
+        found = getattr(err, name, None)
     except Exception:  # a type whose attribute lookup misbehaves: judged afresh
         found = None
     if isinstance(found, bool):
         return found
-    gave_up = isinstance(err.__cause__, OSError) or _left_mid_statement(err)
+    answer = judge()
     with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
-        setattr(err, _GAVE_UP, gave_up)
-    return gave_up
+        setattr(err, name, answer)
+    return answer
 
 
 def socket_given_up(exc: BaseException) -> bool:
@@ -1020,22 +1029,20 @@ def refused_in_pipeline(exc: BaseException) -> bool:
     Recorded on the driver's error the first time it is judged (in the engine's
     ``handle_error``, the connection as psycopg left it): later judgements find that
     connection invalidated."""
-    for err in error_chain(exc):
-        kind = type(err)
-        if kind.__module__.startswith("psycopg") and kind.__name__ == "OperationalError":
-            if getattr(err, "sqlstate", None) is not None:
-                return False
-            try:
-                found = getattr(err, _PIPELINE_REFUSED, None)
-            except Exception:  # a type whose attribute lookup misbehaves: judged afresh
-                found = None
-            if isinstance(found, bool):
-                return found
-            refused = _sent_by_libpq(err) and _left_in_pipeline(err)
-            with contextlib.suppress(AttributeError, TypeError):
-                setattr(err, _PIPELINE_REFUSED, refused)
-            return refused
-    return False
+    found = next(
+        (
+            err
+            for err in error_chain(exc)
+            if type(err).__module__.startswith("psycopg")
+            and type(err).__name__ == "OperationalError"
+        ),
+        None,
+    )
+    if found is None or getattr(found, "sqlstate", None) is not None:
+        return False
+    return _judged_once(
+        found, _PIPELINE_REFUSED, lambda: _sent_by_libpq(found) and _left_in_pipeline(found)
+    )
 
 
 def _sent_by_libpq(err: BaseException) -> bool:
