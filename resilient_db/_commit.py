@@ -838,16 +838,9 @@ def takes_writes_asked(connection: Connection) -> bool | None:
                 began = driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
                 dbapi_connection.rollback()
                 autocommit = dbapi_connection.autocommit
-                dbapi_connection.autocommit = True
                 try:
-                    cursor = dbapi_connection.cursor()
-                    try:
-                        cursor.execute(_READ_MODE_NOW_SQL)
-                        row = cursor.fetchone()
-                    finally:
-                        cursor.close()
+                    row = _autocommit_row(dbapi_connection, _READ_MODE_NOW_SQL)
                 finally:
-                    dbapi_connection.autocommit = autocommit
                     _fail_again(dbapi_connection, begin=autocommit and began)
             else:
                 return None
@@ -888,6 +881,24 @@ def _fail_again(dbapi_connection: Any, *, begin: bool = False) -> None:
             cursor.execute(_FAILING_SQL)
     finally:
         cursor.close()
+
+
+def _autocommit_row(dbapi_connection: Any, sql: str) -> Any:
+    """The one row ``sql`` answers on a psycopg DBAPI connection (SQLAlchemy's adapter for the
+    async one), sent outside any transaction: its autocommit set for the statement, as it was
+    after (unless the connection closed meanwhile)."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(sql)
+            return cursor.fetchone()
+        finally:
+            cursor.close()
+    finally:
+        if not dbapi_connection.closed:
+            dbapi_connection.autocommit = autocommit
 
 
 def _fetch_value(cursor: Any, sql: str) -> Any:
@@ -3502,17 +3513,7 @@ class CommitProtocol:
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if self.is_asyncpg:
             return _runner(dbapi_connection, driver)(lambda d: d.fetchval(_SYSTEM_SQL))
-        autocommit = dbapi_connection.autocommit
-        dbapi_connection.autocommit = True
-        try:
-            cursor = dbapi_connection.cursor()
-            try:
-                return _fetch_value(cursor, _SYSTEM_SQL)
-            finally:
-                cursor.close()
-        finally:
-            if not dbapi_connection.closed:
-                dbapi_connection.autocommit = autocommit
+        return _autocommit_row(dbapi_connection, _SYSTEM_SQL)[0]
 
     def _note_highest(self, system: str) -> None:
         """Keep the highest timeline of any cluster in ``_timelines`` and a cluster seen on
