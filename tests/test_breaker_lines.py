@@ -485,17 +485,11 @@ def test_a_breaker_another_factory_kept_on_keeps_its_state(
     assert rdb.health()["services"][service]["breaker"]["state"] == "open"
 
 
-@pytest.mark.slow
-def test_a_shared_breaker_switched_on_again_takes_the_fleets_state_and_says_so(
-    engine: sa.Engine,
-    service: str,
-    redis_server: RedisServer,
-    clean_env: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Only the local view starts over: the opening in Redis is the fleet's (other processes
-    keep it up to date), left as it is and read back, with a line saying why calls are
-    rejected right after the breaker was switched on."""
+def _opened_shared(
+    engine: sa.Engine, service: str, redis_server: RedisServer, clean_env: pytest.MonkeyPatch
+) -> rdb.ResilientSession:
+    """A factory whose breaker is shared through ``redis_server`` (the environment's settings:
+    one failure opens it for a minute, no retry), opened by one failed unit."""
     for name, value in {
         "SELF_HEALING_REDIS_URL": redis_server.url,
         "SELF_HEALING_FAILURE_THRESHOLD": "1",
@@ -507,6 +501,21 @@ def test_a_shared_breaker_switched_on_again_takes_the_fleets_state_and_says_so(
     wait_for(lambda: shared(service)["connected"], "the link")
     with pytest.raises(sa.exc.OperationalError):
         Factory.run(unavailable)  # opens the shared breaker
+    return Factory
+
+
+@pytest.mark.slow
+def test_a_shared_breaker_switched_on_again_takes_the_fleets_state_and_says_so(
+    engine: sa.Engine,
+    service: str,
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only the local view starts over: the opening in Redis is the fleet's (other processes
+    keep it up to date), left as it is and read back, with a line saying why calls are
+    rejected right after the breaker was switched on."""
+    Factory = _opened_shared(engine, service, redis_server, clean_env)
     assert rdb.health()["services"][service]["breaker"]["state"] == "open"
 
     switched(clean_env, on=False)
@@ -556,17 +565,7 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
     taken, waits to be marked up until the breaker is switched on, which waits for that read.
     Redis flushed while it was off: the opening it held then is not shared (stale: the whole
     fleet would refuse calls for it), the fleet's closed state is read back, said so."""
-    for name, value in {
-        "SELF_HEALING_REDIS_URL": redis_server.url,
-        "SELF_HEALING_FAILURE_THRESHOLD": "1",
-        "SELF_HEALING_RETRY": "false",
-        "SELF_HEALING_RESET_TIMEOUT": "60000",
-    }.items():
-        clean_env.setenv(name, value)
-    Factory = rdb.ResilientSession(engine, service=service)
-    wait_for(lambda: shared(service)["connected"], "the link")
-    with pytest.raises(sa.exc.OperationalError):
-        Factory.run(unavailable)  # opens the shared breaker
+    Factory = _opened_shared(engine, service, redis_server, clean_env)
     switched(clean_env, on=False)
     assert links() == {}  # it left Redis while off
     if fleet == "flushed":
