@@ -14,6 +14,7 @@ faults (an immediate stop, ``pg_promote``, a restart, a COMMIT answer lost by a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,20 @@ def refused_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
         for r in caplog.records
         if getattr(r, "self_heal", {}).get("event") == "stale_timeline_refused"
     ]
+
+
+def two_pooled(url: sa.URL, driver: str, service: str) -> contextlib.AbstractContextManager[Units]:
+    """Units of a plain role on ``url`` through a pool of two connections, the most recently
+    returned handed out next (a test holds one out and knows which the next unit gets)."""
+    return units(
+        as_plain_role(url),
+        driver,
+        config=CONFIG,
+        service=service,
+        pool_size=2,
+        max_overflow=0,
+        pool_use_lifo=True,
+    )
 
 
 @pytest.fixture
@@ -301,15 +316,7 @@ def test_a_pooled_connection_to_the_old_primary_is_refused_at_its_next_checkout(
         url = sa.make_url(pair.url(DATABASE, driver=driver)).update_query_dict(
             {"host": [f"{proxy.host}:{proxy.port}", f"{pair.standby.host}:{pair.standby.port}"]}
         )
-        with units(
-            as_plain_role(url),
-            driver,
-            config=CONFIG,
-            service=service,
-            pool_size=2,
-            max_overflow=0,
-            pool_use_lifo=True,  # (the pool's most recently returned connection next)
-        ) as made:
+        with two_pooled(url, driver, service) as made:
             assert made.write("a") == pair.primary.port
             pair.wait_replayed()
             fail_over(pair)
@@ -355,15 +362,7 @@ def test_a_pooled_connection_to_another_cluster_on_the_same_timeline_is_kept(
         url = sa.make_url(pair.url(DATABASE, driver=driver)).update_query_dict(
             {"host": [f"{h.host}:{h.port}" for h in hosts]}
         )
-        with units(
-            as_plain_role(url),
-            driver,
-            config=CONFIG,
-            service=service,
-            pool_size=2,
-            max_overflow=0,
-            pool_use_lifo=True,  # (the pool's most recently returned connection next)
-        ) as made:
+        with two_pooled(url, driver, service) as made:
             assert made.write("a") == pair.primary.port  # cluster 1, timeline 1
             with holding(made):  # the primary's connection, out of the pool
                 to_primary.refuse()
