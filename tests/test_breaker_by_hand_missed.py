@@ -196,14 +196,7 @@ def test_a_closing_by_hand_learnt_from_the_background_check_says_by_hand(
     """This process follows the operator's opening (its message came), then its subscription
     is dropped: the operator's closing reaches it only through its background thread's read
     of the opening it holds (about once a second), which must say the closing was by hand."""
-    caplog.set_level(logging.INFO, logger="resilient_db")
-    factory, forwarder = deaf
-    breaker = factory.policy.breaker
-    assert operator.ask("open_breaker", reason=REASON, seconds=120) == {"fleet_wide": True}
-    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
-    forwarder.forget(subscriptions_only=True)
-    caplog.clear()
-    events.clear()
+    factory, breaker = followed_then_deaf(deaf, operator, caplog, events, 120)
 
     assert operator.ask("close_breaker", reason=DONE) == {"fleet_wide": True}
     wait_for(lambda: breaker.state == "closed", "the background check reading the closing", 10)
@@ -218,22 +211,25 @@ def test_a_closing_by_hand_learnt_from_the_background_check_says_by_hand(
     assert factory.run(gate_unit) == 1
 
 
-def short_opening_over_then_deaf(
+def followed_then_deaf(
     deaf: Any,
     operator: WorkerProcess,
     caplog: pytest.LogCaptureFixture,
     events: list[rdb.SelfHealEvent],
+    seconds: float,
 ) -> tuple[Any, Any]:
-    """The operator opens the breaker by hand for 0.5 s, this process follows (its message
-    came) until the opening is over in its view; then its subscription is dropped and what
-    it logged and emitted so far forgotten. ``(factory, breaker)``."""
+    """The operator opens the breaker by hand for ``seconds``, this process follows (its
+    message came; an opening shorter than a second, until it is over in its view); then its
+    subscription is dropped and what it logged and emitted so far forgotten.
+    ``(factory, breaker)``."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     factory, forwarder = deaf
     breaker = factory.policy.breaker
-    assert operator.ask("open_breaker", reason=REASON, seconds=0.5) == {"fleet_wide": True}
+    assert operator.ask("open_breaker", reason=REASON, seconds=seconds) == {"fleet_wide": True}
     wait_for(lambda: breaker.state == "open", "the opening's message", 10)
-    # the opening's own 0.5 s (a condition on the breaker, not a backoff)
-    wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
+    if seconds < 1:
+        # the opening's own time (a condition on the breaker, not a backoff)
+        wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
     forwarder.forget(subscriptions_only=True)
     caplog.clear()
     events.clear()
@@ -251,7 +247,7 @@ def test_a_closing_by_hand_learnt_from_a_probes_admit_says_by_hand(
     yet, so nothing reads it in the background) when the operator closes the breaker, its
     message dropped: the answer to this process's request for a probe, closed, is the first
     it hears of the closing."""
-    factory, breaker = short_opening_over_then_deaf(deaf, operator, caplog, events)
+    factory, breaker = followed_then_deaf(deaf, operator, caplog, events, 0.5)
 
     assert operator.ask("close_breaker", reason=DONE) == {"fleet_wide": True}
     assert breaker.state == "open"  # the message never came
@@ -270,7 +266,7 @@ def test_a_probes_closing_after_an_opening_by_hand_learnt_later_says_recovered(
     """The by-hand record of an opening does not outlive it: the operator's process's probe
     closes the breaker after the opening by hand, and this process, which missed that
     message, learns it from its admit's answer and says the breaker recovered."""
-    factory, _ = short_opening_over_then_deaf(deaf, operator, caplog, events)
+    factory, _ = followed_then_deaf(deaf, operator, caplog, events, 0.5)
 
     assert operator.ask("try") == {"outcome": "ok"}  # its probe closes the fleet's breaker
     assert operator.ask("wait", what="closed", timeout=10)["ok"], operator.log()
@@ -340,14 +336,7 @@ def test_a_reopening_by_hand_learnt_from_the_background_check_is_said(
     reason (the maintenance runs late): the background check's read is the first this process
     hears of it, and it says the new opening as its message would have (a written-back view,
     the same opening read again, is not: it carries the fleet's count of openings unchanged)."""
-    caplog.set_level(logging.INFO, logger="resilient_db")
-    factory, forwarder = deaf
-    breaker = factory.policy.breaker
-    assert operator.ask("open_breaker", reason=REASON, seconds=60) == {"fleet_wide": True}
-    wait_for(lambda: breaker.state == "open", "the opening's message", 10)
-    forwarder.forget(subscriptions_only=True)
-    caplog.clear()
-    events.clear()
+    _, breaker = followed_then_deaf(deaf, operator, caplog, events, 60)
 
     assert operator.ask("open_breaker", reason=REASON, seconds=600) == {"fleet_wide": True}
     wait_for(
