@@ -1538,8 +1538,15 @@ class FleetLink:
         raises here and stays down: its failure-path scripts would fail at once."""
         self.commands += 1
         self._scripts["alive"](keys=[f"{PREFIX}:alive"], args=[self.token, self.channel])
-        self._resync()
+        read = self._resync()
         self._mark_up()
+        # a breaker attached while the states were read (after _resync listed the breakers,
+        # before the link was up: another service's factory made meanwhile, or the next of
+        # several a reload switches on) found the link down and read nothing itself: read now,
+        # or its view stays closed while the fleet's breaker may be open, and its units go to
+        # the database the fleet refuses until a later change's message. One attached from
+        # now on finds the link up and reads it itself (see sync_breaker)
+        self._resync(skip=read)
 
     def _check_views(self, pubsub: Any) -> bool:
         """The background thread, the link up, every :data:`VIEW_CHECK_INTERVAL`: Redis
@@ -1625,11 +1632,13 @@ class FleetLink:
         for breaker in breakers:
             breaker.report_probes(self)
 
-    def _resync(self) -> None:
+    def _resync(self, skip: Iterable[Any] = ()) -> list[Any]:
         """Report the probe outcomes Redis missed, then read every attached breaker's shared
-        state (on connecting: messages may be lost)."""
+        state (on connecting: messages may be lost), but for those in ``skip``. Returns the
+        breakers it handled."""
+        done = {id(breaker) for breaker in skip}
         with self._lock:
-            breakers = list(self.breakers.items())
+            breakers = [(s, b) for s, b in self.breakers.items() if id(b) not in done]
         for service, breaker in breakers:
             breaker.report_probes(self)
             try:
@@ -1638,6 +1647,7 @@ class FleetLink:
                 raise
             except Exception as exc:  # (a listener's: see _listener_failed)
                 self._listener_failed(service, exc)
+        return [breaker for _, breaker in breakers]
 
     def _on_message(self, message: Any) -> None:
         if message.get("type") != "message":

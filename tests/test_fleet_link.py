@@ -163,3 +163,48 @@ def test_a_redis_stalling_for_a_moment_while_nothing_fails_keeps_the_link_up(
             assert shared("stalling")["connected"], shared("stalling")["problem"]
     assert _lines(caplog, "Shared state unavailable") == 0
     engine.dispose()
+
+
+def test_a_breaker_attached_while_the_link_reads_the_shared_state_is_read_too(
+    redis_server: RedisServer, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On connecting, the link's thread reads the shared state of the breakers attached to it,
+    then marks the link up. A breaker attached in between (another service's factory made
+    meanwhile, or a reload switching several breakers on: each is attached in turn) found the
+    link down, so read nothing itself, and was not among those the thread read: its view
+    stayed closed while the fleet's breaker was open, and its units went to the database the
+    fleet refuses, until a later change's message. Forced here: the thread, its read done,
+    waits to be marked up until the second factory is made."""
+    engine = sa.create_engine(pg_url)
+    force = redis_server.client().register_script(_fleet._FORCE)
+    channel = _fleet.CHANNEL.format(db=0)
+    force(
+        keys=_fleet._breaker_keys("attached-late"), args=[channel, "attached-late", "o", "open", 60]
+    )
+    read = threading.Event()  # the thread has read the state of the breakers attached then
+    attached = threading.Event()
+    mark_up = _fleet.FleetLink._mark_up
+
+    def late_mark_up(link: _fleet.FleetLink) -> None:
+        if threading.current_thread() is not threading.main_thread() and not read.is_set():
+            read.set()
+            attached.wait(10.0)
+        mark_up(link)
+
+    monkeypatch.setattr(_fleet.FleetLink, "_mark_up", late_mark_up)
+    config = rdb.Config(redis_url=redis_server.url, reset_timeout=60.0)
+    rdb.ResilientSession(engine, service="attached-early", config=config)
+    try:
+        assert read.wait(10.0), "the link's thread did not read the shared state"
+        late = rdb.ResilientSession(engine, service="attached-late", config=config)
+        assert not shared("attached-late")["connected"]  # the link is not up yet
+    finally:
+        attached.set()
+    wait_for(lambda: shared("attached-late")["connected"], "the link")
+    wait_for(
+        lambda: rdb.health()["services"]["attached-late"]["breaker"]["state"] == "open",
+        "the fleet's opening read into the late breaker's view",
+        timeout=5.0,
+    )
+    with pytest.raises(rdb.CircuitOpenError):
+        late.run(lambda session: session.execute(sa.text("SELECT 1")).scalar())
