@@ -572,14 +572,21 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
         redis_server.flushall()
 
     fleet_state = {"open": "open", "flushed": "closed"}
-    read = threading.Event()  # the new link's thread has read the shared state
+    read = threading.Event()  # the new link's thread has read this breaker's shared state
     switched_on = threading.Event()
     mark_up = FleetLink._mark_up
+    fleet_rejoin = Breaker.fleet_rejoin
     switch_on = Breaker.switch_on
 
-    def late_mark_up(link: FleetLink) -> None:
-        if threading.current_thread() is not threading.main_thread():
+    def noted_rejoin(breaker: Breaker, link: FleetLink, *, background: bool = True) -> None:
+        fleet_rejoin(breaker, link, background=background)
+        if breaker.service == service and threading.current_thread() is not threading.main_thread():
             read.set()
+
+    def late_mark_up(link: FleetLink) -> None:
+        # (the link's thread may read the breakers of other tests' factories, still alive and
+        # switched on again first, without this one: then it reads this one once it is up)
+        if threading.current_thread() is not threading.main_thread() and read.is_set():
             switched_on.wait(10.0)
         mark_up(link)
 
@@ -594,6 +601,7 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
             switched_on.set()
 
     clean_env.setattr(FleetLink, "_mark_up", late_mark_up)
+    clean_env.setattr(Breaker, "fleet_rejoin", noted_rejoin)
     clean_env.setattr(Breaker, "switch_on", switch_on_after_the_read)
     caplog.set_level(logging.INFO, logger="resilient_db")
     try:
