@@ -2669,8 +2669,9 @@ class CommitProtocol:
         self._replica_said = False  # (see _note_replication_role)
         self._control_refused = False  # (see control_refused)
         # the highest timeline seen per cluster (system identifier), with the server it was
-        # seen at (see _fence); False once the role was refused the functions that read them
-        self._timelines: dict[str, tuple[int, str]] = {}
+        # seen at and whether the fleet saw it (another process, through Redis: see
+        # _fleet_link), not this engine (see _fence)
+        self._timelines: dict[str, tuple[int, str, bool]] = {}
         self._timelines_lock = threading.Lock()
         # the highest timeline of any cluster in _timelines, and a cluster seen on it: a
         # connection on that timeline is taken without asking its cluster
@@ -3447,24 +3448,64 @@ class CommitProtocol:
             return
         self._refuse(server, system, timeline, seen)
 
-    def _judge_cluster(self, fence: list[Any]) -> tuple[int, str] | None:
+    def _fleet_link(self) -> Any:
+        """The link of this process to the Redis the engine's factory shares its breaker
+        through (``SELF_HEALING_REDIS_URL``), while one is live: the fleet's timelines (see
+        ``_fleet.TIMELINES_KEY``); None without one. No Redis round trip."""
+        url = self._settings.config.redis_url
+        if url is None:
+            return None
+        link = STATE.fleet_links.get(url)
+        return None if link is None or link.closed else link
+
+    def _judge_cluster(self, fence: list[Any]) -> tuple[int, str, bool] | None:
         """Judge ``fence`` (see ``_fences``; its cluster asked of its server) against the
-        highest timeline seen of its cluster: None, the timeline noted (and ``fence`` given the
-        current fence token), where it is not below it; else that highest (timeline, server)."""
+        highest timeline seen of its cluster, by this engine or by the fleet (another process
+        sharing it through Redis, as this process's link last heard): None, the timeline
+        noted (and ``fence`` given the current fence token), where it is not below it; else
+        that highest (timeline, server, whether the fleet saw it). A timeline this engine
+        sees first is shared with the fleet (by the link's thread: no round trip here)."""
         system, timeline, server = fence[1], fence[2], fence[3]
+        link = self._fleet_link()
+        fleet = None if link is None else link.timelines.get(system)
+        if link is not None:
+            link.follow_timelines(self)
         with self._timelines_lock:
             seen = self._timelines.get(system)
+            if fleet is not None and (seen is None or fleet[0] > seen[0]):
+                seen = self._timelines[system] = (fleet[0], fleet[1], True)
+                if len(self._timelines) > _MAX_CLUSTERS:
+                    del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
+                self.fence_token = object()  # (the pool's connections judged again)
+                self._note_highest(system)
             if seen is not None and timeline < seen[0]:
                 return seen
             if seen is None and len(self._timelines) >= _MAX_CLUSTERS:
                 del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
-            if seen is None or timeline > seen[0] or seen[1] != server:
-                self._timelines[system] = (timeline, server)
+            if seen is None or timeline > seen[0] or seen[1] != server or seen[2]:
+                self._timelines[system] = (timeline, server, False)
             if seen is not None and timeline > seen[0]:
                 self.fence_token = object()  # (the pool's connections judged again)
             self._note_highest(system)
             fence[0] = self.fence_token
-            return None
+        if link is not None and (fleet is None or timeline > fleet[0]):
+            link.share_timeline(system, timeline, server)
+        return None
+
+    def fleet_timeline(self, system: str, timeline: int, server: str) -> None:
+        """The fleet saw cluster ``system`` on ``timeline`` at ``server`` (told by the link's
+        thread, see ``FleetLink.follow_timelines``): above the highest this engine has seen
+        of a cluster it reaches, it is taken as seen here, so the pool's connections to an
+        old primary of that cluster are refused at their next checkout and new ones at
+        connect. A cluster this engine has not reached is looked up when it does (see
+        :meth:`_judge_cluster`). In memory: no round trip."""
+        with self._timelines_lock:
+            seen = self._timelines.get(system)
+            if seen is None or timeline <= seen[0]:
+                return
+            self._timelines[system] = (timeline, server, True)
+            self.fence_token = object()
+            self._note_highest(system)
 
     def fence_of(self, driver: Any) -> list[Any]:
         """What the check at connect found of ``driver``'s server (see ``_fences``), to be
@@ -3523,7 +3564,7 @@ class CommitProtocol:
             system = next(key for key, seen in self._timelines.items() if seen[0] == best)
         self._highest = (best, system)
 
-    def _refuse(self, server: str, system: str, timeline: int, seen: tuple[int, str]) -> None:
+    def _refuse(self, server: str, system: str, timeline: int, seen: tuple[int, str, bool]) -> None:
         """Refuse the connection to ``server``, on ``timeline`` of cluster ``system`` where
         ``seen`` (timeline, server) is the highest seen: counted, said (one line per server
         every few seconds; the hooks see each), and raised as the driver's error of SQLSTATE
@@ -3538,10 +3579,17 @@ class CommitProtocol:
         mark_fenced(error, server)
         raise error
 
-    def _say_refused(self, server: str, system: str, timeline: int, seen: tuple[int, str]) -> str:
+    def _say_refused(
+        self, server: str, system: str, timeline: int, seen: tuple[int, str, bool]
+    ) -> str:
         """Count and say a connection refused (see :meth:`_refuse`): the error's message."""
         config, service = self._settings.config, self._settings.service
-        stats_for(service).add("stale_timeline_refusals")
+        stats = stats_for(service)
+        stats.add("stale_timeline_refusals")
+        fleet = seen[2]
+        if fleet:
+            stats.add("stale_timeline_refusals_fleet")
+        by = " by another process of the fleet (shared through Redis)" if fleet else ""
         log, unlogged = self._fence_lines.take(server)
         database = self.engine.url.database
         emit(
@@ -3550,7 +3598,7 @@ class CommitProtocol:
             logging.ERROR,
             "Refused a connection to an old primary: service=%s database %s at %s takes writes "
             "on timeline %d of its cluster (system identifier %s), but timeline %d of that "
-            "cluster was seen at %s: a standby was promoted since, and this server was "
+            "cluster was seen at %s%s: a standby was promoted since, and this server was "
             "restarted as a primary without being demoted (split brain). Nothing is written "
             "or verified there: its units fail as if it were down (retried; the circuit "
             "breaker may open). Stop it, or rejoin it as a standby of the new primary "
@@ -3562,6 +3610,7 @@ class CommitProtocol:
             system,
             seen[0],
             seen[1],
+            by,
             more_since(unlogged),
             log=log,
             service=service,
@@ -3571,13 +3620,14 @@ class CommitProtocol:
             newest_server=seen[1],
             newest_timeline=seen[0],
             system_identifier=system,
+            fleet=fleet,
             suppressed=unlogged,
         )
         return (
             f"resilient_db refused the connection to {server} (database {database}): it takes "
             f"writes on timeline {timeline} of its cluster (system identifier {system}), but "
-            f"timeline {seen[0]} of that cluster was seen at {seen[1]}: an old primary back as "
-            "a primary after a failover"
+            f"timeline {seen[0]} of that cluster was seen at {seen[1]}{by}: an old primary "
+            "back as a primary after a failover"
         )
 
     def _timeline_unreadable(self, code: str) -> None:

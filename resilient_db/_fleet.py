@@ -150,6 +150,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -218,6 +219,16 @@ FAILURE_MEMORY_MIN = 10.0
 #: timeout) fails attempts one timeout after each began, and those must add up within a few
 #: of these windows, not one per timeout (see ``Breaker.on_failure``)
 FAILOVER_WINDOW = 1.0
+
+#: the hash of the highest timeline each PostgreSQL cluster (field: its system identifier)
+#: was seen on as a primary by a process of the fleet, shared so that every process refuses an
+#: old primary back as a primary after a failover that only another process saw (see
+#: ``CommitProtocol._fence``): value ``"<timeline> <Redis time, µs> <server>"``. Raised only
+#: (never lowered), published on the channel when raised, read by a link when it (re)joins
+TIMELINES_KEY = PREFIX + ":timelines"
+#: the clusters the fleet's timelines hash keeps (and a link's copy of it): past this many,
+#: the one raised longest ago is forgotten (a fleet reaches a few clusters over its life)
+MAX_TIMELINES = 64
 
 _log = logging.getLogger("resilient_db.fleet")
 
@@ -781,6 +792,37 @@ return 0
 """
 
 
+# KEYS: the timelines hash (TIMELINES_KEY). ARGV: channel, token, a cluster's system identifier,
+# the timeline this process saw it on as a primary, the server it saw it at, the clusters kept
+# (MAX_TIMELINES). Raises the cluster's timeline (never lowers it), publishes it when raised,
+# and forgets the clusters raised longest ago past the bound.
+# -> the cluster's entry now ("<timeline> <Redis time> <server>")
+_TIMELINE = """
+local old = redis.call('HGET', KEYS[1], ARGV[3])
+if old then
+  local seen = tonumber(string.match(old, '^(%d+) '))
+  if seen ~= nil and seen >= tonumber(ARGV[4]) then return old end
+end
+local t = redis.call('TIME')
+local value = ARGV[4] .. ' ' .. t[1] .. string.format('%06d', tonumber(t[2])) .. ' ' .. ARGV[5]
+redis.call('HSET', KEYS[1], ARGV[3], value)
+local extra = redis.call('HLEN', KEYS[1]) - tonumber(ARGV[6])
+if extra > 0 then
+  local all = redis.call('HGETALL', KEYS[1])
+  local order = {}
+  for i = 1, #all, 2 do
+    if all[i] ~= ARGV[3] then
+      table.insert(order, {all[i], tonumber(string.match(all[i + 1], '^%d+ (%d+)')) or 0})
+    end
+  end
+  table.sort(order, function(a, b) return a[2] < b[2] end)
+  for i = 1, math.min(extra, #order) do redis.call('HDEL', KEYS[1], order[i][1]) end
+end
+redis.call('PUBLISH', ARGV[1], cjson.encode({tl = ARGV[3], t = ARGV[4], at = ARGV[5], b = ARGV[2]}))
+return value
+"""
+
+
 _SCRIPTS = {
     "alive": _ALIVE,
     "failure": _FAILURE,
@@ -791,6 +833,7 @@ _SCRIPTS = {
     "share_opening": _SHARE_OPENING,
     "budget": _BUDGET,
     "budget_refund": _BUDGET_REFUND,
+    "timeline": _TIMELINE,
 }
 
 
@@ -883,6 +926,14 @@ class FleetLink:
         self._new_locks()
         self._first_attempt = threading.Event()  # (each start makes its own)
         self._first_wait_until: float | None = None
+        #: the fleet's highest timeline of each cluster (system identifier): (timeline, the
+        #: server it was seen at), as Redis said it (read on joining, then its messages);
+        #: kept while the link is down (a timeline is never lowered). See TIMELINES_KEY
+        self.timelines: dict[str, tuple[int, str]] = {}
+        #: timelines this process saw that Redis has not taken yet (sent by the thread)
+        self._timelines_out: dict[str, tuple[int, str]] = {}
+        #: the engines' fences told when the fleet's timeline of a cluster rises
+        self._fences: weakref.WeakSet[Any] = weakref.WeakSet()
         if start:
             self._start()
 
@@ -1034,6 +1085,72 @@ class FleetLink:
         if self.up:
             with contextlib.suppress(FleetDown):
                 breaker.fleet_rejoin(self, background=False)
+
+    # -- timelines (the fence of an old primary back as a primary, see TIMELINES_KEY) ------
+    def follow_timelines(self, fence: Any) -> None:
+        """``fence`` (an engine's commit hooks) is told, by its ``fleet_timeline``, of each
+        rise of a cluster's timeline the fleet shares from now on. No Redis round trip."""
+        with self._lock:
+            self._fences.add(fence)
+
+    def share_timeline(self, system: str, timeline: int, server: str) -> None:
+        """This process saw ``timeline`` of cluster ``system`` on a primary at ``server``:
+        shared with the fleet by the background thread, unless the fleet's is as high. No
+        Redis round trip here (a connect never waits for Redis); kept while Redis is down,
+        sent on rejoining."""
+        with self._lock:
+            known = self.timelines.get(system)
+            if known is not None and known[0] >= timeline:
+                return
+            out = self._timelines_out.get(system)
+            if out is not None and out[0] >= timeline:
+                return
+            if out is None and len(self._timelines_out) >= MAX_TIMELINES:
+                del self._timelines_out[next(iter(self._timelines_out))]
+            self._timelines_out[system] = (timeline, server)
+
+    def _send_timelines(self) -> None:
+        """The background thread, the link up: send the timelines this process saw first
+        (one script each; raises what the store raises: kept, sent on rejoining)."""
+        with self._lock:
+            out = list(self._timelines_out.items())
+        for system, (timeline, server) in out:
+            self.commands += 1
+            answer = self._scripts["timeline"](
+                keys=[TIMELINES_KEY],
+                args=[self.channel, self.token, system, timeline, server, MAX_TIMELINES],
+            )
+            with self._lock:
+                if self._timelines_out.get(system) == (timeline, server):
+                    del self._timelines_out[system]
+            self._learn_timeline(system, _s(answer))
+
+    def _read_timelines(self) -> None:
+        """On (re)joining: the fleet's timelines (messages may have been lost meanwhile)."""
+        self.commands += 1
+        found = self._client.hgetall(TIMELINES_KEY)
+        for system, value in list(found.items())[:MAX_TIMELINES]:
+            self._learn_timeline(_s(system), _s(value))
+
+    def _learn_timeline(self, system: str, value: str) -> None:
+        """The fleet's entry ``value`` (``"<timeline> <time> <server>"``) of cluster
+        ``system``: kept where it raises this link's, and told to the engines' fences."""
+        timeline_text, _, rest = value.partition(" ")
+        try:
+            timeline = int(timeline_text)
+        except ValueError:
+            return  # (not an entry of ours)
+        server = rest.partition(" ")[2] or "an unknown address"
+        with self._lock:
+            known = self.timelines.get(system)
+            if known is not None and known[0] >= timeline:
+                return
+            if known is None and len(self.timelines) >= MAX_TIMELINES:
+                del self.timelines[next(iter(self.timelines))]  # (the oldest: bounded)
+            self.timelines[system] = (timeline, server)
+            fences = list(self._fences)
+        for fence in fences:
+            fence.fleet_timeline(system, timeline, server)
 
     # -- failure-path calls ------------------------------------------------------------------
     def _call(
@@ -1463,6 +1580,8 @@ class FleetLink:
                         heard = self._clock()
                 if self._reports_pending and self.up:
                     self._report_pending()
+                if self._timelines_out and self.up:
+                    self._send_timelines()
                 message = pubsub.get_message(timeout=_TICK)
                 while message is not None and not stop.is_set():
                     heard = self._clock()
@@ -1538,6 +1657,9 @@ class FleetLink:
         raises here and stays down: its failure-path scripts would fail at once."""
         self.commands += 1
         self._scripts["alive"](keys=[f"{PREFIX}:alive"], args=[self.token, self.channel])
+        self._read_timelines()
+        if self._timelines_out:
+            self._send_timelines()
         read = self._resync()
         self._mark_up()
         # a breaker attached while the states were read (after _resync listed the breakers,
@@ -1656,6 +1778,9 @@ class FleetLink:
             data = json.loads(message["data"])
             if "alive" in data and "s" not in data:
                 return  # a link's alive check (see _ALIVE)
+            if "tl" in data and "s" not in data:  # a cluster's timeline raised (_TIMELINE)
+                self._learn_timeline(str(data["tl"]), f"{int(data['t'])} 0 {data['at']}")
+                return
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
             mine = data.get("b") == self.token

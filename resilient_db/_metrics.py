@@ -35,6 +35,8 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_hot_standby_refused_writes_total``    counter  writes a hot standby refused (25006)
 ``resilient_db_stale_timeline_refusals_total``       counter  connections refused: an old primary
                                                               on an older timeline
+``resilient_db_stale_timeline_refusals_fleet_total`` counter  of those: by a timeline another
+                                                              process of the fleet saw
 ``resilient_db_transitions_blocked_total``           counter  rows whose illegal move was blocked
 ``resilient_db_transitions_stale_total``             counter  transitions refused: the row had moved
 ``resilient_db_transition_rows_filtered_total``      counter  of the blocked: rows a bulk UPDATE's
@@ -165,6 +167,12 @@ _SERVICE_COUNTERS = (
         "Connections refused (new ones at connect, pooled ones at checkout) because their "
         "server, a primary, is on a timeline of its cluster below one seen before: an old "
         "primary back as a primary after a failover.",
+    ),
+    (
+        "stale_timeline_refusals_fleet",
+        "resilient_db_stale_timeline_refusals_fleet",
+        "Of the connections refused as an old primary's, those refused by a timeline another "
+        "process of the fleet saw (shared through Redis), not this engine.",
     ),
 )
 _TRANSITION_COUNTERS = (

@@ -372,6 +372,7 @@ class ServiceStats:
     dead_pooled_connections: int = 0
     hot_standby_refused_writes: int = 0
     stale_timeline_refusals: int = 0
+    stale_timeline_refusals_fleet: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -417,6 +418,7 @@ class ServiceStats:
                 "dead_pooled_connections": self.dead_pooled_connections,
                 "hot_standby_refused_writes": self.hot_standby_refused_writes,
                 "stale_timeline_refusals": self.stale_timeline_refusals,
+                "stale_timeline_refusals_fleet": self.stale_timeline_refusals_fleet,
                 "retries_by_class": dict(self.retries_by_class),
             }
 
@@ -438,6 +440,7 @@ class ServiceStats:
                 "dead_pooled_connections",
                 "hot_standby_refused_writes",
                 "stale_timeline_refusals",
+                "stale_timeline_refusals_fleet",
             ):
                 setattr(self, name, 0)
             self.retries_by_class.clear()
@@ -495,7 +498,9 @@ def health() -> dict[str, Any]:
     rate-limited), ``stale_timeline_refusals`` (connections refused, new ones at connect and
     pooled ones at checkout, because their server, a primary, is on a timeline of its cluster
     below one seen before: an old primary back as a primary after a failover; the ``Refused a
-    connection to an old primary`` error, counted for each, its line rate-limited).
+    connection to an old primary`` error, counted for each, its line rate-limited), and of
+    those ``stale_timeline_refusals_fleet``, refused by a timeline another process of the fleet
+    saw (shared through ``SELF_HEALING_REDIS_URL``), not this engine.
 
     ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
     was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that

@@ -93,7 +93,8 @@ class OpenTelemetryHook:
     (``resilient_db_dead_pooled_connections_total``), ``resilient_db.hot_standby.refused_writes``
     its ``hot_standby_refused_writes`` (``resilient_db_hot_standby_refused_writes_total``),
     ``resilient_db.stale_timeline.refusals`` its ``stale_timeline_refusals``
-    (``resilient_db_stale_timeline_refusals_total``).
+    (``resilient_db_stale_timeline_refusals_total``; attribute ``fleet`` true for those
+    refused by a timeline another process of the fleet saw: ``stale_timeline_refusals_fleet``).
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
@@ -175,7 +176,9 @@ class OpenTelemetryHook:
         elif name == "hot_standby_refused_write":
             counters.standby_refusals.add(1, {"service": service})
         elif name == "stale_timeline_refused":
-            counters.timeline_refusals.add(1, {"service": service})
+            counters.timeline_refusals.add(
+                1, {"service": service, "fleet": bool(fields.get("fleet", False))}
+            )
         elif name == "response_invalid":
             counters.invalid.add(
                 1, {"service": service, "validator": str(fields.get("validator", ""))}

@@ -16,6 +16,8 @@ Commands (``{"op": ...}``) and answers:
 - ``open_breaker`` (``reason``, ``seconds``) / ``close_breaker`` (``reason``) -> ``{"fleet_wide"}``
 - ``try``: one unit -> ``{"outcome": "ok" | "open"}``, a refusal's ``message``, ``cause``,
   ``by_hand``
+- ``wait_timeline`` ``timeline``, ``timeout``: until the link knows a cluster on that timeline
+  or above (the fleet's timelines) -> ``{"ok": bool, "waited": seconds}``
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class Worker:
             return {"fleet_wide": rdb.close_breaker(SERVICE, reason=cmd.get("reason"))}
         if op == "try":
             return self.one_unit()
+        if op == "wait_timeline":
+            return self.wait_timeline(int(cmd["timeline"]), float(cmd.get("timeout", 10)))
         raise ValueError(f"unknown op {op!r}")
 
     def one_unit(self) -> dict[str, Any]:
@@ -124,6 +128,24 @@ class Worker:
                 "by_hand": exc.by_hand,
             }
         return {"outcome": "ok"}
+
+    def wait_timeline(self, timeline: int, timeout: float) -> dict[str, Any]:
+        """Wait until this process's link to Redis knows a cluster on ``timeline`` or above
+        (the fleet's timelines, see ``_fleet.TIMELINES_KEY``; bounded by ``timeout``)."""
+        from resilient_db._fleet import links  # noqa: PLC0415 - private, this test helper only
+
+        started = time.monotonic()
+        while True:
+            known = [
+                seen[0]
+                for link in links().values()
+                for seen in getattr(link, "timelines", {}).values()
+            ]
+            waited = time.monotonic() - started
+            done = any(t >= timeline for t in known)
+            if done or waited > timeout:
+                return {"ok": done, "waited": waited}
+            time.sleep(0.002)
 
     def _loop(self) -> None:
         while not self.loop_stop.is_set():

@@ -141,13 +141,14 @@ col.c-ev { width: 170px; }
     response_validation_failures: "invalid responses", pool_timeouts: "pool full",
     pool_invalidations: "pools replaced", dead_pooled_connections: "dead connections",
     hot_standby_refused_writes: "writes refused by a standby",
-    stale_timeline_refusals: "old primary refused"
+    stale_timeline_refusals: "old primary refused",
+    stale_timeline_refusals_fleet: "old primary refused (fleet's timeline)"
   });
   const TONE = lookup({ gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
     breaker_rejections: "warn", recovered: "good", verified_commits: "good",
     response_validation_failures: "bad", pool_timeouts: "warn", pool_invalidations: "warn",
     dead_pooled_connections: "warn", hot_standby_refused_writes: "bad",
-    stale_timeline_refusals: "bad" });
+    stale_timeline_refusals: "bad", stale_timeline_refusals_fleet: "bad" });
   // a JSON object's own entries as a Map (JSON.parse makes "__proto__" an own key; reading a
   // missing key of a plain object finds Object.prototype's, assigning "__proto__" sets it)
   function entries(obj) {

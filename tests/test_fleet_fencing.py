@@ -1,0 +1,207 @@
+"""The timeline fence shared by a fleet (``SELF_HEALING_REDIS_URL``): a process that saw a
+cluster's new timeline (a promoted standby) tells the others through Redis, so a process that
+never saw it (started after the old primary came back, or whose connections all stayed on the
+old primary) refuses the old primary back as a primary too.
+
+Real servers (a :class:`~resilient_db.testing.StandbyPair`: a crash, ``pg_promote``, the old
+primary restarted without being demoted), a real Redis, real worker processes
+(``fleet_worker.py``). Nothing is added to a unit's path: the fleet's timelines come by a
+pub/sub message and a read when a link (re)joins; Redis down leaves each engine's own fence."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+from fleet import Gate, fleet
+from test_failover_fencing import CONFIG, prepare_as_plain_role, refused_lines
+from test_failover_review import DATABASE, fail_over, ledger, units
+
+import resilient_db as rdb
+from resilient_db._fleet import MAX_TIMELINES, TIMELINES_KEY
+from resilient_db._state import STATE
+from resilient_db.testing import EmbeddedPostgres, RedisServer, StandbyPair
+
+pytestmark = pytest.mark.slow
+
+#: a worker's settings: no retries, so a refused unit shows its SQLSTATE; a breaker that never
+#: opens here (a refusal counts as a failure)
+WORKER = {"SELF_HEALING_RETRY": "false", "SELF_HEALING_FAILURE_THRESHOLD": "1000"}
+
+
+def system_identifier(server: EmbeddedPostgres) -> str:
+    return str(server.execute("SELECT system_identifier FROM pg_control_system()")[0][0])
+
+
+def fleet_timelines(url: str) -> dict[str, str]:
+    """The fleet's timelines hash in Redis, as stored."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return dict(client.hgetall(TIMELINES_KEY))
+    finally:
+        client.close()
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)  # polling a condition, not a backoff
+
+
+@pytest.fixture
+def split_pair(pg_standby_factory: Callable[..., StandbyPair]) -> StandbyPair:
+    """An asynchronous pair, its ledger owned by a plain role, and the workers' gate."""
+    pair = pg_standby_factory(synchronous=False)
+    prepare_as_plain_role(pair.primary)
+    Gate(pair.primary.url(DATABASE)).close()
+    pair.wait_replayed()
+    return pair
+
+
+def test_processes_that_never_saw_the_promotion_refuse_the_old_primary(
+    split_pair: StandbyPair,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """This process's engine sees the promoted standby's timeline 2 and shares it. A worker
+    whose connections only ever reached the old primary (its URL names it alone), started
+    before the failover, and one started after the old primary came back as a primary, both
+    refuse it (08004, the ERROR saying the fleet saw the timeline), though neither ever
+    reached the new primary. A worker on another cluster, on timeline 1, is not refused: the
+    fleet's timelines are per cluster."""
+    pair = split_pair
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    settings = {"SELF_HEALING_REDIS_URL": redis_server.url, **WORKER}
+    old_primary = pair.primary.url(DATABASE)  # the old primary alone
+    config = CONFIG.replace(circuit_breaker=True, failure_threshold=1000)
+    config = config.replace(redis_url=redis_server.url)
+    url = pair.url(DATABASE)
+    for name in ("early", "late", "other"):
+        (tmp_path / name).mkdir()
+    with (
+        EmbeddedPostgres() as other,
+        fleet(1, old_primary, settings, tmp_path / "early", service="fence-early") as (early,),
+    ):
+        Gate(other.url()).close()
+        assert early.ask("wait", what="connected", timeout=20)["ok"], early.log()
+        assert early.run(1) == {"ok": 1, "open": 0, "errors": {}}  # timeline 1, there
+        with units(url, "psycopg", config=config, service="fence-seer") as made:
+            assert made.write("a") == pair.primary.port
+            pair.wait_replayed()
+            fail_over(pair)
+            assert made.write("b") == pair.standby.port  # timeline 2 seen here, and shared
+            system = system_identifier(pair.standby)
+            # (timeline 1 was shared by the early worker's first unit)
+            wait_for(
+                lambda: fleet_timelines(redis_server.url).get(system, "").startswith("2 "),
+                "the shared timeline 2",
+            )
+            pair.primary.start()  # not demoted: a second primary, on timeline 1
+            early.ask("wait_timeline", timeline=2, timeout=10)  # (its message)
+            assert early.run(2) == {"ok": 0, "open": 0, "errors": {"08004": 2}}
+            late_settings = {**settings}
+            with (
+                fleet(1, old_primary, late_settings, tmp_path / "late", service="fence-late") as (
+                    late,
+                ),
+                fleet(1, other.url(), settings, tmp_path / "other", service="fence-other") as (
+                    elsewhere,
+                ),
+            ):
+                assert late.ask("wait", what="connected", timeout=20)["ok"], late.log()
+                late.ask("wait_timeline", timeline=2, timeout=10)  # (read on joining)
+                assert late.run(1) == {"ok": 0, "open": 0, "errors": {"08004": 1}}
+                counters = late.ask("health")["services"]["fence-late"]["counters"]
+                assert counters["stale_timeline_refusals"] == 1
+                assert counters["stale_timeline_refusals_fleet"] == 1
+                (line,) = late.self_heal_lines("Refused a connection to an old primary")
+                assert f"127.0.0.1:{pair.primary.port} takes writes on timeline 1" in line
+                assert (
+                    f"timeline 2 of that cluster was seen at 127.0.0.1:{pair.standby.port} "
+                    "by another process of the fleet (shared through Redis)"
+                ) in line, line
+                # another cluster, on timeline 1: the fleet's timeline 2 is not its own
+                assert elsewhere.ask("wait", what="connected", timeout=20)["ok"]
+                elsewhere.ask("wait_timeline", timeline=2, timeout=10)
+                assert elsewhere.run(2) == {"ok": 2, "open": 0, "errors": {}}
+                counters = elsewhere.ask("health")["services"]["fence-other"]["counters"]
+                assert counters["stale_timeline_refusals"] == 0
+                # kept apart in Redis, by its own system identifier (its worker shared it)
+                other_system = system_identifier(other)
+                wait_for(lambda: other_system in fleet_timelines(redis_server.url), "the other's")
+            assert early.self_heal_lines("by another process of the fleet")
+            # this process saw timeline 2 itself: its own fence, not the fleet's
+            counters = rdb.health()["services"]["fence-seer"]["counters"]
+            assert counters["stale_timeline_refusals_fleet"] == 0
+        stored = fleet_timelines(redis_server.url)
+        assert stored[system].startswith("2 ")
+        assert stored[other_system].startswith("1 ")
+    assert ledger(pair) == {"a": 1, "b": 1}
+    assert refused_lines(caplog) == []  # (this process never reached the old primary again)
+
+
+def test_redis_down_leaves_the_engines_own_fence(
+    split_pair: StandbyPair, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down from the start: every connect goes on without it (nothing raised, no
+    wait for it), and the engine's own fence still refuses the old primary once it saw the
+    new timeline; nothing of it is counted as the fleet's."""
+    pair = split_pair
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    redis_server.stop()
+    config = CONFIG.replace(circuit_breaker=True, failure_threshold=1000)
+    config = config.replace(redis_url=redis_server.url)
+    service = "fence-redis-down"
+    with units(pair.url(DATABASE), "psycopg", config=config, service=service) as made:
+        assert made.write("a") == pair.primary.port
+        pair.wait_replayed()
+        fail_over(pair)
+        assert made.write("b") == pair.standby.port
+        pair.primary.start()
+        pair.standby.terminate_backends()  # the next connections are new ones
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - the driver's, wrapped
+            made.write("c")
+        assert rdb.sqlstate_of(raised.value) == "08004", raised.value
+        entry = rdb.health()["services"][service]
+        assert entry["breaker"]["shared"]["connected"] is False
+        assert entry["counters"]["stale_timeline_refusals"] == 1 + CONFIG.max_retries
+        assert entry["counters"]["stale_timeline_refusals_fleet"] == 0
+    (line,) = refused_lines(caplog)
+    assert "by another process of the fleet" not in line.getMessage()
+    assert line.self_heal["fleet"] is False  # type: ignore[attr-defined]
+    assert ledger(pair) == {"a": 1, "b": 1}
+
+
+def test_the_fleets_timelines_are_bounded(redis_server: RedisServer, pg_url: str) -> None:
+    """Past MAX_TIMELINES clusters the one raised longest ago is forgotten, in Redis and in
+    the link's copy; a timeline is only ever raised, never lowered."""
+    config = rdb.Config(redis_url=redis_server.url)
+    engine = sa.create_engine(pg_url)
+    rdb.ResilientSession(engine, service="fence-bounded", config=config)  # (its link)
+    link = STATE.fleet_links[redis_server.url]
+    try:
+        wait_for(lambda: link.up, "the link")
+        first = 7000000000000000000
+        for n in range(MAX_TIMELINES + 6):
+            link.share_timeline(f"{first + n}", 3, f"127.0.0.1:{n}")
+            if n % 16 == 15:  # (sent in a few batches: each within the link's own bound)
+                wait_for(lambda: not link._timelines_out, "the shares sent")
+        link.share_timeline(f"{first + 69}", 2, "127.0.0.1:1")  # (lower: never sent)
+        wait_for(lambda: not link._timelines_out, "the shares sent")
+        stored = fleet_timelines(redis_server.url)
+        assert len(stored) == MAX_TIMELINES
+        assert f"{first}" not in stored  # the first ones raised, forgotten
+        assert f"{first + 5}" not in stored
+        assert stored[f"{first + 6}"].startswith("3 ")
+        assert stored[f"{first + 69}"].startswith("3 ")  # (not lowered)
+        assert len(link.timelines) == MAX_TIMELINES
+        assert all(seen[0] == 3 for seen in link.timelines.values())
+    finally:
+        engine.dispose()
