@@ -19,7 +19,13 @@ import pytest
 import redis
 import sqlalchemy as sa
 from fleet import Gate, fleet
-from test_failover_fencing import CONFIG, prepare_as_plain_role, refused_lines
+from test_failover_fencing import (
+    CONFIG,
+    as_plain_role,
+    keys_on,
+    prepare_as_plain_role,
+    refused_lines,
+)
 from test_failover_review import DATABASE, fail_over, ledger, units
 
 import resilient_db as rdb
@@ -205,3 +211,43 @@ def test_the_fleets_timelines_are_bounded(redis_server: RedisServer, pg_url: str
         assert all(seen[0] == 3 for seen in link.timelines.values())
     finally:
         engine.dispose()
+
+
+def test_a_pooled_connection_to_the_old_primary_is_refused_once_the_fleet_saw_more(
+    split_pair: StandbyPair, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engine whose only pooled connection went to the old primary, back as a primary
+    (its URL names it alone: it never reaches the new one), keeps it until the fleet's
+    timeline 2 of that cluster arrives (here from another engine of this process, through
+    Redis); the connection is then refused at its next checkout, in memory, and the new one
+    at connect: nothing more is written on the old primary."""
+    pair = split_pair
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    config = CONFIG.replace(circuit_breaker=True, failure_threshold=1000)
+    config = config.replace(redis_url=redis_server.url)
+    pair.wait_replayed()
+    fail_over(pair)
+    pair.primary.start()  # not demoted: a second primary, on timeline 1
+    old_only = as_plain_role(pair.primary.url(DATABASE))
+    new_only = as_plain_role(pair.standby.url(DATABASE))
+    pooled = {"pool_size": 1, "max_overflow": 0}
+    with (
+        units(old_only, "psycopg", config=config, service="fence-stale", **pooled) as stale,
+        units(new_only, "psycopg", config=config, service="fence-new") as seer,
+    ):
+        assert stale.write("x") == pair.primary.port  # timeline 1: all it has seen
+        link = STATE.fleet_links[redis_server.url]
+        wait_for(lambda: link.up, "the link")
+        assert seer.write("y") == pair.standby.port  # timeline 2, shared through Redis
+        system = system_identifier(pair.standby)
+        wait_for(lambda: link.timelines.get(system, (0, ""))[0] == 2, "the fleet's timeline 2")
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - the driver's, wrapped
+            stale.write("z")
+        assert rdb.sqlstate_of(raised.value) == "08004", raised.value
+        counters = rdb.health()["services"]["fence-stale"]["counters"]
+        # the pooled connection at checkout, then each new one at connect
+        assert counters["stale_timeline_refusals"] == 2 + CONFIG.max_retries
+        assert counters["stale_timeline_refusals"] == counters["stale_timeline_refusals_fleet"]
+    assert keys_on(pair.primary) == {"x": 1}
+    (line,) = refused_lines(caplog)
+    assert line.self_heal["fleet"] is True  # type: ignore[attr-defined]
