@@ -1097,7 +1097,11 @@ class FleetLink:
         """This process saw ``timeline`` of cluster ``system`` on a primary at ``server``:
         shared with the fleet by the background thread, unless the fleet's is as high. No
         Redis round trip here (a connect never waits for Redis); kept while Redis is down,
-        sent on rejoining."""
+        sent on rejoining. Timeline 1, a cluster's first, is never sent: no primary is on a
+        lower one, so it fences nothing (a fleet whose clusters never failed over writes
+        nothing)."""
+        if timeline <= 1:
+            return
         with self._lock:
             known = self.timelines.get(system)
             if known is not None and known[0] >= timeline:
