@@ -95,6 +95,7 @@ from ._classify import (
 )
 from ._config import Config
 from ._errors import ResilientDBError
+from ._fleet import TIMELINES_KEY
 from ._internals import (
     ASYNC_CREATOR_KWARG,
     asyncpg_command_timeout,
@@ -3602,7 +3603,7 @@ class CommitProtocol:
             "restarted as a primary without being demoted (split brain). Nothing is written "
             "or verified there: its units fail as if it were down (retried; the circuit "
             "breaker may open). Stop it, or rejoin it as a standby of the new primary "
-            "(pg_rewind)%s",
+            "(pg_rewind)%s%s",
             service,
             database,
             server,
@@ -3611,6 +3612,10 @@ class CommitProtocol:
             seen[0],
             seen[1],
             by,
+            f"; if it is rightly the primary (the cluster rolled back on purpose), delete field "
+            f"{system} of {TIMELINES_KEY} in Redis, then restart the application's processes"
+            if fleet
+            else "",
             more_since(unlogged),
             log=log,
             service=service,

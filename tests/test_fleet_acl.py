@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -319,3 +320,26 @@ def test_a_database_number_redis_does_not_have_says_the_url_must_change(
     wait_for(lambda: _lines(caplog, "Shared state unavailable"), "the warning", 5)
     (line,) = _lines(caplog, "Shared state unavailable")
     assert line.endswith("until SELF_HEALING_REDIS_URL names a database it has")
+
+
+def test_every_command_the_scripts_run_is_checked_at_joining_and_documented() -> None:
+    """An ACL user set up from docs/many-processes.md may run every command the scripts run,
+    and the alive check a link runs on (re)joining tries each of them: a right missing is
+    found there, naming the command, rather than on the first failure or failover that
+    needs it (a timeline shared after a promotion took the link down, its breakers sharing
+    nothing, for an HLEN the documented ACL did not list)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    called = {
+        name.upper()
+        for source in _fleet._SCRIPTS.values()
+        for name in re.findall(r"redis\.p?call\('(\w+)'", source)
+    }
+    called.discard("EXPIRE")  # (none: PEXPIRE is)
+    alive = set(re.findall(r"\{'(\w+)'", _fleet._ALIVE))
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "many-processes.md").read_text()
+    (listed,) = re.findall(r"and the commands\s+(.+?), and SELECT", doc, flags=re.S)
+    documented = set(re.findall(r"\b[A-Z]{3,}\b", listed))
+    assert called, "no command found in the scripts"
+    assert called <= alive, f"not tried by the alive check: {sorted(called - alive)}"
+    assert called <= documented, f"not in the documented ACL: {sorted(called - documented)}"

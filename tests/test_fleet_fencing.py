@@ -247,3 +247,5 @@ def test_a_pooled_connection_to_the_old_primary_is_refused_once_the_fleet_saw_mo
     assert keys_on(pair.primary) == {"x": 1}
     (line,) = refused_lines(caplog)
     assert line.self_heal["fleet"] is True  # type: ignore[attr-defined]
+    # how to take a rightful primary back, said where the operator looks
+    assert f"delete field {system} of resilient_db:timelines in Redis" in line.getMessage()
