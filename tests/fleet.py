@@ -384,7 +384,8 @@ class ForgetfulForwarder:
         #: the forgotten-flags of the connections whose client sent a SUBSCRIBE
         self._subscribed: list[threading.Event] = []
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     def url(self, redis_url: str) -> str:
         return redis_url.replace(f":{self._target}/", f":{self.port}/")
@@ -399,9 +400,13 @@ class ForgetfulForwarder:
         while True:
             try:
                 client, _ = self._listener.accept()
-                server = socket.create_connection(("127.0.0.1", self._target), timeout=5)
-            except OSError:
+            except OSError:  # closed (see close)
                 return
+            try:
+                server = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            except OSError:  # the target is gone (its server stopped): the client is told so
+                client.close()
+                continue
             forgotten = threading.Event()
             with self._lock:
                 if self._closed:
@@ -434,10 +439,17 @@ class ForgetfulForwarder:
                 sink.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        """Stop accepting, then close every connection. The listener is shut down before it
+        is closed: closing it alone leaves an ``accept()`` already waiting in the kernel
+        listening, which takes the next connection (a link reconnecting) after the
+        forwarder is closed, maybe once the target is gone."""
         with self._lock:
             self._closed = True
             pairs, self._pairs = self._pairs, []
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting
         self._listener.close()
+        self._accepting.join(10.0)
         for client, server, _ in pairs:
             client.close()
             server.close()

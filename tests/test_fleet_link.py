@@ -6,6 +6,8 @@ warning, then one "restored" when it takes writes again."""
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -208,3 +210,42 @@ def test_a_breaker_attached_while_the_link_reads_the_shared_state_is_read_too(
     )
     with pytest.raises(rdb.CircuitOpenError):
         late.run(lambda session: session.execute(sa.text("SELECT 1")).scalar())
+
+
+# -- the forwarder the tests above drop connections with (tests/fleet.py) ----------------------
+def test_the_forwarder_closes_a_connection_it_cannot_forward() -> None:
+    """Its target refusing (its server stopped: a test's Redis, torn down while a link still
+    reconnects), the connection accepted is closed at once, not left to the collector (an
+    unclosed socket's ResourceWarning, an error in whichever test it lands)."""
+    with socket.socket() as target:  # bound, not listening: connections to it are refused
+        target.bind(("127.0.0.1", 0))
+        with (
+            ForgetfulForwarder(target.getsockname()[1]) as forwarder,
+            socket.create_connection(("127.0.0.1", forwarder.port), timeout=10.0) as client,
+        ):
+            assert client.recv(1) == b""  # closed by the forwarder
+
+
+def test_a_closed_forwarder_accepts_no_more_connections() -> None:
+    """Closed, it stops listening at once: its listener closed alone would leave the
+    ``accept()`` already waiting listening, taking the next connection (a link reconnecting
+    after the forwarder was closed) to a target that may be gone."""
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        forwarder = ForgetfulForwarder(target.getsockname()[1])
+        try:
+            wait_for(_forwarder_accepting, "the forwarder, waiting in accept()")
+        finally:
+            forwarder.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", forwarder.port), timeout=10.0).close()
+
+
+def _forwarder_accepting() -> bool:
+    """A thread of a forwarder waits in ``accept()`` (its frame: ``socket.accept``, called
+    from the forwarder's loop)."""
+    return any(
+        frame.f_code.co_name == "accept"
+        and frame.f_back is not None
+        and frame.f_back.f_code is ForgetfulForwarder._accept.__code__
+        for frame in sys._current_frames().values()
+    )
