@@ -219,7 +219,7 @@ def followed_then_deaf(
     seconds: float,
 ) -> tuple[Any, Any]:
     """The operator opens the breaker by hand for ``seconds``, this process follows (its
-    message came; an opening shorter than a second, until it is over in its view); then its
+    message came; an opening shorter than a second, until it is over in both views); then its
     subscription is dropped and what it logged and emitted so far forgotten.
     ``(factory, breaker)``."""
     caplog.set_level(logging.INFO, logger="resilient_db")
@@ -228,8 +228,16 @@ def followed_then_deaf(
     assert operator.ask("open_breaker", reason=REASON, seconds=seconds) == {"fleet_wide": True}
     wait_for(lambda: breaker.state == "open", "the opening's message", 10)
     if seconds < 1:
-        # the opening's own time (a condition on the breaker, not a backoff)
+        # the opening's own time (a condition on the breaker, not a backoff), over in both
+        # views: each ends it by its own clock, from when it heard of it (the operator's, from
+        # its script's answer or its message, may end it a moment after this process's; its
+        # next unit refused meanwhile)
         wait_for(lambda: breaker.describe()["state"] == "half-open", "the opening's end", 10)
+        wait_for(
+            lambda: operator.ask("health")["services"][SERVICE]["breaker"]["state"] == "half-open",
+            "the opening's end in the operator's view",
+            10,
+        )
     forwarder.forget(subscriptions_only=True)
     caplog.clear()
     events.clear()
