@@ -278,6 +278,10 @@ def test_a_probes_closing_after_an_opening_by_hand_learnt_later_says_recovered(
 
     assert operator.ask("try") == {"outcome": "ok"}  # its probe closes the fleet's breaker
     assert operator.ask("wait", what="closed", timeout=10)["ok"], operator.log()
+    # and Redis's: a probe end whose script got no answer within the Redis timeout (under
+    # load) closes the operator's view alone, its link down, its slot held in Redis until the
+    # link rejoins and reports it (this unit refused meanwhile: every probe slot taken)
+    assert operator.ask("wait", what="connected", timeout=10)["ok"], operator.log()
     assert factory.run(gate_unit) == 1
     (line,) = closed_lines(caplog)
     assert line.endswith(f"service={SERVICE} recovered"), line
