@@ -227,6 +227,9 @@ def followed_then_deaf(
     breaker = factory.policy.breaker
     assert operator.ask("open_breaker", reason=REASON, seconds=seconds) == {"fleet_wide": True}
     wait_for(lambda: breaker.state == "open", "the opening's message", 10)
+    # its line too (said by the link's thread once the state is set, its event just before):
+    # said after the clearing below, it would be taken for the test's own
+    wait_for(lambda: bool(opened_lines(caplog)), "the opening's line", 10)
     if seconds < 1:
         # the opening's own time (a condition on the breaker, not a backoff), over in both
         # views: each ends it by its own clock, from when it heard of it (the operator's, from
