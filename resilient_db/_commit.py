@@ -95,7 +95,7 @@ from ._classify import (
 )
 from ._config import Config
 from ._errors import ResilientDBError
-from ._fleet import TIMELINES_KEY
+from ._fleet import TIMELINES_KEY, fleet_timeline, follow_timelines, share_timeline
 from ._internals import (
     ASYNC_CREATOR_KWARG,
     asyncpg_command_timeout,
@@ -2671,7 +2671,7 @@ class CommitProtocol:
         self._control_refused = False  # (see control_refused)
         # the highest timeline seen per cluster (system identifier), with the server it was
         # seen at and whether the fleet saw it (another process, through Redis: see
-        # _fleet_link), not this engine (see _fence)
+        # fleet_timeline), not this engine (see _fence)
         self._timelines: dict[str, tuple[int, str, bool]] = {}
         self._timelines_lock = threading.Lock()
         # the highest timeline of any cluster in _timelines, and a cluster seen on it: a
@@ -2714,6 +2714,9 @@ class CommitProtocol:
             note_dialect_calls(engine.dialect, "do_commit", _unmarked_commit)
             return
         event.listen(engine, "connect", self._on_connect)
+        # told of the fleet's timelines by every link of this process, made before or after
+        # (see fleet_timeline)
+        follow_timelines(self)
         for name, listener in statement_listeners(True, guard).items():
             event.listen(engine, name, listener)
         if self.is_asyncpg:
@@ -3449,28 +3452,15 @@ class CommitProtocol:
             return
         self._refuse(server, system, timeline, seen)
 
-    def _fleet_link(self) -> Any:
-        """The link of this process to the Redis the engine's factory shares its breaker
-        through (``SELF_HEALING_REDIS_URL``), while one is live: the fleet's timelines (see
-        ``_fleet.TIMELINES_KEY``); None without one. No Redis round trip."""
-        url = self._settings.config.redis_url
-        if url is None:
-            return None
-        link = STATE.fleet_links.get(url)
-        return None if link is None or link.closed else link
-
     def _judge_cluster(self, fence: list[Any]) -> tuple[int, str, bool] | None:
         """Judge ``fence`` (see ``_fences``; its cluster asked of its server) against the
         highest timeline seen of its cluster, by this engine or by the fleet (another process
-        sharing it through Redis, as this process's link last heard): None, the timeline
+        sharing it through Redis, as this process's links last heard): None, the timeline
         noted (and ``fence`` given the current fence token), where it is not below it; else
         that highest (timeline, server, whether the fleet saw it). A timeline this engine
-        sees first is shared with the fleet (by the link's thread: no round trip here)."""
+        sees first is shared with the fleet (by the links' threads: no round trip here)."""
         system, timeline, server = fence[1], fence[2], fence[3]
-        link = self._fleet_link()
-        fleet = None if link is None else link.timelines.get(system)
-        if link is not None:
-            link.follow_timelines(self)
+        fleet = fleet_timeline(system)
         with self._timelines_lock:
             seen = self._timelines.get(system)
             if fleet is not None and (seen is None or fleet[0] > seen[0]):
@@ -3489,13 +3479,13 @@ class CommitProtocol:
                 self.fence_token = object()  # (the pool's connections judged again)
             self._note_highest(system)
             fence[0] = self.fence_token
-        if link is not None and (fleet is None or timeline > fleet[0]):
-            link.share_timeline(system, timeline, server)
+        if timeline > 1 and (fleet is None or timeline > fleet[0]):
+            share_timeline(system, timeline, server)
         return None
 
     def fleet_timeline(self, system: str, timeline: int, server: str) -> None:
         """The fleet saw cluster ``system`` on ``timeline`` at ``server`` (told by the link's
-        thread, see ``FleetLink.follow_timelines``): above the highest this engine has seen
+        thread, see ``_fleet.follow_timelines``): above the highest this engine has seen
         of a cluster it reaches, it is taken as seen here, so the pool's connections to an
         old primary of that cluster are refused at their next checkout and new ones at
         connect. A cluster this engine has not reached is looked up when it does (see

@@ -933,8 +933,6 @@ class FleetLink:
         self.timelines: dict[str, tuple[int, str]] = {}
         #: timelines this process saw that Redis has not taken yet (sent by the thread)
         self._timelines_out: dict[str, tuple[int, str]] = {}
-        #: the engines' fences told when the fleet's timeline of a cluster rises
-        self._fences: weakref.WeakSet[Any] = weakref.WeakSet()
         if start:
             self._start()
 
@@ -1088,12 +1086,6 @@ class FleetLink:
                 breaker.fleet_rejoin(self, background=False)
 
     # -- timelines (the fence of an old primary back as a primary, see TIMELINES_KEY) ------
-    def follow_timelines(self, fence: Any) -> None:
-        """``fence`` (an engine's commit hooks) is told, by its ``fleet_timeline``, of each
-        rise of a cluster's timeline the fleet shares from now on. No Redis round trip."""
-        with self._lock:
-            self._fences.add(fence)
-
     def share_timeline(self, system: str, timeline: int, server: str) -> None:
         """This process saw ``timeline`` of cluster ``system`` on a primary at ``server``:
         shared with the fleet by the background thread, unless the fleet's is as high. No
@@ -1153,7 +1145,8 @@ class FleetLink:
             if known is None and len(self.timelines) >= MAX_TIMELINES:
                 del self.timelines[next(iter(self.timelines))]  # (the oldest: bounded)
             self.timelines[system] = (timeline, server)
-            fences = list(self._fences)
+        with _FENCES_LOCK:
+            fences = list(_FENCES)
         for fence in fences:
             fence.fleet_timeline(system, timeline, server)
 
@@ -2031,6 +2024,46 @@ def follow_users(policies: Iterable[Any]) -> None:
         if any(config.redis_url == url for config in configs):
             continue
         owner.apply_config(configs[-1] if configs else owner.config.replace(redis_url=None))
+
+
+#: every engine's fence (its commit hooks, see ``CommitProtocol.fleet_timeline``), told of
+#: each rise of a cluster's timeline any link of this process hears of. Kept by the process,
+#: not by a link: a link made later (a reload giving a factory a Redis URL or another one, a
+#: breaker switched off then on, ``reset_state``) tells the engines made before it, whose
+#: connections it never judged (a connection on an engine's highest timeline is taken
+#: without its cluster being judged: such an engine never looked at that link)
+_FENCES: weakref.WeakSet[Any] = weakref.WeakSet()
+_FENCES_LOCK = threading.Lock()
+renew_after_fork(globals(), "_FENCES_LOCK")
+
+
+def follow_timelines(fence: Any) -> None:
+    """``fence`` (an engine's commit hooks) is told, by its ``fleet_timeline``, of each rise
+    of a cluster's timeline that any link of this process hears of from now on, whichever
+    factory's Redis it is (a cluster's system identifier names it wherever it is heard).
+    In memory: no Redis round trip."""
+    with _FENCES_LOCK:
+        _FENCES.add(fence)
+
+
+def fleet_timeline(system: str) -> tuple[int, str] | None:
+    """The highest timeline of cluster ``system`` that a link of this process heard of from
+    its fleet, with the server it was seen at; None when none did. In memory."""
+    best: tuple[int, str] | None = None
+    for link in tuple(STATE.fleet_links.values()):
+        known = link.timelines.get(system)
+        if known is not None and (best is None or known[0] > best[0]):
+            best = known
+    return best
+
+
+def share_timeline(system: str, timeline: int, server: str) -> None:
+    """This process saw ``timeline`` of cluster ``system`` on a primary at ``server``: shared
+    by each live link of this process that does not know it as high (see
+    :meth:`FleetLink.share_timeline`; by their threads, no round trip here)."""
+    for link in tuple(STATE.fleet_links.values()):
+        if not link.closed:
+            link.share_timeline(system, timeline, server)
 
 
 def links() -> dict[str, FleetLink]:

@@ -26,7 +26,7 @@ from test_failover_fencing import (
     prepare_as_plain_role,
     refused_lines,
 )
-from test_failover_review import DATABASE, fail_over, ledger, units
+from test_failover_review import DATABASE, Units, fail_over, ledger, units
 
 import resilient_db as rdb
 from resilient_db._fleet import MAX_TIMELINES, TIMELINES_KEY
@@ -249,3 +249,107 @@ def test_a_pooled_connection_to_the_old_primary_is_refused_once_the_fleet_saw_mo
     assert line.self_heal["fleet"] is True  # type: ignore[attr-defined]
     # how to take a rightful primary back, said where the operator looks
     assert f"delete field {system} of resilient_db:timelines in Redis" in line.getMessage()
+
+
+def _stale_refused(stale: Units, service: str) -> dict[str, int]:
+    """The next unit of ``stale`` (whose URL names the old primary alone) is refused with
+    08004; its service's counters."""
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - the driver's, wrapped
+        stale.write("z")
+    assert rdb.sqlstate_of(raised.value) == "08004", raised.value
+    counters: dict[str, int] = rdb.health()["services"][service]["counters"]
+    return counters
+
+
+def test_an_engine_follows_the_fleet_through_a_link_made_after_its_first_connect(
+    split_pair: StandbyPair, redis_server: RedisServer, clean_env: pytest.MonkeyPatch
+) -> None:
+    """An engine whose factory takes its configuration from the environment connected (to
+    the old primary, back as a primary) before a reload gave it SELF_HEALING_REDIS_URL: the
+    link made by the reload, which the engine never judged a connection through, tells it
+    of the fleet's timeline 2 all the same: its pooled connection is refused at checkout,
+    and the new ones at connect."""
+    pair = split_pair
+    pair.wait_replayed()
+    fail_over(pair)
+    pair.primary.start()  # not demoted: a second primary, on timeline 1
+    for name, value in {
+        "SELF_HEALING_INITIAL_DELAY": "10",
+        "SELF_HEALING_MAX_DELAY": "50",
+        "SELF_HEALING_MAX_RETRIES": "3",
+        "SELF_HEALING_DEADLINE": "5000",
+        "SELF_HEALING_FAILURE_THRESHOLD": "1000",
+    }.items():
+        clean_env.setenv(name, value)
+    rdb.reload_config()
+    config = CONFIG.replace(circuit_breaker=True, failure_threshold=1000)
+    config = config.replace(redis_url=redis_server.url)
+    pooled = {"pool_size": 1, "max_overflow": 0}
+    old_only = as_plain_role(pair.primary.url(DATABASE))
+    service = "fence-reloaded"
+    with units(old_only, "psycopg", config=None, service=service, **pooled) as stale:  # type: ignore[arg-type]
+        assert stale.write("x") == pair.primary.port  # timeline 1: all it has seen
+        clean_env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
+        rdb.reload_config()  # its breaker shares through Redis now: a link
+        link = STATE.fleet_links[redis_server.url]
+        wait_for(lambda: link.up, "the link")
+        assert stale.write("y") == pair.primary.port  # (nothing known of timeline 2 yet)
+        new_only = as_plain_role(pair.standby.url(DATABASE))
+        with units(new_only, "psycopg", config=config, service="fence-reload-seer") as seer:
+            assert seer.write("y2") == pair.standby.port  # timeline 2, shared through Redis
+        system = system_identifier(pair.standby)
+        wait_for(lambda: link.timelines.get(system, (0, ""))[0] == 2, "the fleet's timeline 2")
+        counters = _stale_refused(stale, service)
+        assert counters["stale_timeline_refusals_fleet"] == counters["stale_timeline_refusals"]
+        assert counters["stale_timeline_refusals"] > 0
+    assert keys_on(pair.primary) == {"x": 1, "y": 1}
+
+
+def test_an_engine_follows_the_fleet_through_the_link_made_after_another_was_closed(
+    split_pair: StandbyPair, redis_server: RedisServer, clean_env: pytest.MonkeyPatch
+) -> None:
+    """An engine that judged its first connection (to the old primary, back as a primary)
+    through one link, closed since (the reloads switched its breaker off, then on again: a
+    new link to the same Redis, which the engine never judged a connection through), is told
+    of the fleet's timeline 2 by the new link: its pooled connection is refused at checkout."""
+    pair = split_pair
+    pair.wait_replayed()
+    fail_over(pair)
+    pair.primary.start()  # not demoted: a second primary, on timeline 1
+    for name, value in {
+        "SELF_HEALING_INITIAL_DELAY": "10",
+        "SELF_HEALING_MAX_DELAY": "50",
+        "SELF_HEALING_MAX_RETRIES": "3",
+        "SELF_HEALING_DEADLINE": "5000",
+        "SELF_HEALING_FAILURE_THRESHOLD": "1000",
+        "SELF_HEALING_REDIS_URL": redis_server.url,
+    }.items():
+        clean_env.setenv(name, value)
+    rdb.reload_config()
+    config = CONFIG.replace(circuit_breaker=True, failure_threshold=1000)
+    config = config.replace(redis_url=redis_server.url)
+    pooled = {"pool_size": 1, "max_overflow": 0}
+    old_only = as_plain_role(pair.primary.url(DATABASE))
+    service = "fence-relinked"
+    with units(old_only, "psycopg", config=None, service=service, **pooled) as stale:  # type: ignore[arg-type]
+        first = STATE.fleet_links[redis_server.url]
+        wait_for(lambda: first.up, "the link")
+        assert stale.write("x") == pair.primary.port  # timeline 1: all it has seen
+        clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+        rdb.reload_config()  # nothing shares through Redis: the link is closed
+        assert first.closed
+        clean_env.delenv("SELF_HEALING_CIRCUIT_BREAKER")
+        rdb.reload_config()  # shared again: a new link
+        link = STATE.fleet_links[redis_server.url]
+        assert link is not first
+        wait_for(lambda: link.up, "the new link")
+        assert stale.write("y") == pair.primary.port  # (nothing known of timeline 2 yet)
+        new_only = as_plain_role(pair.standby.url(DATABASE))
+        with units(new_only, "psycopg", config=config, service="fence-relink-seer") as seer:
+            assert seer.write("y2") == pair.standby.port  # timeline 2, shared through Redis
+        system = system_identifier(pair.standby)
+        wait_for(lambda: link.timelines.get(system, (0, ""))[0] == 2, "the fleet's timeline 2")
+        counters = _stale_refused(stale, service)
+        assert counters["stale_timeline_refusals_fleet"] == counters["stale_timeline_refusals"]
+        assert counters["stale_timeline_refusals"] > 0
+    assert keys_on(pair.primary) == {"x": 1, "y": 1}
