@@ -1123,11 +1123,24 @@ class FleetLink:
             self._learn_timeline(system, _s(answer))
 
     def _read_timelines(self) -> None:
-        """On (re)joining: the fleet's timelines (messages may have been lost meanwhile)."""
+        """On (re)joining: the fleet's timelines (messages may have been lost meanwhile). A
+        Redis without any (restarted empty, flushed) while this link knows some has lost
+        them: they are written back (sent next, see :meth:`_rejoin`), or a process started
+        from now on would not refuse an old primary the running ones refuse. A healthy
+        fleet's links know none: nothing is written."""
         self.commands += 1
         found = self._client.hgetall(TIMELINES_KEY)
         for system, value in list(found.items())[:MAX_TIMELINES]:
             self._learn_timeline(_s(system), _s(value))
+        if found:
+            return
+        with self._lock:
+            for system, (timeline, server) in self.timelines.items():
+                out = self._timelines_out.get(system)
+                if out is None and len(self._timelines_out) >= MAX_TIMELINES:
+                    break
+                if out is None or out[0] < timeline:
+                    self._timelines_out[system] = (timeline, server)
 
     def _learn_timeline(self, system: str, value: str) -> None:
         """The fleet's entry ``value`` (``"<timeline> <time> <server>"``) of cluster

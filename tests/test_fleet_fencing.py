@@ -353,3 +353,27 @@ def test_an_engine_follows_the_fleet_through_the_link_made_after_another_was_clo
         assert counters["stale_timeline_refusals_fleet"] == counters["stale_timeline_refusals"]
         assert counters["stale_timeline_refusals"] > 0
     assert keys_on(pair.primary) == {"x": 1, "y": 1}
+
+
+def test_the_fleets_timelines_are_written_back_into_a_redis_that_lost_them(
+    redis_server: RedisServer, pg_url: str
+) -> None:
+    """Redis restarted empty: a link that knows the fleet's timelines writes them back when it
+    connects again (a process started afterwards reads them there, and refuses an old primary
+    as the running ones do); a healthy fleet's link, knowing none, writes nothing."""
+    config = rdb.Config(redis_url=redis_server.url, redis_timeout=1.0)
+    engine = sa.create_engine(pg_url)
+    rdb.ResilientSession(engine, service="fence-written-back", config=config)  # (its link)
+    link = STATE.fleet_links[redis_server.url]
+    system = "7100000000000000001"
+    try:
+        wait_for(lambda: link.up, "the link")
+        link.share_timeline(system, 3, "127.0.0.1:1")
+        wait_for(lambda: system in fleet_timelines(redis_server.url), "the shared timeline")
+        redis_server.restart()  # same port, no keys
+        wait_for(lambda: system in fleet_timelines(redis_server.url), "the timeline written back")
+        stored = fleet_timelines(redis_server.url)
+        assert stored.get(system, "").startswith("3 "), stored
+        assert stored[system].endswith(" 127.0.0.1:1")
+    finally:
+        engine.dispose()
