@@ -1069,6 +1069,7 @@ class Breaker:
                 "fleet_opens": self._fleet_opens,
                 "opened_here": self._opened_here,
                 "opens_followed": self.opens_followed,
+                "fleet_timelines": fleet.known_timelines(),
             }
         return info
 

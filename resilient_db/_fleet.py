@@ -1086,6 +1086,13 @@ class FleetLink:
                 breaker.fleet_rejoin(self, background=False)
 
     # -- timelines (the fence of an old primary back as a primary, see TIMELINES_KEY) ------
+    def known_timelines(self) -> dict[str, dict[str, Any]]:
+        """What this link knows of the fleet's timelines, for ``health()``: by cluster
+        (system identifier), ``timeline`` and the ``server`` it was seen at. In memory."""
+        with self._lock:
+            known = sorted(self.timelines.items())
+        return {system: {"timeline": t, "server": server} for system, (t, server) in known}
+
     def share_timeline(self, system: str, timeline: int, server: str) -> None:
         """This process saw ``timeline`` of cluster ``system`` on a primary at ``server``:
         shared with the fleet by the background thread, unless the fleet's is as high. No

@@ -368,8 +368,13 @@ def test_the_fleets_timelines_are_written_back_into_a_redis_that_lost_them(
     system = "7100000000000000001"
     try:
         wait_for(lambda: link.up, "the link")
+        shared = rdb.health()["services"]["fence-written-back"]["breaker"]["shared"]
+        assert shared["fleet_timelines"] == {}  # (a fleet that never failed over)
         link.share_timeline(system, 3, "127.0.0.1:1")
         wait_for(lambda: system in fleet_timelines(redis_server.url), "the shared timeline")
+        # what the link knows, for operators
+        shared = rdb.health()["services"]["fence-written-back"]["breaker"]["shared"]
+        assert shared["fleet_timelines"] == {system: {"timeline": 3, "server": "127.0.0.1:1"}}
         redis_server.restart()  # same port, no keys
         wait_for(lambda: system in fleet_timelines(redis_server.url), "the timeline written back")
         stored = fleet_timelines(redis_server.url)

@@ -249,6 +249,7 @@ def test_a_link_whose_client_cannot_be_built_runs_on_local_state(
         "fleet_opens": 0,
         "opened_here": 0,
         "opens_followed": 0,
+        "fleet_timelines": {},
     }
     assert entry["budget"]["scope"] == "process"
     (warning,) = [r for r in caplog.records if "Shared state unavailable" in r.getMessage()]
