@@ -132,6 +132,34 @@ def commit_ended(server: PostgresServer, database: str) -> bool:
     )
 
 
+#: a COMMIT held until the test lets it go (not for a time: a loaded machine may take any time to
+#: get the test's steps done while it runs): a deferred trigger waits for advisory lock 42,
+#: which the test holds
+HELD_COMMIT = """
+CREATE TABLE held_commits (id serial PRIMARY KEY);
+CREATE FUNCTION held_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(42);
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER held_commit AFTER INSERT ON held_commits
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION held_commit();
+"""
+
+
+def held(server: PostgresServer, database: str) -> bool:
+    """A held COMMIT (see :data:`HELD_COMMIT`) waits for the test's lock."""
+    return bool(
+        count(
+            server,
+            database,
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE l.locktype = 'advisory' AND l.objid = 42 AND NOT l.granted "
+            "AND a.query ILIKE '%COMMIT%'",
+        )
+    )
+
+
 def claiming(server: PostgresServer, database: str) -> bool:
     """A claim in ``database`` waits for the original COMMIT's marker."""
     return bool(
@@ -586,7 +614,9 @@ async def test_a_unit_cancelled_while_its_lost_answer_is_verified(
     """The connection is lost while the COMMIT runs; the claim on a new connection waits for it,
     and then the unit is cancelled: the cancellation goes on at once, the claim is withdrawn (no
     fence: the original commits), its connection is back in the pool, and a line names the
-    marker."""
+    marker. (The COMMIT is held by a lock of the test's until the end: a COMMIT that slept a
+    while instead was done before a loaded machine got the claim going, and the unit ended
+    verified, before its cancel.)"""
     if driver == "psycopg" and psycopg.pq.version() < 170000:
         pytest.skip(
             "psycopg's cancel with a libpq older than 17 blocks holding the GIL until the "
@@ -594,31 +624,40 @@ async def test_a_unit_cancelled_while_its_lost_answer_is_verified(
             "process: a deadlock of the test's own making"
         )
     prepare(pg_server, pg_database, MARKERS)
+    pg_server.execute(HELD_COMMIT, database=pg_database)
     engine = create_async_engine(fault_proxy.url(pg_database, driver=driver))
     made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
 
     async def write(session: AsyncSession) -> str:
-        await session.execute(slow_insert(1.5, 0))
+        await session.execute(sa.text("INSERT INTO held_commits DEFAULT VALUES"))
         return "done"
 
-    task = asyncio.ensure_future(Session.run(write))
-    await wait_until(lambda: committing(pg_server, pg_database) or task.done())
-    fault_proxy.cut_all()
-    await wait_until(lambda: claiming(pg_server, pg_database) or task.done())
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 10)
-    # at once: the original COMMIT still sleeps (the claim's answer comes when it commits)
-    assert not slept_out(pg_server, pg_database)
-    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    [line] = named(events, "commit_interrupted")
-    assert "while its lost COMMIT answer was being verified" in line.message
-    assert line.fields["outcome"] == "unknown"
-    assert line.fields["marker"]
-    assert breaker(service)["failures"] == 0
-    assert counters(service)["unknown_commits"] == 1
-    await wait_until(lambda: slow_rows(pg_server, pg_database) == 1)  # not fenced off
+    def committed() -> int:
+        return count(pg_server, pg_database, "SELECT count(*) FROM held_commits")
+
+    with psycopg.connect(pg_server.conninfo(pg_database), autocommit=True) as lock:
+        lock.execute("SELECT pg_advisory_lock(42)")
+        task = asyncio.ensure_future(Session.run(write))
+        await wait_until(lambda: held(pg_server, pg_database) or task.done())
+        fault_proxy.cut_all()
+        await wait_until(lambda: claiming(pg_server, pg_database) or task.done())
+        assert not task.done(), task
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        # at once: the original COMMIT still waits (the claim's answer comes when it commits)
+        assert held(pg_server, pg_database)
+        assert committed() == 0
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        [line] = named(events, "commit_interrupted")
+        assert "while its lost COMMIT answer was being verified" in line.message
+        assert line.fields["outcome"] == "unknown"
+        assert line.fields["marker"]
+        assert breaker(service)["failures"] == 0
+        assert counters(service)["unknown_commits"] == 1
+        lock.execute("SELECT pg_advisory_unlock(42)")  # the original COMMIT goes on
+    await wait_until(lambda: committed() == 1)  # not fenced off
     assert not claiming(pg_server, pg_database)
     assert await Session.run(quick) == 42
 
