@@ -81,7 +81,9 @@ def assert_healthy_report(report: dict[str, Any], progress: str) -> None:
     assert set(report) >= REQUIRED_KEYS
     assert set(report["invariants"]) == INVARIANTS
     assert report["ok"] is True
-    assert report["units_ok"] > 100
+    # units done through the faults; how many an 8 s run does depends on the machine's load
+    # (77 on a loaded 2-core machine, hundreds alone): not a speed check
+    assert report["units_ok"] > 0
     assert (report["lost_writes"], report["duplicate_writes"], report["illegal_states_in_db"]) == (
         0,
         0,
