@@ -261,15 +261,12 @@ def _stale_refused(stale: Units, service: str) -> dict[str, int]:
     return counters
 
 
-def test_an_engine_follows_the_fleet_through_a_link_made_after_its_first_connect(
-    split_pair: StandbyPair, redis_server: RedisServer, clean_env: pytest.MonkeyPatch
-) -> None:
-    """An engine whose factory takes its configuration from the environment connected (to
-    the old primary, back as a primary) before a reload gave it SELF_HEALING_REDIS_URL: the
-    link made by the reload, which the engine never judged a connection through, tells it
-    of the fleet's timeline 2 all the same: its pooled connection is refused at checkout,
-    and the new ones at connect."""
-    pair = split_pair
+def _split_in_env(
+    pair: StandbyPair, redis_url: str, clean_env: pytest.MonkeyPatch, **more: str
+) -> rdb.Config:
+    """``pair`` failed over and its old primary back as a primary (timeline 1); the
+    environment's settings short (plus ``more``) and applied. Returns the configuration of a
+    factory that sees the new primary (sharing through ``redis_url``)."""
     pair.wait_replayed()
     fail_over(pair)
     pair.primary.start()  # not demoted: a second primary, on timeline 1
@@ -279,11 +276,24 @@ def test_an_engine_follows_the_fleet_through_a_link_made_after_its_first_connect
         "SELF_HEALING_MAX_RETRIES": "3",
         "SELF_HEALING_DEADLINE": "5000",
         "SELF_HEALING_FAILURE_THRESHOLD": "1000",
+        **more,
     }.items():
         clean_env.setenv(name, value)
     rdb.reload_config()
     config = CONFIG.replace(circuit_breaker=True, failure_threshold=1000)
-    config = config.replace(redis_url=redis_server.url)
+    return config.replace(redis_url=redis_url)
+
+
+def test_an_engine_follows_the_fleet_through_a_link_made_after_its_first_connect(
+    split_pair: StandbyPair, redis_server: RedisServer, clean_env: pytest.MonkeyPatch
+) -> None:
+    """An engine whose factory takes its configuration from the environment connected (to
+    the old primary, back as a primary) before a reload gave it SELF_HEALING_REDIS_URL: the
+    link made by the reload, which the engine never judged a connection through, tells it
+    of the fleet's timeline 2 all the same: its pooled connection is refused at checkout,
+    and the new ones at connect."""
+    pair = split_pair
+    config = _split_in_env(pair, redis_server.url, clean_env)
     pooled = {"pool_size": 1, "max_overflow": 0}
     old_only = as_plain_role(pair.primary.url(DATABASE))
     service = "fence-reloaded"
@@ -313,21 +323,9 @@ def test_an_engine_follows_the_fleet_through_the_link_made_after_another_was_clo
     new link to the same Redis, which the engine never judged a connection through), is told
     of the fleet's timeline 2 by the new link: its pooled connection is refused at checkout."""
     pair = split_pair
-    pair.wait_replayed()
-    fail_over(pair)
-    pair.primary.start()  # not demoted: a second primary, on timeline 1
-    for name, value in {
-        "SELF_HEALING_INITIAL_DELAY": "10",
-        "SELF_HEALING_MAX_DELAY": "50",
-        "SELF_HEALING_MAX_RETRIES": "3",
-        "SELF_HEALING_DEADLINE": "5000",
-        "SELF_HEALING_FAILURE_THRESHOLD": "1000",
-        "SELF_HEALING_REDIS_URL": redis_server.url,
-    }.items():
-        clean_env.setenv(name, value)
-    rdb.reload_config()
-    config = CONFIG.replace(circuit_breaker=True, failure_threshold=1000)
-    config = config.replace(redis_url=redis_server.url)
+    config = _split_in_env(
+        pair, redis_server.url, clean_env, SELF_HEALING_REDIS_URL=redis_server.url
+    )
     pooled = {"pool_size": 1, "max_overflow": 0}
     old_only = as_plain_role(pair.primary.url(DATABASE))
     service = "fence-relinked"
