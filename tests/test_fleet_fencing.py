@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -284,6 +285,23 @@ def _split_in_env(
     return config.replace(redis_url=redis_url)
 
 
+def _seen_elsewhere_then_refused(
+    pair: StandbyPair, stale: Units, link: Any, config: rdb.Config, service: str
+) -> None:
+    """``stale``'s next unit still goes to the old primary (nothing known of timeline 2 yet);
+    another engine, of ``config``, sees the new primary, and its timeline 2 reaches ``link``
+    through Redis; then ``stale``'s units are refused, by the fleet's timeline."""
+    assert stale.write("y") == pair.primary.port
+    new_only = as_plain_role(pair.standby.url(DATABASE))
+    with units(new_only, "psycopg", config=config, service=f"{service}-seer") as seer:
+        assert seer.write("y2") == pair.standby.port  # timeline 2, shared through Redis
+    system = system_identifier(pair.standby)
+    wait_for(lambda: link.timelines.get(system, (0, ""))[0] == 2, "the fleet's timeline 2")
+    counters = _stale_refused(stale, service)
+    assert counters["stale_timeline_refusals_fleet"] == counters["stale_timeline_refusals"]
+    assert counters["stale_timeline_refusals"] > 0
+
+
 def test_an_engine_follows_the_fleet_through_a_link_made_after_its_first_connect(
     split_pair: StandbyPair, redis_server: RedisServer, clean_env: pytest.MonkeyPatch
 ) -> None:
@@ -303,15 +321,7 @@ def test_an_engine_follows_the_fleet_through_a_link_made_after_its_first_connect
         rdb.reload_config()  # its breaker shares through Redis now: a link
         link = STATE.fleet_links[redis_server.url]
         wait_for(lambda: link.up, "the link")
-        assert stale.write("y") == pair.primary.port  # (nothing known of timeline 2 yet)
-        new_only = as_plain_role(pair.standby.url(DATABASE))
-        with units(new_only, "psycopg", config=config, service="fence-reload-seer") as seer:
-            assert seer.write("y2") == pair.standby.port  # timeline 2, shared through Redis
-        system = system_identifier(pair.standby)
-        wait_for(lambda: link.timelines.get(system, (0, ""))[0] == 2, "the fleet's timeline 2")
-        counters = _stale_refused(stale, service)
-        assert counters["stale_timeline_refusals_fleet"] == counters["stale_timeline_refusals"]
-        assert counters["stale_timeline_refusals"] > 0
+        _seen_elsewhere_then_refused(pair, stale, link, config, service)
     assert keys_on(pair.primary) == {"x": 1, "y": 1}
 
 
@@ -341,15 +351,7 @@ def test_an_engine_follows_the_fleet_through_the_link_made_after_another_was_clo
         link = STATE.fleet_links[redis_server.url]
         assert link is not first
         wait_for(lambda: link.up, "the new link")
-        assert stale.write("y") == pair.primary.port  # (nothing known of timeline 2 yet)
-        new_only = as_plain_role(pair.standby.url(DATABASE))
-        with units(new_only, "psycopg", config=config, service="fence-relink-seer") as seer:
-            assert seer.write("y2") == pair.standby.port  # timeline 2, shared through Redis
-        system = system_identifier(pair.standby)
-        wait_for(lambda: link.timelines.get(system, (0, ""))[0] == 2, "the fleet's timeline 2")
-        counters = _stale_refused(stale, service)
-        assert counters["stale_timeline_refusals_fleet"] == counters["stale_timeline_refusals"]
-        assert counters["stale_timeline_refusals"] > 0
+        _seen_elsewhere_then_refused(pair, stale, link, config, service)
     assert keys_on(pair.primary) == {"x": 1, "y": 1}
 
 
