@@ -1014,8 +1014,9 @@ class FleetLink:
     def _stop_thread(self, timeout: float) -> None:
         """Stop the background thread, then drop the client's connections (``timeout``: the
         socket timeout the thread's client has)."""
-        self.up = False
-        self._stop.set()
+        with self._lock:  # (a thread marking the link up checks its stop under the lock)
+            self._stop.set()
+            self.up = False
         self._first_attempt.set()  # nobody waits for a link that stops
         thread = self._thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
@@ -1538,7 +1539,12 @@ class FleetLink:
         )
 
     def _mark_up(self) -> None:
+        """The link's thread has rejoined: the link is up, unless that thread was stopped
+        meanwhile (a restart or a close: a thread stopped while it rejoined marked the link up
+        after the restart marked it down, before the new thread had subscribed)."""
         with self._lock:
+            if not self._current_thread():
+                return
             # "restored" answers this down period's "unavailable" line, only when it was logged
             was_down, self._down_warned = self._down_warned, False
             self._down_since = None
@@ -1561,9 +1567,14 @@ class FleetLink:
             redis=self.masked_url,
         )
         with self._lock:
-            if self._down_since is None:  # (not marked down again meanwhile)
+            # (not marked down again meanwhile, nor stopped)
+            if self._down_since is None and self._current_thread():
                 self.up = True
                 self.problem = None
+
+    def _current_thread(self) -> bool:
+        """Whether the caller is the link's thread of now, not stopped (under ``_lock``)."""
+        return threading.current_thread() is self._thread and not self._stop.is_set()
 
     # -- the background thread ---------------------------------------------------------------
     def _run(self) -> None:

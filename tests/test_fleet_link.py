@@ -212,6 +212,60 @@ def test_a_breaker_attached_while_the_link_reads_the_shared_state_is_read_too(
         late.run(lambda session: session.execute(sa.text("SELECT 1")).scalar())
 
 
+def test_a_link_restarted_while_its_thread_rejoins_is_up_only_once_its_new_thread_is(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new Redis timeout restarts the link: its thread is stopped, then a new one connects.
+    The old thread, stopped while it rejoined (it reads the shared state, then marks the link
+    up), marked the link up after the restart had marked it down: the link said it was up
+    (health()'s ``connected``) before its new thread had subscribed. Forced here: the old
+    thread's read waits until the restart has stopped it, the new thread's subscription until
+    the link is looked at."""
+    reading, go_on = threading.Event(), threading.Event()  # the old thread's rejoin
+    subscribing, subscribe = threading.Event(), threading.Event()  # the new thread's start
+    read_timelines, subscribed = _fleet.FleetLink._read_timelines, _fleet.FleetLink._subscribed
+    reads: list[int] = []
+    subscriptions: list[int] = []
+
+    def held_read(link: _fleet.FleetLink) -> None:
+        reads.append(1)
+        if len(reads) == 1:
+            reading.set()
+            go_on.wait(10.0)
+        read_timelines(link)
+
+    def held_subscribed(link: _fleet.FleetLink, pubsub: Any) -> None:
+        subscriptions.append(1)
+        if len(subscriptions) == 2:
+            subscribing.set()
+            subscribe.wait(10.0)
+        subscribed(link, pubsub)
+
+    monkeypatch.setattr(_fleet.FleetLink, "_read_timelines", held_read)
+    monkeypatch.setattr(_fleet.FleetLink, "_subscribed", held_subscribed)
+    link = _fleet.FleetLink(rdb.Config(redis_url=redis_server.url, redis_timeout=1.0))
+    try:
+        assert reading.wait(10.0), "the link's thread did not rejoin"
+        stopped = link._stop
+        restart = threading.Thread(
+            target=link.reconfigure, args=(link.config.replace(redis_timeout=2.0),)
+        )
+        restart.start()
+        wait_for(stopped.is_set, "the restart to stop the link's thread")
+        go_on.set()  # the old thread rejoins to its end, stopped
+        assert subscribing.wait(10.0), "the new thread did not subscribe"
+        restart.join(10.0)
+        assert not restart.is_alive()
+        assert not link.up  # its new thread has not subscribed yet
+    finally:
+        go_on.set()
+        subscribe.set()
+    try:
+        wait_for(lambda: link.up, "the new thread to take the link up")
+    finally:
+        link.close()
+
+
 # -- the forwarder the tests above drop connections with (tests/fleet.py) ----------------------
 def test_the_forwarder_closes_a_connection_it_cannot_forward() -> None:
     """Its target refusing (its server stopped: a test's Redis, torn down while a link still
