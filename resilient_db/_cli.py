@@ -615,7 +615,12 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     import resilient_db as rdb  # noqa: PLC0415
 
     from ._config import client_says, mask_url  # noqa: PLC0415
-    from ._fleet import operator_client, operator_force, operator_records  # noqa: PLC0415
+    from ._fleet import (  # noqa: PLC0415
+        operator_client,
+        operator_force,
+        operator_records,
+        operator_timelines,
+    )
     from ._manual import check_change  # noqa: PLC0415
 
     action = args.action
@@ -658,6 +663,7 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         client = operator_client(url, timeout)
         if action == "status":
             records = operator_records(client, service)
+            timelines = operator_timelines(client)
         else:
             assert service is not None  # (open and close name one: argparse requires it)
             token = f"resilient-db-breaker-{os.getpid()}-{secrets.token_hex(4)}"
@@ -679,11 +685,16 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
                 client.close()
     if action == "status":
         if args.json:
-            out.write(json.dumps({"redis": masked, "breakers": records}, indent=2) + "\n")
-        elif not records:
+            payload = {"redis": masked, "breakers": records, "timelines": timelines}
+            out.write(json.dumps(payload, indent=2) + "\n")
+            return EXIT_OK
+        if not records:
             out.write(f"no shared circuit breaker recorded in Redis at {masked}\n")
-        for record in [] if args.json else records:
+        for record in records:
             out.write(_record_text(record) + "\n")
+        # (the fleet's old-primary fence, not a service's: listed with every service's)
+        for entry in timelines if service is None else []:
+            out.write(_timeline_text(entry) + "\n")
         return EXIT_OK
     if not known:
         err.write(
@@ -713,6 +724,18 @@ def _record_text(record: Mapping[str, Any]) -> str:
     if record.get("by"):
         text += f"; by {record['by']}"
     return text + f"; {record['fleet_opens']} opening(s) fleet-wide"
+
+
+def _timeline_text(entry: Mapping[str, Any]) -> str:
+    """A cluster's timeline as the fleet records it, in one line: ``cluster
+    7312345678901234567: timeline 2 since 2025-05-01T10:00:00Z, seen at 10.0.0.8:5432; a
+    primary of it on a lower timeline is refused (an old primary back after a failover)``."""
+    where = f", seen at {entry['server']}" if entry["server"] else ""
+    return (
+        f"cluster {entry['system_identifier']}: timeline {entry['timeline']} since "
+        f"{_utc(entry['since'])}{where}; a primary of it on a lower timeline is refused (an "
+        "old primary back after a failover)"
+    )
 
 
 def _utc(seconds: float) -> str:

@@ -2236,3 +2236,26 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
             record["by"] = who or None
         records.append(record)
     return records
+
+
+def operator_timelines(client: Any) -> list[dict[str, Any]]:
+    """What Redis records of the fleet's timelines (see :data:`TIMELINES_KEY`), read only,
+    by cluster: ``system_identifier``, ``timeline`` (a primary of that cluster on a lower
+    one is refused by the fleet's processes), ``server`` (where a process saw it) and
+    ``since`` (Redis time it was recorded, seconds since the epoch). An entry not of this
+    library's making is left out."""
+    timelines = []
+    for system, value in sorted((_s(k), _s(v)) for k, v in client.hgetall(TIMELINES_KEY).items()):
+        timeline, _, rest = value.partition(" ")
+        micros, _, server = rest.partition(" ")
+        if not (timeline.isdigit() and micros.isdigit()):
+            continue
+        timelines.append(
+            {
+                "system_identifier": system,
+                "timeline": int(timeline),
+                "server": server or None,
+                "since": int(micros) / 1_000_000,
+            }
+        )
+    return timelines

@@ -18,6 +18,7 @@ import pytest
 from fleet import Gate, fleet
 
 import resilient_db as rdb
+from resilient_db import _fleet
 from resilient_db._cli import main
 from resilient_db._config import mask_url
 from resilient_db.testing import FaultProxy, RedisServer
@@ -255,3 +256,41 @@ def test_a_seconds_that_is_no_number_is_a_usage_error(capsys: pytest.CaptureFixt
         main(["breaker", "open", "orders"])  # --reason is required
     assert exited.value.code == 2
     assert "the following arguments are required: --reason" in capsys.readouterr().err
+
+
+def test_status_lists_the_fleets_timelines(
+    redis_server: RedisServer, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``status`` without a service lists, after the breakers, each cluster's timeline the
+    fleet fences old primaries by (written by the library's own script, as a process that saw
+    a promotion writes it); ``--json`` gives them under ``timelines``; an entry not of the
+    library's making is left out."""
+    url = redis_server.url
+    client = redis_server.client()
+    assert main(["breaker", "status", "--redis-url", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["timelines"] == []  # (never failed over)
+    share = client.register_script(_fleet._TIMELINE)
+    system = "7312345678901234567"
+    args = [_fleet.CHANNEL.format(db=0), "a-process", system, 2, "127.0.0.1:5", 64]
+    share(keys=[_fleet.TIMELINES_KEY], args=args)
+    client.hset(_fleet.TIMELINES_KEY, "junk", "not an entry")
+    seconds, _ = client.time()
+
+    assert main(["breaker", "status", "--redis-url", url, "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["timelines"]
+    since = entry.pop("since")
+    assert entry == {"system_identifier": system, "timeline": 2, "server": "127.0.0.1:5"}
+    assert abs(since - seconds) < 60
+
+    assert main(["breaker", "status", "--redis-url", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"no shared circuit breaker recorded in Redis at {mask_url(url)}"
+    assert lines[1].startswith(f"cluster {system}: timeline 2 since ")
+    assert lines[1].endswith(
+        ", seen at 127.0.0.1:5; a primary of it on a lower timeline is refused (an old "
+        "primary back after a failover)"
+    )
+    assert len(lines) == 2  # (the junk left out)
+    # a service named: its record alone (the timelines are the fleet's, not a service's)
+    assert main(["breaker", "status", "orders", "--redis-url", url]) == 0
+    assert capsys.readouterr().out.startswith("orders: closed")
