@@ -663,7 +663,9 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         client = operator_client(url, timeout)
         if action == "status":
             records = operator_records(client, service)
-            timelines = operator_timelines(client)
+            # (the fleet's old-primary fence, not a service's: listed with every service's)
+            shown = args.json or service is None
+            timelines = operator_timelines(client) if shown else []
         else:
             assert service is not None  # (open and close name one: argparse requires it)
             token = f"resilient-db-breaker-{os.getpid()}-{secrets.token_hex(4)}"
@@ -692,8 +694,7 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             out.write(f"no shared circuit breaker recorded in Redis at {masked}\n")
         for record in records:
             out.write(_record_text(record) + "\n")
-        # (the fleet's old-primary fence, not a service's: listed with every service's)
-        for entry in timelines if service is None else []:
+        for entry in timelines:
             out.write(_timeline_text(entry) + "\n")
         return EXIT_OK
     if not known:

@@ -3464,11 +3464,7 @@ class CommitProtocol:
         with self._timelines_lock:
             seen = self._timelines.get(system)
             if fleet is not None and (seen is None or fleet[0] > seen[0]):
-                seen = self._timelines[system] = (fleet[0], fleet[1], True)
-                if len(self._timelines) > _MAX_CLUSTERS:
-                    del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
-                self.fence_token = object()  # (the pool's connections judged again)
-                self._note_highest(system)
+                seen = self._take_fleets_locked(system, *fleet)
             if seen is not None and timeline < seen[0]:
                 return seen
             if seen is None and len(self._timelines) >= _MAX_CLUSTERS:
@@ -3492,11 +3488,19 @@ class CommitProtocol:
         :meth:`_judge_cluster`). In memory: no round trip."""
         with self._timelines_lock:
             seen = self._timelines.get(system)
-            if seen is None or timeline <= seen[0]:
-                return
-            self._timelines[system] = (timeline, server, True)
-            self.fence_token = object()
-            self._note_highest(system)
+            if seen is not None and timeline > seen[0]:
+                self._take_fleets_locked(system, timeline, server)
+
+    def _take_fleets_locked(self, system: str, timeline: int, server: str) -> tuple[int, str, bool]:
+        """The fleet's ``timeline`` of cluster ``system`` (seen at ``server``), above this
+        engine's, taken as the highest seen of it (under ``_timelines_lock``): the pool's
+        connections judged again. Returns its entry of ``_timelines``."""
+        entry = self._timelines[system] = (timeline, server, True)
+        if len(self._timelines) > _MAX_CLUSTERS:
+            del self._timelines[next(iter(self._timelines))]  # (the oldest: bounded)
+        self.fence_token = object()
+        self._note_highest(system)
+        return entry
 
     def fence_of(self, driver: Any) -> list[Any]:
         """What the check at connect found of ``driver``'s server (see ``_fences``), to be

@@ -1105,14 +1105,15 @@ class FleetLink:
             return
         with self._lock:
             known = self.timelines.get(system)
-            if known is not None and known[0] >= timeline:
-                return
-            out = self._timelines_out.get(system)
-            if out is not None and out[0] >= timeline:
-                return
-            if out is None and len(self._timelines_out) >= MAX_TIMELINES:
-                del self._timelines_out[next(iter(self._timelines_out))]
-            self._timelines_out[system] = (timeline, server)
+            if known is None or known[0] < timeline:
+                self._queue_timeline_locked(system, timeline, server)
+
+    def _queue_timeline_locked(self, system: str, timeline: int, server: str) -> None:
+        """Have the thread send ``timeline`` of cluster ``system`` (under ``_lock``), unless
+        one as high is queued already."""
+        out = self._timelines_out.get(system)
+        if out is None or out[0] < timeline:
+            _bounded_put(self._timelines_out, system, (timeline, server))
 
     def _send_timelines(self) -> None:
         """The background thread, the link up: send the timelines this process saw first
@@ -1128,7 +1129,7 @@ class FleetLink:
             with self._lock:
                 if self._timelines_out.get(system) == (timeline, server):
                     del self._timelines_out[system]
-            self._learn_timeline(system, _s(answer))
+            self._learn_entry(system, _s(answer))
 
     def _read_timelines(self) -> None:
         """On (re)joining: the fleet's timelines (messages may have been lost meanwhile). A
@@ -1139,33 +1140,29 @@ class FleetLink:
         self.commands += 1
         found = self._client.hgetall(TIMELINES_KEY)
         for system, value in list(found.items())[:MAX_TIMELINES]:
-            self._learn_timeline(_s(system), _s(value))
+            self._learn_entry(_s(system), _s(value))
         if found:
             return
         with self._lock:
             for system, (timeline, server) in self.timelines.items():
-                out = self._timelines_out.get(system)
-                if out is None and len(self._timelines_out) >= MAX_TIMELINES:
-                    break
-                if out is None or out[0] < timeline:
-                    self._timelines_out[system] = (timeline, server)
+                self._queue_timeline_locked(system, timeline, server)
 
-    def _learn_timeline(self, system: str, value: str) -> None:
-        """The fleet's entry ``value`` (``"<timeline> <time> <server>"``) of cluster
-        ``system``: kept where it raises this link's, and told to the engines' fences."""
-        timeline_text, _, rest = value.partition(" ")
-        try:
-            timeline = int(timeline_text)
-        except ValueError:
-            return  # (not an entry of ours)
-        server = rest.partition(" ")[2] or "an unknown address"
+    def _learn_entry(self, system: str, value: str) -> None:
+        """The fleet's entry ``value`` of cluster ``system`` (see :func:`_timeline_entry`)
+        learnt, unless it is not one of ours."""
+        entry = _timeline_entry(value)
+        if entry is not None:
+            self._learn_timeline(system, entry[0], entry[2])
+
+    def _learn_timeline(self, system: str, timeline: int, server: str) -> None:
+        """The fleet's ``timeline`` of cluster ``system``, seen at ``server`` (``""``: not
+        said): kept where it raises this link's, and told to the engines' fences."""
+        server = server or "an unknown address"
         with self._lock:
             known = self.timelines.get(system)
             if known is not None and known[0] >= timeline:
                 return
-            if known is None and len(self.timelines) >= MAX_TIMELINES:
-                del self.timelines[next(iter(self.timelines))]  # (the oldest: bounded)
-            self.timelines[system] = (timeline, server)
+            _bounded_put(self.timelines, system, (timeline, server))
         with _FENCES_LOCK:
             fences = list(_FENCES)
         for fence in fences:
@@ -1808,7 +1805,7 @@ class FleetLink:
             if "alive" in data and "s" not in data:
                 return  # a link's alive check (see _ALIVE)
             if "tl" in data and "s" not in data:  # a cluster's timeline raised (_TIMELINE)
-                self._learn_timeline(str(data["tl"]), f"{int(data['t'])} 0 {data['at']}")
+                self._learn_timeline(str(data["tl"]), int(data["t"]), str(data["at"]))
                 return
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
@@ -2246,16 +2243,34 @@ def operator_timelines(client: Any) -> list[dict[str, Any]]:
     library's making is left out."""
     timelines = []
     for system, value in sorted((_s(k), _s(v)) for k, v in client.hgetall(TIMELINES_KEY).items()):
-        timeline, _, rest = value.partition(" ")
-        micros, _, server = rest.partition(" ")
-        if not (timeline.isdigit() and micros.isdigit()):
-            continue
-        timelines.append(
-            {
-                "system_identifier": system,
-                "timeline": int(timeline),
-                "server": server or None,
-                "since": int(micros) / 1_000_000,
-            }
-        )
+        entry = _timeline_entry(value)
+        if entry is not None:
+            timeline, since, server = entry
+            timelines.append(
+                {
+                    "system_identifier": system,
+                    "timeline": timeline,
+                    "server": server or None,
+                    "since": since,
+                }
+            )
     return timelines
+
+
+def _timeline_entry(value: str) -> tuple[int, float, str] | None:
+    """A cluster's entry of :data:`TIMELINES_KEY` (``"<timeline> <Redis time, µs> <server>"``,
+    see ``_TIMELINE``): its timeline, when it was recorded (seconds since the epoch) and the
+    server it was seen at (``""``: not said); None for a value not of this library's making."""
+    timeline, _, rest = value.partition(" ")
+    micros, _, server = rest.partition(" ")
+    if not (timeline.isdigit() and micros.isdigit()):
+        return None
+    return int(timeline), int(micros) / 1_000_000, server
+
+
+def _bounded_put(table: dict[str, tuple[int, str]], key: str, value: tuple[int, str]) -> None:
+    """``table[key] = value``, the oldest key forgotten first when a new key would make
+    ``table`` hold more than :data:`MAX_TIMELINES` (a fleet reaches a few clusters)."""
+    if key not in table and len(table) >= MAX_TIMELINES:
+        del table[next(iter(table))]
+    table[key] = value
