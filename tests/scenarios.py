@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from processes import wait_for
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
@@ -189,6 +189,18 @@ def metadata_engine(url: str, base: type[DeclarativeBase]) -> Iterator[sa.Engine
     base.metadata.create_all(engine)
     yield engine
     engine.dispose()
+
+
+async def async_metadata_engine(
+    url: str, base: type[DeclarativeBase]
+) -> AsyncIterator[AsyncEngine]:
+    """:func:`metadata_engine` of an async ``url`` (the body of a module's ``aengine``
+    fixture)."""
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(base.metadata.create_all)
+    yield engine
+    await engine.dispose()
 
 
 def seeded_engine(url: str, base: type[DeclarativeBase], *seed: str) -> Iterator[sa.Engine]:

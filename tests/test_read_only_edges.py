@@ -19,9 +19,15 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, Base, assert_breaker_untouched, metadata_engine
+from scenarios import (
+    ASYNC_DRIVERS,
+    Base,
+    assert_breaker_untouched,
+    async_metadata_engine,
+    metadata_engine,
+)
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -140,11 +146,8 @@ def async_driver(request: pytest.FixtureRequest) -> str:
 
 @pytest_asyncio.fixture
 async def aengine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(pg_async_url)
-    async with eng.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-    yield eng
-    await eng.dispose()
+    async for engine in async_metadata_engine(pg_async_url, Base):
+        yield engine
 
 
 async def _acount(engine: AsyncEngine) -> int:
