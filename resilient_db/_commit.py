@@ -1139,12 +1139,29 @@ _control_unreadable: weakref.WeakSet[Any] = weakref.WeakSet()
 #: it was set up for them: a claim that fenced a missing marker asks whether they were made
 #: again since (see ``_maybe_before_table``)
 _identities: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-#: what a connection's check at connect found of its server (see CommitProtocol._fence), per
-#: driver connection: [the fence token it was last judged under, its cluster (None: nothing
-#: to judge, a standby or an unfenced engine), its timeline, its server, whether the cluster
-#: was taken unasked for the one seen on its timeline], kept in the pool's record with the
-#: connection (see EngineHooks.checkout) and judged again at checkout
-_fences: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(slots=True, eq=False)
+class Fence:
+    """What a connection's check at connect found of its server (see
+    ``CommitProtocol._fence``), kept in the pool's record with the connection (see
+    ``EngineHooks.checkout``) and judged again at checkout under a newer fence token. Updated
+    in place where it is judged again (a checkout compares ``token`` alone: slots, no dict)."""
+
+    #: the fence token it was last judged under (None: not judged yet)
+    token: object
+    #: its cluster, the server's system identifier (None: nothing to judge, a standby, or an
+    #: unfenced engine)
+    system: str | None
+    timeline: int
+    server: str
+    #: the cluster was taken, unasked, for the one seen on its timeline (asked before it is
+    #: ever refused: see ``CommitProtocol.judge_pooled``)
+    unasked: bool
+
+
+#: what a connection's check at connect found of its server, per driver connection
+_fences: weakref.WeakKeyDictionary[Any, Fence] = weakref.WeakKeyDictionary()
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
 _XID_STATUS = (
     "SELECT {incarnation}, "
@@ -3432,7 +3449,7 @@ class CommitProtocol:
                 # (taken for the cluster seen on it, unasked: a URL's hosts may be clusters
                 # on the same timeline, so its cluster is asked before it is ever refused, at
                 # a checkout that would refuse it: see judge_pooled)
-                _fences[driver] = [self.fence_token, highest[1], timeline, server, True]
+                _fences[driver] = Fence(self.fence_token, highest[1], timeline, server, True)
                 return
         try:
             answer = ask_system()
@@ -3445,21 +3462,22 @@ class CommitProtocol:
         if answer is None:
             return
         system = str(answer)
-        fence = [None, system, timeline, server, False]
+        fence = Fence(None, system, timeline, server, False)
         seen = self._judge_cluster(fence)
         if seen is None:
             _fences[driver] = fence
             return
         self._refuse(server, system, timeline, seen)
 
-    def _judge_cluster(self, fence: list[Any]) -> tuple[int, str, bool] | None:
+    def _judge_cluster(self, fence: Fence) -> tuple[int, str, bool] | None:
         """Judge ``fence`` (see ``_fences``; its cluster asked of its server) against the
         highest timeline seen of its cluster, by this engine or by the fleet (another process
         sharing it through Redis, as this process's links last heard): None, the timeline
         noted (and ``fence`` given the current fence token), where it is not below it; else
         that highest (timeline, server, whether the fleet saw it). A timeline this engine
         sees first is shared with the fleet (by the links' threads: no round trip here)."""
-        system, timeline, server = fence[1], fence[2], fence[3]
+        system, timeline, server = fence.system, fence.timeline, fence.server
+        assert system is not None  # (judged only once its cluster is known)
         fleet = fleet_timeline(system)
         with self._timelines_lock:
             seen = self._timelines.get(system)
@@ -3474,7 +3492,7 @@ class CommitProtocol:
             if seen is not None and timeline > seen[0]:
                 self.fence_token = object()  # (the pool's connections judged again)
             self._note_highest(system)
-            fence[0] = self.fence_token
+            fence.token = self.fence_token
         if timeline > 1 and (fleet is None or timeline > fleet[0]):
             share_timeline(system, timeline, server)
         return None
@@ -3502,13 +3520,13 @@ class CommitProtocol:
         self._note_highest(system)
         return entry
 
-    def fence_of(self, driver: Any) -> list[Any]:
+    def fence_of(self, driver: Any) -> Fence:
         """What the check at connect found of ``driver``'s server (see ``_fences``), to be
         kept with the pooled connection: nothing to judge where it found nothing."""
         fence = _fences.get(driver)
-        return [self.fence_token, None, 0, "", False] if fence is None else fence
+        return Fence(self.fence_token, None, 0, "", False) if fence is None else fence
 
-    def judge_pooled(self, fence: list[Any], dbapi_connection: Any) -> str | None:
+    def judge_pooled(self, fence: Fence, dbapi_connection: Any) -> str | None:
         """Judge again a pooled connection (``dbapi_connection``) whose ``fence`` (see
         ``_fences``) was judged under another fence token (a cluster's highest timeline rose
         since): the connection is kept (None) unless its cluster was seen since on a higher
@@ -3520,11 +3538,12 @@ class CommitProtocol:
         statement outside any transaction), and the connection judged by that one (another
         cluster on the same timeline is kept). A lost connection raises."""
         with self._timelines_lock:
-            seen = None if fence[1] is None else self._timelines.get(fence[1])
-            if seen is None or fence[2] >= seen[0]:
-                fence[0] = self.fence_token
+            system = fence.system
+            seen = None if system is None else self._timelines.get(system)
+            if system is None or seen is None or fence.timeline >= seen[0]:
+                fence.token = self.fence_token
                 return None
-        if fence[4]:
+        if fence.unasked:
             try:
                 answer = self._ask_system(dbapi_connection)
             except Exception as exc:
@@ -3533,15 +3552,15 @@ class CommitProtocol:
                     raise  # (a lost connection: replaced by the caller)
                 self._timeline_unreadable(refused)
                 answer = None
-            fence[4] = False
+            fence.unasked = False
             if answer is None:  # (nothing to judge by: kept, as at connect)
-                fence[0], fence[1] = self.fence_token, None
+                fence.token, fence.system = self.fence_token, None
                 return None
-            fence[1] = str(answer)
+            system = fence.system = str(answer)
             seen = self._judge_cluster(fence)
             if seen is None:
                 return None
-        return self._say_refused(fence[3], fence[1], fence[2], seen)
+        return self._say_refused(fence.server, system, fence.timeline, seen)
 
     def _ask_system(self, dbapi_connection: Any) -> Any:
         """The cluster (``_SYSTEM_SQL``) of the server of ``dbapi_connection``, idle (checked

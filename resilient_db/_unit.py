@@ -72,6 +72,7 @@ from ._commit import (
     CommitProtocol,
     CommitRequest,
     CommitTicket,
+    Fence,
     PastCommit,
     UnprovenCommit,
     claim,
@@ -3691,7 +3692,7 @@ class EngineHooks:
             if driver is not None:
                 if probe[1]():
                     self._dead_at_checkout(dbapi_connection)
-                if probe[3][0] is not self.commit.fence_token:  # (a timeline rose since)
+                if probe[3].token is not self.commit.fence_token:  # (a timeline rose since)
                     self._judge_timeline(dbapi_connection, probe[3])
                 # a transaction rolled back before it was returned
                 driver._rdb_may_write = driver._rdb_writes = False
@@ -3738,7 +3739,7 @@ class EngineHooks:
         if getattr(driver, "_rdb_mode", None) is not None:  # prepared (stays so): fast from now
             fence = self.commit.fence_of(driver)
             info[_PROBE_KEY] = (dbapi_connection, probe[1], driver, fence)
-            if fence[0] is not self.commit.fence_token:
+            if fence.token is not self.commit.fence_token:
                 self._judge_timeline(dbapi_connection, fence)
         # the connecting session has its connection, a live one: not before, since a pooled
         # connection found dead above is replaced by a connect that is still the session's (it
@@ -3747,7 +3748,7 @@ class EngineHooks:
         if connecting_for.get() is not None:
             connecting_for.set(None)
 
-    def _judge_timeline(self, dbapi_connection: Any, fence: list[Any]) -> None:
+    def _judge_timeline(self, dbapi_connection: Any, fence: Fence) -> None:
         """A pooled connection judged by its timeline under an older fence token (see
         ``CommitProtocol.judge_pooled``): kept, or refused as a new one to its server would be
         (an old primary's, made before the engine saw the promoted standby: the same ERROR
