@@ -152,7 +152,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from ._classify import failure_detail, log_quietly
 from ._config import Config, client_problem, client_says, mask_url
@@ -794,8 +794,9 @@ return 0
 
 # KEYS: the timelines hash (TIMELINES_KEY). ARGV: channel, token, a cluster's system identifier,
 # the timeline this process saw it on as a primary, the server it saw it at, the clusters kept
-# (MAX_TIMELINES). Raises the cluster's timeline (never lowers it), publishes it when raised,
-# and forgets the clusters raised longest ago past the bound.
+# (MAX_TIMELINES). Raises the cluster's timeline (never lowers it), publishes it when raised
+# (with the entry's Redis time, µs: ``us``), and forgets the clusters raised longest ago past
+# the bound.
 # -> the cluster's entry now ("<timeline> <Redis time> <server>")
 _TIMELINE = """
 local old = redis.call('HGET', KEYS[1], ARGV[3])
@@ -804,7 +805,8 @@ if old then
   if seen ~= nil and seen >= tonumber(ARGV[4]) then return old end
 end
 local t = redis.call('TIME')
-local value = ARGV[4] .. ' ' .. t[1] .. string.format('%06d', tonumber(t[2])) .. ' ' .. ARGV[5]
+local us = t[1] .. string.format('%06d', tonumber(t[2]))
+local value = ARGV[4] .. ' ' .. us .. ' ' .. ARGV[5]
 redis.call('HSET', KEYS[1], ARGV[3], value)
 -- (counted from HGETALL, a command the documented ACL allows already, as HLEN is not)
 local all = redis.call('HGETALL', KEYS[1])
@@ -819,7 +821,8 @@ if extra > 0 then
   table.sort(order, function(a, b) return a[2] < b[2] end)
   for i = 1, math.min(extra, #order) do redis.call('HDEL', KEYS[1], order[i][1]) end
 end
-redis.call('PUBLISH', ARGV[1], cjson.encode({tl = ARGV[3], t = ARGV[4], at = ARGV[5], b = ARGV[2]}))
+local said = {tl = ARGV[3], t = ARGV[4], at = ARGV[5], us = us, b = ARGV[2]}
+redis.call('PUBLISH', ARGV[1], cjson.encode(said))
 return value
 """
 
@@ -928,9 +931,10 @@ class FleetLink:
         self._first_attempt = threading.Event()  # (each start makes its own)
         self._first_wait_until: float | None = None
         #: the fleet's highest timeline of each cluster (system identifier): (timeline, the
-        #: server it was seen at), as Redis said it (read on joining, then its messages);
+        #: server it was seen at, when Redis recorded it: seconds since the epoch, None where
+        #: a message did not say), as Redis said it (read on joining, then its messages);
         #: kept while the link is down (a timeline is never lowered). See TIMELINES_KEY
-        self.timelines: dict[str, tuple[int, str]] = {}
+        self.timelines: dict[str, tuple[int, str, float | None]] = {}
         #: timelines this process saw that Redis has not taken yet (sent by the thread)
         self._timelines_out: dict[str, tuple[int, str]] = {}
         if start:
@@ -1089,10 +1093,15 @@ class FleetLink:
     # -- timelines (the fence of an old primary back as a primary, see TIMELINES_KEY) ------
     def known_timelines(self) -> dict[str, dict[str, Any]]:
         """What this link knows of the fleet's timelines, for ``health()``: by cluster
-        (system identifier), ``timeline`` and the ``server`` it was seen at. In memory."""
+        (system identifier), ``timeline``, the ``server`` it was seen at and ``since`` when
+        (Redis time it was recorded, seconds since the epoch; None where the message it came
+        by did not say: one of an earlier release's process). In memory."""
         with self._lock:
             known = sorted(self.timelines.items())
-        return {system: {"timeline": t, "server": server} for system, (t, server) in known}
+        return {
+            system: {"timeline": t, "server": server, "since": since}
+            for system, (t, server, since) in known
+        }
 
     def share_timeline(self, system: str, timeline: int, server: str) -> None:
         """This process saw ``timeline`` of cluster ``system`` on a primary at ``server``:
@@ -1144,7 +1153,7 @@ class FleetLink:
         if found:
             return
         with self._lock:
-            for system, (timeline, server) in self.timelines.items():
+            for system, (timeline, server, _) in self.timelines.items():
                 self._queue_timeline_locked(system, timeline, server)
 
     def _learn_entry(self, system: str, value: str) -> None:
@@ -1152,17 +1161,18 @@ class FleetLink:
         learnt, unless it is not one of ours."""
         entry = _timeline_entry(value)
         if entry is not None:
-            self._learn_timeline(system, entry[0], entry[2])
+            self._learn_timeline(system, entry[0], entry[2], entry[1])
 
-    def _learn_timeline(self, system: str, timeline: int, server: str) -> None:
+    def _learn_timeline(self, system: str, timeline: int, server: str, since: float | None) -> None:
         """The fleet's ``timeline`` of cluster ``system``, seen at ``server`` (``""``: not
-        said): kept where it raises this link's, and told to the engines' fences."""
+        said), recorded by Redis at ``since`` (None: not said): kept where it raises this
+        link's, and told to the engines' fences."""
         server = server or "an unknown address"
         with self._lock:
             known = self.timelines.get(system)
             if known is not None and known[0] >= timeline:
                 return
-            _bounded_put(self.timelines, system, (timeline, server))
+            _bounded_put(self.timelines, system, (timeline, server, since))
         with _FENCES_LOCK:
             fences = list(_FENCES)
         for fence in fences:
@@ -1805,7 +1815,9 @@ class FleetLink:
             if "alive" in data and "s" not in data:
                 return  # a link's alive check (see _ALIVE)
             if "tl" in data and "s" not in data:  # a cluster's timeline raised (_TIMELINE)
-                self._learn_timeline(str(data["tl"]), int(data["t"]), str(data["at"]))
+                # (an earlier release's script sends no time: ``since`` unknown)
+                since = int(data["us"]) / 1_000_000 if "us" in data else None
+                self._learn_timeline(str(data["tl"]), int(data["t"]), str(data["at"]), since)
                 return
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
@@ -2081,7 +2093,7 @@ def fleet_timeline(system: str) -> tuple[int, str] | None:
     for link in tuple(STATE.fleet_links.values()):
         known = link.timelines.get(system)
         if known is not None and (best is None or known[0] > best[0]):
-            best = known
+            best = known[0], known[1]
     return best
 
 
@@ -2268,7 +2280,11 @@ def _timeline_entry(value: str) -> tuple[int, float, str] | None:
     return int(timeline), int(micros) / 1_000_000, server
 
 
-def _bounded_put(table: dict[str, tuple[int, str]], key: str, value: tuple[int, str]) -> None:
+#: a bounded table's value (see ``_bounded_put``)
+_Value = TypeVar("_Value")
+
+
+def _bounded_put(table: dict[str, _Value], key: str, value: _Value) -> None:
     """``table[key] = value``, the oldest key forgotten first when a new key would make
     ``table`` hold more than :data:`MAX_TIMELINES` (a fleet reaches a few clusters)."""
     if key not in table and len(table) >= MAX_TIMELINES:

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import os
 import re
 import socket
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Generator, Iterator
@@ -40,10 +42,10 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 import resilient_db as rdb
-from resilient_db import _commit
+from resilient_db import _commit, _fleet
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
-from resilient_db.testing import free_port
+from resilient_db.testing import RedisServer, free_port
 from resilient_db.web import Dashboard, Recorder, dashboard, token_auth
 from resilient_db.web._recorder import (
     MAX_FIELD_CHARS,
@@ -1329,3 +1331,73 @@ def test_data_json_names_the_process_whose_figures_it_serves() -> None:
     delta = client.get(path, params={"after": first["cursor"]}).json()
     assert delta["delta"] is True
     assert delta["process"] == me
+
+
+def share_as_another_process(client: Any, system: str, timeline: int, server: str) -> float:
+    """``timeline`` of cluster ``system`` seen at ``server``, shared through Redis (``client``'s)
+    as another process of the fleet shares it (the library's own script, published on the
+    channel); the entry's time as Redis recorded it (seconds since the epoch)."""
+    share = client.register_script(_fleet._TIMELINE)
+    args = [_fleet.CHANNEL.format(db=0), "another-process", system, timeline, server, 64]
+    share(keys=[_fleet.TIMELINES_KEY], args=args)
+    value = client.hget(_fleet.TIMELINES_KEY, system).decode()
+    return int(value.split(" ")[1]) / 1_000_000
+
+
+def until(check: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)  # polling a condition, not a backoff
+
+
+def test_data_json_carries_the_fleets_timelines_with_since_when(
+    redis_server: RedisServer, engine: sa.Engine, service: str
+) -> None:
+    """With a breaker shared through Redis, a service of data.json carries the fleet's
+    timelines its link knows (``breaker.shared.fleet_timelines``, the old-primary fence): by
+    cluster, the timeline, the server it was seen at and since when (Redis's time of the
+    entry), whether the link read it on joining or heard another process share it (None from
+    a process of an earlier release, whose message says no time); none while no cluster failed
+    over. (The page shows them: ``test_dashboard_browser``.)"""
+    with contextlib.closing(redis_server.client()) as client:
+        board = mounted(dashboard(auth=lambda request: True))
+        path = "/admin/self-healing/data.json"
+
+        def fenced(name: str) -> Any:
+            shared = board.get(path).json()["health"]["services"][name]["breaker"]["shared"]
+            return shared["fleet_timelines"]
+
+        rdb.ResilientSession(engine, service=service, config=rdb.Config(redis_url=redis_server.url))
+        link = STATE.fleet_links[redis_server.url]
+        until(lambda: link.up, "the link")
+        assert fenced(service) == {}  # (a fleet whose clusters never failed over)
+
+        # heard: another process shares a cluster's timeline 2 (its server as Redis has it)
+        system = "7312345678901234567"
+        server = '<img src=x onerror="window.__xss = 1">'
+        since = share_as_another_process(client, system, 2, server)
+        until(lambda: system in link.timelines, "the timeline heard")
+        assert fenced(service) == {system: {"timeline": 2, "server": server, "since": since}}
+
+        # heard from a process of an earlier release, whose message says no time
+        older = "7312345678901234568"
+        said = {"tl": older, "t": "4", "at": "10.0.0.9:5432", "b": "an-older-process"}
+        client.publish(_fleet.CHANNEL.format(db=0), json.dumps(said))
+        until(lambda: older in link.timelines, "the older process's timeline")
+        assert fenced(service)[older] == {"timeline": 4, "server": "10.0.0.9:5432", "since": None}
+
+        # read on joining: a link of another Redis database, whose hash has one already
+        other = redis_server.url.removesuffix("/0") + "/1"
+        with contextlib.closing(redis_server.client(db=1)) as other_client:
+            entry = "3 1700000000123456 10.0.0.8:5432"
+            other_client.hset(_fleet.TIMELINES_KEY, "7100000000000000001", entry)
+        rdb.ResilientSession(engine, service=f"{service}-1", config=rdb.Config(redis_url=other))
+        until(lambda: STATE.fleet_links[other].up, "the other link")
+        assert fenced(f"{service}-1") == {
+            "7100000000000000001": {
+                "timeline": 3,
+                "server": "10.0.0.8:5432",
+                "since": 1700000000.123456,
+            }
+        }

@@ -371,10 +371,12 @@ def test_the_fleets_timelines_are_written_back_into_a_redis_that_lost_them(
         shared = rdb.health()["services"]["fence-written-back"]["breaker"]["shared"]
         assert shared["fleet_timelines"] == {}  # (a fleet that never failed over)
         link.share_timeline(system, 3, "127.0.0.1:1")
-        wait_for(lambda: system in fleet_timelines(redis_server.url), "the shared timeline")
-        # what the link knows, for operators
+        # (Redis's answer taken by the link's thread: what it knows, for operators)
+        wait_for(lambda: system in link.timelines, "the shared timeline")
+        since = int(fleet_timelines(redis_server.url)[system].split(" ")[1]) / 1_000_000
         shared = rdb.health()["services"]["fence-written-back"]["breaker"]["shared"]
-        assert shared["fleet_timelines"] == {system: {"timeline": 3, "server": "127.0.0.1:1"}}
+        expected = {"timeline": 3, "server": "127.0.0.1:1", "since": since}
+        assert shared["fleet_timelines"] == {system: expected}
         redis_server.restart()  # same port, no keys
         wait_for(lambda: system in fleet_timelines(redis_server.url), "the timeline written back")
         stored = fleet_timelines(redis_server.url)
