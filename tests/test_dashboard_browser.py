@@ -29,10 +29,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from test_dashboard import share_as_another_process
 
 import resilient_db as rdb
+from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base, Task, create_task
-from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 from resilient_db.web import dashboard, token_auth
 from resilient_db.web._serve import BackgroundServer, serve_in_background
 
@@ -795,6 +797,46 @@ def test_page_says_a_breaker_was_opened_by_hand_and_why(browser: Any, engine: sa
         rdb.close_breaker(service)
         wait_for("the breaker closed", lambda: breaker_state(browser, service) == "closed")
         assert said() is None
+
+
+def test_page_shows_the_fleets_timelines_beside_the_shared_breaker(
+    browser: Any, engine: sa.Engine, redis_server: RedisServer
+) -> None:
+    """A breaker shared through Redis: its card shows the fleet's timelines its link knows
+    (the old-primary fence: the cluster, its timeline, since when, the server it was seen
+    at), every value from Redis as text (a server holding markup included); nothing while
+    no cluster failed over."""
+    service = f"fenced-{next(_services)}"
+    rdb.ResilientSession(engine, service=service, config=rdb.Config(redis_url=redis_server.url))
+    link = STATE.fleet_links[redis_server.url]
+    app = dashboard(auth=token_auth(TOKEN), poll_seconds=0.1)
+
+    def rows() -> list[list[str]] | None:
+        """The card's rows of timelines ([] without them); None before the card is shown."""
+        found: list[list[str]] | None = browser.execute_script(
+            "const card = Array.from(document.querySelectorAll('section.service'))"
+            ".find(c => c.dataset.service === arguments[0]);"
+            "if (!card || !card.textContent.includes('shared breaker')) return null;"
+            "const box = card.querySelector('[data-fleet-timelines]');"
+            "return box ? Array.from(box.querySelectorAll('tr[data-system]'), "
+            "(tr) => Array.from(tr.cells, (td) => td.textContent)) : [];",
+            service,
+        )
+        return found
+
+    with serve_in_background(app) as server, contextlib.closing(redis_server.client()) as client:
+        browser.get(f"{server.url}/?token={TOKEN}")
+        wait_for("the link", lambda: link.up)
+        wait_for("the shared breaker's card", lambda: rows() is not None)
+        assert rows() == []  # (no cluster failed over: nothing said)
+        system = "7312345678901234567"
+        since = share_as_another_process(client, system, 2, XSS)
+        shown = wait_for("the fleet's timeline", rows)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        assert shown == [[system, "2", when, XSS]]
+        assert browser.execute_script("return document.querySelector('main img')") is None
+        assert browser.execute_script("return window.__xss") is None
+        browser.save_screenshot(str(artifacts() / "dashboard-fleet-timelines.png"))
 
 
 _OTHER_DASHBOARD = """

@@ -81,6 +81,9 @@ td { padding: 6px 8px; border-bottom: 1px solid #f0f1f4; vertical-align: top; ov
 td.t { font-variant-numeric: tabular-nums; color: var(--muted); width: 80px; }
 col.c-time { width: 84px; } col.c-level { width: 84px; } col.c-svc { width: 150px; }
 col.c-ev { width: 170px; }
+col.c-system { width: 33%; } col.c-tl { width: 12%; } col.c-since { width: 29%; }
+.timelines { margin-top: 10px; }
+.timelines .plot-title { margin-top: 0; }
 .lvl { font-size: 11.5px; font-weight: 600; border-radius: 5px; padding: 1px 7px; }
 .lvl.error, .lvl.critical { background: var(--bad-bg); color: var(--bad); }
 .lvl.warning { background: var(--warn-bg); color: #b54708; }
@@ -271,6 +274,48 @@ col.c-ev { width: 170px; }
     }
     return line;
   }
+  function stamp(ts) {
+    const d = new Date(ts * 1000);
+    const two = (n) => String(n).padStart(2, "0");
+    return d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) + " " +
+      two(d.getHours()) + ":" + two(d.getMinutes()) + ":" + two(d.getSeconds());
+  }
+  // the fleet's timelines the shared breaker's link to Redis knows (its
+  // shared.fleet_timelines): the clusters whose old primaries are refused, from which timeline,
+  // since when, seen at which server. Every value came from Redis: text only. None: nothing
+  function timelinesTable(timelines) {
+    const known = entries(timelines);
+    const systems = Array.from(known.keys()).sort().filter((system) => {
+      const entry = known.get(system);
+      return entry !== null && typeof entry === "object";
+    });
+    if (!systems.length) return null;
+    const box = el("div", "timelines");
+    box.dataset.fleetTimelines = String(systems.length);
+    box.appendChild(el("div", "plot-title", "fleet's timelines: a primary of the cluster on a " +
+      "lower timeline is refused (an old primary back after a failover)"));
+    const table = el("table");
+    const cols = el("colgroup");
+    for (const c of ["c-system", "c-tl", "c-since", "c-server"]) cols.appendChild(el("col", c));
+    table.appendChild(cols);
+    const head = el("tr");
+    for (const h of ["cluster (system identifier)", "timeline", "since", "seen at"]) head.appendChild(el("th", null, h));
+    table.appendChild(head);
+    for (const system of systems) {
+      const entry = known.get(system);
+      const since = Number(entry.since);
+      const tr = el("tr");
+      tr.dataset.system = system;
+      tr.appendChild(el("td", null, system));
+      tr.appendChild(el("td", null, entry.timeline));
+      // (null: the message it came by did not say, an earlier release's process)
+      tr.appendChild(el("td", null, entry.since !== null && Number.isFinite(since) ? stamp(since) : "unknown"));
+      tr.appendChild(el("td", null, entry.server));
+      table.appendChild(tr);
+    }
+    box.appendChild(table);
+    return box;
+  }
   function leftOutNote(count, limit) {
     return count + (count === 1 ? " service has" : " services have") + " no plots: the " +
       "dashboard keeps per-second series for at most " + limit + " services (a new one takes " +
@@ -327,6 +372,8 @@ col.c-ev { width: 170px; }
     card.appendChild(plotTitle("retries per second", [["retries", "#3e63dd"], ["gave up", "#e5484d"]]));
     card.appendChild(ratePlot(series ? series.buckets : [], from, to, [[1, "#3e63dd"], [2, "#e5484d"]]));
     if (breaker && breaker.shared) card.appendChild(kvLine("shared breaker", breaker.shared));
+    const fenced = breaker && breaker.shared ? timelinesTable(breaker.shared.fleet_timelines) : null;
+    if (fenced) card.appendChild(fenced);
     if (info.budget) card.appendChild(kvLine("retry budget", info.budget));
     for (const key of Object.keys(info)) {
       if (["breaker", "budget", "counters"].includes(key)) continue;
