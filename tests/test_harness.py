@@ -1251,6 +1251,9 @@ def test_b(request):
 """
 
 
+# (two runs of up to 120 s each: pytester kills a run past its own timeout; one the test's
+# timeout interrupted was left running, its Popen collected in a later test: a ResourceWarning)
+@pytest.mark.timeout(300)
 def test_xdist_workers_leave_no_test_dir_the_run_made(
     pytester: pytest.Pytester, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
