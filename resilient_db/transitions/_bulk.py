@@ -893,6 +893,9 @@ def _bulk_by_pk(
     ``values()``, as SQLAlchemy sends it; its row is found by the database (a key given as a
     string for a UUID or an integer matches as it does in the UPDATE)."""
     rejected: set[int] = set()
+    #: per guard, the state each set judged legal must find (see :func:`_held_as_judged`)
+    judged: dict[Guard, dict[int, Any]] = {}
+    conn: Connection | None = None
     for guard in guards:
         written = _written_attr(mapper, guard)
         keys = _row_key_attrs(mapper, guard)
@@ -943,6 +946,7 @@ def _bulk_by_pk(
             old = current[identity]
             for index, new in sorted(items, key=lambda item: item[0]):
                 if guard.legal(guard.key(old), guard.key(new)):
+                    judged.setdefault(guard, {})[index] = old
                     old = new  # a later set of the same row moves on from here
                     continue
                 change = Change(guard, guard.pk_of(identity), identity, old, True, new, mapper)
@@ -977,6 +981,12 @@ def _bulk_by_pk(
                     blocked_rows=1,
                     **row_keys(change.pk, config),
                 )
+    if conn is not None and judged and in_autocommit(conn):
+        held = _held_as_judged(
+            orm_state, mapper, stmt=stmt, params=params, rejected=rejected, judged=judged
+        )
+        if held is not None:
+            return held
     if not rejected:
         return None
     kept = [row for index, row in enumerate(params) if index not in rejected]
@@ -984,3 +994,62 @@ def _bulk_by_pk(
         return empty_result()
     orm_state.parameters = kept
     return orm_state.invoke_statement()
+
+
+def _held_as_judged(
+    orm_state: ORMExecuteState,
+    mapper: Mapper[Any],
+    *,
+    stmt: Any,
+    params: list[Any],
+    rejected: set[int],
+    judged: dict[Guard, dict[int, Any]],
+) -> Result[Any] | None:
+    """A bulk UPDATE by primary key on a connection in AUTOCOMMIT mode, whose check's locks
+    ended with the check: another transaction may move a row the check judged before the
+    UPDATE (which carries no condition of its own) writes it. Each set judged legal is sent
+    with the state its row must still hold (``IS NOT DISTINCT FROM``, a parameter of the set;
+    a set that writes no guarded state is not held to one), so such a row is left out, as the
+    condition of an UPDATE with criteria leaves out rows that came to match them after its
+    check. SQLAlchemy synchronizes no session object of a bulk UPDATE with criteria: those of
+    the rows sent have the attributes their sets give expired (reloaded on access) rather than
+    set. None (the statement left as it is) where the condition can't go into the UPDATE: a
+    mapper writing more tables than the guarded one (SQLAlchemy adds the criteria to each
+    table's UPDATE), a statement run inside ``from_statement()``, a set not a mapping."""
+    if (
+        orm_state.statement is not stmt
+        or list(mapper.tables) != [next(iter(judged)).table]
+        or not all(isinstance(p, Mapping) for p in params)
+    ):
+        return None
+    kept = [index for index in range(len(params)) if index not in rejected]
+    if not kept:
+        return empty_result()
+    sent = [dict(params[index]) for index in kept]
+    held: Any = stmt
+    for n, (guard, by_index) in enumerate(judged.items()):
+        state, checked = f"rdb_held_{n}", f"rdb_judged_{n}"
+        held = held.where(
+            sa.or_(
+                sa.not_(sa.bindparam(checked, type_=sa.Boolean())),
+                guard.column.is_not_distinct_from(sa.bindparam(state, type_=guard.column.type)),
+            )
+        )
+        for index, row in zip(kept, sent, strict=True):
+            row[state] = by_index.get(index)
+            row[checked] = index in by_index
+    sync = orm_state.execution_options.get("synchronize_session", "auto")
+    if sync in ("auto", "evaluate"):
+        held = _synchronized_by(orm_state, held, False)
+    orm_state.parameters = sent
+    result = orm_state.invoke_statement(statement=held)
+    if sync in ("auto", "evaluate"):
+        session = orm_state.session
+        pk_attrs = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+        keys = [c.key for c in mapper.column_attrs if c.key not in pk_attrs]
+        for row in sent:
+            pk = tuple(row.get(k) for k in pk_attrs)
+            obj = session.identity_map.get(mapper.identity_key_from_primary_key(pk))
+            if obj is not None:
+                session.expire(obj, [k for k in keys if k in row])
+    return result
