@@ -769,6 +769,19 @@ def register_default_user(obj: _Configurable, *, read_at: int) -> None:
             _apply_everywhere(config)
 
 
+def reloaded_since(read_at: int) -> bool:
+    """Whether a reload applied its configuration since ``STATE.reloads`` was ``read_at``
+    (see :func:`register_default_user`). If so, one still under way in another thread is
+    waited for first: once this returns True, every factory the reload knew has what it
+    applied, and :func:`factory_config` reads that configuration."""
+    if STATE.reloads == read_at:
+        return False
+    if _reloading_in != threading.get_ident():  # (not from a reload's own thread)
+        with _RELOADING:
+            pass
+    return True
+
+
 def env_config() -> Config:
     """The environment's configuration of ``with_self_healing`` without ``config=``: read at
     its first call in the process and kept, replaced by :func:`reload_config`. Only those

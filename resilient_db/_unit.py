@@ -86,7 +86,7 @@ from ._commit import (
     warnings_into,
     wrote_past_commit,
 )
-from ._config import Config, factory_config, register_default_user
+from ._config import Config, factory_config, register_default_user, reloaded_since
 from ._errands import LookFailed, NotStarted, ProcessExiting, Sweep
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError, IllegalTransitionError
 from ._internals import (
@@ -2773,12 +2773,14 @@ class FactoryCore:
         if not isinstance(self, async_sessionmaker):
             for bound in binds:
                 refuse_async_driver(engine_behind(bound), "ResilientSession(binds=...)")
-        settings = engine_settings(config, classifier)
-        refuse_disagreeing(factory_engines(sync_engine, binds), settings)
         self.service = service
         self._explicit_config = explicit
         self.config = config
         self.classifier = classifier
+        engines = factory_engines(sync_engine, binds)
+        _, settings = self._on_engines(
+            engine_settings(config, classifier), lambda mine: refuse_disagreeing(engines, mine)
+        )
         self.policy = Policy(
             service,
             self.config,
@@ -2794,11 +2796,36 @@ class FactoryCore:
         #: (sync) the ``get_bind`` of the factory's class as its engines were last set up
         #: (see _route_later)
         self._get_bind: Any = None
-        self._hooks = (
-            _unbound_hooks()
-            if sync_engine is None
-            else hooks_for(sync_engine, self, settings=settings)
-        )
+        if sync_engine is None:
+            self._hooks = _unbound_hooks()
+        else:
+            self._hooks, _ = self._on_engines(
+                settings, lambda mine: hooks_for(sync_engine, self, settings=mine)
+            )
+
+    def _on_engines(
+        self, settings: tuple[Any, ...], join: Callable[[tuple[Any, ...]], T]
+    ) -> tuple[T, tuple[Any, ...]]:
+        """``join(settings)`` (the factory's :func:`engine_settings`): checking or taking its
+        engines' hooks, refused (``ValueError``) where another factory holds them with other
+        settings; and the settings it joined with. A factory of the environment's
+        configuration refused after a reload applied another one since it read its own (made
+        while the reload ran: the factories already on the engine have what the reload
+        switched, the kill switch or the guard, and this one what it read before) takes the
+        reload's configuration, as its registration would (see register_default_user), and
+        joins with that: it was refused, though made as the others were."""
+        while True:
+            try:
+                return join(settings), settings
+            except ValueError:
+                if self._explicit_config or not reloaded_since(self._config_read_at):
+                    raise
+            self._config_read_at = STATE.reloads
+            self.config = factory_config()
+            policy: Policy | None = getattr(self, "policy", None)  # (made between the two)
+            if policy is not None:
+                policy.apply_config(self.config)
+            settings = engine_settings(self.config, self.classifier)
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
         """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet). Inside
