@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 SCRIPT = """
 import logging, sys, threading, time
@@ -39,8 +38,7 @@ print("exiting", flush=True)
 """
 
 
-def run(seconds: float, *how: str) -> tuple[list[str], float]:
-    started = time.monotonic()
+def run(seconds: float, *how: str) -> list[str]:
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(seconds), *how],
         capture_output=True,
@@ -48,25 +46,27 @@ def run(seconds: float, *how: str) -> tuple[list[str], float]:
         timeout=60,
         check=True,
     )
-    return done.stdout.splitlines(), time.monotonic() - started
+    return done.stdout.splitlines()
 
 
 def test_an_errand_still_running_at_exit_is_named_after_a_short_grace() -> None:
-    lines, took = run(30.0)
+    """The process ends after the grace, not after the errand: one that would run for an hour
+    (the run is bounded at a minute) is named as left, never as ended. (Timed, ``took < 20``
+    failed where the machine was loaded: the interpreter's start took the 20 seconds.)"""
+    lines = run(3600.0)
     assert lines == [
         "exiting",
         "said ended=[] left=xid-1: ProcessExiting; xid-2: ProcessExiting",
     ]
-    assert took < 20  # (the grace, not the errand's thirty seconds)
 
 
 def test_an_errand_that_ends_within_the_grace_says_its_own_result_once() -> None:
-    lines, _ = run(0.2)
+    lines = run(0.2)
     assert lines == ["exiting", "said ended=['xid-1'] left="]
 
 
 def test_a_forked_child_leaves_its_parents_errands_to_the_parent() -> None:
-    lines, _ = run(30.0, "fork")
+    lines = run(30.0, "fork")
     assert lines == [
         "child exiting",
         "exiting",
