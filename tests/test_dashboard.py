@@ -46,7 +46,7 @@ from resilient_db import _commit, _fleet
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.testing import RedisServer, free_port
-from resilient_db.web import Dashboard, Recorder, dashboard, token_auth
+from resilient_db.web import Dashboard, Recorder, _recorder, dashboard, token_auth
 from resilient_db.web._recorder import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
@@ -961,6 +961,43 @@ def test_a_dropped_apps_recorder_leaves_the_hooks(engine: sa.Engine, service: st
     finally:
         rdb.remove_hook(kept)
     assert len(STATE.hooks) == before
+
+
+def test_dashboards_made_at_once_with_one_recorder_install_it_once(
+    engine: sa.Engine, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two dashboards given one new recorder, made at once in two threads (an application
+    factory run by two workers' threads): each found the recorder without its hook, made one,
+    and added it: two hooks, every event recorded twice. One is made and added."""
+    own = Recorder(max_events=10)
+    both_inside = threading.Barrier(2)
+    made = _recorder._Installed.__init__
+
+    def made_side_by_side(self: Any, rec: Recorder) -> None:
+        # both threads inside at once where nothing keeps them apart; where the first is
+        # alone, it waits a moment, then goes on
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_inside.wait(timeout=0.5)
+        made(self, rec)
+
+    monkeypatch.setattr(_recorder._Installed, "__init__", made_side_by_side)
+    boards: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda: boards.append(dashboard(auth=lambda request: True, recorder=own))
+        )
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    monkeypatch.undo()
+    try:
+        assert len(boards) == 2
+        recorded_once(own, boards, engine, service)
+    finally:
+        rdb.remove_hook(own)
 
 
 def recorded_once(own: Recorder, boards: list[Any], engine: sa.Engine, service: str) -> None:

@@ -422,6 +422,9 @@ if hasattr(os, "register_at_fork"):
 _shared: Recorder | None = None
 _shared_lock = threading.Lock()
 renew_after_fork(globals(), "_shared_lock")
+#: held while a recorder's hook is looked up and made (see :func:`install`)
+_install_lock = threading.Lock()
+renew_after_fork(globals(), "_install_lock")
 
 
 class _Installed:
@@ -460,9 +463,12 @@ def install(rec: Recorder) -> Recorder:
     (``add_hook`` adds a hook once; the reset's set is a set): installing the same recorder
     again registers nothing twice."""
     STATE.clear_on_reset.add(rec)
-    hook = rec.__dict__.get("_installed")
-    if hook is None:
-        hook = rec.__dict__["_installed"] = _Installed(rec)
+    # (under a lock: two threads installing one new recorder at once, two dashboards made
+    # with it, each made a hook of its own, and both were added: every event recorded twice)
+    with _install_lock:
+        hook = rec.__dict__.get("_installed")
+        if hook is None:
+            hook = rec.__dict__["_installed"] = _Installed(rec)
     add_hook(hook)  # again after anything that removed it
     return rec
 
