@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -647,3 +648,68 @@ def flush_wal(server: PostgresServer, database: str) -> None:
         "INSERT INTO ledger (unit, note) VALUES ('flush_wal', 'makes the WAL before it durable')",
         database=database,
     )
+
+
+# -- synchronous replication switched on and off by a test ---------------------------------------
+
+#: a COMMIT that waits for a synchronous standby and touches no table: a transactional logical
+#: message writes WAL and takes an xid (a COMMIT that wrote no WAL waits for no standby)
+_PROBE = "SELECT pg_catalog.pg_logical_emit_message(true, 'resilient_db_tests', 'probe')"
+_CANCEL_ITS_WAIT = (
+    "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
+    "WHERE pid = %s AND wait_event = 'SyncRep'"
+)
+
+
+def set_synchronous_standby_names(
+    server: PostgresServer, names: str | None, timeout: float = 10.0
+) -> None:
+    """``ALTER SYSTEM`` ``synchronous_standby_names`` to ``names`` (None: reset it), reload,
+    and return once COMMITs on ``server`` follow it: named standbys that are not there, once a
+    probe's COMMIT is seen waiting for them (its wait then cancelled: committed on ``server``
+    alone); reset, once a probe's COMMIT ends on its own.
+
+    ``pg_reload_conf()`` only signals the server; each process reads the file in its own time,
+    and whether a COMMIT waits is the checkpointer's reading (a flag it shares), not the
+    committing backend's: a new connection's ``SHOW`` can give the new names while COMMITs
+    don't wait yet (seen with the checkpointer held a moment, as a loaded machine holds it)."""
+    if names is None:
+        server.execute("ALTER SYSTEM RESET synchronous_standby_names")
+    else:
+        server.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+    server.execute("SELECT pg_catalog.pg_reload_conf()")
+    deadline = time.monotonic() + timeout
+    if names is None:
+        # a COMMIT that waits now is released when the checkpointer reads the reset
+        assert not _a_probe_commit_waits(server, deadline, cancel=False), (
+            "COMMITs still wait for a standby after synchronous_standby_names was reset"
+        )
+        return
+    while not _a_probe_commit_waits(server, deadline, cancel=True):
+        assert time.monotonic() < deadline, f"no COMMIT waited for standby {names!r}"
+        time.sleep(0.02)
+
+
+def _a_probe_commit_waits(server: PostgresServer, deadline: float, *, cancel: bool) -> bool:
+    """Whether a probe's COMMIT on ``server`` waits for a synchronous standby: with
+    ``cancel``, True once it is seen waiting (its wait cancelled), False if it ended first;
+    without, True if it still waits at ``deadline`` (then cancelled)."""
+    with server.connect() as probe:
+        pid = probe.info.backend_pid
+        committing = threading.Thread(target=probe.execute, args=(_PROBE,), daemon=True)
+        committing.start()
+        try:
+            if not cancel:
+                committing.join(max(0.0, deadline - time.monotonic()))
+                if committing.is_alive():
+                    server.execute("SELECT pg_catalog.pg_cancel_backend(%s)", params=(pid,))
+                    return True
+                return False
+            while committing.is_alive():
+                if server.execute(_CANCEL_ITS_WAIT, params=(pid,)):
+                    return True
+                assert time.monotonic() < deadline, "a probe's COMMIT neither waited nor ended"
+                time.sleep(0.02)
+            return False
+        finally:
+            committing.join(10)

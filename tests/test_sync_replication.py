@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import FakeClock
+from scenarios import FakeClock, set_synchronous_standby_names
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -688,8 +688,7 @@ def test_a_promoted_standby_still_naming_its_old_primary_is_reported(
     engine.dispose()
     pair.wait_replayed()
     fail_over(pair)
-    pair.standby.execute("ALTER SYSTEM SET synchronous_standby_names = 'old_primary'")
-    pair.standby.execute("SELECT pg_catalog.pg_reload_conf()")
+    set_synchronous_standby_names(pair.standby, "old_primary")
     with caplog.at_level(logging.WARNING, logger="resilient_db"):
         cut = run_unit(pair, "asyncpg", "k", cut_short=True, sleep=no_sleep)
     assert isinstance(cut.error, rdb.CommitOutcomeUnknownError), cut.error

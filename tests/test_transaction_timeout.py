@@ -24,7 +24,7 @@ import asyncpg
 import psycopg
 import pytest
 import sqlalchemy as sa
-from scenarios import quick, server_settings_args, set_up_database
+from scenarios import quick, server_settings_args, set_synchronous_standby_names, set_up_database
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -438,10 +438,9 @@ def test_a_commit_past_its_commit_record_outlives_the_transaction_timeout(
     runs on past the timeout, until its wait is cancelled: then it is committed."""
     with pg_server.connect(pg_database) as conn:
         conn.execute(SLOW_COMMIT)
-    pg_server.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-    pg_server.execute("SELECT pg_reload_conf()")
     outcome: list[object] = []
     try:
+        set_synchronous_standby_names(pg_server, "nobody")
         with pg_server.connect(pg_database) as conn:
             conn.execute(f"SET transaction_timeout = {TIMEOUT_MS}")
             conn.autocommit = False
@@ -471,8 +470,7 @@ def test_a_commit_past_its_commit_record_outlives_the_transaction_timeout(
             pg_server.execute(f"SELECT pg_cancel_backend({int(pid)})")
             committing.join(10)
     finally:
-        pg_server.execute("ALTER SYSTEM RESET synchronous_standby_names")
-        pg_server.execute("SELECT pg_reload_conf()")
+        set_synchronous_standby_names(pg_server, None)
     assert outcome == ["committed"]
     assert rows(pg_server, pg_database) == 1
 
