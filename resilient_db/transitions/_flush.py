@@ -1113,7 +1113,15 @@ def _compare_and_set(
     if not as_judged and _check_written(
         conn, checks, table_rows, guards=guards, sent=(identities, rows)
     ):
-        return False  # every row was checked under lock: the UPDATE goes as it is
+        # rows with no expectation were read under lock and now carry the state read: the
+        # UPDATE is still the compare-and-set (on a connection in AUTOCOMMIT mode the check's
+        # locks end with it; another transaction may move such a row before the UPDATE runs)
+        expected = [
+            r
+            for r in map(table_rows.get, identities)
+            if r is not None and all(g.column in r for g in guards)
+        ]
+        complete = len(expected) == len(identities)
     if not expected:
         return False
     dialect = context.dialect
@@ -1646,7 +1654,9 @@ def _check_written(
     session's object of the row (see :func:`_row_guard`). ``sent``: the rows' primary keys and
     parameters. Returns whether the rows were read under lock (some had no expectation: every
     row of the UPDATE was then checked in the same SELECT, those with one for the state they
-    must still hold)."""
+    must still hold); each row that had none is then expected to hold the state read, which
+    the UPDATE's compare-and-set carries (the lock ends with the SELECT on a connection in
+    AUTOCOMMIT mode)."""
     errors: list[IllegalTransitionError] = []
     unknown: list[Change] = []
     known: list[Change] = []
@@ -1693,7 +1703,13 @@ def _check_written(
                     errors.append(illegal(change, expect.value, "flush"))
                 known.append(change)
     if unknown and not errors:
-        errors = _check_against_db(conn, [*known, *unknown], lock=True)[0]
+        errors, values = _check_against_db(conn, [*known, *unknown], lock=True)
+        if not errors:
+            for change, value in zip(unknown, values[len(known) :], strict=True):
+                read = change._replace(old=value, old_known=True)
+                table_rows.setdefault(change.identity, {})[change.guard.column] = _Expect(
+                    read, value
+                )
     if errors:
         raise_errors(errors, checks.config, checks.session)
     return bool(unknown)
