@@ -3,13 +3,14 @@ the compare-and-set, on a connection in AUTOCOMMIT mode, racing another transact
 a row between the check and the UPDATE. In AUTOCOMMIT mode the check's locks end with the
 check's statement: a row the check found legal, moved meanwhile into a state it may not leave
 for the one written (``completed`` -> ``pending``), was written all the same, unlogged (without
-the trigger, which is not installed here). The path: a status set by a mapper's ``before_update``
+the trigger, which is not installed here). The paths: a status set by a mapper's ``before_update``
 listener on a row the flush has no expectation of (the way every row of a sharded session's
-flush went, ``connection_callable``). It now sends the compare-and-set with the state read, so
-such a row raises :class:`StaleTransitionError` and is left as the other transaction wrote it,
-as on the flush's usual path. An UPDATE of the status that is not the flush's own (a
-listener's, not by primary key) is checked under lock before it runs; the flush's own UPDATE
-still carries the compare-and-set after it (that path was sound).
+flush went, ``connection_callable``), and a ``schema_translate_map`` (the SQL sent is not the
+compiled UPDATE). Each now sends the compare-and-set, so such a row raises
+:class:`StaleTransitionError` and is left as the other transaction wrote it, as on the flush's
+usual path. An UPDATE of the status that is not the flush's own (a listener's, not by primary
+key) is checked under lock before it runs; the flush's own UPDATE still carries the
+compare-and-set after it (that path was sound).
 
 Deterministic: the other transaction is an autocommit statement on a second engine, run just
 before the first UPDATE is handed to the driver (see :func:`move_before_the_update`): after the
@@ -51,6 +52,23 @@ class Task(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     title: Mapped[str] = mapped_column(sa.String(20), default="")
     status: Mapped[str] = mapped_column(sa.String(20), default="pending")
+
+
+class Note(Base):
+    """A status the server computes on every UPDATE of the row (an ``onupdate`` SQL
+    expression): judged from what the UPDATE wrote."""
+
+    __tablename__ = "notes"
+    __transitions__ = rdb.TransitionRules(
+        column="status",
+        transitions={"pending": {"in_progress"}, "in_progress": {"completed", "pending"}},
+        initial={"pending"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(sa.String(20), default="")
+    status: Mapped[str] = mapped_column(
+        sa.String(20), default="pending", onupdate=sa.text("'pending'")
+    )
 
 
 SEED = "INSERT INTO tasks VALUES (1, '', 'in_progress'), (2, 'other', 'in_progress')"
@@ -296,3 +314,152 @@ def test_a_sharded_session_of_both_shards_in_a_transaction(
     Sessions.run(unit, "pending")
     assert statuses_by_id(shards["odd"]) == {1: "pending"}
     assert statuses_by_id(shards["even"]) == {2: "pending"}
+
+
+# A translated schema ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def translated(engine: sa.Engine) -> Iterator[dict[str | None, str]]:
+    """The model's table in a schema of its own, which ``schema_translate_map`` names."""
+    schema = f"tr_{uuid.uuid4().hex[:8]}"
+    translate: dict[str | None, str] = {None: schema}
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        Base.metadata.create_all(conn.execution_options(schema_translate_map=translate))
+        conn.exec_driver_sql(SEED.replace("tasks", f"{schema}.tasks"))
+        conn.exec_driver_sql(f"INSERT INTO {schema}.notes VALUES (1, '', 'in_progress')")
+    yield translate
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+
+
+def translated_statuses(engine: sa.Engine, translate: dict[str | None, str]) -> dict[int, str]:
+    return statuses_by_id(engine, f"{translate[None]}.tasks")
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_translated_schema(
+    *,  # (fixtures)
+    monkeypatch: pytest.MonkeyPatch,
+    engine: sa.Engine,
+    other: sa.Engine,
+    translated: dict[str | None, str],
+    service: str,
+    rows: int,
+) -> None:
+    """Rows in_progress -> pending (legal); row 1 goes completed just before the UPDATE (one
+    row: an execute; two: an executemany)."""
+    auto = engine.execution_options(isolation_level="AUTOCOMMIT", schema_translate_map=translated)
+    Sessions = rdb.ResilientSession(auto, service=service)
+    fired = move_before_the_update(
+        monkeypatch, engine, other, COMPLETE_1.format(schema=translated[None] + ".")
+    )
+
+    def unit(session: Session) -> None:
+        for task in [session.get_one(Task, key) for key in range(1, rows + 1)]:
+            task.status = "pending"  # (loaded first: a get autoflushes)
+
+    with pytest.raises(rdb.StaleTransitionError, match="now holds 'completed'"):
+        Sessions.run(unit)
+    assert fired
+    stored = translated_statuses(engine, translated)
+    assert stored[1] == "completed"
+    assert stored[2] == ("pending" if rows == 2 else "in_progress")  # see the async test
+
+
+def test_a_translated_schema_with_a_status_the_server_computes(
+    monkeypatch: pytest.MonkeyPatch,
+    engine: sa.Engine,
+    other: sa.Engine,
+    translated: dict[str | None, str],
+    service: str,
+) -> None:
+    """A note renamed: its UPDATE sets the status to its onupdate SQL expression (pending,
+    legal from in_progress); the row goes completed just before the UPDATE."""
+    auto = engine.execution_options(isolation_level="AUTOCOMMIT", schema_translate_map=translated)
+    Sessions = rdb.ResilientSession(auto, service=service)
+    schema = translated[None]
+    fired = move_before_the_update(
+        monkeypatch, engine, other, f"UPDATE {schema}.notes SET status = 'completed' WHERE id = 1"
+    )
+
+    def unit(session: Session) -> None:
+        session.get_one(Note, 1).title = "renamed"
+
+    with pytest.raises(rdb.StaleTransitionError, match="now holds 'completed'"):
+        Sessions.run(unit)
+    assert fired
+    assert statuses_by_id(engine, f"{schema}.notes") == {1: "completed"}
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_translated_schema_in_a_transaction(
+    engine: sa.Engine, translated: dict[str | None, str], service: str, rows: int
+) -> None:
+    """No race, in an ordinary transaction: the legal moves are written in the translated
+    schema (the compare-and-set sent there), an illegal one refused before anything is sent."""
+    Sessions = rdb.ResilientSession(
+        engine.execution_options(schema_translate_map=translated), service=service
+    )
+    sent: list[str] = []
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def after(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    def unit(session: Session, state: str) -> None:
+        for task in [session.get_one(Task, key) for key in range(1, rows + 1)]:
+            task.status = state
+
+    with pytest.raises(rdb.IllegalTransitionError):
+        Sessions.run(unit, "bogus")
+    Sessions.run(unit, "pending")
+    assert [s for s in sent if s.startswith("UPDATE")] == [
+        s for s in sent if s.startswith(f"UPDATE {translated[None]}.tasks")
+    ]
+    expected = {1: "pending", 2: "pending" if rows == 2 else "in_progress"}
+    assert translated_statuses(engine, translated) == expected
+    assert statuses_by_id(engine) == {1: "in_progress", 2: "in_progress"}  # untouched
+
+
+@pytest.mark.asyncio
+async def test_async_a_translated_schema(
+    *,  # (fixtures)
+    monkeypatch: pytest.MonkeyPatch,
+    engine: sa.Engine,
+    other: sa.Engine,
+    translated: dict[str | None, str],
+    pg_async_url: str,
+    async_driver: str,
+    service: str,
+) -> None:
+    """As above through ``AsyncResilientSession``, two rows (asyncpg's executemany reports no
+    row count: the raising form), on each async driver."""
+    aengine = create_async_engine(
+        pg_async_url,
+        isolation_level="AUTOCOMMIT",
+        execution_options={"schema_translate_map": translated},
+    )
+    try:
+        fired = move_before_the_update(
+            monkeypatch,
+            aengine.sync_engine,
+            other,
+            COMPLETE_1.format(schema=translated[None] + "."),
+        )
+        Sessions = rdb.AsyncResilientSession(aengine, service=service)
+        async with Sessions() as session:
+            tasks = [await session.get_one(Task, key) for key in (1, 2)]
+            for task in tasks:  # (loaded first: a get autoflushes)
+                task.status = "pending"
+            with pytest.raises(rdb.StaleTransitionError, match="now holds 'completed'"):
+                await session.commit()
+    finally:
+        await aengine.dispose()
+    assert fired
+    stored = translated_statuses(engine, translated)
+    assert stored[1] == "completed"
+    # row 2's legal move: psycopg's executemany commits each row's statement in AUTOCOMMIT
+    # mode, as on the flush's usual path; asyncpg's fails as one when row 1's condition raises
+    assert stored[2] == ("in_progress" if async_driver == "asyncpg" else "pending")

@@ -1137,9 +1137,10 @@ def _compare_and_set(
             form = plan.raising_form
             if form is _NO_PLAN:
                 form = plan.raising_form = _cas_form(compiled, guards, dialect, raising=True)
-    if form is None or statement != compiled.string:
-        # the row count can't tell, or the SQL sent is not the compiled one (schema names
-        # translated): check under lock, let the UPDATE go as it is
+    form = _as_sent(form, compiled, guards, statement, context)
+    if form is None:
+        # the row count can't tell, or the SQL sent is not the compiled one (nor that with
+        # schema names translated): check under lock, let the UPDATE go as it is
         _lock_and_check(conn, checks, guards, expected)
         return False
     sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
@@ -1270,7 +1271,10 @@ def _server_written(
             form = plan.raising_form = _cas_form(compiled, guards, dialect, raising=True)
     if not noted:
         note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
-    if form is None or statement != compiled.string:
+    form = _as_sent(
+        form, compiled, guards, statement, context, returning=server if returning else ()
+    )
+    if form is None:
         # no compare-and-set form (see _compare_and_set): rows checked under lock, the
         # UPDATE sent as it is, what it wrote read back
         _lock_and_check(conn, checks, guards, expected)
@@ -1602,18 +1606,23 @@ def _cas_form(
     *,
     raising: bool,
     returning: tuple[Guard, ...] = (),
+    translate: dict[str | None, str | None] | None = None,
 ) -> _CasForm | None:
     """The compare-and-set form of ``compiled`` (a flush's UPDATE), compiled by SQLAlchemy for
     the same dialect with the same columns (memoized by the compiled UPDATE's plan). None when
     its parameters are not those of ``compiled`` plus the added ones: then the rows are checked
-    under lock instead. ``returning``: see :func:`_cas_statement`."""
+    under lock instead. ``returning``: see :func:`_cas_statement`; ``translate``: a
+    ``schema_translate_map``, rendered into the form's SQL (see :func:`_as_sent`)."""
     names = tuple(g.cas_param for g in guards) + ((_ROW_PARAM,) if raising else ())
     form: _CasForm | None = None
+    translated: dict[str, Any] = {} if translate is None else {"schema_translate_map": translate}
     try:
         cas = _cas_statement(compiled.statement, guards, raising, returning).compile(
             dialect=dialect,
             column_keys=compiled.column_keys,
             for_executemany=compiled.for_executemany,
+            render_schema_translate=translate is not None,
+            **translated,
         )
     except sa.exc.CompileError:  # e.g. a column keyed like one of our parameters
         return None
@@ -1634,6 +1643,62 @@ def _cas_form(
         )
         form = _CasForm(cas.string, names, processors, cas.positional, raising)
     return form
+
+
+#: the compare-and-set forms of a compiled UPDATE sent with a ``schema_translate_map``, by
+#: guards, kind and map, each with the SQL the UPDATE itself is sent as (see :func:`_as_sent`)
+_translated_forms: weakref.WeakKeyDictionary[
+    Any, dict[tuple[Any, ...], tuple[str, _CasForm | None]]
+] = weakref.WeakKeyDictionary()
+
+
+def _as_sent(
+    form: _CasForm | None,
+    compiled: Any,
+    guards: tuple[Guard, ...],
+    statement: str,
+    context: Any,
+    *,
+    returning: tuple[Guard, ...] = (),
+) -> _CasForm | None:
+    """``form``, the compare-and-set form of ``compiled``, for the SQL ``statement`` the
+    UPDATE is sent as: itself when that is the compiled SQL (the common case); when it is
+    that SQL with schema names translated (an execution's ``schema_translate_map``), the form
+    compiled with the same map rendered (memoized per compiled UPDATE and map); else None (the
+    SQL was rewritten otherwise, by a ``before_cursor_execute`` listener, say: the rows are
+    then checked under lock, and the UPDATE sent as it is)."""
+    if form is None or statement == compiled.string:
+        return form
+    translate = context.execution_options.get("schema_translate_map")
+    if not translate:
+        return None
+    forms = _translated_forms.get(compiled)
+    if forms is None:
+        forms = _translated_forms.setdefault(compiled, {})
+    key = (guards, form.raising, returning, frozenset(translate.items()))
+    found = forms.get(key)
+    if found is None:
+        try:
+            sent_as = compiled.statement.compile(
+                dialect=context.dialect,
+                column_keys=compiled.column_keys,
+                for_executemany=compiled.for_executemany,
+                schema_translate_map=translate,
+                render_schema_translate=True,
+            ).string
+        except sa.exc.CompileError:
+            sent_as = ""
+        translated = _cas_form(
+            compiled,
+            guards,
+            context.dialect,
+            raising=form.raising,
+            returning=returning,
+            translate=translate,
+        )
+        found = forms[key] = (sent_as, translated)
+    sent_as, translated = found
+    return translated if sent_as == statement else None
 
 
 def _check_written(
