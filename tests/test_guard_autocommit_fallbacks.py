@@ -8,9 +8,10 @@ listener on a row the flush has no expectation of (the way every row of a sharde
 flush went, ``connection_callable``), and a ``schema_translate_map`` (the SQL sent is not the
 compiled UPDATE). Each now sends the compare-and-set, so such a row raises
 :class:`StaleTransitionError` and is left as the other transaction wrote it, as on the flush's
-usual path. An UPDATE of the status that is not the flush's own (a listener's, not by primary
-key) is checked under lock before it runs; the flush's own UPDATE still carries the
-compare-and-set after it (that path was sound).
+usual path; a sharded session's rows carry the state they were loaded in, as a plain one's, and
+no lock is taken for them. An UPDATE of the status that is not the flush's own (a listener's,
+not by primary key) is checked under lock before it runs; the flush's own UPDATE still carries
+the compare-and-set after it (that path was sound).
 
 Deterministic: the other transaction is an autocommit statement on a second engine, run just
 before the first UPDATE is handed to the driver (see :func:`move_before_the_update`): after the
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from scenarios import ASYNC_DRIVERS, seeded_engine, statuses_by_id
+from sent import Sent
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.ext.horizontal_shard import ShardedSession
@@ -302,8 +304,10 @@ def test_a_sharded_session_of_both_shards_in_a_transaction(
     shards: dict[str, sa.Engine], service: str
 ) -> None:
     """No race, in an ordinary transaction: rows on both shards moved in one flush, each
-    written on its own shard; an illegal move refused before anything is sent."""
+    written on its own shard by its compare-and-set (no lock before it); an illegal move
+    refused before anything is sent."""
     Sessions = sharded(shards, service)
+    sent = {name: Sent(eng) for name, eng in shards.items()}
 
     def unit(session: Session, state: str) -> None:
         for task in [session.get_one(Task, 1), session.get_one(Task, 2)]:
@@ -312,6 +316,11 @@ def test_a_sharded_session_of_both_shards_in_a_transaction(
     with pytest.raises(rdb.IllegalTransitionError):
         Sessions.run(unit, "bogus")
     Sessions.run(unit, "pending")
+    for recorder in sent.values():
+        recorder.stop()
+        assert not [q for q in recorder.sql if q.endswith("FOR UPDATE")], recorder.sql
+        [update] = recorder.matching("UPDATE")
+        assert " AND tasks.status = " in update
     assert statuses_by_id(shards["odd"]) == {1: "pending"}
     assert statuses_by_id(shards["even"]) == {2: "pending"}
 
@@ -463,3 +472,42 @@ async def test_async_a_translated_schema(
     # row 2's legal move: psycopg's executemany commits each row's statement in AUTOCOMMIT
     # mode, as on the flush's usual path; asyncpg's fails as one when row 1's condition raises
     assert stored[2] == ("in_progress" if async_driver == "asyncpg" else "pending")
+
+
+@pytest.mark.parametrize("how", ["sharded", "plain"])
+def test_a_row_moved_after_the_flush_was_judged(
+    shards: dict[str, sa.Engine], engine: sa.Engine, how: str, service: str
+) -> None:
+    """Row 1 in_progress -> pending, judged from the state it was loaded in; it goes paused
+    (from which pending is legal too) just after the guard's ``before_flush`` (by a
+    ``before_flush`` listener of the session's, which runs after the guard's). The UPDATE
+    still carries the loaded state, so the row is not written from a state no one judged, in a
+    sharded session as in a plain one (a sharded flush's rows were checked under lock in
+    ``before_flush``, and then, their UPDATE carrying no expectation, read again as it was
+    sent and judged from what they held then: written)."""
+    if how == "sharded":
+        Sessions = sharded(shards, service, isolation_level="AUTOCOMMIT")
+    else:
+        Sessions = rdb.ResilientSession(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), service=service
+        )
+    mover = sa.create_engine(engine.url, isolation_level="AUTOCOMMIT")
+    moved: list[bool] = []
+
+    def pause(session: Session, *_: Any) -> None:
+        if not moved:
+            moved.append(True)
+            with mover.connect() as c:
+                c.exec_driver_sql("UPDATE tasks SET status = 'paused' WHERE id = 1")
+
+    def unit(session: Session) -> None:
+        event.listen(session, "before_flush", pause)
+        session.get_one(Task, 1).status = "pending"
+
+    try:
+        with pytest.raises(rdb.StaleTransitionError, match="now holds 'paused'"):
+            Sessions.run(unit)
+    finally:
+        mover.dispose()
+    assert moved
+    assert statuses_by_id(engine)[1] == "paused"

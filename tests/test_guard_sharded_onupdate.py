@@ -1,7 +1,7 @@
 """A guarded status column with an ``onupdate``, or set by a mapper ``before_update``
 listener, in a session that picks its connection per row (``ShardedSession``:
-``connection_callable``). There the flush's UPDATE is no compare-and-set (its row count can't be
-trusted, nor its connection known ahead): the rows are locked and checked first. The README
+``connection_callable``). There the flush's UPDATE was no compare-and-set (its connection not
+known ahead): the rows were locked and checked first (now it is, on each row's shard). The README
 listed what the ``onupdate`` (a SQL expression, a Python function, an illegal value) or the
 listener writes there as judged by the database trigger only; the flush guard judges it as
 the UPDATE is sent (the mapper's ``before_update`` has the UPDATE of such a row checked under

@@ -1,10 +1,11 @@
 """The flush guard in a horizontally sharded session of two shards (two databases on the test
-server). Such a session picks each row's connection by the row (``connection_callable``), so
-the flush guard locks and reads the rows it judges before their UPDATE; it read them through the
+server). Such a session picks each row's connection by the row (``connection_callable``); the
+flush guard locked and read the rows it judges before their UPDATE, through the
 connection of the mapper's shard chosen without the row (``shard_chooser(mapper, None)``),
 which is another shard for half of them: a legal move of a row there was refused as stale
 (the row was not found), and a move of a row whose status was not loaded was judged by what
-another shard holds under the same key. Each row is now locked and read on its own shard.
+another shard holds under the same key. Each row is now read (when its status was not loaded)
+and compare-and-set on its own shard.
 Real server, real ``ShardedSession``, no trigger, no mocks."""
 
 from __future__ import annotations

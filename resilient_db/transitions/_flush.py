@@ -598,12 +598,15 @@ def _check_against_db(
 # condition that makes the server raise for a row that moved (:func:`_raising_condition`); its
 # error names the row and the state it holds.
 #
-# Where the row count can't tell otherwise, the guard falls back to checking the rows under lock
-# (``SELECT ... FOR UPDATE``, one per table) before their UPDATE: on a dialect without a reliable
-# row count, for a session that picks connections per row (``connection_callable``, horizontal
-# sharding), for an UPDATE in which some row has no recorded expectation (its status was changed
-# after before_flush), and for an UPDATE whose SQL is rewritten after compilation
-# (``schema_translate_map``).
+# A session that picks connections per row (``connection_callable``, horizontal sharding) has
+# each row's expectation recorded on the connection the flush writes it through. A row of an
+# UPDATE with no recorded expectation (its status was changed after before_flush) is read under
+# lock first and expected to hold the state read; an UPDATE whose SQL has its schema names
+# translated (``schema_translate_map``) is sent in the compare-and-set form compiled with the
+# same map. Only where the row count can't tell (a dialect without a reliable one), or the SQL
+# sent was rewritten otherwise, the guard falls back to checking the rows under lock
+# (``SELECT ... FOR UPDATE``, one per table) and sending the UPDATE as it is: on a connection in
+# AUTOCOMMIT mode those locks end with the check (the trigger is what holds there).
 
 
 class _Expect(NamedTuple):
@@ -758,17 +761,29 @@ def _prepare_compare_and_set(
     UPDATE can carry the state they hold. ``touched``: mappers of guarded rows updated with no
     change seen (their UPDATEs are watched too), with the new rows of each whose status a
     post_update UPDATE writes later (judged as they start, see :func:`_check_written`);
-    ``guards_of``: the guards of each mapper the flush met. Returns the errors found."""
-    if session.connection_callable is not None:
-        return _lock_and_check_rows(session, None, changes)
-    attempt = current_attempt.get()
-    began = None if attempt is None else attempt.began
+    ``guards_of``: the guards of each mapper the flush met. Returns the errors found.
+
+    A session that picks each row's connection by the row (``connection_callable``: horizontal
+    sharding, one database per shard) writes a row through its own shard's connection, not
+    knowable ahead by mapper: each row's expectation is recorded on the connection the flush
+    will write it through (``connection_callable(base_mapper, obj)``, as the flush asks it).
+    Its rows updated with no change seen (``touched``) are watched as their UPDATEs are sent
+    (see :func:`before_update`)."""
     # the flush gets its connection with get_bind(mapper=base_mapper): the same one
     by_conn: dict[Connection, list[Change]] = {}
     hooked: dict[Connection, bool] = {}  # whether a resilient unit's transaction began on it
     conn_of: dict[Mapper[Any], Connection] = {}
+    attempt = current_attempt.get()
+    began = None if attempt is None else attempt.began
+    pick = session.connection_callable
     first = changes[0].mapper.base_mapper if changes else None
-    if (
+    if pick is not None:
+        for change in changes:
+            obj = None if change.state is None else change.state.obj()
+            by_conn.setdefault(pick(change.mapper.base_mapper, obj), []).append(change)
+        hooked = dict.fromkeys(by_conn, False)
+        touched = {}
+    elif (
         first is not None
         and not touched
         and (len(changes) == 1 or all(c.mapper.base_mapper is first for c in changes))
@@ -860,13 +875,15 @@ def _prepare_one_row(
     """:func:`_prepare_compare_and_set` for a flush whose one change is of a row whose state
     was loaded, and that updates no other guarded row (the common case), without its
     grouping: the same checks are recorded."""
+    if session.connection_callable is not None:  # the row picks its connection
+        return _prepare_compare_and_set(session, config, [change], {}, guards_of)
     attempt = current_attempt.get()
     mapper = change.mapper
     conn, hooked = _flush_connection(
         session, mapper.base_mapper, None if attempt is None else attempt.began
     )
-    if session.connection_callable is not None or not conn.dialect.supports_sane_rowcount:
-        return _lock_and_check_rows(session, conn, [change])  # see _prepare_compare_and_set
+    if not conn.dialect.supports_sane_rowcount:  # see _prepare_compare_and_set
+        return _check_against_db(conn, [change], lock=True)[0]
     guard = change.guard
     table = guard.table
     checks = _FlushChecks(config, session)
@@ -880,32 +897,6 @@ def _prepare_one_row(
     STATE.flush_checks[conn] = checks
     STATE.flushing[session] = [conn]
     return []
-
-
-def _lock_and_check_rows(
-    session: Session, conn: Connection | None, changes: list[Change]
-) -> list[IllegalTransitionError]:
-    """Where the flush's UPDATE can't carry the compare-and-set, the rows of ``changes`` are
-    locked and checked before it, through ``conn`` (a dialect without a reliable row count).
-    A session that picks each row's connection by the row (``connection_callable``:
-    horizontal sharding, one database per shard) writes a row through its own shard's
-    connection, not knowable ahead by mapper: each row is locked and checked on the
-    connection the flush will write it through (``connection_callable(base_mapper, obj)``, as
-    the flush asks it). A status set during the flush by a listener, or by a post_update
-    UPDATE from a row the flush makes, is checked as its UPDATE is sent (see
-    :func:`before_update`). Returns the errors found."""
-    pick = session.connection_callable
-    if pick is None:
-        assert conn is not None
-        return _check_against_db(conn, changes, lock=True)[0]
-    by_conn: dict[Connection, list[Change]] = {}
-    for change in changes:
-        obj = None if change.state is None else change.state.obj()
-        by_conn.setdefault(pick(change.mapper.base_mapper, obj), []).append(change)
-    errors: list[IllegalTransitionError] = []
-    for shard, group in by_conn.items():
-        errors.extend(_check_against_db(shard, group, lock=True)[0])
-    return errors
 
 
 def _flush_connection(
