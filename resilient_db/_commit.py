@@ -106,7 +106,7 @@ from ._internals import (
     sa_await,
 )
 from ._observability import LineLimit, emit, log_session, more_since, stats_for
-from ._state import STATE, renew_after_fork
+from ._state import STATE, hooks_of, renew_after_fork
 from ._statements import (
     SAFE_CALL_NAMES,
     UNIT_CONTEXT,
@@ -2572,7 +2572,7 @@ def _prepared_late(connection: Any, pooled: Any) -> bool:
     prepared when the factory is bound to it; an async one's set-up needs SQLAlchemy's
     greenlet, which the unit's begin runs in). Idempotent; a connection the protocol can't
     mark (another driver, your own creator's) stays as it is."""
-    hooks = STATE.engine_hooks.get(connection.engine)
+    hooks = hooks_of(connection.engine)
     if hooks is None or not hooks.config.enabled:
         return False
     hooks.commit.prepare(pooled.dbapi_connection)
@@ -4027,7 +4027,7 @@ def _protocol_of(driver: Any, request: CommitRequest | None = None) -> CommitPro
         return None
     for connection, seen in request.drivers():
         if seen is driver:
-            hooks = STATE.engine_hooks.get(connection.engine)
+            hooks = hooks_of(connection.engine)
             return None if hooks is None else hooks.commit
     return None
 

@@ -53,6 +53,7 @@ __all__ = [
     "committed_unclosed",
     "dml_values",
     "empty_result",
+    "engine_of_options",
     "event_keys",
     "expand_composites",
     "fire_after_commit",
@@ -641,6 +642,26 @@ def commit_flushes(session: Any) -> bool:
 #: and the async twin's stand-in for a session class that overrides only ``flush`` or
 #: ``close`` (``_asyncio._OwnMethods``), added there
 PLAIN_COMMITS: set[Any] = {Session.commit}
+
+
+def engine_of_options(engine: Any) -> Any:
+    """The engine whose pool and dialect ``engine`` uses: ``engine`` itself, or for an
+    ``execution_options()`` copy of an engine (SQLAlchemy's ``OptionEngine``, a copy of a copy
+    likewise) the engine it was made from. Pool and dialect events listened for on the copy
+    are the engine's (SQLAlchemy files them on the shared pool and dialect, and the copy's
+    dispatch joins the engine's): hooks installed per engine are installed on this one.
+
+    Private: ``OptionEngine._proxied`` (verified 2.1.9; set by ``OptionEngineMixin.__init__``
+    since 1.4). Taken only when it is an engine with the same dialect. Gone: ``engine``
+    itself (degrading is safe as far as it goes: each copy gets hooks of its own, as before,
+    heard twice on the shared pool and dialect; the canary fails). Public alternative: none
+    (the copy's ``pool`` and ``dialect`` are its engine's, but nothing names the engine)."""
+    while isinstance(engine, sa.engine.Engine):
+        proxied = getattr(engine, "_proxied", None)
+        if not isinstance(proxied, sa.engine.Engine) or proxied.dialect is not engine.dialect:
+            break
+        engine = proxied
+    return engine
 
 
 def last_do_connect(dialect: Any, listener: Any) -> bool:

@@ -16,7 +16,16 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_SERVICES", "STATE", "State", "check_service_room", "reset_state"]
+from ._internals import engine_of_options
+
+__all__ = [
+    "MAX_SERVICES",
+    "STATE",
+    "State",
+    "check_service_room",
+    "hooks_of",
+    "reset_state",
+]
 
 #: Service names are configuration, not data: past this many distinct names in one process a new
 #: one is refused (each has a breaker, counters and metric series that are never evicted).
@@ -39,7 +48,8 @@ class State:
         self.generation = 0
         #: factories that follow the environment's configuration (``reload_config``)
         self.default_config_users: weakref.WeakSet[Any] = weakref.WeakSet()
-        #: the hooks installed on each engine (one set per engine, shared by its factories)
+        #: the hooks installed on each engine (one set per engine, shared by its factories and
+        #: by its ``execution_options()`` copies: keyed by the engine, see :func:`hooks_of`)
         self.engine_hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: which factory made a session: by the class a factory makes (sync: its sessions';
         #: async: their sync sessions'), a weak reference to the factory, which holds the class
@@ -97,6 +107,13 @@ class State:
 
 
 STATE = State()
+
+
+def hooks_of(engine: Any) -> Any:
+    """The hooks installed on ``engine`` (``_unit.EngineHooks``), or None: for an
+    ``execution_options()`` copy of an engine, the engine's, which act on the pool and dialect
+    the copy shares (see ``_unit.hooks_for``)."""
+    return STATE.engine_hooks.get(engine_of_options(engine))
 
 
 #: modules' own locks, renewed in a forked child: (the module's globals, the name, a factory)

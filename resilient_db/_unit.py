@@ -95,6 +95,7 @@ from ._internals import (
     commit_flushes,
     commit_returned,
     committed_unclosed,
+    engine_of_options,
     event_keys,
     fire_after_commit,
     forget_event_keys,
@@ -114,7 +115,7 @@ from ._observability import (
 )
 from ._registry import factory_of, in_unit, register_class
 from ._retry import Policy, past_deadline
-from ._state import STATE
+from ._state import STATE, hooks_of
 from ._statements import (
     COMMITS,
     COMMITS_INSIDE,
@@ -527,7 +528,7 @@ def claim_prune(
     when a prune of that engine is still running (an async factory's, in its task)."""
     if isinstance(given, _UnboundProtocol):
         # the protocol of an engine the unit's COMMIT went to whose prune is due
-        hooks = (STATE.engine_hooks.get(c.engine) for c, _ in request.connections())
+        hooks = (hooks_of(c.engine) for c, _ in request.connections())
         due: list[CommitProtocol] = [
             h.commit for h in hooks if h is not None and h.commit.prune_due()
         ]
@@ -3860,6 +3861,12 @@ def hooks_for(
     """
     config, classifier, service = factory.config, factory.classifier, factory.service
     mine = engine_settings(config, classifier) if settings is None else settings
+    # an ``execution_options()`` copy of an engine shares its pool and dialect, where these
+    # hooks listen (and its dispatch joins the engine's): hooks of its own would be a second
+    # set heard on every connection of both (each lost COMMIT counted and said twice), and
+    # would outlive the copy (a dropped copy's hooks, still listening, raised ReferenceError
+    # at the engine's next error). The engine's hooks are the copy's.
+    engine = engine_of_options(engine)
     with STATE.lock:
         hooks: EngineHooks | None = STATE.engine_hooks.get(engine)
         if hooks is None:
@@ -4020,7 +4027,7 @@ def refuse_disagreeing(engines: Iterable[Engine], mine: tuple[Any, ...]) -> None
     before it registers on any: refused, it leaves no engine holding it."""
     with STATE.lock:
         for engine in engines:
-            hooks = STATE.engine_hooks.get(engine)
+            hooks = hooks_of(engine)
             if hooks is not None:
                 _refuse_other_settings(hooks, mine)
 
@@ -4212,7 +4219,7 @@ def set_up_again(connection: Connection) -> None:
     again (looks for them, prepares the marker statement), instead of verifying by transaction
     id for as long as it lives. Until then it commits as before. Nothing for a connection of an
     engine without a resilient factory, or one set up with the markers."""
-    if STATE.engine_hooks.get(connection.engine) is None:
+    if hooks_of(connection.engine) is None:
         return
     pooled = connection.connection
     driver: Any = pooled.driver_connection

@@ -1311,3 +1311,17 @@ def test_asyncpgs_cursor_check_of_its_connection_is_where_the_classifier_looks()
     assert "is_closed()" in source, message
     assert "InterfaceError" in source, message
     assert importlib.util.find_spec(_internals.SQLALCHEMY_ASYNCPG_MODULE) is not None, message
+
+
+def test_engine_of_options_finds_the_engine_of_a_copy() -> None:
+    engine = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")  # never connected
+    copy = engine.execution_options(isolation_level="AUTOCOMMIT")
+    message = _says(
+        "SQLAlchemy",
+        "OptionEngine._proxied",
+        "engine_of_options",
+        "a factory on an execution_options() copy installs a second set of engine hooks",
+    )
+    assert _internals.engine_of_options(copy) is engine, message
+    assert _internals.engine_of_options(copy.execution_options(logging_token="x")) is engine
+    assert _internals.engine_of_options(engine) is engine
