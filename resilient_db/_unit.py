@@ -3606,6 +3606,18 @@ class EngineHooks:
         attempt = current_attempt.get()
         return (self.config, self.service) if attempt is None else attempt.speaker
 
+    def _checkout_speaker(self) -> tuple[Config, str]:
+        """:meth:`_speaker` at a checkout: outside a unit, the factory of the drop-in session
+        connecting in this context (see ``connecting_for``), where one is, not the engine's
+        latest factory (a factory per service on one engine, or one on its
+        ``execution_options()`` copy: the dead pooled connection one session was handed was
+        counted in the other's ``dead_pooled_connections``)."""
+        if current_attempt.get() is None:
+            factory = connecting_factory()
+            if factory is not None:
+                return factory.config, factory.service
+        return self._speaker()
+
     def _commit_speaker(self, attempt: Any, connection: Any) -> tuple[Config, str]:
         """:meth:`_speaker` for a COMMIT on ``connection`` (a ``Connection``) whose answer was
         lost: outside a unit, the factory of the drop-in session whose transaction began last
@@ -3796,7 +3808,7 @@ class EngineHooks:
         checkout pays nothing for it; the pool replaces it. One line per engine every few
         seconds (a failover or a restart leaves every pooled connection dead: one line each
         would be a storm; the counter and the hooks see each)."""
-        config, service = self._speaker()
+        config, service = self._checkout_speaker()
         stats_for(service).add("dead_pooled_connections")
         log, unlogged = self._pool_lines.take(_DEAD_LINES)
         emit(

@@ -9,7 +9,8 @@ engine's pool and dialect and raised ``ReferenceError`` at the engine's next err
 the error. The copy now has its engine's hooks (one set per pool and dialect).
 
 Under each fault below, with both factories, everything is done and counted once, under the
-service of the factory that met it: a connect refused (retries not multiplied, the breaker fed
+service of the factory that met it (a drop-in session's dead pooled connection was counted
+under the engine's latest factory's): a connect refused (retries not multiplied, the breaker fed
 once per attempt), a dead pooled connection at checkout, a lost COMMIT answer settled by its
 marker, 57P01 replacing the pool, and the flush guard's compare-and-set sent once through the
 copy. Real server, real faults (a proxy that refuses connects and loses COMMIT answers,
@@ -238,6 +239,24 @@ def test_the_compare_and_set_goes_once_through_the_autocommit_copy(
     assert "AND tasks.status = " in update
     with proxied.connect() as conn:
         assert conn.execute(sa.text("SELECT status FROM tasks")).scalar_one() == "completed"
+
+
+def test_a_dead_pooled_connection_met_by_a_dropin_session_counts_under_its_factory(
+    proxied: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """A drop-in session of each factory is handed a dead pooled connection: each counted
+    under its own factory's service, not under the one whose service the engine's lines are
+    said under (the factory made last on the pool: the copy's; before, the copy's hooks
+    listened second and the engine's factory counted them all)."""
+    main, copy = two_factories(proxied, service, isolation_level="REPEATABLE READ")
+    for factory in (main, copy):
+        with factory() as session:
+            assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+        assert pg_server.terminate_backends(database=pg_database) >= 1
+        with factory() as session:
+            assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+    assert counters(f"{service}-main")["dead_pooled_connections"] == 1
+    assert counters(f"{service}-copy")["dead_pooled_connections"] == 1
 
 
 def test_a_factory_on_the_copy_must_agree_with_the_engines(engine: sa.Engine, service: str) -> None:
