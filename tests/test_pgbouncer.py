@@ -15,6 +15,7 @@ asyncpg ``statement_cache_size=0``): the marker's INSERT travels inline with the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pwd
 import shutil
@@ -486,6 +487,98 @@ def test_max_client_conn_is_a_disconnect(
     finally:
         holder.close()
         engine.dispose()
+
+
+def pool_said_nothing(caplog: pytest.LogCaptureFixture, service: str) -> None:
+    """No ``Replacing the pooled connections`` line, no ``pool_invalidations``."""
+    events = [getattr(r, "self_heal", {}).get("event") for r in caplog.records]
+    assert "pool_invalidated" not in events, [r.getMessage() for r in caplog.records]
+    assert rdb.health()["services"][service]["counters"]["pool_invalidations"] == 0
+
+
+def test_max_client_conn_refusal_keeps_the_pooled_connections_sync(
+    bouncer_factory: Callable[..., PgBouncer], service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new connection refused past ``max_client_conn`` while the pool's sound connections
+    are in use (a disconnect: see above) replaces none of them: SQLAlchemy's path for an error
+    without a connection leaves the pool as it is (no ``invalidate_pool_on_disconnect``
+    there), and nothing is said of the pool. Once returned, the same client connections are
+    handed out again: no reconnect each (at ``max_client_conn``, a storm of them)."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    bouncer = bouncer_factory(max_client_conn=3)
+    engine = sa.create_engine(bouncer.url(), connect_args=PSYCOPG_ARGS, pool_size=2, max_overflow=1)
+    Sessions = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=0, failure_threshold=1000)
+    )
+    try:
+        held = [engine.connect() for _ in range(2)]
+        pooled = [conn.connection.driver_connection for conn in held]
+        # the third client fills PgBouncer: the unit needs a third one
+        with (
+            psycopg.connect(bouncer.url(driver="")),
+            pytest.raises(sa.exc.OperationalError) as raised,
+        ):
+            Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+        assert "max_client_conn" in str(raised.value)
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+        for conn in held:
+            conn.close()
+        held = [engine.connect() for _ in range(2)]
+        again = [conn.connection.driver_connection for conn in held]
+        assert {id(c) for c in again} == {id(c) for c in pooled}  # (both alive: ids unique)
+        assert [conn.exec_driver_sql("SELECT 1").scalar() for conn in held] == [1, 1]
+        for conn in held:
+            conn.close()
+        pool_said_nothing(caplog, service)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_max_client_conn_refusal_keeps_the_pooled_connections_async(
+    bouncer_factory: Callable[..., PgBouncer],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    driver: str,
+) -> None:
+    """As above, on the async drivers (asyncpg reports the refusal's 08P01, which the engine's
+    hooks take for a disconnect while connecting)."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    bouncer = bouncer_factory(max_client_conn=3)
+    engine = create_async_engine(
+        bouncer.url(driver), connect_args=DRIVER_ARGS[driver], pool_size=2, max_overflow=1
+    )
+    Sessions = rdb.AsyncResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=0, failure_threshold=1000)
+    )
+
+    async def drivers(held: list[Any]) -> list[Any]:
+        return [(await conn.get_raw_connection()).driver_connection for conn in held]
+
+    async def select_1(session: AsyncSession) -> Any:
+        return (await session.execute(sa.text("SELECT 1"))).scalar()
+
+    try:
+        held = [await engine.connect() for _ in range(2)]
+        pooled = await drivers(held)
+        # the third client fills PgBouncer: the unit needs a third one
+        with psycopg.connect(bouncer.url(driver="")), pytest.raises(sa.exc.DBAPIError) as raised:
+            await Sessions.run(select_1)
+        assert "max_client_conn" in str(raised.value)
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+        for conn in held:
+            await conn.close()
+        held = [await engine.connect() for _ in range(2)]
+        again = await drivers(held)
+        assert {id(c) for c in again} == {id(c) for c in pooled}  # (both alive: ids unique)
+        assert [(await conn.exec_driver_sql("SELECT 1")).scalar() for conn in held] == [1, 1]
+        for conn in held:
+            await conn.close()
+        pool_said_nothing(caplog, service)
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.server_control
