@@ -73,3 +73,92 @@ def test_the_schedule_goes_on_once_a_contention_pair_met(
     # both units end, written once each (the loser ran again after its 40001)
     assert wait_until(lambda: {"s1a", "s1b"} <= set(ledger.done), 30.0)
     stop.set()
+
+
+class _Pair:
+    """A failover that records when it was crashed, written on once ``writes`` is set."""
+
+    def __init__(self) -> None:
+        self.writes = threading.Event()
+        self.asked = 0
+        self.crashed = threading.Event()
+        self.crashed_written: bool | None = None
+
+    def written(self) -> bool:
+        self.asked += 1
+        return self.writes.is_set()
+
+    def crash_primary(self) -> None:
+        self.crashed_written = self.writes.is_set()
+        self.crashed.set()
+
+    def promote(self) -> float:
+        return 0.0
+
+
+class _NoIllegal:
+    def attempt(self) -> None:
+        pass
+
+
+def _failover_schedule(seconds: float, pair: _Pair, stop: threading.Event) -> Schedule:
+    # nothing but the schedule's timing is used: the faults before the failover are skipped
+    # (no server to kill backends on), those after it never come (the test stops the run)
+    return Schedule(
+        seconds=seconds,
+        stage=Stage(
+            cast(Any, None),
+            cast(Any, None),
+            "none",
+            cast(Any, None),
+            cast(Any, _NoIllegal()),
+            (0, 0),
+            (0, 0),
+        ),
+        application_name="demo-faults-test",
+        log=FaultLog(clock=time.monotonic, on_event=lambda message: None),
+        stop=stop,
+        service="demo-faults-failover",
+        crash_allowed=False,
+        failover=pair,
+    )
+
+
+def test_the_failover_waits_for_the_workers_first_writes() -> None:
+    # On a loaded machine the demo's worker processes had written nothing when the failover
+    # came (1.6 s into an 8 s run): no write on the old primary, a failover that showed nothing
+    pair = _Pair()
+    stop = threading.Event()
+    schedule = _failover_schedule(60.0, pair, stop)
+    schedule.start()
+    try:
+        # its time has come (about 3.75 s in), the schedule asks, again and again
+        assert wait_until(lambda: pair.asked >= 5, 30.0), "the failover did not wait"
+        assert not pair.crashed.is_set()
+        pair.writes.set()
+        assert pair.crashed.wait(30.0)
+    finally:
+        stop.set()
+        schedule.join(timeout=30.0)
+    assert pair.crashed_written is True
+    assert schedule.log.injected["failover"] == 1
+    assert schedule.error is None
+
+
+def test_a_failover_still_comes_when_nobody_writes_while_it_still_fits() -> None:
+    pair = _Pair()  # never written on
+    stop = threading.Event()
+    schedule = _failover_schedule(8.0, pair, stop)
+    started = time.monotonic()
+    schedule.start()
+    try:
+        assert pair.crashed.wait(30.0)
+        crashed_after = time.monotonic() - started
+    finally:
+        stop.set()
+        schedule.join(timeout=30.0)
+    assert pair.crashed_written is False
+    assert pair.asked > 1  # it waited first
+    # at the last moment it fits: its outage and recovery (3 s) and a second before the end
+    assert crashed_after >= 8.0 - 3.0 - 1.0
+    assert schedule.log.injected["failover"] == 1

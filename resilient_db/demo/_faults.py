@@ -79,11 +79,14 @@ class FaultLog:
 
 
 class Failover(Protocol):
-    """What the ``failover`` fault needs (a :class:`~resilient_db.testing.StandbyPair` is one)."""
+    """What the ``failover`` fault needs: a :class:`~resilient_db.testing.StandbyPair`'s crash
+    and promotion, and whether the workload has written on the primary yet."""
 
     def crash_primary(self) -> None: ...
 
     def promote(self) -> float: ...
+
+    def written(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class _Planned:
     kind: str
     run: Callable[[], None]
     duration: float  # the time it is expected to take, to decide whether it still fits
+    #: what the fault waits for (while it still fits) to show anything: a failover before the
+    #: workers' first writes shows no write on the old primary, nothing of what it is for
+    ready: Callable[[], bool] | None = None
 
 
 class Schedule(threading.Thread):
@@ -149,12 +155,14 @@ class Schedule(threading.Thread):
     def plan(self) -> list[_Planned]:
         outage_kind = "server_crash" if self.crash_allowed else "proxy_outage"
         outage_fn = self.crash_server if self.crash_allowed else self.proxy_outage
+        outage_ready: Callable[[], bool] | None = None
         if self.failover is not None:  # a primary and a standby: fail over instead (once)
             outage_kind, outage_fn = "failover", self.fail_over
+            outage_ready = self.failover.written
         recover = self.outage + 1.5  # the outage, then the breaker's probe closes it
         first = [
             _Planned("killed_backends", self.kill_backends, 0.5),
-            _Planned(outage_kind, outage_fn, recover),
+            _Planned(outage_kind, outage_fn, recover, outage_ready),
             _Planned("serialization_conflict", self.serialization_conflict, 1.0),
             _Planned("connections_cut", self.cut_connections, 0.5),
             _Planned("lost_commit_answer", self.lose_commit_answer, 1.0),
@@ -188,6 +196,8 @@ class Schedule(threading.Thread):
                     break
                 if self.stop.wait(max(0.0, at - now)):
                     break
+                if item.ready is not None and not self._await_ready(item, started):
+                    break
                 item.run()
                 planned_at = at + gap
         except BaseException as exc:  # reported by the demo
@@ -199,6 +209,22 @@ class Schedule(threading.Thread):
                     pair.join()
                 except BaseException as exc:  # reported by the demo
                     self.error = self.error or exc
+
+    def _await_ready(self, item: _Planned, started: float) -> bool:
+        """Wait until ``item`` is ready, at most while it still fits (a loaded machine's
+        workers may take seconds to their first write); False if the run was stopped."""
+        if item.ready is None or item.ready():
+            return True
+        self.log.on_event(f"{item.kind} waits for the workers' first writes")
+        latest = started + self.seconds - item.duration - 1.0
+        while not item.ready():
+            left = latest - time.monotonic()
+            if left <= 0:
+                self.log.on_event(f"no write yet; {item.kind} anyway, or it would not fit")
+                return True
+            if self.stop.wait(min(0.05, left)):
+                return False
+        return True
 
     def _illegal_loop(self) -> None:
         interval = min(2.0, max(0.4, self.seconds / 24))

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -202,6 +202,15 @@ class _Failover:
     pair: StandbyPair
     crashed_wall: float | None = None
     promoted_wall: float | None = None
+    #: the demo's worker processes (the list they are added to as they are spawned)
+    members: Sequence[_MemberProcess] = ()
+
+    def written(self) -> bool:
+        """Whether every worker process has committed a unit: before the crash, on the
+        primary (the only server that takes writes). Their progress comes every half second."""
+        return bool(self.members) and all(
+            int((m.progress.get("totals") or {}).get("units_ok", 0)) > 0 for m in self.members
+        )
 
     def crash_primary(self) -> None:
         # the time the crash began (the signal sent), not the time its stop was seen: writes
@@ -467,7 +476,7 @@ class FleetDemo(Demo):
             pair.close()
             raise DemoError(f"could not start the embedded primary and standby: {exc}") from exc
         self.pair = pair
-        self.failover = _Failover(pair)
+        self.failover = _Failover(pair, members=self.members)
         self.event(
             f"primary at 127.0.0.1:{pair.primary.port}, synchronous standby at "
             f"127.0.0.1:{pair.standby.port} (streaming replication)"
