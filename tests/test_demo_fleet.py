@@ -360,6 +360,29 @@ def test_the_failover_gap_counts_from_the_moment_the_primary_is_crashed() -> Non
     assert before <= failover.crashed_wall <= pair.began  # stamped as the crash began
 
 
+class _Reported:
+    """A worker process as far as its last progress goes."""
+
+    def __init__(self, units_ok: int | None) -> None:
+        self.progress: dict[str, Any] = (
+            {} if units_ok is None else {"totals": {"units_ok": units_ok}}
+        )
+
+
+def test_the_failover_counts_as_written_once_every_worker_process_committed_a_unit() -> None:
+    # the schedule's failover waits for it: before, on a loaded machine, it came before any
+    # write, and the demo showed no write on the old primary
+    members: list[Any] = []
+    failover = _Failover(cast(Any, _SlowToStop()), members=members)
+    assert not failover.written()  # none spawned yet
+    members += [_Reported(None), _Reported(3)]  # p1 has not reported yet
+    assert not failover.written()
+    members[0] = _Reported(0)
+    assert not failover.written()
+    members[0] = _Reported(1)
+    assert failover.written()
+
+
 def test_an_earlier_run_in_the_process_is_not_counted_as_this_runs_openings(
     redis_server: RedisServer, pg_url: str
 ) -> None:
