@@ -108,6 +108,10 @@ _ASYNCPG_CLOSED: Final = "08003"
 #: the server ended the session for a timeout of its transaction: while the transaction sat
 #: idle (idle_in_transaction_session_timeout) or ran (PostgreSQL 17's transaction_timeout)
 SESSION_TIMEOUT_CODES: Final = frozenset({"25P03", "25P04"})
+#: the server ended this one session for its own timeout (its transaction's, above, or its
+#: idling outside one: idle_session_timeout, 57P05), not because it went away: the pool's other
+#: connections are sound
+ONE_SESSION_ENDED_CODES: Final = SESSION_TIMEOUT_CODES | {"57P05"}
 
 
 def sqlstate_of(exc: BaseException) -> str | None:

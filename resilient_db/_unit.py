@@ -38,8 +38,8 @@ from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, Stati
 from ._classify import (
     DEFAULT_CLASSIFIER,
     HOT_STANDBY_FIX,
+    ONE_SESSION_ENDED_CODES,
     READ_ONLY_SQLSTATE,
-    SESSION_TIMEOUT_CODES,
     Classifier,
     Outcome,
     answer_timed_out,
@@ -3449,6 +3449,14 @@ class EngineHooks:
             # server on the newest timeline)
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
+        elif code in ONE_SESSION_ENDED_CODES:
+            # the server ended this one session for its own timeout (its transaction's, or its
+            # idling outside one: 57P05): the connection is gone (the drivers say so), the
+            # pool's others are sound (SQLAlchemy would replace them all, as for a server that
+            # went away; others that sat idle as long are ended too, each replaced at its
+            # checkout, whose probe sees it closed)
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
         elif (
             code is not None
             and self.classifier.is_disconnect_code(code)
@@ -3467,12 +3475,6 @@ class EngineHooks:
             else:
                 ctx.invalidate_pool_on_disconnect = True
                 self._pool_invalidated(code)
-        elif code in SESSION_TIMEOUT_CODES:
-            # the server ended this one session for its own transaction's timeout: the
-            # connection is gone (the drivers say so), the pool's others are sound (SQLAlchemy
-            # would replace them all, as for a server that went away)
-            ctx.is_disconnect = True
-            ctx.invalidate_pool_on_disconnect = False
         elif not ctx.is_disconnect and (
             client_state_broken(original)
             or (code is None and (socket_given_up(original) or refused_in_pipeline(original)))

@@ -200,6 +200,46 @@ def test_a_connection_ended_for_idling_is_replaced_and_the_unit_runs_again(
     assert _counters(service)["retries_by_class"] == {"disconnect": 1}
 
 
+def test_a_connection_ended_for_idling_leaves_the_pools_other_connections(
+    pg_url: str, pg_server: PostgresServer, service: str
+) -> None:
+    """57P05 ends the one session that sat idle, not the server: the pool's other connections
+    are sound (one busy in a transaction meanwhile, here). They were all replaced, as after a
+    server that went away (the ``Replacing the pooled connections`` line, counted in
+    ``pool_invalidations``); only the ended one is now. (Others that sat idle as long are
+    ended too, and each is replaced at its checkout: the checkout's probe sees it closed.)"""
+    args = server_settings_args("psycopg", idle_session_timeout=str(IDLE_MS))
+    engine = sa.create_engine(pg_url, connect_args=args, pool_size=2)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    seen: list[BaseException] = []
+
+    def unit(session: Session) -> int:
+        driver = session.connection().connection.driver_connection
+        try:
+            if not seen:
+                pid = driver.info.backend_pid
+                wait_for(lambda: _gone(pg_server, pid), "the server to end the idle session")
+            return int(session.execute(sa.text("SELECT 1")).scalar_one())
+        except Exception as exc:
+            seen.append(exc)
+            raise
+
+    try:
+        with engine.connect() as busy:  # in a transaction all along: never idle
+            busy_pid = busy.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            assert Sessions.run(unit) == 1
+        # the busy one, back in the pool, is handed out again (not replaced)
+        with engine.connect() as one, engine.connect() as two:
+            pids = {c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() for c in (one, two)}
+    finally:
+        engine.dispose()
+    assert [rdb.sqlstate_of(e) for e in seen] == [fatal_code("57P05")]
+    assert busy_pid in pids
+    counters = _counters(service)
+    assert counters["retries_by_class"] == {"disconnect": 1}
+    assert counters["pool_invalidations"] == 0
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("async_driver", ["psycopg"])
 async def test_async_a_connection_ended_for_idling_is_replaced_and_the_unit_runs_again(
