@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -575,6 +576,8 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
     read = threading.Event()  # the new link's thread has read this breaker's shared state
     switched_on = threading.Event()
     mark_up = FleetLink._mark_up
+    resync = FleetLink._resync
+    url = redis_server.url
     fleet_rejoin = Breaker.fleet_rejoin
     switch_on = Breaker.switch_on
 
@@ -583,9 +586,16 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
         if breaker.service == service and threading.current_thread() is not threading.main_thread():
             read.set()
 
+    def resync_once_attached(link: FleetLink, skip: Iterable[Any] = ()) -> list[Any]:
+        # the link's first read waits for this breaker to be attached: the link may be made by
+        # another test's factory, still alive and switched on again first, and be up before
+        # this one is attached (then read at its attach, in the reload's thread: the
+        # interleaving of this test never happens)
+        if threading.current_thread() is not threading.main_thread() and link.url == url:
+            wait_for(lambda: service in link.breakers, "the breaker attached", timeout=10.0)
+        return resync(link, skip)
+
     def late_mark_up(link: FleetLink) -> None:
-        # (the link's thread may read the breakers of other tests' factories, still alive and
-        # switched on again first, without this one: then it reads this one once it is up)
         if threading.current_thread() is not threading.main_thread() and read.is_set():
             switched_on.wait(10.0)
         mark_up(link)
@@ -600,6 +610,7 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
         finally:
             switched_on.set()
 
+    clean_env.setattr(FleetLink, "_resync", resync_once_attached)
     clean_env.setattr(FleetLink, "_mark_up", late_mark_up)
     clean_env.setattr(Breaker, "fleet_rejoin", noted_rejoin)
     clean_env.setattr(Breaker, "switch_on", switch_on_after_the_read)
