@@ -895,7 +895,7 @@ def test_a_test_process_killed_while_its_cluster_is_made_leaves_nothing(
 
 
 _KILLED_AT_SCRIPT = """
-import os, signal, subprocess, sys
+import os, signal, subprocess, sys, time
 from pathlib import Path
 from resilient_db.testing import {kind}
 from resilient_db.testing import _server
@@ -948,7 +948,14 @@ def tracer(frame, event, arg):
         return local
     if code is Watchdog._tell.__code__ and {point!r} == "told":
         word, _, pid = frame.f_locals["line"].partition(" ")
-        if word not in ("pid", "job") or pid == "0" or not runs_program(names(pid)):
+        if word not in ("pid", "job") or pid == "0":
+            return None
+        # (a child told just after its fork may not have run its program yet: its command
+        # line is still this process's until it does, a moment later)
+        deadline = time.monotonic() + 5
+        while names(pid) == names(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not runs_program(names(pid)):
             return None
         def local(frame, event, arg):
             if event == "return":
