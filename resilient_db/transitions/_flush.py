@@ -1128,7 +1128,8 @@ def _compare_and_set(
             form = plan.raising_form
             if form is _NO_PLAN:
                 form = plan.raising_form = _cas_form(compiled, guards, dialect, raising=True)
-    form = _as_sent(form, compiled, guards, statement, context)
+    if form is not None and statement != compiled.string:  # (a call only where it differs)
+        form = _as_sent(form, compiled, guards, statement, context)
     if form is None:
         # the row count can't tell, or the SQL sent is not the compiled one (nor that with
         # schema names translated): check under lock, let the UPDATE go as it is
@@ -1262,9 +1263,10 @@ def _server_written(
             form = plan.raising_form = _cas_form(compiled, guards, dialect, raising=True)
     if not noted:
         note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
-    form = _as_sent(
-        form, compiled, guards, statement, context, returning=server if returning else ()
-    )
+    if form is not None and statement != compiled.string:
+        form = _as_sent(
+            form, compiled, guards, statement, context, returning=server if returning else ()
+        )
     if form is None:
         # no compare-and-set form (see _compare_and_set): rows checked under lock, the
         # UPDATE sent as it is, what it wrote read back
