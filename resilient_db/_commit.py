@@ -2780,7 +2780,7 @@ class CommitProtocol:
         except BaseException:
             # the set-up met a lost connection, or was interrupted in the middle of a statement
             # (a cancelled task, Ctrl-C): the connection is not handed on, so it is closed here.
-            # SQLAlchemy 2.0.24 leaves a connection whose ``connect`` listener raised open, held
+            # SQLAlchemy 2.0.25 leaves a connection whose ``connect`` listener raised open, held
             # by nothing (sqlalchemy#13548, fixed in later releases): its socket, and an
             # interrupted set-up's backend on the server, were left to the garbage collector.
             # (A later SQLAlchemy's own close of it finds it closed.)

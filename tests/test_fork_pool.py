@@ -15,11 +15,13 @@ Real forks (``os.fork``), a real server; each child reports through a pipe."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from test_fork_locks import in_child
 
@@ -75,3 +77,36 @@ def test_a_forked_childs_engine_made_by_hand_is_left_to_the_user(
             assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() == parents
     finally:
         engine.dispose()
+
+
+def test_a_forked_childs_async_engine_takes_its_first_connections_at_once(
+    pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """The child's new pool of an async engine that never connected before the fork (what an
+    application does at import, then gunicorn's ``--preload`` forks): its first connections,
+    made by many tasks at once, each run the dialect's first-connect set-up under SQLAlchemy's
+    once-only lock. SQLAlchemy before 2.0.25 gave a recreated pool a thread lock there
+    (sqlalchemy#10813): the second task blocked the event loop's thread while the first awaited
+    its connection, for good. Hence resilient_db's lower bound of 2.0.25."""
+    engine = create_async_engine(
+        pg_server.url(pg_database, driver="asyncpg"), pool_size=20, max_overflow=0
+    )
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def backend_of(session: AsyncSession) -> int:
+        return int((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+
+    def child() -> bool:
+        async def main() -> set[int]:
+            try:
+                pids = await asyncio.gather(*(Sessions.run(backend_of) for _ in range(20)))
+            finally:
+                await engine.dispose()
+            return set(pids)
+
+        return len(asyncio.run(main())) > 1  # (the tasks did overlap: several connections)
+
+    try:
+        assert in_child(child, timeout=30) == b"\x00", "the child's first units hung or failed"
+    finally:
+        asyncio.run(engine.dispose())

@@ -52,7 +52,7 @@ class _Target(NamedTuple):
     key: Any = None  # the values() key a SQL expression stands under (None: the onupdate's)
 
 
-#: PostgreSQL's ARRAY[...] constructor, typed here: SQLAlchemy 2.0.24 (the lowest supported)
+#: PostgreSQL's ARRAY[...] constructor, typed here: SQLAlchemy 2.0.25 (the lowest supported)
 #: declares no types on its ``__init__``, which ``mypy --strict`` refuses to call
 _array: Callable[[list[Any]], Any] = postgresql.array
 
