@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -35,7 +36,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import resilient_db as rdb
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
+    # past the zygote's own bound on a run (2 x JOIN, after which it kills the run's process
+    # group and reports it hung), so that a hang is reported and leaves no process behind
+    pytest.mark.timeout(300),
+]
 
 #: runs of each scenario (each a process of its own)
 #: (2 keeps each test to seconds; COLDSTART_RUNS=30 in the environment for a longer hunt)
@@ -388,6 +394,7 @@ for line in sys.stdin:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.setpgid(0, 0)  # (a group of its own and its preload fork's: killed whole if hung)
         os.close(read_end)
         try:
             data = json.dumps(child(), default=str)
@@ -402,7 +409,7 @@ for line in sys.stdin:
     while True:
         ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
             chunks = [json.dumps({"crashed": "the run hung"}).encode()]
             break
         chunk = os.read(read_end, 65536)
@@ -559,6 +566,7 @@ def _scenario(
         stdout=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=True,  # (its forks too: all ended below, whatever happened)
     ) as zygote:
         assert zygote.stdin is not None
         assert zygote.stdout is not None
@@ -578,9 +586,9 @@ def _scenario(
             zygote.stdin.close()
             try:
                 zygote.wait(timeout=30)
-            finally:
-                if zygote.poll() is None:
-                    zygote.kill()
+            except subprocess.TimeoutExpired:
+                os.killpg(zygote.pid, signal.SIGKILL)  # (and a run's fork left in its group)
+                zygote.wait(timeout=30)
     assert not failed, f"{len(failed)} of {runs} runs went wrong; the first: {failed[0]}"
 
 
