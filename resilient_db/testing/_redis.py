@@ -234,7 +234,10 @@ class RedisServer(Service):
         client = self.client(socket_timeout=timeout, socket_connect_timeout=timeout)
         with contextlib.suppress(Exception), contextlib.closing(client):
             if client.ping():
-                return int(client.info("server")["process_id"])
+                # (Any: the redis client types INFO's answer as a dict from 8.x on, as a
+                # sync-or-async answer before)
+                server: Any = client.info("server")
+                return int(server["process_id"])
         return None
 
     def _taken(self) -> str:
@@ -355,7 +358,7 @@ class RedisServer(Service):
         """Calls per command since start (``INFO commandstats``), e.g. ``{"evalsha": 3}``;
         ``redis.TimeoutError`` after about 2 s on a paused or hung server (no retries)."""
         with contextlib.closing(self.client()) as client:
-            info = client.info("commandstats")
+            info: Any = client.info("commandstats")  # (Any: as in _answering_pid)
         return {
             name.removeprefix("cmdstat_"): int(stats["calls"])
             for name, stats in info.items()

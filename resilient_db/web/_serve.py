@@ -53,7 +53,10 @@ def serve_in_background(
         sock.close()
         raise
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    # loop="none": the loop asyncio's policy gives. uvicorn's default ("auto") before 0.36
+    # switched the whole process's policy to uvloop's where uvloop is installed, so every later
+    # asyncio.run of the application's ran on it too
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, loop="none")
     server = uvicorn.Server(config)
 
     def run() -> None:
