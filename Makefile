@@ -51,7 +51,7 @@ test-oldest:
 	$(OLDEST)/bin/pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # The suite with the newest SQLAlchemy 2.0 release (what most users run; `make test` has the
-# newest 2.1, `make test-oldest` 2.0.25), the rest as `make test` installs it, in a venv of its
+# newest 2.1, `make test-oldest` 2.0.52), the rest as `make test` installs it, in a venv of its
 # own; not part of `make test` either. A newer 2.0 release: SQLA20_VERSION=2.0.x.
 SQLA20 := .venv-sqla20
 SQLA20_VERSION ?= 2.0.58

@@ -1826,7 +1826,7 @@ def connect_outside_units(connect: Callable[..., Awaitable[Any]] | None) -> Any:
     factory and its engine, which was never freed (nor the pool's connections, with their
     server backends). Cleared only while the driver connects: the pool's ``connect`` events,
     after it, see the unit as before. Given the same ``cparams`` again (SQLAlchemy before
-    2.0.2x), the wrapper is found as such and not wrapped twice."""
+    2.0.48), the wrapper is found as such and not wrapped twice."""
     inner = getattr(connect, "_rdb_inner", connect)
     target = asyncpg.connect if inner is None else inner
 
@@ -2780,8 +2780,8 @@ class CommitProtocol:
         except BaseException:
             # the set-up met a lost connection, or was interrupted in the middle of a statement
             # (a cancelled task, Ctrl-C): the connection is not handed on, so it is closed here.
-            # SQLAlchemy 2.0.25 leaves a connection whose ``connect`` listener raised open, held
-            # by nothing (sqlalchemy#13548, fixed in later releases): its socket, and an
+            # SQLAlchemy before 2.0.53 leaves a connection whose ``connect`` listener raised open,
+            # held by nothing (sqlalchemy#13548): its socket, and an
             # interrupted set-up's backend on the server, were left to the garbage collector.
             # (A later SQLAlchemy's own close of it finds it closed.)
             _close_abandoned(dbapi_connection)
@@ -2792,7 +2792,7 @@ class CommitProtocol:
     ) -> None:
         """Have asyncpg make the connection from a marked class (``connection_class``).
 
-        SQLAlchemy before 2.0.2x hands every connect the same ``cparams`` (later ones a copy):
+        SQLAlchemy before 2.0.48 hands every connect the same ``cparams`` (later ones a copy):
         a marked class found there is this listener's own from an earlier connect, and its
         base is what the connection is made from when self-healing is off."""
         given = cparams.get("connection_class")
@@ -2834,7 +2834,7 @@ class CommitProtocol:
         ``connect_timeout`` from the service file, which a value given here would override, and
         only libpq knows which file that is. Likewise, the library's own connections (see
         :func:`~._statements.library_work`) get :data:`LIBRARY_CONNECT_TIMEOUT`."""
-        if self._lent is not None:  # (only SQLAlchemy before 2.0.2x: the same dict again)
+        if self._lent is not None:  # (only SQLAlchemy before 2.0.48: the same dict again)
             (lent, given), self._lent = self._lent, None
             if lent is cparams and cparams.get("connect_timeout") == given:
                 del cparams["connect_timeout"]
@@ -2856,7 +2856,7 @@ class CommitProtocol:
             # one) is given up after LIBRARY_CONNECT_TIMEOUT (cut to what is left of the
             # deadline, in whole seconds as libpq takes it), not psycopg's 130 s, which would
             # hold a unit's check past its deadline. Set in the dict SQLAlchemy hands this
-            # connect; SQLAlchemy before 2.0.2x hands every connect the same one: taken out
+            # connect; SQLAlchemy before 2.0.48 hands every connect the same one: taken out
             # again at the next connect (``_lent``)
             given = int(library_wait(LIBRARY_CONNECT_TIMEOUT, CONNECT_FLOOR))
             cparams["connect_timeout"] = given

@@ -1428,7 +1428,7 @@ class CommitReferee:
     @staticmethod
     def prepare_failure(exc: Exception, request: CommitRequest) -> BaseException:
         """The error of a two-phase unit's failed PREPARE step: ``exc``, or, from SQLAlchemy
-        before its fix of issue 13356 (2.0.25 among the versions this library supports), the
+        before its fix of issue 13356 (2.0.51; older than the lowest supported now, 2.0.52), the
         PREPARE's own error, which its rollback of the failed PREPARE replaced with an
         ``IllegalStateChangeError`` ("'_prepare_impl()' is already in progress") and left as
         the context: that error is the unit's (a lost connection, replayed), or the

@@ -11,7 +11,7 @@ pool's ``connect`` listeners (SQLAlchemy's ``on_connect``, the commit protocol's
   once-per-engine warning stays for a real misconfiguration), the connection is not used on,
   and the unit is retried.
 - the task connecting is cancelled in the middle of the markers' set-up: the new connection is
-  closed at once (SQLAlchemy 2.0.25 closes no connection whose ``connect`` listener raised).
+  closed at once (SQLAlchemy before 2.0.53 closes no connection whose ``connect`` listener raised).
 
 Every fault is the test's own ``connect`` listener terminating its own backend at exactly that
 moment (``pg_terminate_backend``, waiting until the backend has gone), or cancelling its own
@@ -183,8 +183,8 @@ async def test_an_interface_error_of_an_applications_connect_listener_raises_at_
 ) -> None:
     """A connect listener of the application makes a mistake and closes its connection (as
     SQLAlchemy itself does after a ``connect`` listener raised since sqlalchemy#13548 was fixed;
-    2.0.25 leaves it open, held by nothing), so it is closed when the error is classified, yet
-    the error is not a lost connection."""
+    before 2.0.53 it is left open, held by nothing), so it is closed when the error is
+    classified, yet the error is not a lost connection."""
     await _warm_up(async_engine)
 
     def mistaken(dbapi_connection: Any, record: Any) -> None:
@@ -328,7 +328,7 @@ async def test_a_connect_cancelled_in_the_markers_set_up_closes_its_connection(
 ) -> None:
     """The task connecting is cancelled while the commit markers' set-up waits on the server:
     the cancellation goes on to the caller, and the new connection, which the pool never got,
-    is closed there and then, its backend gone from the server (SQLAlchemy 2.0.25 closes no
+    is closed there and then, its backend gone from the server (SQLAlchemy before 2.0.53 closes no
     connection whose ``connect`` listener raised: it was left open to the garbage collector)."""
     rdb.install_commit_markers(admin)
     await _warm_up(async_engine)

@@ -87,7 +87,7 @@ def test_a_forked_childs_async_engine_takes_its_first_connections_at_once(
     made by many tasks at once, each run the dialect's first-connect set-up under SQLAlchemy's
     once-only lock. SQLAlchemy before 2.0.25 gave a recreated pool a thread lock there
     (sqlalchemy#10813): the second task blocked the event loop's thread while the first awaited
-    its connection, for good. Hence resilient_db's lower bound of 2.0.25."""
+    its connection, for good. Hence resilient_db's lower bound of 2.0.25 at least."""
     engine = create_async_engine(
         pg_server.url(pg_database, driver="asyncpg"), pool_size=20, max_overflow=0
     )

@@ -52,8 +52,8 @@ class _Target(NamedTuple):
     key: Any = None  # the values() key a SQL expression stands under (None: the onupdate's)
 
 
-#: PostgreSQL's ARRAY[...] constructor, typed here: SQLAlchemy 2.0.25 (the lowest supported)
-#: declares no types on its ``__init__``, which ``mypy --strict`` refuses to call
+#: PostgreSQL's ARRAY[...] constructor, typed here: older SQLAlchemy 2.0 releases (2.0.25)
+#: declare no types on its ``__init__``, which ``mypy --strict`` refuses to call
 _array: Callable[[list[Any]], Any] = postgresql.array
 
 
