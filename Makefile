@@ -54,7 +54,7 @@ test-oldest:
 # newest 2.1, `make test-oldest` 2.0.52), the rest as `make test` installs it, in a venv of its
 # own; not part of `make test` either. A newer 2.0 release: SQLA20_VERSION=2.0.x.
 SQLA20 := .venv-sqla20
-SQLA20_VERSION ?= 2.0.58
+SQLA20_VERSION ?= 2.0.59
 test-sqla20:
 	test -x $(SQLA20)/bin/python || $(PYTHON) -m venv $(SQLA20)
 	$(SQLA20)/bin/python -m pip install --quiet --upgrade pip

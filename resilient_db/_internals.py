@@ -9,7 +9,7 @@ Rules for every function here:
 - its docstring names the private API, the versions verified (the oldest supported pins and
   the newest installed: SQLAlchemy 2.0.52 / 2.1.9, psycopg 3.2.1 / 3.3.9, asyncpg 0.30.0 /
   0.32.0, pybreaker 1.4.0 / 1.4.1; Flask, for ``with_self_healing`` in a Flask view, 3.1.3;
-  and SQLAlchemy's newest 2.0 release, 2.0.58, which ``make test-sqla20`` installs) and the
+  and SQLAlchemy's newest 2.0 release, 2.0.59, which ``make test-sqla20`` installs) and the
   public alternative, if any;
 - nothing private is imported at module level unguarded: ``import resilient_db`` never fails
   because a library moved a private name;
@@ -121,7 +121,7 @@ def dml_values(stmt: Any) -> list[tuple[Any, Any]]:
     sets, in the statement's order (what the bulk-UPDATE transition guard checks).
 
     Private: SQLAlchemy ``UpdateBase``/``ValuesBase`` storage, in one of two known layouts:
-    - 2.0 (verified 2.0.52, 2.0.58): ``_ordered_values`` (a list of pairs, or None) for
+    - 2.0 (verified 2.0.52, 2.0.59): ``_ordered_values`` (a list of pairs, or None) for
       ``ordered_values()``, ``_values`` (a mapping, or None) for ``values()``;
     - 2.1 (verified 2.1.9): ``_values`` (an ordered mapping, or None) for both, with
       ``_maintain_values_ordering`` set by ``ordered_values()``.
@@ -162,7 +162,7 @@ def with_dml_value(stmt: Any, key: Any, value: Any) -> Any:
     order too), or one the statement does not set (added last, as ``values()`` adds it).
 
     Private: the storage :func:`dml_values` reads (``_values`` / ``_ordered_values``, verified
-    2.0.52, 2.0.58, 2.1.9) and ``Generative._generate`` (the copy every generative method makes).
+    2.0.52, 2.0.59, 2.1.9) and ``Generative._generate`` (the copy every generative method makes).
     Either layout gone: :class:`InternalsChanged` (from :func:`dml_values`). Public
     alternative: ``values()`` for a key the statement lacks, none to replace one (a second
     ``values()`` adds a second entry for a key spelled otherwise; after ``ordered_values()``
@@ -189,7 +189,7 @@ def with_from_statement_element(stmt: Any, element: Any) -> Any:
     ``element`` instead of the statement it wraps (``stmt.element``).
 
     Private: ``Generative._generate`` (the copy every generative method makes; verified 2.0.52,
-    2.0.58, 2.1.9). Gone: :class:`InternalsChanged`. Public alternative: ``select(*entities)
+    2.0.59, 2.1.9). Gone: :class:`InternalsChanged`. Public alternative: ``select(*entities)
     .from_statement(element)``, which needs the wrapper's entities (``_raw_columns``, private
     too).
     """
@@ -212,7 +212,7 @@ def with_where(stmt: Any, *criteria: Any) -> Any:
     rows they matched: evaluated again, they could match other rows, or repeat a side effect).
 
     Private: ``DMLWhereBase._where_criteria`` (a tuple of the ``where()`` criteria) and
-    ``Generative._generate`` (verified 2.0.52, 2.0.58, 2.1.9). Gone: :class:`InternalsChanged`.
+    ``Generative._generate`` (verified 2.0.52, 2.0.59, 2.1.9). Gone: :class:`InternalsChanged`.
     Public alternative: none (``where()`` only adds criteria; a new ``update()`` would lose the
     statement's options, RETURNING, CTEs and execution options).
     """
@@ -268,7 +268,7 @@ def update_loader_criteria(stmt: Any, mapper: Any) -> tuple[sa.ColumnElement[boo
     ``_adjust_for_extra_criteria(global_attributes, mapper)`` of
     ``orm/bulk_persistence.py``'s ``_BulkUDCompileState`` (2.1; ``BulkUDCompileState`` in
     2.0): what the UPDATE's compilation (``_setup_for_orm_update``) and its "evaluate"
-    synchronization (``_eval_condition_from_statement``) call (verified 2.0.52, 2.0.58, 2.1.9).
+    synchronization (``_eval_condition_from_statement``) call (verified 2.0.52, 2.0.59, 2.1.9).
     Gone: :class:`InternalsChanged`. Public alternative: none (a statement's options can't
     be read; an ORM ``select()`` given them applies them by a SELECT's rules, which differ
     for an aliased entity, and only at the top level of the statement compiled).
@@ -323,7 +323,7 @@ def is_anonymous_bind(bind: sa.BindParameter[Any]) -> bool:
     value (or of ``literal()``), as opposed to a named ``bindparam()`` of the application's.
 
     Private: SQLAlchemy ``sqlalchemy.sql.elements._anonymous_label``, the ``str`` subclass of
-    an anonymous bind's key (verified 2.0.52, 2.0.58, 2.1.9); imported on first use. Gone:
+    an anonymous bind's key (verified 2.0.52, 2.0.59, 2.1.9); imported on first use. Gone:
     :class:`InternalsChanged`. Public alternative: none exact.
     """
     if not _ANONYMOUS:
@@ -336,7 +336,7 @@ def empty_result() -> sa.Result[Any]:
     every parameter set was refused sends nothing).
 
     Private: SQLAlchemy ``sqlalchemy.engine.result.null_result`` (undocumented module
-    function; verified 2.0.52, 2.0.58, 2.1.9), imported on use. Gone: :class:`InternalsChanged`.
+    function; verified 2.0.52, 2.0.59, 2.1.9), imported on use. Gone: :class:`InternalsChanged`.
     Public alternative: partial (``IteratorResult`` needs private result metadata).
     """
     try:
@@ -360,7 +360,7 @@ def expand_composites(mapper: Any, row: Mapping[str, Any]) -> Mapping[str, Any]:
 
     Private: SQLAlchemy ``Composite._populate_composite_bulk_save_mappings_fn``, what
     ``orm/bulk_persistence.py``'s ``_expand_composites`` calls for every such set (verified
-    2.1.9; the same method in 2.0's ``orm/descriptor_props.py``, verified 2.0.52, 2.0.58). Gone:
+    2.1.9; the same method in 2.0's ``orm/descriptor_props.py``, verified 2.0.52, 2.0.59). Gone:
     :class:`InternalsChanged`. Public alternative: none (a composite's values are read by an
     accessor SQLAlchemy generates for a dataclass, else by ``__composite_values__()``).
     """
@@ -388,7 +388,7 @@ def flush_pk_bind_name(column: sa.ColumnElement[Any]) -> str:
     criteria (``tasks_id``): the transition guard's compare-and-set reads it.
 
     Private: SQLAlchemy ``ColumnElement._label``, which ``orm/persistence.py`` uses for those
-    binds (verified 2.0.52, 2.0.58, 2.1.9). Gone: :class:`InternalsChanged`. (If only the flush
+    binds (verified 2.0.52, 2.0.59, 2.1.9). Gone: :class:`InternalsChanged`. (If only the flush
     stops naming its binds so, the compare-and-set finds no parameter and falls back to checking
     the rows under lock: correct, slower; ``tests/test_internals.py`` fails for that too.)
     Public alternative: none.
@@ -405,7 +405,7 @@ def flush_pk_bind_name(column: sa.ColumnElement[Any]) -> str:
 
 
 #: SQLAlchemy's symbol for an attribute never set on a new object (private:
-#: ``sqlalchemy.orm.base.NEVER_SET``, verified 2.0.52, 2.0.58, 2.1.9; public alternative: none, the
+#: ``sqlalchemy.orm.base.NEVER_SET``, verified 2.0.52, 2.0.59, 2.1.9; public alternative: none, the
 #: public ``sqlalchemy.orm.NO_VALUE`` is the other such symbol). Gone: a symbol of our own,
 #: which no attribute holds, so such a value counts as known and is checked (refused as no
 #: declared state) instead of being skipped; the canary in tests/test_internals.py fails.
@@ -431,7 +431,7 @@ else:
 
         Private: ``state.manager[key].impl.get_history(state, state.dict,
         PASSIVE_NO_INITIALIZE)`` (the attribute's implementation object, and
-        ``sqlalchemy.orm.base.PASSIVE_NO_INITIALIZE``), verified 2.0.52, 2.0.58, 2.1.9.
+        ``sqlalchemy.orm.base.PASSIVE_NO_INITIALIZE``), verified 2.0.52, 2.0.59, 2.1.9.
         Public alternative: ``sqlalchemy.orm.attributes.get_history(obj, key,
         passive=PASSIVE_NO_INITIALIZE)``, equivalent, but three calls deeper on every guarded
         flush (``tests/test_bench.py`` holds the lines a guarded unit may add).
@@ -441,7 +441,7 @@ else:
 
 #: Run an awaitable from inside SQLAlchemy's greenlet (an async engine's sync code), the
 #: event loop running meanwhile. Private: ``sqlalchemy.util.await_`` (2.1; verified 2.1.9) or
-#: ``await_only`` (2.0; verified 2.0.52, 2.0.58; in 2.1 a deprecated alias, to go in 2.2). Both
+#: ``await_only`` (2.0; verified 2.0.52, 2.0.59; in 2.1 a deprecated alias, to go in 2.2). Both
 #: gone: it raises :class:`InternalsChanged`. Public alternative: ``AdaptedConnection.run_async``
 #: for a driver connection's own coroutines (used wherever one is at hand); none for others
 #: (a session's ``flush()``, a sleep), short of the ``awaitlet`` package.
@@ -469,7 +469,7 @@ def session_binds(session: Any) -> Iterable[Any]:
     ``bind_mapper()`` / ``bind_table()`` since).
 
     Private: SQLAlchemy 2.1's ``Session.binds`` (undocumented; verified 2.1.9), 2.0's
-    ``Session.__binds`` (``_Session__binds``; verified 2.0.52, 2.0.58). Gone:
+    ``Session.__binds`` (``_Session__binds``; verified 2.0.52, 2.0.59). Gone:
     :class:`InternalsChanged` (a unit could not tell that it must join its caller's
     transaction). Public alternative: partial (``sessionmaker.kw["binds"]`` and the ``binds=``
     given to ``__call__`` miss ``bind_mapper()`` / ``bind_table()``).
@@ -497,7 +497,7 @@ def transaction_connections(transaction: Any) -> frozenset[Any]:
 
     Public since SQLAlchemy 2.1.7 (``SessionTransaction.connections``; verified 2.1.9); before,
     private: ``SessionTransaction._connections`` (keyed by connection and by engine, each to a
-    tuple whose first item is the connection; verified 2.0.52, 2.0.58). Gone:
+    tuple whose first item is the connection; verified 2.0.52, 2.0.59). Gone:
     :class:`InternalsChanged` (a bypass could not reach the connections the transaction began
     before it).
     """
@@ -519,7 +519,7 @@ def fire_after_commit(session: Any) -> None:
 
     Private: the event dispatcher's ``dispatch.after_commit(session)`` call, as SQLAlchemy's
     own code makes it (``dispatch`` is the attribute every event target has; calling it is
-    undocumented; verified 2.0.52, 2.0.58, 2.1.9). Gone: :class:`InternalsChanged`. Public
+    undocumented; verified 2.0.52, 2.0.59, 2.1.9). Gone: :class:`InternalsChanged`. Public
     alternative: none.
     """
     dispatch = getattr(getattr(session, "dispatch", None), "after_commit", None)
@@ -542,11 +542,11 @@ def prime_class_listeners(cls: type[Any]) -> None:
     in between takes the empty collection and runs without the class's listeners (the flush
     and bulk-UPDATE guards, a drop-in block's notes, the application's own): 16 threads'
     first units through a barrier missed them in a run of two now and then (verified 2.0.52,
-    2.1.9; 2.0.58 makes them the same way, unlocked). A factory's class is its own, so the
+    2.1.9; 2.0.59 makes them the same way, unlocked). A factory's class is its own, so the
     factory primes it when it makes it.
 
     Private: ``cls.dispatch._for_class(cls)``, which files the collections for ``cls`` as a
-    first instance does (verified 2.0.52, 2.0.58, 2.1.9). Gone: :class:`InternalsChanged`. Public
+    first instance does (verified 2.0.52, 2.0.59, 2.1.9). Gone: :class:`InternalsChanged`. Public
     alternative: making a session of ``cls``, which runs the application's ``__init__``.
     """
     for_class = getattr(getattr(cls, "dispatch", None), "_for_class", None)
@@ -568,7 +568,7 @@ def server_side_result(result: Any) -> bool:
 
     Private: ``FilterResult._real_result`` (the result a ``ScalarResult`` or ``MappingResult``
     filters), ``ChunkedIteratorResult.raw`` (the ORM's cursor result; no underscore, not
-    documented) and ``DefaultExecutionContext._is_server_side`` (verified 2.0.52, 2.0.58, 2.1.9).
+    documented) and ``DefaultExecutionContext._is_server_side`` (verified 2.0.52, 2.0.59, 2.1.9).
     Gone: False (degrading to before: such a result is returned, and fails when read; the
     canary fails). Public alternative: none (``execution_options`` says what was asked for,
     not whether the dialect opened a server-side cursor).
@@ -592,7 +592,7 @@ def committed_unclosed(session: Any) -> bool:
 
     Private: ``SessionTransaction._state`` (``SessionTransactionState.COMMITTED``, set as the
     COMMITs return, before ``after_commit`` fires, until the transaction closes; verified
-    2.0.52, 2.0.58, 2.1.9), of the root transaction ``Session.get_transaction()`` gives
+    2.0.52, 2.0.59, 2.1.9), of the root transaction ``Session.get_transaction()`` gives
     (public). Gone: False (degrading safely: such an interruption is raised unmarked, as before
     it was looked at; the canary fails). Public alternative: none (``SessionTransaction.is_active``
     is False too for a transaction that a failed flush deactivated, whose COMMIT was never
@@ -614,7 +614,7 @@ def commit_returned(transaction: Any, *, prepared_committed: bool) -> bool:
     COMMIT PREPARED went out (``prepared_committed``).
 
     Private: ``SessionTransaction._state``, as :func:`committed_unclosed` (verified 2.0.52,
-    2.0.58, 2.1.9). Gone: False (degrading to before: such an error is settled as a failed COMMIT,
+    2.0.59, 2.1.9). Gone: False (degrading to before: such an error is settled as a failed COMMIT,
     and may be replayed; the canary fails). Public alternative: none.
     """
     state = getattr(getattr(transaction, "_state", None), "name", None)
@@ -630,7 +630,7 @@ def commit_flushes(session: Any) -> bool:
     ``commit()`` of its own (which may read them). A unit otherwise flushes first, on its own.
 
     Private: the truth of ``session.dispatch.before_commit`` (whether it has listeners), as
-    SQLAlchemy's ``commit()`` asks it (verified 2.0.52, 2.0.58, 2.1.9). Gone: False (a unit flushes
+    SQLAlchemy's ``commit()`` asks it (verified 2.0.52, 2.0.59, 2.1.9). Gone: False (a unit flushes
     first, as before: its ``before_commit`` listeners see a flushed session; the canary fails).
     Public alternative: none (``event.contains`` needs the listener).
     """
@@ -669,7 +669,7 @@ def last_do_connect(dialect: Any, listener: Any) -> bool:
     connect arguments the dialect uses).
 
     Private: iterating ``dialect.dispatch.do_connect`` in call order (verified 2.0.52,
-    2.0.58, 2.1.9). Public alternative: none (``event.contains`` tells membership, not order).
+    2.0.59, 2.1.9). Public alternative: none (``event.contains`` tells membership, not order).
     """
     listeners = list(dialect.dispatch.do_connect)
     return bool(listeners) and listeners[-1] == listener
@@ -681,7 +681,7 @@ def event_keys(target: Any, listeners: Iterable[tuple[str, Any]]) -> tuple[Any, 
     ``target`` is gone.
 
     Private: ``sqlalchemy.event.registry._EventKey(target, identifier, fn, target)._key``
-    (verified 2.0.52, 2.0.58, 2.1.9). Gone: ``()``, and the entries stay, as before (degrading is
+    (verified 2.0.52, 2.0.59, 2.1.9). Gone: ``()``, and the entries stay, as before (degrading is
     safe: it costs memory only). Public alternative: ``event.remove``, which needs
     ``target`` alive; a class given to a factory goes with its factories, whenever the
     application drops them."""
@@ -701,7 +701,7 @@ def forget_event_keys(keys: Iterable[Any]) -> None:
 
     Private: ``sqlalchemy.event.registry._key_to_collection`` (key -> {collection ref:
     listener ref}) and ``_collection_to_key`` (collection ref -> {listener ref: key}), as its
-    own ``_removed_from_collection`` updates them (verified 2.0.52, 2.0.58, 2.1.9). Gone: nothing
+    own ``_removed_from_collection`` updates them (verified 2.0.52, 2.0.59, 2.1.9). Gone: nothing
     removed (see :func:`event_keys`). Public alternative: none for a target already gone."""
     from sqlalchemy.event import registry  # noqa: PLC0415 - private, see above
 
@@ -719,7 +719,7 @@ def forget_event_keys(keys: Iterable[Any]) -> None:
 #: The code of SQLAlchemy's ``Connection._commit_impl``, the method that sends a
 #: transaction's COMMIT through the dialect (``do_commit``) and catches its driver error: the
 #: frame at the head of that error's traceback when ``handle_error`` sees it. Private (verified
-#: 2.0.52, 2.0.58, 2.1.9). Gone: None, and no lost COMMIT answer is recognised this way with
+#: 2.0.52, 2.0.59, 2.1.9). Gone: None, and no lost COMMIT answer is recognised this way with
 #: self-healing off (the canary fails). Public alternative: ``ConnectionEvents.commit``, at
 #: about +5 % per unit.
 SQLALCHEMY_COMMIT_CODE: Any = getattr(
@@ -740,7 +740,7 @@ def raised_by_commit_impl(exc: BaseException) -> bool:
 
 #: The keyword SQLAlchemy's asyncpg DBAPI adapter takes for the connect function to use
 #: (``create_async_engine(async_creator=)`` arrives at ``do_connect`` as it). Private:
-#: ``AsyncAdapt_asyncpg_dbapi.connect(..., async_creator_fn=)`` (verified 2.0.52, 2.0.58, 2.1.9).
+#: ``AsyncAdapt_asyncpg_dbapi.connect(..., async_creator_fn=)`` (verified 2.0.52, 2.0.59, 2.1.9).
 #: Renamed: every asyncpg connect fails with a TypeError from ``asyncpg.connect`` (the canary
 #: fails first). Public alternative: none at ``do_connect`` time.
 ASYNC_CREATOR_KWARG = "async_creator_fn"
@@ -754,7 +754,7 @@ def with_own_session_class(
     class shared by the factories given that class, see ``_unit.listening_base``).
 
     SQLAlchemy's ``sessionmaker.__init__`` makes a new subclass per factory today
-    (``type(class_.__name__, (class_,), {})``, undocumented; verified 2.0.52, 2.0.58, 2.1.9);
+    (``type(class_.__name__, (class_,), {})``, undocumented; verified 2.0.52, 2.0.59, 2.1.9);
     resilient_db marks the factory's class as the factory's (``_registry.register_class``).
     It does not rely on that: the class is made here, before ``sessionmaker.__init__`` sees
     it, so whatever SQLAlchemy does with it (a subclass of it, or it as given) belongs to the
