@@ -296,6 +296,20 @@ def run_threads(engine, factory, models):
     return results, hung, checked_out
 
 
+class Gate:
+    """asyncio.Barrier (Python 3.11+) for one use: wait() returns once ``parties`` tasks wait."""
+
+    def __init__(self, parties):
+        self.left = parties
+        self.open = asyncio.Event()
+
+    async def wait(self):
+        self.left -= 1
+        if self.left == 0:
+            self.open.set()
+        await self.open.wait()
+
+
 def run_tasks(engine, factory, models):
     units = async_units(factory, *models)
     registry = prometheus_client.CollectorRegistry()
@@ -303,7 +317,7 @@ def run_tasks(engine, factory, models):
     watch = observers(registry)
 
     async def main():
-        barrier = asyncio.Barrier(WORKERS + len(watch))
+        barrier = Gate(WORKERS + len(watch))
         results = {}
 
         async def work(name, call):
