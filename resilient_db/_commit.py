@@ -2718,9 +2718,6 @@ class CommitProtocol:
         # them: marked when it is switched on (see switched_on), in use or not
         self._made_off: weakref.WeakSet[Any] = weakref.WeakSet()
         self._made_off_lock = threading.Lock()
-        #: the connect arguments a library connect was given a timeout in (see
-        #: _psycopg_do_connect)
-        self._lent: tuple[dict[str, Any], int] | None = None
         if not self.supported:
             self.warn_unsupported()
             # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
@@ -2834,10 +2831,6 @@ class CommitProtocol:
         ``connect_timeout`` from the service file, which a value given here would override, and
         only libpq knows which file that is. Likewise, the library's own connections (see
         :func:`~._statements.library_work`) get :data:`LIBRARY_CONNECT_TIMEOUT`."""
-        if self._lent is not None:  # (only SQLAlchemy before 2.0.48: the same dict again)
-            (lent, given), self._lent = self._lent, None
-            if lent is cparams and cparams.get("connect_timeout") == given:
-                del cparams["connect_timeout"]
         hosts = cparams.get("host")
         if not (
             self._settings.config.enabled
@@ -2856,11 +2849,8 @@ class CommitProtocol:
             # one) is given up after LIBRARY_CONNECT_TIMEOUT (cut to what is left of the
             # deadline, in whole seconds as libpq takes it), not psycopg's 130 s, which would
             # hold a unit's check past its deadline. Set in the dict SQLAlchemy hands this
-            # connect; SQLAlchemy before 2.0.48 hands every connect the same one: taken out
-            # again at the next connect (``_lent``)
-            given = int(library_wait(LIBRARY_CONNECT_TIMEOUT, CONNECT_FLOOR))
-            cparams["connect_timeout"] = given
-            self._lent = (cparams, given)
+            # connect alone (a copy of the engine's, per connect)
+            cparams["connect_timeout"] = int(library_wait(LIBRARY_CONNECT_TIMEOUT, CONNECT_FLOOR))
 
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
         """An asyncpg connection made before this engine had a resilient factory, or while
