@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
@@ -50,11 +50,6 @@ class _Target(NamedTuple):
     value: Any  # the Python value (static) or a SQL expression (dynamic)
     onupdate: bool = False  # the column's onupdate, which the statement does not override
     key: Any = None  # the values() key a SQL expression stands under (None: the onupdate's)
-
-
-#: PostgreSQL's ARRAY[...] constructor, typed here: older SQLAlchemy 2.0 releases (2.0.25)
-#: declare no types on its ``__init__``, which ``mypy --strict`` refuses to call
-_array: Callable[[list[Any]], Any] = postgresql.array
 
 
 def _is_guard_key(key: Any, guard: Guard) -> bool:
@@ -569,10 +564,10 @@ def _written_once(guard: Guard, col: Any, new: Any) -> Any:
         # equalities, not IN: an executemany can't take an expanding IN
         held = [col.is_(None) if k is None else col == guard.binds[k] for k in sources]
         written = sa.case((sa.or_(*held), state), else_=col)
-        whens.append((_array([state]) if to_null else state, written))
+        whens.append((postgresql.array([state]) if to_null else state, written))
     if not whens:
         return col
-    operand = _array([new]) if to_null else new
+    operand = postgresql.array([new]) if to_null else new
     return sa.case(*whens, value=operand, else_=col)
 
 

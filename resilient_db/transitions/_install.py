@@ -268,7 +268,8 @@ def guard_of(trigger: TransitionTrigger) -> Guard:
 
 def _driver_message(orig: BaseException) -> str:
     """The driver's error message of ``orig``, stripped: SQLAlchemy 2.0's asyncpg adapter
-    (2.0.25, at least) puts the asyncpg exception's class in front of it ("<class ...>: ")."""
+    (2.0.52, at least; 2.1's does not) puts the asyncpg exception's class in front of it
+    ("<class ...>: ")."""
     return re.sub(r"^<class '[^']*'>: ", "", str(orig).strip())
 
 
