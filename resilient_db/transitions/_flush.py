@@ -1646,7 +1646,7 @@ _translated_forms: weakref.WeakKeyDictionary[
 
 
 def _as_sent(
-    form: _CasForm | None,
+    form: _CasForm,
     compiled: Any,
     guards: tuple[Guard, ...],
     statement: str,
@@ -1655,13 +1655,12 @@ def _as_sent(
     returning: tuple[Guard, ...] = (),
 ) -> _CasForm | None:
     """``form``, the compare-and-set form of ``compiled``, for the SQL ``statement`` the
-    UPDATE is sent as: itself when that is the compiled SQL (the common case); when it is
+    UPDATE is sent as, which is not the compiled SQL (the callers keep the common case, the
+    compiled SQL sent as it is, to one comparison without a call): when it is
     that SQL with schema names translated (an execution's ``schema_translate_map``), the form
     compiled with the same map rendered (memoized per compiled UPDATE and map); else None (the
     SQL was rewritten otherwise, by a ``before_cursor_execute`` listener, say: the rows are
     then checked under lock, and the UPDATE sent as it is)."""
-    if form is None or statement == compiled.string:
-        return form
     translate = context.execution_options.get("schema_translate_map")
     if not translate:
         return None
