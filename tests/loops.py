@@ -48,3 +48,18 @@ def loop_kind() -> str:
     return (
         "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
     )
+
+
+class Gate:
+    """``asyncio.Barrier`` (Python 3.11+) for one use, on Python 3.10 too: ``wait()`` returns
+    once ``parties`` tasks wait. (The cold-start zygote, a script of its own, imports it.)"""
+
+    def __init__(self, parties: int) -> None:
+        self.left = parties
+        self._open = asyncio.Event()
+
+    async def wait(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self._open.set()
+        await self._open.wait()

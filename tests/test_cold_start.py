@@ -111,6 +111,7 @@ import prometheus_client
 import resilient_db as rdb
 import resilient_db.metrics
 from resilient_db.web import _recorder
+from loops import Gate  # (asyncio.Barrier is Python 3.11's; the tests' directory is on the path)
 
 SETTINGS = json.loads(sys.argv[1])
 KINDS = SETTINGS["kinds"]
@@ -294,20 +295,6 @@ def run_threads(engine, factory, models):
     checked_out = engine.pool.checkedout()
     engine.dispose()
     return results, hung, checked_out
-
-
-class Gate:
-    """asyncio.Barrier (Python 3.11+) for one use: wait() returns once ``parties`` tasks wait."""
-
-    def __init__(self, parties):
-        self.left = parties
-        self.open = asyncio.Event()
-
-    async def wait(self):
-        self.left -= 1
-        if self.left == 0:
-            self.open.set()
-        await self.open.wait()
 
 
 def run_tasks(engine, factory, models):

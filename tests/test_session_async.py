@@ -24,6 +24,7 @@ import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from loops import Gate
 from processes import wait_for, wait_for_async
 from scenarios import (
     ASYNC_DRIVERS,
@@ -176,23 +177,6 @@ async def test_a_unit_on_an_autocommit_engine_is_not_replayed_after_a_write(
         await Session.run(unit)
     assert len(calls) == 1
     assert await count_items(engine, "autocommitted") == 1
-
-
-class Gate:
-    """``asyncio.Barrier`` for Python 3.10: ``wait()`` returns once ``parties`` tasks wait."""
-
-    def __init__(self, parties: int) -> None:
-        self.parties = parties
-        self.arrived = 0
-        self.inside = 0
-        self.most_inside = 0
-        self._open = asyncio.Event()
-
-    async def wait(self) -> None:
-        self.arrived += 1
-        if self.arrived >= self.parties:
-            self._open.set()
-        await self._open.wait()
 
 
 async def select_one_noting(session: AsyncSession, seen: list[BaseException]) -> None:
@@ -1040,20 +1024,21 @@ async def test_32_tasks_are_inside_the_protected_call_at_once(
     await _create_schema(engine)
     Session = factory(engine, service)
     gate = Gate(32)
+    inside = {"now": 0, "most": 0}
 
     async def unit(session: AsyncSession, n: int) -> int:
-        gate.inside += 1
-        gate.most_inside = max(gate.most_inside, gate.inside)
+        inside["now"] += 1
+        inside["most"] = max(inside["most"], inside["now"])
         await gate.wait()
         result = await select_n(session, n)
-        gate.inside -= 1
+        inside["now"] -= 1
         return result
 
     results = await asyncio.wait_for(
         asyncio.gather(*(Session.run(unit, n) for n in range(32))), timeout=30
     )
     assert results == list(range(32))
-    assert gate.most_inside == 32
+    assert inside["most"] == 32
     assert counters(service)["attempts"] == 32
 
 
