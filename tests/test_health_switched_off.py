@@ -31,7 +31,8 @@ async def test_an_operation_made_off_by_its_config_is_listed_as_a_factory_is(
     engine: sa.Engine, service: str
 ) -> None:
     off = rdb.Config(enabled=False)
-    rdb.ResilientSession(engine, service=f"{service}-factory", config=off)
+    # (held: a factory no longer referenced is no live user of its service)
+    factory = rdb.ResilientSession(engine, service=f"{service}-factory", config=off)
     made_off = entry(f"{service}-factory")
     assert made_off["breaker"] == {
         "state": "off",
@@ -57,6 +58,7 @@ async def test_an_operation_made_off_by_its_config_is_listed_as_a_factory_is(
     for kind in ("sync", "async", "call"):
         assert entry(f"{service}-{kind}") == made_off
     assert rdb.health()["healthy"] is True
+    assert factory.kw is not None
 
 
 def test_an_operation_of_a_process_started_off_is_listed_as_a_factory_is(
