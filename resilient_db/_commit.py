@@ -123,6 +123,7 @@ from ._statements import (
     own_work,
     rolled_back_instead,
     statement_listeners,
+    wrap_dialect_calls,
 )
 from .transitions._report import count as count_transitions
 from .transitions._sql import INSTALL_LOCK_TIMEOUT, literal
@@ -805,17 +806,69 @@ _READ_MODE_NOW_SQL: Final = """SELECT pg_catalog.pg_is_in_recovery(), s.setting,
   WHERE s.name OPERATOR(pg_catalog.=) 'default_transaction_read_only'"""
 
 
+#: The savepoints SQLAlchemy made in a transaction (its ``begin_nested()``), by the
+#: transaction's root (a ``RootTransaction``: gone with it), innermost last: what a 25006 met
+#: in one rolls back to before the server is asked (see :func:`takes_writes_asked`). Kept by
+#: the dialect's savepoint calls (see :func:`note_savepoints`: SQLAlchemy's ``savepoint``
+#: event is not told the name it makes).
+_savepoints: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+
+
+def note_savepoints(dialect: Any) -> None:
+    """Have ``dialect`` (an engine's) note the savepoints it makes and ends, by name (see
+    :data:`_savepoints`): its ``do_savepoint``, ``do_release_savepoint`` and
+    ``do_rollback_to_savepoint`` wrapped, its public interface (SQLAlchemy's connection events
+    would make every statement of the engine's connections run its event dispatch, see
+    ``note_dialect_calls``). A Python call per savepoint: nothing is sent."""
+    wrap_dialect_calls(dialect, "do_savepoint", _made_savepoint)
+    note_dialect_calls(dialect, "do_release_savepoint", _ended_savepoint)
+    note_dialect_calls(dialect, "do_rollback_to_savepoint", _ended_savepoint)
+
+
+def _made_savepoint(method: Callable[..., Any], connection: Connection, name: str) -> Any:
+    """``do_savepoint``: ``name`` noted once made (one the server refused was never made)."""
+    done = method(connection, name)
+    root = connection.get_transaction()
+    if root is not None:
+        with contextlib.suppress(TypeError):  # (a transaction that takes no weak reference)
+            _savepoints.setdefault(root, []).append(name)
+    return done
+
+
+def _ended_savepoint(connection: Connection, name: str) -> None:
+    """``do_release_savepoint`` / ``do_rollback_to_savepoint``: SQLAlchemy is done with
+    savepoint ``name`` (released, or rolled back to and discarded), and with those made after
+    it."""
+    root = connection.get_transaction()
+    with contextlib.suppress(TypeError):
+        names = None if root is None else _savepoints.get(root)
+        if names is not None and name in names:
+            del names[names.index(name) :]
+
+
+def innermost_savepoint(connection: Connection) -> str | None:
+    """The name of the innermost savepoint SQLAlchemy made in ``connection``'s transaction
+    and has not ended; None where none was seen (one made before the engine had these
+    hooks)."""
+    root = connection.get_transaction()
+    try:
+        names = None if root is None else _savepoints.get(root)
+    except TypeError:
+        return None
+    return names[-1] if names else None
+
+
 def takes_writes_asked(connection: Connection) -> bool | None:
     """Whether the server behind ``connection`` (SQLAlchemy's, whose statement was just refused
     with 25006) takes writes now, asked (see ``_classify.refused_by_a_writable_server``): its
     failed transaction rolled back first (the only thing a failed transaction allows, which
-    the application's rollback then finds done), then one statement outside any transaction.
-    None, leaving the login's report to judge, where it can't be asked without undoing what
-    the application may still use: inside a savepoint (a ``begin_nested()``, which the
-    application may roll back to and go on), on a driver the library does not mark, or where
-    asking failed."""
+    the application's rollback then finds done), then one statement outside any transaction;
+    inside a savepoint (a ``begin_nested()``, which the application may roll back to and go
+    on), the savepoint rolled back to instead and the statement sent in the transaction (see
+    :func:`_asked_in_savepoint`). None, leaving the login's report to judge, on a driver the
+    library does not mark, or where asking failed."""
     if connection.in_nested_transaction():
-        return None
+        return _asked_in_savepoint(connection)
     try:
         dbapi_connection: Any = connection.connection.dbapi_connection
         driver = connection.connection.driver_connection
@@ -845,6 +898,56 @@ def takes_writes_asked(connection: Connection) -> bool | None:
                     _fail_again(dbapi_connection, begin=autocommit and began)
             else:
                 return None
+    except Exception:  # (a connection lost meanwhile: its next use says so)
+        return None
+    if row is None:
+        return None
+    return takes_writes_now(row[0], row[1], row[2])
+
+
+def _asked_in_savepoint(connection: Connection) -> bool | None:
+    """:func:`takes_writes_asked` for a 25006 met inside a savepoint: the transaction must
+    stay the application's, which may roll back to the savepoint and go on. So the innermost
+    savepoint is rolled back to (the only thing, beside a rollback, that a failed transaction
+    allows; it stays, emptied), the server asked in the transaction (what it answers is the
+    server's: its recovery, and its default read mode with where that comes from, not the
+    transaction's own mode), then the transaction failed again in the savepoint, as the
+    refusal left it: the application's rollback to the savepoint (a ``begin_nested()`` block
+    does it as the error leaves it) finds the transaction as it was when the savepoint was
+    made, and a statement sent before it is refused (25P02) as before. None where the
+    savepoint's name is not known (see :func:`innermost_savepoint`), on a driver the library
+    does not mark, or where asking failed. (A savepoint made by a ``SAVEPOINT`` statement
+    inside the innermost one SQLAlchemy made is gone with its rolling back, as a 25006 outside
+    one's ends the whole transaction.)"""
+    name = innermost_savepoint(connection)
+    if name is None:
+        return None
+    try:
+        dbapi_connection: Any = connection.connection.dbapi_connection
+        driver = connection.connection.driver_connection
+        savepoint = connection.dialect.identifier_preparer.quote(name)
+    except Exception:
+        return None
+    if dbapi_connection is None or not isinstance(
+        driver, (asyncpg.Connection, psycopg.Connection, psycopg.AsyncConnection)
+    ):
+        return None
+    try:
+        with library_work():
+            # (through the DBAPI cursor: SQLAlchemy's asyncpg adapter knows its transaction is
+            # begun, psycopg that its connection is in one; in autocommit too, where the
+            # application began the transaction with a BEGIN statement)
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                try:
+                    cursor.execute(_READ_MODE_NOW_SQL)
+                    row = cursor.fetchone()
+                finally:
+                    with contextlib.suppress(Exception):
+                        cursor.execute(_FAILING_SQL)
+            finally:
+                cursor.close()
     except Exception:  # (a connection lost meanwhile: its next use says so)
         return None
     if row is None:

@@ -78,6 +78,7 @@ from ._commit import (
     claim,
     end_check,
     end_listeners_transaction,
+    note_savepoints,
     prune,
     replication_wait_within,
     stall_cut,
@@ -3892,6 +3893,8 @@ def hooks_for(
             note_dialect_calls(engine.dialect, "do_prepare_twophase", _prepare_twophase)
             wrap_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
             own_xids(engine.dialect)
+            # the savepoints' names, for a 25006 met in one (see takes_writes_asked)
+            note_savepoints(engine.dialect)
             if getattr(engine.dialect, "is_async", False):
                 cancellation_after_terminate(engine.dialect)
             event.listen(engine, "do_connect", hooks.do_connect)

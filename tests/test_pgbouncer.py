@@ -983,6 +983,209 @@ async def test_own_read_only_write_behind_pgbouncer_raises_at_once_async(
         await engine.dispose()
 
 
+# A write refused inside a savepoint (``begin_nested()``): the server is asked too, its
+# savepoint rolled back to for the question and the transaction failed again after it, so
+# that the application may still roll back to the savepoint and go on.
+
+
+def write_in_savepoint(session: Session) -> str:
+    """A read in the unit's transaction, then a write in a savepoint of it."""
+    session.execute(sa.text("SELECT 1"))
+    with session.begin_nested():
+        return write(session)
+
+
+@pytest.mark.server_control
+def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_sync(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """As test_primary_made_read_only_behind_pgbouncer_sync, the refused write in a
+    savepoint. Before, nothing was asked there and the login's report judged: raised at once
+    as the application's own read-only transaction, the pool kept."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    try:
+        Sessions.run(write)
+        before = sync_drivers(engine)
+        with read_only_server(pg_server, txn_bouncer) as back:
+
+            def unit(session: Session) -> str:
+                attempts.append(1)
+                if len(attempts) == 2:
+                    back()
+                return write_in_savepoint(session)
+
+            rdb.add_hook(seen.append)
+            try:
+                assert Sessions.run(unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+        assert len(attempts) == 2
+        refused_then_resumed(seen)
+        assert not sync_drivers(engine) & before
+        assert ledger(pg_server, database) == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.server_control
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_async(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, driver: str
+) -> None:
+    engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
+    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    try:
+        await Sessions.run(lambda s: s.run_sync(write))
+        before = await async_drivers(engine)
+        with read_only_server(pg_server, txn_bouncer) as back:
+
+            async def unit(session: AsyncSession) -> str:
+                attempts.append(1)
+                if len(attempts) == 2:
+                    back()
+                await session.execute(sa.text("SELECT 1"))
+                async with session.begin_nested():
+                    return await session.run_sync(write)
+
+            rdb.add_hook(seen.append)
+            try:
+                assert await Sessions.run(unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+        assert len(attempts) == 2
+        refused_then_resumed(seen)
+        assert not await async_drivers(engine) & before
+        assert ledger(pg_server, database) == 2
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.server_control
+def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_drop_in(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """Drop-in use (no replay): the write refused in a savepoint is raised as a lost server,
+    transient (a web client may be told to retry), its connection and the pool's others
+    replaced. Before, it was the application's own error, the pool kept."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    try:
+        Sessions.run(write)
+        before = sync_drivers(engine)
+        with (
+            read_only_server(pg_server, txn_bouncer),
+            Sessions() as session,
+            pytest.raises(sa.exc.DBAPIError) as refused,
+        ):
+            write_in_savepoint(session)
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        assert rdb.classify(refused.value) is rdb.Outcome.DISCONNECT
+        assert rdb.is_transient(refused.value)
+        assert refused.value.connection_invalidated
+        assert not sync_drivers(engine) & before
+        assert Sessions.run(write) == "written"
+        assert ledger(pg_server, database) == 2
+    finally:
+        engine.dispose()
+
+
+def own_read_only_in_savepoint(session: Session, way: str) -> str:
+    """A write refused in a savepoint by the unit's own read-only transaction (``way``: the
+    whole transaction begun read-only, or the savepoint made so), caught: the unit rolls back
+    to the savepoint and goes on in its transaction, which the refusal left sound. Returns
+    what it did then."""
+    if way == "postgresql_readonly":
+        session.connection(execution_options={"postgresql_readonly": True})
+    session.execute(sa.text("SELECT 1"))
+    with pytest.raises(sa.exc.DBAPIError) as refused, session.begin_nested():  # noqa: PT012
+        if way != "postgresql_readonly":
+            session.execute(sa.text("SET TRANSACTION READ ONLY"))
+        write(session)
+    assert rdb.sqlstate_of(refused.value) == "25006"
+    assert rdb.classify(refused.value) is rdb.Outcome.NOT_TRANSIENT
+    assert not refused.value.connection_invalidated
+    if way == "postgresql_readonly":
+        return str(session.execute(sa.text("SELECT 'read'")).scalar_one())
+    return write(session)  # (the savepoint's read-only mode went with it)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_own_read_only_write_in_a_savepoint_behind_pgbouncer_is_the_units_sync(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    """The application's own read-only write in a savepoint, on a server that takes writes:
+    raised at once (the server, asked, takes writes), the unit's transaction still usable
+    once rolled back to the savepoint, one attempt, the pool kept."""
+    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    def unit(session: Session) -> str:
+        attempts.append(1)
+        return own_read_only_in_savepoint(session, way)
+
+    try:
+        Sessions.run(write)
+        before = sync_drivers(engine)
+        rdb.add_hook(seen.append)
+        try:
+            done = Sessions.run(unit)
+        finally:
+            rdb.remove_hook(seen.append)
+        assert done == ("read" if way == "postgresql_readonly" else "written")
+        assert len(attempts) == 1
+        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
+        assert sync_drivers(engine) == before
+        assert ledger(pg_server, database) == (1 if way == "postgresql_readonly" else 2)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_own_read_only_write_in_a_savepoint_behind_pgbouncer_is_the_units_async(
+    *,
+    txn_bouncer: PgBouncer,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    way: str,
+) -> None:
+    engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
+    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    async def unit(session: AsyncSession) -> str:
+        attempts.append(1)
+        return await session.run_sync(own_read_only_in_savepoint, way)
+
+    try:
+        await Sessions.run(lambda s: s.run_sync(write))
+        before = await async_drivers(engine)
+        rdb.add_hook(seen.append)
+        try:
+            done = await Sessions.run(unit)
+        finally:
+            rdb.remove_hook(seen.append)
+        assert done == ("read" if way == "postgresql_readonly" else "written")
+        assert len(attempts) == 1
+        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
+        assert await async_drivers(engine) == before
+        assert ledger(pg_server, database) == (1 if way == "postgresql_readonly" else 2)
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture
 def standby_bouncer(pg_standby: StandbyPair) -> Iterator[PgBouncer]:
     """PgBouncer (transaction pooling) in front of the pair's primary, whose database has the
@@ -1004,16 +1207,19 @@ def standby_bouncer(pg_standby: StandbyPair) -> Iterator[PgBouncer]:
         bouncer.close()
 
 
+@pytest.mark.parametrize("where", ["transaction", "savepoint"])
 @pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
 @pytest.mark.asyncio
 async def test_pgbouncer_pointed_at_a_hot_standby(
-    standby_bouncer: PgBouncer, pg_standby: StandbyPair, service: str, driver: str
+    standby_bouncer: PgBouncer, pg_standby: StandbyPair, service: str, driver: str, where: str
 ) -> None:
     """Client connections made while PgBouncer reaches the primary; PgBouncer then pointed at
     the hot standby (as when the primary is demoted under it), the client connections kept:
     the standby's refusal (25006) is a lost server, the pool's client connections renewed and
     the unit replayed; it goes in once PgBouncer reaches the primary again. Before, it was
-    raised at once as the application's own read-only transaction."""
+    raised at once as the application's own read-only transaction (in a savepoint, until the
+    server was asked there too)."""
+    writes = write if where == "transaction" else write_in_savepoint
     primary, standby = pg_standby.primary, pg_standby.standby
     seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
@@ -1031,7 +1237,7 @@ async def test_pgbouncer_pointed_at_a_hot_standby(
         def unit(session: Session) -> str:
             attempts.append(1)
             repoint()
-            return write(session)
+            return writes(session)
 
         try:
             Sessions.run(write)
@@ -1053,7 +1259,7 @@ async def test_pgbouncer_pointed_at_a_hot_standby(
         async def async_unit(session: AsyncSession) -> str:
             attempts.append(1)
             repoint()
-            return await session.run_sync(write)
+            return await session.run_sync(writes)
 
         try:
             await AsyncSessions.run(lambda s: s.run_sync(write))

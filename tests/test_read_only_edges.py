@@ -6,7 +6,11 @@ the failed transaction is rolled back to ask, then made failed again. Tried for 
   it (25P02) and the application's ``COMMIT`` commits nothing (psycopg, sync and async);
 - a two-phase unit (``twophase=True``: psycopg's ``tpc_begin``, asyncpg's plain BEGIN);
 - read-only by the session's own setting in autocommit, and ``postgresql_readonly=True`` there
-  (which no driver applies outside a transaction: the write commits, as without the library).
+  (which no driver applies outside a transaction: the write commits, as without the library);
+- inside a savepoint (``begin_nested()``), where the savepoint is rolled back to instead, the
+  server asked in the transaction and the savepoint failed again: the application rolls back
+  to it and goes on, its transaction's other work kept (savepoints inside savepoints, and in
+  autocommit a transaction begun by statement, too).
 
 Each compared with a plain engine (no factory hooks it): the library commits nothing that
 PostgreSQL alone would not have. Real server, real drivers, exact SQLSTATEs.
@@ -138,6 +142,69 @@ def test_postgresql_readonly_in_autocommit_is_the_drivers_as_without_the_library
     assert _count(engine) == 1
 
 
+def refused_in_savepoints(conn: sa.Connection) -> None:
+    """A write refused in a read-only savepoint inside another savepoint of ``conn``'s
+    transaction, the refusal followed by a statement (25P02, the savepoint failed as
+    PostgreSQL leaves it), then the savepoint rolled back to and the work gone on with: in
+    the outer savepoint, after it, and in a new savepoint. Four rows written."""
+    conn.execute(WRITE, {"name": "before"})
+    with conn.begin_nested():
+        conn.execute(WRITE, {"name": "in the outer savepoint"})
+        inner = conn.begin_nested()
+        conn.execute(sa.text("SET TRANSACTION READ ONLY"))  # (the savepoint's only)
+        with pytest.raises(sa_exc.DBAPIError) as refused:
+            conn.execute(WRITE, {"name": "refused"})
+        assert rdb.sqlstate_of(refused.value) == "25006"
+        assert rdb.classify(refused.value) is rdb.Outcome.NOT_TRANSIENT
+        assert not refused.value.connection_invalidated
+        with pytest.raises(sa_exc.DBAPIError) as after:
+            conn.execute(WRITE, {"name": "after the refusal"})
+        assert rdb.sqlstate_of(after.value) == FAILED_TRANSACTION
+        inner.rollback()
+        conn.execute(WRITE, {"name": "after the rollback"})
+    with conn.begin_nested():
+        conn.execute(WRITE, {"name": "in a new savepoint"})
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "factory"])
+@pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])
+def test_a_write_refused_in_a_savepoint_fails_the_savepoint_only(
+    engine: sa.Engine, service: str, hooked: bool, autocommit: bool
+) -> None:
+    """Drop-in use: as PostgreSQL alone leaves it (a plain engine), with the server asked
+    whether it takes writes in the savepoint (it does: the write is the application's)."""
+    if hooked:
+        rdb.ResilientSession(engine, service=service, config=CONFIG)
+    with engine.connect() as opened:
+        conn = opened.execution_options(isolation_level="AUTOCOMMIT") if autocommit else opened
+        if autocommit:
+            conn.exec_driver_sql("BEGIN")
+        refused_in_savepoints(conn)
+        if autocommit:
+            conn.exec_driver_sql("COMMIT")
+        else:
+            conn.commit()
+    assert _count(engine) == 4
+    if hooked:
+        assert_breaker_untouched(service)
+
+
+def test_a_unit_whose_write_is_refused_in_a_savepoint_goes_on_from_it(
+    engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        refused_in_savepoints(session.connection())
+
+    Sessions.run(unit)
+    assert calls == [1]
+    assert rdb.health()["services"][service]["counters"]["retries"] == 0
+    assert _count(engine) == 4
+
+
 # -- async (asyncpg, psycopg) ----------------------------------------------------------------------
 @pytest.fixture(params=ASYNC_DRIVERS)
 def async_driver(request: pytest.FixtureRequest) -> str:
@@ -198,3 +265,35 @@ async def test_async_a_two_phase_unit_refused_read_only_is_raised_at_once_and_st
     assert calls == [rdb.Outcome.NOT_TRANSIENT]
     assert_breaker_untouched(service)
     assert await _acount(aengine) == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "factory"])
+async def test_async_a_write_refused_in_a_savepoint_fails_the_savepoint_only(
+    aengine: AsyncEngine, service: str, hooked: bool
+) -> None:
+    if hooked:
+        rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    async with aengine.connect() as conn:
+        await conn.run_sync(refused_in_savepoints)
+        await conn.commit()
+    assert await _acount(aengine) == 4
+    if hooked:
+        assert_breaker_untouched(service)
+
+
+@pytest.mark.asyncio
+async def test_async_a_unit_whose_write_is_refused_in_a_savepoint_goes_on_from_it(
+    aengine: AsyncEngine, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.run_sync(lambda s: refused_in_savepoints(s.connection()))
+
+    await Sessions.run(unit)
+    assert calls == [1]
+    assert rdb.health()["services"][service]["counters"]["retries"] == 0
+    assert await _acount(aengine) == 4
