@@ -107,6 +107,12 @@ def test_two_processes_with_a_failover(capsys: pytest.CaptureFixture[str]) -> No
     assert any(w["kind"] == "failover" for w in report["outages"])
     assert "synchronous standby" in report["server"]
     assert "standby promoted" in progress
+    # the worker processes' start is a phase of its own, not the workload's: "workload 78.5 s"
+    # for --seconds 60 counted the 18 s the processes took to start on a loaded machine
+    timing = report["timing"]
+    assert list(timing) == ["setup", "processes", "workload", "drain", "verify", "total"]
+    assert timing["processes"] > 0
+    assert timing["workload"] >= report["seconds"]
 
 
 @pytest.mark.slow

@@ -375,6 +375,8 @@ class Demo:
         self.seed = options.seed if options.seed is not None else random.randrange(1 << 30)
         #: the run is ending: its cleanup is under way (see :meth:`event`)
         self.ending = False
+        #: the phases of the run, as the report's ``timing`` gives them (made again by :meth:`run`)
+        self.timing = _Timing()
 
     # -- plumbing for the view -------------------------------------------------------------
     def elapsed(self) -> float:
@@ -425,7 +427,7 @@ class Demo:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
-        timing = _Timing()
+        timing = self.timing = _Timing()
         server, kind = self._server()
         database = f"rdb_demo_{uuid.uuid4().hex[:10]}"
         proxy: FaultProxy | None = None
