@@ -783,7 +783,8 @@ class FleetDemo(Demo):
                 )
         out["first_write_by_process"] = dict(sorted(firsts.items()))
         if old_last:
-            out["last_write_on_old_primary"] = round(max(old_last), 3)
+            # (+ 0.0: a write a fraction of a millisecond before the crash shows 0.0, not -0.0)
+            out["last_write_on_old_primary"] = round(max(old_last), 3) + 0.0
         out["writes_on_old_primary"] = writes["old_primary"]
         out["writes_on_new_primary"] = writes["new_primary"]
         return out
