@@ -761,11 +761,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     ) -> None:
         """COMMIT failed: return if it was verified committed (or changed nothing: see
         ``CommitReferee.done_before_last_commit``), else raise."""
-        failure = self._referee.prepare_failure(exc, request)
-        if not isinstance(failure, Exception):  # an interruption SQLAlchemy's error replaced
-            self._end_later(request, failure)
-            raise failure
-        exc = failure
+        exc = self._referee.prepare_failure(exc, request)
         if await self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
         await self._end_two_phase(request, exc)

@@ -633,11 +633,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:
         """COMMIT failed: return if it was verified committed (or changed nothing: see
         ``CommitReferee.done_before_last_commit``), else raise."""
-        failure = self._referee.prepare_failure(exc, request)
-        if not isinstance(failure, Exception):  # an interruption SQLAlchemy's error replaced
-            self._end_later(request, failure)
-            raise failure
-        exc = failure
+        exc = self._referee.prepare_failure(exc, request)
         if self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
         self._end_two_phase(request, exc)

@@ -1427,25 +1427,10 @@ class CommitReferee:
         return pending
 
     @staticmethod
-    def prepare_failure(exc: Exception, request: CommitRequest) -> BaseException:
-        """The error of a two-phase unit's failed PREPARE step: ``exc``, or, from SQLAlchemy
-        before its fix of issue 13356 (2.0.51; older than the lowest supported now, 2.0.52), the
-        PREPARE's own error, which its rollback of the failed PREPARE replaced with an
-        ``IllegalStateChangeError`` ("'_prepare_impl()' is already in progress") and left as
-        the context: that error is the unit's (a lost connection, replayed), or the
-        interruption (a cancellation, a deadline) that cut the PREPARE off, which must go on.
-        And psycopg's refused PREPARE, which its rollback hid (see :func:`_refused_prepare`).
-        """
-        context = exc.__context__
-        failure: BaseException = exc
-        if (
-            not request.two_phase_commits
-            and isinstance(exc, sa_exc.IllegalStateChangeError)
-            and "_prepare_impl" in str(exc)
-            and context is not None
-        ):
-            failure = context
-        return _refused_prepare(failure, request) or failure
+    def prepare_failure(exc: Exception, request: CommitRequest) -> Exception:
+        """The error of a two-phase unit's failed PREPARE step: ``exc``, or psycopg's refused
+        PREPARE, which its rollback hid (see :func:`_refused_prepare`)."""
+        return _refused_prepare(exc, request) or exc
 
     def two_phase_undecided(
         self, request: CommitRequest, exc: BaseException
@@ -1882,7 +1867,7 @@ def _whose(ticket: CommitTicket) -> str:
     return "a COMMIT that carried no marker"
 
 
-def _refused_prepare(exc: BaseException, request: CommitRequest) -> BaseException | None:
+def _refused_prepare(exc: BaseException, request: CommitRequest) -> sa_exc.DBAPIError | None:
     """The error a server refused a two-phase unit's PREPARE with (a 40001 a deferred
     constraint or SERIALIZABLE raises there, say), when psycopg's rollback replaced it with
     42704 "prepared transaction ... does not exist": psycopg takes its transaction for prepared

@@ -1846,8 +1846,7 @@ def test_a_two_phase_unit_whose_prepare_lost_its_connection_is_replayed(
         assert len(ended) == 1
         assert ended[0].startswith("[SELF-HEAL] ")
         assert seen[0] in ended[0]
-    # (before it, the other database's prepared transaction is SQLAlchemy's to roll back; its
-    # versions before the fix of its issue 13356 leave it prepared, and the factory ends it)
+    # (before it, the other database's prepared transaction is SQLAlchemy's to roll back)
 
 
 @pytest.mark.asyncio
