@@ -1928,13 +1928,11 @@ def connect_outside_units(connect: Callable[..., Awaitable[Any]] | None) -> Any:
     unit, a pooled connection kept the unit's attempt, and through it the unit's session, its
     factory and its engine, which was never freed (nor the pool's connections, with their
     server backends). Cleared only while the driver connects: the pool's ``connect`` events,
-    after it, see the unit as before. Given the same ``cparams`` again (SQLAlchemy before
-    2.0.48), the wrapper is found as such and not wrapped twice."""
-    inner = getattr(connect, "_rdb_inner", connect)
-    target = asyncpg.connect if inner is None else inner
+    after it, see the unit as before."""
+    target = asyncpg.connect if connect is None else connect
 
     async def connect_for_unit(*args: Any, **kwargs: Any) -> Any:
-        if own_work.get() and inner in (None, _connect_host_by_host) and "timeout" not in kwargs:
+        if own_work.get() and connect in (None, _connect_host_by_host) and "timeout" not in kwargs:
             # the library's own connection (see _psycopg_do_connect): a server that accepts
             # TCP and never answers is given up after LIBRARY_CONNECT_TIMEOUT (cut to what is
             # left of the deadline), not asyncpg's 60 s. (A creator of yours is left alone.)
@@ -1946,7 +1944,6 @@ def connect_outside_units(connect: Callable[..., Awaitable[Any]] | None) -> Any:
             for var, token in reversed(tokens):
                 var.reset(token)
 
-    connect_for_unit._rdb_inner = inner  # type: ignore[attr-defined]
     return connect_for_unit
 
 
@@ -2892,35 +2889,24 @@ class CommitProtocol:
     ) -> None:
         """Have asyncpg make the connection from a marked class (``connection_class``).
 
-        SQLAlchemy before 2.0.48 hands every connect the same ``cparams`` (later ones a copy):
-        a marked class found there is this listener's own from an earlier connect, and its
-        base is what the connection is made from when self-healing is off."""
-        given = cparams.get("connection_class")
-        base = getattr(given, "_rdb_base", given) or asyncpg.Connection
-        # (this listener's own, likewise: the connect it wraps, see connect_outside_units)
-        wrapped = cparams.get(ASYNC_CREATOR_KWARG)
-        creator = getattr(wrapped, "_rdb_inner", wrapped)
+        ``cparams`` is SQLAlchemy's copy of the engine's, made for this connect alone: with
+        self-healing off it is left as given (the URL, your ``connection_class`` and
+        ``async_creator``)."""
         if not self._settings.config.enabled:
-            if given is not None and given is not base:
-                cparams["connection_class"] = base  # asyncpg's own (or yours), unmarked
-            if creator is None or creator is _connect_host_by_host:
-                cparams.pop(ASYNC_CREATOR_KWARG, None)  # self-healing off: the URL as given
-            else:
-                cparams[ASYNC_CREATOR_KWARG] = creator  # yours, as given
             return
+        given = cparams.get("connection_class")
+        creator = cparams.get(ASYNC_CREATOR_KWARG)
         # connected outside the unit's context (see connect_outside_units)
         cparams[ASYNC_CREATOR_KWARG] = connect_outside_units(
             _connect_host_by_host
             if creator is None and (self.multi_host or _several_hosts(cparams))
             else creator
         )
-        if creator not in (None, _connect_host_by_host):
-            if given is not None and given is not base:
-                cparams["connection_class"] = base  # yours, unmarked
+        if creator is not None:
             return  # (made by your async_creator: prepare adopts it at connect)
         if cparams.get("statement_cache_size") == 0:
             record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
-        cparams["connection_class"] = marked_connection_class(base)
+        cparams["connection_class"] = marked_connection_class(given or asyncpg.Connection)
 
     def _psycopg_do_connect(
         self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]
@@ -4469,7 +4455,6 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             return cls
         namespace: dict[str, Any] = {
             "_rdb_marked": True,
-            "_rdb_base": base,  # the class it marks (see CommitProtocol._asyncpg_do_connect)
             "__module__": __name__,
         }
         if issubclass(base, asyncpg.Connection):
