@@ -749,10 +749,9 @@ def client_state_broken(exc: BaseException) -> bool:
     asyncpg has read the server's FATAL message but not yet the socket's close: the message
     came while no statement waited, asyncpg set its protocol to wait for a ReadyForQuery that
     never comes, and the next operation fails with "cannot switch to state N; another
-    operation (2) is in progress" instead of "connection is closed". SQLAlchemy before 2.0.50
-    lets it through unwrapped (no ``DBAPIError``, no ``connection_invalidated``); later
-    releases wrap it and see a disconnect when asyncpg has closed the connection, which it does
-    when an operation can't begin but not for every such error. So the class decides."""
+    operation (2) is in progress" instead of "connection is closed". SQLAlchemy wraps it and
+    sees a disconnect when asyncpg has closed the connection, which it does when an operation
+    can't begin but not for every such error. So the class decides."""
     for err in error_chain(exc):
         kind = type(err)
         if kind.__name__ == "InternalClientError" and kind.__module__.startswith("asyncpg"):
@@ -835,7 +834,7 @@ def _driver_disconnect(exc: BaseException) -> bool:
         if not wrapped and _asyncpg_closed(err, module, name):
             return True
         if module.startswith("psycopg") and name in ("OperationalError", "ConnectionTimeout"):
-            # (ConnectionTimeout, psycopg 3.1+: a connect timing out; not its siblings
+            # (ConnectionTimeout: a connect timing out; not its siblings
             # PipelineAborted and CancellationTimeout, which are no lost connection)
             if getattr(err, "sqlstate", None) is not None:
                 return False
@@ -933,8 +932,8 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
         )
     if wrapped and not _passed_through(err, _CONNECTING_MODULES):
         # (while the pool connects or checks out, a listener's statement - the commit
-        # markers' set-up - may meet a lost connection that SQLAlchemy 2.0.18 did not take
-        # for one: judged by the connection's state, as below)
+        # markers' set-up - may meet a lost connection that SQLAlchemy wrapped without taking
+        # it for one: judged by the connection's state, as below)
         return _psycopg_gave_up(err)
     broken = _psycopg_connection_lost(err)
     return True if broken is None else broken or _psycopg_gave_up(err)

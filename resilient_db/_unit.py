@@ -2358,8 +2358,7 @@ def install_connect_retry(
         # subclasses that listen already (a sync factory's class, made before an async factory
         # made Session listen) keep their listeners and hear these too: each event comes twice
         # to their sessions, which the listeners take as once (``began_on`` records a
-        # connection once). Not removed: ``event.remove`` of a subclass's listener once its
-        # base listens raises KeyError in SQLAlchemy before 2.0.37 (its registry's bug)
+        # connection once), so they are left in place
         for name, listener in listeners:
             event.listen(session_class, name, listener)
         listening.add(session_class)

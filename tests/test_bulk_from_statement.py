@@ -1,10 +1,9 @@
 """An ORM UPDATE run as ``select(Task).from_statement(update(Task)...returning(Task))``, the
 SQLAlchemy recipe for an UPDATE that returns ORM objects. The bulk-UPDATE guard read the
-statement as an UPDATE (SQLAlchemy 2.0.30 reports it as one) but took the wrapper for it:
-every such statement, a legal move too, failed with ``InternalsChanged`` ("SQLAlchemy no
-longer has FromStatement._values ... pin SQLAlchemy"); before 2.0.30 SQLAlchemy did not report
-it as an UPDATE and the guard let it run unjudged. The UPDATE inside is judged now, as one run
-by itself: rows that may not move are left out (or raise), the others move and come back.
+statement as an UPDATE (SQLAlchemy reports it as one) but took the wrapper for it: every such
+statement, a legal move too, failed with ``InternalsChanged`` ("SQLAlchemy no longer has
+FromStatement._values ... pin SQLAlchemy"). The UPDATE inside is judged now, as one run by
+itself: rows that may not move are left out (or raise), the others move and come back.
 
 Real server, no trigger installed: the session guards alone; sync and async."""
 

@@ -262,7 +262,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
     if type(stmt) is FromStatement:  # (select(Model).from_statement(update(Model)...))
         # select(Model).from_statement(update(Model)...returning(Model)): the UPDATE inside
         # is judged and restricted as one run by itself, then run as given (SQLAlchemy
-        # reports the wrapper as an UPDATE from 2.0.30 on, not before)
+        # reports the wrapper as an UPDATE)
         outer, stmt = stmt, stmt.element
         if not (stmt.is_dml and stmt.is_update):
             return None
@@ -624,8 +624,8 @@ def _restrict_many(
     set's target state travels as a parameter of ours, so the one statement holds the legal
     condition of every set; each set's rows are checked (or counted) before it runs. The
     restricted statement runs through ``invoke_statement``, which adds our parameters to each
-    set (SQLAlchemy before 2.0.2x ignores parameters a listener assigns). ``given``: the
-    UPDATE, run inside ``outer`` when that is a ``from_statement()`` wrapper."""
+    set. ``given``: the UPDATE, run inside ``outer`` when that is a ``from_statement()``
+    wrapper."""
     stmt: Any = given
     if not params or not all(isinstance(p, Mapping) for p in params):
         return None  # nothing to run, or not parameter sets SQLAlchemy would take

@@ -580,7 +580,7 @@ def _reason(status: int) -> str:
 
 def _route_path(scope: Scope) -> str:
     """The path below the mount point (Starlette keeps the full ``path`` and extends
-    ``root_path`` when mounting; older versions strip ``path``)."""
+    ``root_path`` when mounting; a router that strips ``path`` instead gives it as it is)."""
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
     if root and path.startswith(root):
