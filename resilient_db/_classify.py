@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
+import psycopg
 import sqlalchemy.exc as sa_exc
 from psycopg.errors import ConnectionTimeout
 
@@ -622,7 +623,8 @@ def marked_replay_safe(exc: BaseException) -> bool:
 
 
 def error_chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, the DBAPI error SQLAlchemy wrapped, and their causes (bounded)."""
+    """``exc``, the DBAPI error SQLAlchemy wrapped, and their causes (bounded); the server's
+    error psycopg replaced with its own (see :func:`_server_error_replaced`) counts as one."""
     seen = 0
     current: BaseException | None = exc
     while current is not None and seen < _MAX_CHAIN:
@@ -635,8 +637,26 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
             # Python 3.10: awaiting a cancelled task (asyncio.wait_for's too) raises a new
             # CancelledError, the task's own (the one marked) as its context; 3.11+ raise it
             current = current.__context__
+        elif current.__cause__ is None and _server_error_replaced(current):
+            current = current.__context__
         else:
             current = current.__cause__
+
+
+def _server_error_replaced(exc: BaseException) -> bool:
+    """Whether ``exc`` is psycopg's own error raised in place of the server's, its context:
+    ``tpc_prepare()`` raises the server's refusal of PREPARE TRANSACTION (55000 "prepared
+    transactions are disabled", where ``max_prepared_transactions`` is 0) as a
+    ``NotSupportedError`` without a SQLSTATE, ``from None``. The server's error says what it
+    is: answered (the connection is sound, nothing was prepared), and no transient one."""
+    context = exc.__context__
+    return (
+        isinstance(exc, psycopg.NotSupportedError)
+        and exc.sqlstate is None
+        and exc.__suppress_context__
+        and isinstance(context, psycopg.Error)
+        and context.sqlstate is not None
+    )
 
 
 def _reraised_cancellation(exc: BaseException) -> bool:

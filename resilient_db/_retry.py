@@ -118,7 +118,7 @@ def _failure_cause(exc: BaseException) -> str | None:
     return hosts_failed_of(exc) if server is None else hot_standby_hint(server)
 
 
-def _add_note(exc: BaseException, note: str) -> None:
+def add_note_once(exc: BaseException, note: str) -> None:
     """Add ``note`` to the traceback of ``exc`` (re-raised as it is: its type and message stay
     the driver's), once; Python 3.11+ (``add_note``), nothing before."""
     add_note = getattr(exc, "add_note", None)
@@ -981,7 +981,7 @@ class Policy:
         if refused:
             raise CircuitOpenError(self.service, refused[0], cause=cause) from exc
         if cause is not None:
-            _add_note(exc, f"resilient_db: {cause}")
+            add_note_once(exc, f"resilient_db: {cause}")
         self._mark_if_opened(exc, outcome)
 
     def _gave_up_on_error(self, exc: BaseException, retries: int) -> None:

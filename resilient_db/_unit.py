@@ -115,7 +115,7 @@ from ._observability import (
     unfit_label,
 )
 from ._registry import factory_of, in_unit, register_class
-from ._retry import Policy, past_deadline
+from ._retry import Policy, add_note_once, past_deadline
 from ._state import STATE, hooks_of
 from ._statements import (
     COMMITS,
@@ -1429,8 +1429,18 @@ class CommitReferee:
     @staticmethod
     def prepare_failure(exc: Exception, request: CommitRequest) -> Exception:
         """The error of a two-phase unit's failed PREPARE step: ``exc``, or psycopg's refused
-        PREPARE, which its rollback hid (see :func:`_refused_prepare`)."""
-        return _refused_prepare(exc, request) or exc
+        PREPARE, which its rollback hid (see :func:`_refused_prepare`). A server with prepared
+        transactions disabled refuses it with 55000 (the server's only 55000 at PREPARE): the
+        error gets a note saying what to set (asyncpg's message carries no hint of the
+        server's)."""
+        failure = _refused_prepare(exc, request) or exc
+        if (
+            request.two_phase
+            and not request.two_phase_commits
+            and sqlstate_of(failure) == PREPARED_TRANSACTIONS_DISABLED
+        ):
+            add_note_once(failure, _PREPARE_DISABLED_NOTE)
+        return failure
 
     def two_phase_undecided(
         self, request: CommitRequest, exc: BaseException
@@ -1867,16 +1877,30 @@ def _whose(ticket: CommitTicket) -> str:
     return "a COMMIT that carried no marker"
 
 
+#: the SQLSTATE a server refuses PREPARE TRANSACTION with when ``max_prepared_transactions``
+#: is 0, PostgreSQL's default (object_not_in_prerequisite_state)
+PREPARED_TRANSACTIONS_DISABLED = "55000"
+
+_PREPARE_DISABLED_NOTE = (
+    "resilient_db: the server has prepared transactions disabled, which a factory with "
+    "twophase=True needs on every database its units write to: set max_prepared_transactions "
+    "above 0 there (at least the number of two-phase units that may be in flight at once; it "
+    "takes a server restart), or make the factory without twophase=True"
+)
+
+
 def _refused_prepare(exc: BaseException, request: CommitRequest) -> sa_exc.DBAPIError | None:
     """The error a server refused a two-phase unit's PREPARE with (a 40001 a deferred
-    constraint or SERIALIZABLE raises there, say), when psycopg's rollback replaced it with
-    42704 "prepared transaction ... does not exist": psycopg takes its transaction for prepared
-    once ``tpc_prepare()`` has begun, so SQLAlchemy's rollback of the failed PREPARE step sends
-    ROLLBACK PREPARED for a transaction the server had rolled back, and the unit heard that
-    error, with the PREPARE's as its context (plain SQLAlchemy alike). The PREPARE's is the
-    unit's: a conflict is replayed as at COMMIT. As SQLAlchemy's rollback stopped at that
-    error, the unit's other prepared transactions may be left: the factory looks for them (see
-    ``CommitReferee.two_phase_undecided``). None for any other error."""
+    constraint or SERIALIZABLE raises there, say; 55000 where prepared transactions are
+    disabled, which psycopg raises as a ``NotSupportedError`` of its own: its SQLSTATE is
+    found behind it, see ``_classify._server_error_replaced``), when psycopg's rollback
+    replaced it with 42704 "prepared transaction ... does not exist": psycopg takes its
+    transaction for prepared once ``tpc_prepare()`` has begun, so SQLAlchemy's rollback of the
+    failed PREPARE step sends ROLLBACK PREPARED for a transaction the server had rolled back,
+    and the unit heard that error, with the PREPARE's as its context (plain SQLAlchemy alike).
+    The PREPARE's is the unit's: a conflict is replayed as at COMMIT. As SQLAlchemy's rollback
+    stopped at that error, the unit's other prepared transactions may be left: the factory
+    looks for them (see ``CommitReferee.two_phase_undecided``). None for any other error."""
     context = exc.__context__
     orig: BaseException | None = getattr(exc, "orig", None)
     if orig is not None and context is orig:

@@ -2490,6 +2490,119 @@ async def test_async_a_prepare_the_server_refuses_with_a_conflict_is_replayed(
     refused_then_replayed(caplog)
 
 
+# -- a server with prepared transactions disabled ------------------------------------------------
+# PostgreSQL's default, max_prepared_transactions = 0 (the suite's own server keeps it), refuses
+# PREPARE TRANSACTION with 55000 "prepared transactions are disabled". psycopg raises that as a
+# NotSupportedError of its own, without a SQLSTATE (the server's error only its context), and
+# its rollback then sends ROLLBACK PREPARED for a transaction never prepared: plain SQLAlchemy
+# raises 42704 "prepared transaction ... does not exist", the refusal hidden in its context.
+
+
+@pytest.fixture
+def disabled_engine(engine: sa.Engine) -> sa.Engine:
+    """The module's engine, on the suite's server: prepared transactions disabled there."""
+    with engine.connect() as conn:
+        if conn.exec_driver_sql("SHOW max_prepared_transactions").scalar() != "0":
+            pytest.skip("needs a server with max_prepared_transactions = 0")
+    return engine
+
+
+def refused_as_disabled(exc: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    """``exc`` is the server's refusal of PREPARE TRANSACTION, which names the setting, a
+    configuration error (not retried), and no line took it for a COMMIT whose answer was
+    lost."""
+    assert rdb.sqlstate_of(exc) == "55000"
+    assert "prepared transactions are disabled" in str(exc)
+    assert rdb.classify(exc) is rdb.Outcome.NOT_TRANSIENT
+    if sys.version_info >= (3, 11):
+        assert any("max_prepared_transactions" in note for note in exc.__notes__)
+    assert not [r for r in caplog.records if "outcome unknown" in r.getMessage()]
+
+
+def tasks_in(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(sa.select(sa.func.count()).select_from(Task)) or 0)
+
+
+def test_a_two_phase_unit_with_prepared_transactions_disabled_raises_the_refusal(
+    *,
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_engines: list[Any],
+    disabled_engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Items in a database of a server with prepared transactions, tasks on one without: the
+    latter's PREPARE is refused (the other's prepared before it or not: SQLAlchemy prepares
+    them in no set order). The unit raised 42704 from psycopg's rollback, and nothing said what
+    to set. Now it raises the refusal, once (a configuration error: not replayed), with a note
+    naming the setting, and nothing is left prepared."""
+    caplog.set_level("INFO", logger="resilient_db")
+    engines = [two_engines[0], disabled_engine]
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service, classifier=None)
+    calls: list[int] = []
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        Sessions.run(add_to_both, calls)
+    refused_as_disabled(info.value, caplog)
+    assert calls == [1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+    assert counts(two_phase_server, two_databases) == [0, 0]
+    assert tasks_in(disabled_engine) == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_two_phase_unit_with_prepared_transactions_disabled_raises_the_refusal(
+    *,
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_async_engines: list[Any],
+    disabled_engine: sa.Engine,
+    pg_server: Any,
+    pg_database: str,
+    driver: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The async twin, on both drivers (asyncpg's dialect prepares with a statement and rolls
+    back with a plain ROLLBACK: it raised the refusal, without the server's hint)."""
+    caplog.set_level("INFO", logger="resilient_db")
+    disabled = create_async_engine(
+        pg_server.url(pg_database, driver=driver), connect_args=async_connect_args(driver, 2)
+    )
+    try:
+        engines = [two_async_engines[0], disabled]
+        Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service, classifier=None)
+        calls: list[int] = []
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await Sessions.run(add_to_both_async, calls)
+    finally:
+        await disabled.dispose()
+    refused_as_disabled(info.value, caplog)
+    assert calls == [1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+    assert counts(two_phase_server, two_databases) == [0, 0]
+    assert tasks_in(disabled_engine) == 0
+
+
+def test_a_drop_in_two_phase_block_with_prepared_transactions_disabled(
+    disabled_engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Drop-in use (``with Session.begin()``) raises what SQLAlchemy raises, as with
+    ``sessionmaker``; but the refused PREPARE, which carried no SQLSTATE, was taken for a
+    COMMIT whose answer was lost: an ERROR line "Commit outcome unknown" and an unknown
+    outcome counted, for a transaction that saved nothing."""
+    caplog.set_level("INFO", logger="resilient_db")
+    Sessions = rdb.ResilientSession(disabled_engine, service=service, twophase=True)
+    with pytest.raises(sa.exc.DBAPIError) as info, Sessions.begin() as session:
+        session.add(Task(idem_key="k-1", title="drop-in"))
+    assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+    assert not [r for r in caplog.records if "outcome unknown" in r.getMessage()]
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 0
+    assert tasks_in(disabled_engine) == 0
+
+
 def test_a_lost_prepare_that_cant_be_looked_for_is_not_replayed(
     two_phase_server: Any,
     two_databases: tuple[str, str],
