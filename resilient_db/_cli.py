@@ -3,7 +3,7 @@
 Subcommands::
 
     resilient-db demo [--seconds 45] [--workers 8] [--url URL] [--json] [--metrics-port N]
-                      [--processes N] [--ha] [--redis-url URL]
+                      [--processes N] [--ha] [--redis-url URL] [--async]
                       [--dashboard-port N]
     resilient-db check-config [--json]
     resilient-db rules MODULE:Model [--format mermaid|dot] [--column NAME]
@@ -89,14 +89,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run a self-healing workload on PostgreSQL with injected faults, then verify it",
         description=(
             "Start an embedded PostgreSQL (or use --url), apply the example migrations, and run "
-            "worker threads that create tasks and move them through their states while real "
-            "faults are injected: killed backends, a server crash and restart, cut "
-            "connections, lost COMMIT answers, serialization conflicts, deadlocks and illegal "
-            "status transitions. At the end every unit of work is checked against the "
-            "database. Exit status 0 when every invariant held, 1 when one failed, 2 for a "
-            "usage error or a demo that could not run, 130 when interrupted, 143 when "
-            "terminated (SIGTERM), 129 when hung up (SIGHUP: its terminal closed); it cleans "
-            "up as after Ctrl-C."
+            "worker threads (or with --async, asyncio tasks) that create tasks and move them "
+            "through their states while real faults are injected: killed backends, a server crash "
+            "and restart, cut connections, lost COMMIT answers, serialization conflicts, deadlocks "
+            "and illegal status transitions. At the end every unit of work is checked against the "
+            "database. Exit status 0 when every invariant held, 1 when one failed, 2 for a usage "
+            "error or a demo that could not run, 130 when interrupted, 143 when terminated "
+            "(SIGTERM), 129 when hung up (SIGHUP: its terminal closed); it cleans up as after "
+            "Ctrl-C."
         ),
     )
     demo.add_argument(
@@ -109,8 +109,18 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help=(
-            "worker threads in all, at most 100 (default 8, or one per process when --processes "
-            "is more)"
+            "worker threads (asyncio tasks with --async) in all, at most 100 (default 8, or one "
+            "per process when --processes is more)"
+        ),
+    )
+    demo.add_argument(
+        "--async",
+        dest="use_async",
+        action="store_true",
+        help=(
+            "run the workers as asyncio tasks (one event loop per process) on asyncpg through "
+            "AsyncResilientSession, instead of threads on psycopg through ResilientSession; "
+            "the same faults, the same checks"
         ),
     )
     demo.add_argument(
@@ -418,6 +428,7 @@ def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         seed=args.seed,
         keep_database=args.keep_database,
         migrations=args.migrations,
+        use_async=args.use_async,
     )
     fleet_problem = check_fleet_options(options)
     if fleet_problem is not None:

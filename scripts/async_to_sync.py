@@ -115,6 +115,7 @@ class Twin:
 TWINS = (
     Twin("resilient_db/_asyncio.py", "resilient_db/_session.py"),
     Twin("tests/test_commit_protocol_async.py", "tests/test_commit_protocol.py"),
+    Twin("resilient_db/demo/_workload_async.py", "resilient_db/demo/_workload.py"),
 )
 
 

@@ -53,7 +53,7 @@ REPORT_KEYS = {
     *("faults_skipped", "gave_up", "history_rows_in_db", "illegal_transitions_blocked_by_via"),
     *("outages", "recovered", "retries_by_class", "retries_by_sqlstate", "seconds", "seed"),
     *("server", "tasks_in_db", "timing", "unaccounted_writes", "units_by_kind"),
-    *("units_resumed_after_giving_up", "workers"),
+    *("units_resumed_after_giving_up", "workers", "driver"),
 }
 INVARIANTS = {
     "no_lost_writes",
@@ -112,6 +112,44 @@ def test_demo_on_the_embedded_server(capsys: pytest.CaptureFixture[str]) -> None
     assert report["outages"][0]["kind"] == "server_crash"
     assert report["server"].startswith("embedded PostgreSQL")
     assert "time is up" in progress  # progress went to stderr as plain lines
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+def test_demo_async_runs_the_workload_on_asyncpg(capsys: pytest.CaptureFixture[str]) -> None:
+    # --async: the same workload as asyncio tasks on asyncpg through AsyncResilientSession, the
+    # same faults (a crash-restart among them), the same checks against the database
+    import asyncpg  # noqa: PLC0415 - the async driver, only here
+
+    made: list[bool] = []
+
+    def connected(dbapi_connection: Any, record: Any) -> None:
+        # every connection any engine of this process makes: whether the driver's is asyncpg's
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        made.append(isinstance(driver, asyncpg.Connection))
+
+    sa.event.listen(sa.Engine, "connect", connected)
+    try:
+        status, report, progress = run_demo(capsys, "--async")
+    finally:
+        sa.event.remove(sa.Engine, "connect", connected)
+    assert_healthy_report(report, progress)
+    assert status == 0
+    assert sorted(report) == sorted(REPORT_KEYS)
+    assert report["driver"] == "asyncpg"  # the workers' engine's dialect
+    # the units' connections were asyncpg's (the migrations and the final check use psycopg):
+    # more than the workers, who connected again after each fault that cut them off
+    assert made.count(True) > 8
+    assert "asyncio tasks on asyncpg" in progress
+    # faults injected and healed: the crash and its outage, retries that recovered the units,
+    # the breaker opened and closed again, every fault kind's figures in the report
+    faults = report["faults_injected"]
+    assert faults["server_crash"] == 1
+    assert faults["killed_backends"] >= 1
+    assert faults["illegal_transition"] > 0
+    assert report["outages"][0]["kind"] == "server_crash"
+    assert report["recovered"] > 0
+    assert report["breaker_events"][-1]["to"] == "closed"
 
 
 @pytest.mark.slow

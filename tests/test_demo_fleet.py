@@ -117,6 +117,27 @@ def test_two_processes_with_a_failover(capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.slow
 @pytest.mark.server_control
+def test_async_processes_with_a_failover(capsys: pytest.CaptureFixture[str]) -> None:
+    # --async in every process: each runs its own event loop, its units on asyncpg through
+    # the multi-host URL, and resumes on the promoted standby
+    status, report, progress = run_fleet_demo(
+        capsys, "--async", "--processes", "2", "--ha", "--workers", "4"
+    )
+    assert_fleet_report(report, progress, processes=2)
+    assert status == 0
+    assert report["driver"] == "asyncpg"  # p0's units (the schedule's)
+    assert [m["driver"] for m in report["fleet"]["members"]] == ["asyncpg", "asyncpg"]
+    assert report["faults_injected"]["failover"] == 1
+    assert report["invariants"]["failover_writes_resumed"]["passed"]
+    failover = report["failover"]
+    assert failover["happened"] is True
+    assert failover["first_write_after_crash"] > 0
+    assert set(failover["first_write_by_process"]) == {"p1", "p2"}
+    assert failover["writes_on_new_primary"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
 def test_three_processes_on_a_given_redis_never_show_its_password(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

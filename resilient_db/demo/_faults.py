@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, PostgresServer
 
-from ._workload import ContentionPair, IllegalAttempts, Runner, wait_until
+from ._workload import wait_until
 
 __all__ = ["Failover", "FaultLog", "Schedule", "Stage", "Window"]
 
@@ -89,6 +89,28 @@ class Failover(Protocol):
     def written(self) -> bool: ...
 
 
+class Pair(Protocol):
+    """Two contending units under way (a ``ContentionPair`` of either workload)."""
+
+    def wait_met(self, timeout: float) -> bool: ...
+
+    def join(self) -> None: ...
+
+
+class Contender(Protocol):
+    """What starts the contention pairs: the workload's ``Runner`` (either workload's: the
+    asyncio one starts its units as tasks of its event loop)."""
+
+    def contend(self, kind: str, rows: tuple[int, int], key: str) -> Pair: ...
+
+
+class Attempts(Protocol):
+    """The illegal status moves, one at a time (the workload's ``IllegalAttempts``, or for the
+    asyncio one, its attempts made on its event loop)."""
+
+    def attempt(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Stage:
     """What the workload and its faults run against: the server, the fault proxy the workers
@@ -98,8 +120,8 @@ class Stage:
     server: PostgresServer
     proxy: FaultProxy
     database: str
-    runner: Runner
-    illegal: IllegalAttempts
+    runner: Contender
+    illegal: Attempts
     deadlock_rows: tuple[int, int]
     serial_rows: tuple[int, int]
 
@@ -146,7 +168,7 @@ class Schedule(threading.Thread):
         self.error: BaseException | None = None
         self._pairs = 0
         #: the contention pairs started, their units left to end on their own (joined at the end)
-        self._contention: list[ContentionPair] = []
+        self._contention: list[Pair] = []
         self._illegal_thread = threading.Thread(
             target=self._illegal_loop, name="demo-illegal", daemon=True
         )
@@ -348,7 +370,7 @@ class Schedule(threading.Thread):
         """Start a contention pair; whether its units met. The schedule goes on once they have:
         their conflict is under way, and how long its loser takes to heal is the workload's."""
         self._pairs += 1
-        pair = ContentionPair(self.stage.runner, kind, rows, f"{prefix}{self._pairs}").start()
+        pair = self.stage.runner.contend(kind, rows, f"{prefix}{self._pairs}")
         self._contention.append(pair)
         return pair.wait_met(_MEET_SECONDS)
 

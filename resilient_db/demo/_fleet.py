@@ -156,9 +156,12 @@ class PairProxy(FaultProxy):
             super().close()
             raise
 
-    def multi_host_url(self, database: str) -> str:
-        """The workers' URL: both proxies, ``target_session_attrs=read-write``."""
-        url = sa.engine.make_url(self.pair.url(database, primary_at=(self.host, self.port)))
+    def multi_host_url(self, database: str, *, driver: str = "psycopg") -> str:
+        """The workers' URL: both proxies, ``target_session_attrs=read-write`` (which asyncpg
+        takes too)."""
+        url = sa.engine.make_url(
+            self.pair.url(database, driver=driver, primary_at=(self.host, self.port))
+        )
         hosts = [f"{p.host}:{p.port}" for p in (self, self.standby_proxy)]
         return url.update_query_dict({"host": hosts}).render_as_string(hide_password=False)
 
@@ -494,7 +497,7 @@ class FleetDemo(Demo):
 
     def _engine_url(self, proxy: FaultProxy, database: str) -> str:
         if isinstance(proxy, PairProxy):
-            return proxy.multi_host_url(database)
+            return proxy.multi_host_url(database, driver=self.driver)
         return super()._engine_url(proxy, database)
 
     def _config(self) -> rdb.Config:
@@ -555,6 +558,7 @@ class FleetDemo(Demo):
                 "think": options.think,
                 "seconds": options.seconds,
                 "verbose": options.verbose,
+                "async": options.use_async,
             }
             label = f"p{i + 1}"
             self.members.append(
@@ -679,6 +683,7 @@ class FleetDemo(Demo):
                     "process": member.label,
                     "pid": member.pid,
                     "workers": len(member.workers),
+                    "driver": result.get("driver"),
                     "units_ok": int(totals.get("units_ok", 0)),
                     "units_failed": int(totals.get("units_failed", 0)),
                     "retries": int(mcounters.get("retries", 0)),

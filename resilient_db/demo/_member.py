@@ -3,8 +3,10 @@
 Started by :class:`~resilient_db.demo._fleet.FleetDemo` as a new interpreter (spawned, never
 forked from a process that already has threads and connections), with ``SELF_HEALING_REDIS_URL``
 and ``SELF_HEALING_RETRY_BUDGET`` in its environment, like any process of a fleet: it builds its
-own engine and pool, its :class:`~resilient_db.ResilientSession` on the demo's service name, and
-so joins the breaker and retry budget the other processes share through Redis.
+own engine and pool, its :class:`~resilient_db.ResilientSession` on the demo's service name (with
+``--async``: its event loop, an async engine on asyncpg and an
+:class:`~resilient_db.AsyncResilientSession`), and so joins the breaker and retry budget the
+other processes share through Redis.
 
 The parent talks to it through one JSON object a line. On stdin: the specification first
 (database URL, worker numbers, seed, ...), then ``{"op": "start", "wall": t}``, ``{"op":
@@ -27,25 +29,28 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import resilient_db as rdb
 
+from . import _workload, _workload_async
+from ._ledger import Ledger
+from ._loop import EventLoop
 from ._run import (
     _DRAIN_SECONDS,
-    APPLICATION_NAME,
     SERVICE,
     Demo,
     DemoOptions,
     _BreakerWatch,
     _captured_logs,
     _LogTap,
+    create_workers_engine,
     demo_config,
 )
 from ._verify import BreakerEvent
-from ._workload import Change, Ledger, Runner, Unit, Worker
+from ._workload import AckRunner
 
-__all__ = ["AckRunner", "fleet_config", "main", "member_engine_options"]
+__all__ = ["AckRunner", "fleet_config", "main"]
 
 #: seconds a new process waits for its first connection to Redis before it reports ready
 _CONNECT_WAIT = 10.0
@@ -63,63 +68,6 @@ def fleet_config(environ: Mapping[str, str]) -> rdb.Config:
         retry_budget=shared.retry_budget,
         retry_budget_floor=shared.retry_budget_floor,
     )
-
-
-def member_engine_options(workers: int) -> dict[str, Any]:
-    """``create_engine`` options of a worker process (the same connection settings as the
-    single-process demo, a pool sized for its own workers)."""
-    return {
-        "pool_size": workers + 2,
-        "max_overflow": 4,
-        "pool_timeout": 10,
-        "connect_args": {
-            "application_name": APPLICATION_NAME,
-            "connect_timeout": 3,
-            "options": "-c lock_timeout=5000 -c statement_timeout=30000",
-        },
-    }
-
-
-def _server_port(session: Session) -> int | None:
-    """The port of the server (or proxy) the session's connection went to, as libpq reports it
-    for a multi-host URL (psycopg's ``ConnectionInfo.port``): no round trip."""
-    driver_connection = session.connection().connection.driver_connection
-    port = getattr(getattr(driver_connection, "info", None), "port", None)
-    return int(port) if port is not None else None
-
-
-class AckRunner(Runner):
-    """A :class:`Runner` that also notes, per server port, the first and last time a write was
-    acknowledged and how many were: after a failover, the first write acknowledged on the new
-    primary ends the write-availability gap."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._acks: dict[int, list[float]] = {}  # port -> [first, last, count]
-        self._acks_lock = threading.Lock()
-
-    def run(self, unit: Unit) -> list[Change] | None:
-        where: list[int] = []
-
-        def noted(session: Session) -> list[Change]:
-            changes = unit.fn(session)
-            if changes:
-                port = _server_port(session)
-                where[:] = [port] if port is not None else []
-            return changes
-
-        changes = super().run(dataclasses.replace(unit, fn=noted))
-        if changes and where:
-            now = time.time()
-            with self._acks_lock:
-                entry = self._acks.setdefault(where[0], [now, now, 0])
-                entry[1] = now
-                entry[2] += 1
-        return changes
-
-    def acks(self) -> dict[str, list[float]]:
-        with self._acks_lock:
-            return {str(port): list(entry) for port, entry in self._acks.items()}
 
 
 class _Channel:
@@ -196,6 +144,7 @@ class Member(Demo):
             seed=int(spec["seed"]),
             think=float(spec["think"]),
             verbose=bool(spec["verbose"]),
+            use_async=bool(spec.get("async", False)),
         )
         super().__init__(options, _ChannelView(channel))
         self.tap = _MemberTap(self, verbose=options.verbose)
@@ -226,23 +175,37 @@ class Member(Demo):
 
     def serve(self) -> None:
         with _captured_logs(self.tap):
-            engine = sa.create_engine(
-                str(self.spec["url"]), **member_engine_options(len(self.spec["workers"]))
+            # the connection settings of the single-process demo, a pool sized for its workers
+            engine = create_workers_engine(
+                str(self.spec["url"]),
+                use_async=self.options.use_async,
+                pool_size=len(self.spec["workers"]) + 2,
+                max_overflow=4,
             )
             try:
                 self._serve(engine)
             finally:
                 self.stop.set()
                 self.hard_stop.set()
-                engine.dispose()
+                self._dispose(engine)
 
-    def _serve(self, engine: sa.Engine) -> None:
+    def _serve(self, engine: sa.Engine | AsyncEngine) -> None:
         spec = self.spec
         config = fleet_config(os.environ)
-        factory: rdb.ResilientSession[Any] = rdb.ResilientSession(
-            engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
-        )
-        runner = AckRunner(factory, self.ledger, self.hard_stop)
+        runner: _workload.AckRunner | _workload_async.AckRunner
+        self.engine_driver = engine.dialect.driver
+        if isinstance(engine, AsyncEngine):
+            self.loop = EventLoop().start()
+            afactory: rdb.AsyncResilientSession[Any] = rdb.AsyncResilientSession(
+                engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
+            )
+            runner = _workload_async.AckRunner(afactory, self.ledger, self.hard_stop)
+        else:
+            factory: rdb.ResilientSession[Any] = rdb.ResilientSession(
+                engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
+            )
+            runner = _workload.AckRunner(factory, self.ledger, self.hard_stop)
+        self.runner = runner
         connected = self._await_shared(_CONNECT_WAIT)
         self.channel.send(ready=os.getpid(), connected=connected)
         self.go.wait()
@@ -252,10 +215,7 @@ class Member(Demo):
         self.workload_started = time.monotonic() - max(0.0, time.time() - self.start_wall)
         self.counters_before = self._counters()
         self.phase = "running"
-        self.workers = [
-            Worker(n, runner, self.stop, seed=self.seed + n, think=self.options.think)
-            for n in spec["workers"]
-        ]
+        self.workers = [self._new_worker(n) for n in spec["workers"]]
         for worker in self.workers:
             worker.start()
         while not self.stop.wait(_PROGRESS_INTERVAL):
@@ -284,10 +244,12 @@ class Member(Demo):
     def _snapshot(self) -> dict[str, Any]:
         return {"totals": self.ledger.totals(), "counters": self._counters()}
 
-    def _result(self, runner: AckRunner) -> dict[str, Any]:
+    def _result(self, runner: _workload.AckRunner | _workload_async.AckRunner) -> dict[str, Any]:
         entry = rdb.health()["services"].get(SERVICE) or {}
         errors = [f"{w.name}: {w.error!r}" for w in self.workers if w.error is not None]
         errors += [f"{w.name}: busy at the drain deadline" for w in self.workers if w.is_alive()]
+        if self.loop is not None and self.loop.error is not None:
+            errors.append(f"{self.loop.name}: {self.loop.error!r}")
         return {
             **self._snapshot(),
             "retries_by_sqlstate": self.tap.snapshot(),
@@ -296,6 +258,7 @@ class Member(Demo):
             "breaker_events": [[e.at, e.old, e.new] for e in self.watch.events],
             "ledger": ledger_to_json(self.ledger),
             "acks": runner.acks(),
+            "driver": self.engine_driver,
             "errors": errors,
         }
 

@@ -5,8 +5,10 @@ Setup: an embedded server (or ``--url``), a scratch database, the Alembic migrat
 ``migrations/`` (the example ``tasks`` schema with its transition trigger), a
 :class:`~resilient_db.testing.FaultProxy` in front of the server. Then worker threads create
 tasks and move them through their states under :class:`~resilient_db.ResilientSession` units of
-work while a schedule injects faults (``_faults``). At the end every unit the workload
-counted is looked up in the database (``_verify``) and a report is printed.
+work on psycopg (with ``--async``: asyncio tasks of one event loop, ``_loop``, under
+:class:`~resilient_db.AsyncResilientSession` units on asyncpg) while a schedule injects faults
+(``_faults``). At the end every unit the workload counted is looked up in the database
+(``_verify``) and a report is printed.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import resilient_db as rdb
 from resilient_db._startup import Terminated as _Terminated
@@ -40,10 +43,12 @@ from resilient_db.testing import (
     ServerStartError,
 )
 
-from ._faults import Failover, FaultLog, Schedule, Stage
+from . import _workload, _workload_async
+from ._faults import Attempts, Contender, Failover, FaultLog, Schedule, Stage
+from ._ledger import Change, Ledger
+from ._loop import EventLoop
 from ._verify import BreakerEvent, Check, examine_database, invariants
 from ._view import Progress, View, make_view
-from ._workload import Change, IllegalAttempts, Ledger, Runner, Worker, setup_hot_rows
 
 # The public names are re-exported (and listed) by resilient_db.demo.
 
@@ -64,6 +69,71 @@ MAX_WORKERS = 100
 
 class DemoError(Exception):
     """The demo could not run (no server, no migrations, ...); the message says why."""
+
+
+def driver_of(use_async: bool) -> str:
+    """The driver the workers run on: asyncpg with ``--async``, else psycopg (3)."""
+    return "asyncpg" if use_async else "psycopg"
+
+
+def connect_args(*, use_async: bool) -> dict[str, Any]:
+    """The workers' connection settings, in their driver's terms: the ``application_name`` the
+    faults find their backends by, a connect timeout, and lock and statement timeouts."""
+    if use_async:  # asyncpg: server settings sent at login, its own connect timeout
+        return {
+            "server_settings": {
+                "application_name": APPLICATION_NAME,
+                "lock_timeout": "5000",
+                "statement_timeout": "30000",
+            },
+            "timeout": 3,
+        }
+    return {
+        "application_name": APPLICATION_NAME,
+        "connect_timeout": 3,
+        "options": "-c lock_timeout=5000 -c statement_timeout=30000",
+    }
+
+
+def create_workers_engine(
+    url: str, *, use_async: bool, pool_size: int, max_overflow: int
+) -> sa.Engine | AsyncEngine:
+    """The workers' engine: sync on psycopg, or async on asyncpg (``--async``)."""
+    options: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        "pool_timeout": 10,
+        "connect_args": connect_args(use_async=use_async),
+    }
+    if use_async:
+        return create_async_engine(url, **options)
+    return sa.create_engine(url, **options)
+
+
+class _Thread(Protocol):
+    """A worker as the demo waits for it: a thread, or an asyncio task seen as one
+    (``_loop.LoopTask``)."""
+
+    name: str
+    error: BaseException | None
+
+    def start(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+class _AttemptsOnLoop:
+    """The asyncio workload's illegal attempts, made on its event loop from the fault
+    schedule's thread."""
+
+    def __init__(self, attempts: _workload_async.IllegalAttempts, loop: EventLoop) -> None:
+        self.attempts = attempts
+        self.loop = loop
+
+    def attempt(self) -> str:
+        return self.loop.call(self.attempts.attempt())
 
 
 # -- migrations ---------------------------------------------------------------------------------
@@ -187,6 +257,9 @@ class DemoOptions:
     redis_url_from: str = "--redis-url"
     #: where ``url`` came from, as its errors name it
     url_from: str = "--url"
+    #: ``--async``: the workers are asyncio tasks (one event loop per process) running
+    #: :class:`~resilient_db.AsyncResilientSession` units on asyncpg
+    use_async: bool = False
 
 
 # -- instrumentation ----------------------------------------------------------------------------
@@ -370,8 +443,14 @@ class Demo:
         self.watch = _BreakerWatch(self)
         self.tap = _LogTap(self, verbose=options.verbose)
         self.counters_before: dict[str, Any] = {}
-        self.workers: list[Worker] = []
+        self.workers: list[_Thread] = []
         self.schedule: Schedule | None = None
+        #: ``--async``: the process's event loop, where the workload's units run
+        self.loop: EventLoop | None = None
+        #: the runner of the workers' units (either workload's)
+        self.runner: _workload.Runner | _workload_async.Runner | None = None
+        #: the driver of the workers' engine, as its dialect names it (the report's ``driver``)
+        self.engine_driver: str | None = None
         self.seed = options.seed if options.seed is not None else random.randrange(1 << 30)
         #: the run is ending: its cleanup is under way (see :meth:`event`)
         self.ending = False
@@ -431,7 +510,7 @@ class Demo:
         server, kind = self._server()
         database = f"rdb_demo_{uuid.uuid4().hex[:10]}"
         proxy: FaultProxy | None = None
-        engine: sa.Engine | None = None
+        engine: sa.Engine | AsyncEngine | None = None
         metrics: Any = None
         board: Any = None
         created = False
@@ -440,7 +519,7 @@ class Demo:
             version = server.execute("SHOW server_version")[0][0]
             self.view.start(
                 f"resilient-db demo: {kind} PostgreSQL {version} at {server.host}:{server.port}, "
-                f"{options.workers} workers, {options.seconds:.0f} s",
+                f"{options.workers} {self._workers_are}, {options.seconds:.0f} s",
                 self.progress,
             )
             try:
@@ -457,30 +536,19 @@ class Demo:
                 "transition trigger on tasks.status)"
             )
             proxy = self._proxy(server)
-            engine = sa.create_engine(
+            engine = create_workers_engine(
                 self._engine_url(proxy, database),
+                use_async=options.use_async,
                 pool_size=options.workers + 4,
                 max_overflow=8,
-                pool_timeout=10,
-                connect_args={
-                    "application_name": APPLICATION_NAME,
-                    "connect_timeout": 3,
-                    "options": "-c lock_timeout=5000 -c statement_timeout=30000",
-                },
             )
             config = self._config()
-            factory: rdb.ResilientSession[Any] = rdb.ResilientSession(
-                engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
-            )
             self.event(
-                f"workers connect through the fault proxy at {proxy.host}:{proxy.port}; "
-                f"breaker opens after {config.failure_threshold} consecutive failures, "
-                f"probes after {config.reset_timeout:g} s"
+                f"{self._workers_are} connect through the fault proxy at "
+                f"{proxy.host}:{proxy.port}; breaker opens after {config.failure_threshold} "
+                f"consecutive failures, probes after {config.reset_timeout:g} s"
             )
-            runner = Runner(factory, self.ledger, self.hard_stop)
-            deadlock_rows, serial_rows = setup_hot_rows(runner)
-            illegal = IllegalAttempts(runner)
-            illegal.prepare()
+            runner, illegal, (deadlock_rows, serial_rows) = self._prepare(engine, config)
             if options.metrics_port is not None:
                 metrics = self._serve_metrics(options.metrics_port)
             if options.dashboard_port is not None:
@@ -511,8 +579,7 @@ class Demo:
                 metrics.close()
             if board is not None:
                 board.close()
-            if engine is not None:
-                engine.dispose()
+            self._dispose(engine)
             if proxy is not None:
                 proxy.close()
             self._cleanup(server, database, created)
@@ -526,14 +593,76 @@ class Demo:
         return FaultProxy(server)
 
     def _engine_url(self, proxy: FaultProxy, database: str) -> str:
-        return proxy.url(database)
+        return proxy.url(database, driver=self.driver)
+
+    @property
+    def driver(self) -> str:
+        """The workers' driver: ``asyncpg`` with ``--async``, else ``psycopg``."""
+        return driver_of(self.options.use_async)
+
+    @property
+    def _workers_are(self) -> str:
+        """What the workers are, as the lines about them say."""
+        if self.options.use_async:
+            return f"asyncio tasks on {self.driver}"
+        return f"worker threads on {self.driver}"
+
+    def _prepare(
+        self, engine: sa.Engine | AsyncEngine, config: rdb.Config
+    ) -> tuple[Contender, Attempts, tuple[tuple[int, int], tuple[int, int]]]:
+        """The factory and runner of this process's units, the shared rows of the contention
+        faults and the illegal attempts ready; with ``--async``, on the event loop started here
+        (units of this process only ever run on it)."""
+        self.engine_driver = engine.dialect.driver
+        if isinstance(engine, AsyncEngine):
+            loop = self.loop = EventLoop().start()
+            afactory: rdb.AsyncResilientSession[Any] = rdb.AsyncResilientSession(
+                engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
+            )
+            arunner = self.runner = _workload_async.Runner(afactory, self.ledger, self.hard_stop)
+            rows = loop.call(_workload_async.setup_hot_rows(arunner))
+            aillegal = _workload_async.IllegalAttempts(arunner)
+            loop.call(aillegal.prepare())
+            return arunner, _AttemptsOnLoop(aillegal, loop), rows
+        factory: rdb.ResilientSession[Any] = rdb.ResilientSession(
+            engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
+        )
+        runner = self.runner = _workload.Runner(factory, self.ledger, self.hard_stop)
+        rows = _workload.setup_hot_rows(runner)
+        illegal = _workload.IllegalAttempts(runner)
+        illegal.prepare()
+        return runner, illegal, rows
+
+    def _new_worker(self, n: int) -> _Thread:
+        """Worker ``n`` (not started), on this process's runner."""
+        runner, seed, think = self.runner, self.seed + n, self.options.think
+        if isinstance(runner, _workload_async.Runner):
+            return _workload_async.Worker(n, runner, self.stop, seed=seed, think=think)
+        assert runner is not None, "no runner: _prepare() first"
+        return _workload.Worker(n, runner, self.stop, seed=seed, think=think)
+
+    def _dispose(self, engine: sa.Engine | AsyncEngine | None) -> None:
+        """Dispose of the workers' engine, then (``--async``) end the event loop: the units
+        still running there (abandoned at the drain deadline, or after Ctrl-C) are cancelled,
+        as ``asyncio.run`` cancels them."""
+        loop, self.loop = self.loop, None
+        try:
+            if isinstance(engine, AsyncEngine):
+                if loop is not None and loop.is_alive():
+                    with contextlib.suppress(Exception):
+                        loop.submit(engine.dispose()).result(timeout=15.0)
+            elif engine is not None:
+                engine.dispose()
+        finally:
+            if loop is not None:
+                loop.close()
 
     def _config(self) -> rdb.Config:
         return demo_config()
 
     def _join_threads(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        threads: list[threading.Thread] = [*self.workers]
+        threads: list[_Thread | Schedule] = [*self.workers]
         if self.schedule is not None:
             threads.append(self.schedule)
         for thread in threads:
@@ -618,14 +747,10 @@ class Demo:
 
     def _workload(self, stage: Stage) -> None:
         options = self.options
-        seed = self.seed
         self.counters_before = self._counters()
         self.workload_started = time.monotonic()
         self.phase = "running"
-        self.workers = [
-            Worker(n, stage.runner, self.stop, seed=seed + n, think=options.think)
-            for n in range(options.workers)
-        ]
+        self.workers = [self._new_worker(n) for n in range(options.workers)]
         for worker in self.workers:
             worker.start()
         self._run_faults(stage, crash_allowed=stage.server.can_control)
@@ -691,10 +816,12 @@ class Demo:
             windows=self.faults.windows,
             breaker_final=final_state,
         )
-        threads: list[Worker | Schedule] = [*self.workers]
+        threads: list[_Thread | Schedule] = [*self.workers]
         if self.schedule is not None:
             threads.append(self.schedule)
         errors = [f"{t.name}: {t.error!r}" for t in threads if t.error is not None]
+        if self.loop is not None and self.loop.error is not None:
+            errors.append(f"{self.loop.name}: {self.loop.error!r}")
         checks.append(
             Check(
                 "demo_ran_cleanly",
@@ -747,6 +874,9 @@ class Demo:
             # --keep-database (with --url): left on the server after the run, for a look at it
             "database_kept": bool(self.options.keep_database and self.options.url),
             "workers": self.options.workers,
+            # what ran the units: psycopg (worker threads) or asyncpg (--async: asyncio tasks),
+            # as the workers' engine's dialect names it
+            "driver": self.engine_driver or self.driver,
             "seconds": self.options.seconds,
             "seed": self.seed,
             "outages": [

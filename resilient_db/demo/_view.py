@@ -121,6 +121,7 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("server", str(report["server"])),
         *_kept(report),
         ("workload", f"{_workers(report['workers'])}, {report['seconds']:.0f} s{_seed(report)}"),
+        *_driver(report),
         ("units done / failed", f"{report['units_ok']} / {report['units_failed']}"),
         ("units by kind", _pairs(report.get("units_by_kind", {}))),
         ("retries (by class)", f"{report['retries']} ({_pairs(report['retries_by_class'])})"),
@@ -153,6 +154,18 @@ def _kept(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     if not report.get("database_kept"):
         return []
     return [("database", f"{report['database']} (kept: --keep-database)")]
+
+
+def _driver(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What ran the units: threads on psycopg, or asyncio tasks on asyncpg (``--async``)."""
+    driver = report.get("driver")
+    if driver is None:
+        return []
+    if driver == "asyncpg":
+        how = "asyncio tasks (one event loop per process), AsyncResilientSession"
+    else:
+        how = "worker threads, ResilientSession"
+    return [("driver", f"{driver}: {how}")]
 
 
 def _workers(n: int) -> str:
