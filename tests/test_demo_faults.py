@@ -10,11 +10,13 @@ from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db.demo import apply_migrations, demo_config
+from resilient_db.demo import _workload_async, apply_migrations, demo_config
 from resilient_db.demo._faults import FaultLog, Schedule, Stage
+from resilient_db.demo._loop import EventLoop
 from resilient_db.demo._workload import Ledger, Runner, setup_hot_rows, wait_until
 from resilient_db.testing import PostgresServer
 
@@ -73,6 +75,69 @@ def test_the_schedule_goes_on_once_a_contention_pair_met(
     # both units end, written once each (the loser ran again after its 40001)
     assert wait_until(lambda: {"s1a", "s1b"} <= set(ledger.done), 30.0)
     stop.set()
+
+
+def test_an_asyncio_contention_pair_runs_on_the_event_loop_and_the_schedule_goes_on(
+    pg_server: PostgresServer, pg_database: str, pg_url: str, pg_async_url: str
+) -> None:
+    # --async: the schedule (a thread) starts the pair's units as tasks of the demo's event
+    # loop, sees them meet at their barrier (an asyncio one) and goes on while the loser waits
+    apply_migrations(pg_url)
+    loop = EventLoop().start()
+    engine = create_async_engine(pg_async_url)
+    try:
+        factory = rdb.AsyncResilientSession(
+            engine, service="demo-faults-async", config=demo_config()
+        )
+        ledger = Ledger()
+        runner = _workload_async.Runner(factory, ledger, threading.Event())
+        deadlock_rows, serial_rows = loop.call(_workload_async.setup_hot_rows(runner))
+        stop = threading.Event()
+        log = FaultLog(clock=time.monotonic, on_event=lambda message: None)
+        stage = Stage(
+            pg_server,
+            cast(Any, None),
+            pg_database,
+            runner,
+            cast(Any, None),
+            deadlock_rows,
+            serial_rows,
+        )
+        schedule = Schedule(
+            seconds=60.0,
+            stage=stage,
+            application_name="demo-faults-test",
+            log=log,
+            stop=stop,
+            service="demo-faults-async",
+            crash_allowed=False,
+        )
+        blocker = sa.create_engine(pg_url)
+        try:
+            with blocker.connect() as conn:
+                conn.execute(
+                    sa.text("SELECT id FROM tasks WHERE id = ANY(:ids) FOR UPDATE"),
+                    {"ids": list(serial_rows)},
+                )
+                fault = threading.Thread(target=schedule.serialization_conflict, daemon=True)
+                fault.start()
+                fault.join(timeout=8.0)
+                returned = not fault.is_alive()
+                conn.rollback()  # the pair's writes go on
+            fault.join(timeout=30.0)
+        finally:
+            blocker.dispose()
+        assert returned, "the schedule waited for the pair's units to end"
+        assert log.injected["serialization_conflict"] == 1
+        assert wait_until(lambda: {"s1a", "s1b"} <= set(ledger.done), 30.0)
+        (pair,) = schedule._contention
+        pair.join()  # both tasks ended, nothing raised
+        stop.set()
+    finally:
+        loop.call(engine.dispose())
+        loop.close()
+    assert not loop.is_alive()
+    assert loop.error is None
 
 
 class _Pair:

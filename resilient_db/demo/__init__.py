@@ -3,7 +3,10 @@ every unit of work verified against the database at the end.
 
 * :mod:`._run` - setup (server, scratch database, the Alembic migrations shipped in
   ``migrations/`` here as package data), the run and the report;
-* :mod:`._workload` - the workers and the ledger of what they did;
+* :mod:`._workload_async` - the workers and their units, written once: ``--async`` runs them as
+  asyncio tasks on asyncpg, and :mod:`._workload` (the worker threads on psycopg) is generated
+  from it by ``scripts/async_to_sync.py``; :mod:`._ledger`, what they did; :mod:`._loop`, the
+  event loop of a process of ``--async``;
 * :mod:`._faults` - the fault schedule;
 * :mod:`._verify` - the invariants, checked against the database;
 * :mod:`._view` - progress and report, plain or with rich;
