@@ -468,30 +468,34 @@ def refused_by_a_writable_server(
 ) -> bool:
     """For a 25006 (read_only_sql_transaction) raised on ``connection`` (SQLAlchemy's, as its
     ``handle_error`` has it): True, and ``exc`` marked for the classifier, when the server says
-    it takes writes (:func:`server_takes_writes`). Then the transaction was read-only by the
+    it takes writes (asked now, or, where it could not be, as reported at login:
+    :func:`server_takes_writes`). Then the transaction was read-only by the
     application's own doing (``SET TRANSACTION READ ONLY``, ``postgresql_readonly``, a function
     that sets it) and the write in it is the unit's bug: not transient, the connection and the
     pool sound, nothing for the breaker. Otherwise (a hot standby, an old primary restarted as
-    one during a failover, a server whose transactions are read-only by default, a server that
-    reports nothing before PostgreSQL 14) 25006 is a server that takes no writes: a lost
-    server, as the classifier's table says.
+    one during a failover, a server whose transactions are read-only by default; not asked, a
+    server before PostgreSQL 14, which reports nothing) 25006 is a server that takes no
+    writes: a lost server, as the classifier's table says.
 
-    What the server reported may be stale: behind a transaction-mode pooler (PgBouncer) a
-    client connection keeps the settings of its login, whatever server a later transaction
-    reaches (a primary made read-only, or demoted, since). So where the report says the server
-    takes writes, ``ask(connection)``, when given, asks the server what is true now (True: it
-    takes writes; None: it could not be asked, the report stands); False: the server takes no
-    writes, ``exc`` is marked so (the classifier does not fall back on the report) and this
-    returns False."""
+    What the server reported may be stale either way: behind a transaction-mode pooler
+    (PgBouncer) a client connection keeps the settings of its login, whatever server a later
+    transaction reaches (a primary made read-only, or demoted, since; a hot standby promoted
+    since, a primary writable again). So ``ask(connection)``, when given, asks the server what
+    is true now, which decides: True, it takes writes (``exc`` marked so: the application's
+    own read-only transaction, raised at once even where the login said the server takes no
+    writes); False, it takes none (``exc`` marked so, the classifier does not fall back on the
+    report: a lost server even where the login said it takes writes). None, it could not be
+    asked (a driver the library does not mark, a connection lost meanwhile): the login's
+    report stands, as without the question. The answer is of the server the question reached:
+    behind a transaction-mode pooler, the one a replay's transaction would reach too."""
     if connection is None or connection.closed or connection.invalidated:
         return False
     try:
         driver = connection.connection.driver_connection
     except Exception:
         return False
-    if not server_takes_writes(driver):
-        return False
-    writable = True if ask is None else ask(connection) is not False
+    answer = None if ask is None else ask(connection)
+    writable = server_takes_writes(driver) if answer is None else answer
     with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
         setattr(exc, _WRITABLE, writable)
     return writable

@@ -799,8 +799,8 @@ def _run_statements(
 
 
 #: What a server says of its read mode now: asked on the failure path of a write refused as
-#: read-only (25006) where the login's report says the server takes writes, which behind a
-#: transaction-mode pooler may be stale (see :func:`takes_writes_asked`)
+#: read-only (25006), whatever the login's report says, which behind a transaction-mode pooler
+#: may be stale either way (see :func:`takes_writes_asked`)
 _READ_MODE_NOW_SQL: Final = """SELECT pg_catalog.pg_is_in_recovery(), s.setting, s.source
   FROM pg_catalog.pg_settings s
   WHERE s.name OPERATOR(pg_catalog.=) 'default_transaction_read_only'"""

@@ -1275,3 +1275,218 @@ async def test_pgbouncer_pointed_at_a_hot_standby(
     assert len(attempts) == 2
     refused_then_resumed(seen)
     assert count(primary, "app", "SELECT count(*) FROM ledger") == 2
+
+
+# ---- the other way round: a login made while the server took no writes -----------------------
+# A client connection keeps what its login was told: that the server takes no writes (a primary
+# read-only then, writable again; a hot standby the pooler reached, promoted since). A write
+# refused there by the unit's own read-only transaction, on a server that takes writes now, is
+# the unit's bug, as on a direct connection: the server is asked, and says so. A server that
+# still takes no writes (in recovery) is a lost server as before, whatever the transaction.
+
+#: few retries: a unit replayed is replayed until they run out
+FEW_RETRIES = rdb.Config(max_retries=2, deadline=30.0, failure_threshold=1000)
+
+
+def told_at_login(driver: Any, name: str) -> str | None:
+    """What the server (through the pooler) reported of setting ``name`` to ``driver``."""
+    if isinstance(driver, asyncpg.Connection):
+        return getattr(driver.get_settings(), name, None)
+    value = driver.pgconn.parameter_status(name.encode())
+    return None if value is None else bytes(value).decode()
+
+
+def raised_at_once(seen: list[rdb.SelfHealEvent], attempts: list[int]) -> None:
+    """One attempt, nothing replaced, nothing replayed."""
+    assert len(attempts) == 1
+    assert not [
+        e for e in seen if e.name in ("pool_invalidated", "retry", "hot_standby_refused_write")
+    ]
+
+
+def own_read_only_unit(where: str, way: str) -> Callable[[Session], str]:
+    """The unit's own read-only write, in its transaction (raised) or in a savepoint of it
+    (caught: see own_read_only_in_savepoint)."""
+
+    def unit(session: Session) -> str:
+        if where == "savepoint":
+            return own_read_only_in_savepoint(session, way)
+        own_read_only(session, way)
+        return "not refused"
+
+    return unit
+
+
+@pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
+@pytest.mark.parametrize("where", ["transaction", "savepoint"])
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_own_read_only_write_after_a_read_only_login_behind_pgbouncer(
+    *,
+    txn_bouncer: PgBouncer,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    way: str,
+    where: str,
+) -> None:
+    """Client connections made while the server took no writes (``default_transaction_read_only``
+    on, their login told so), the server writable again: the unit's own read-only write is the
+    unit's (the server, asked, takes writes), raised at once (in a savepoint: caught by the
+    unit, which goes on), the pool kept. Before, the login's report judged: a lost server, the
+    pool's client connections replaced and the unit replayed."""
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    unit = own_read_only_unit(where, way)
+    expected = (
+        ("read" if way == "postgresql_readonly" else "written") if where == "savepoint" else None
+    )
+    if driver == "psycopg-sync":
+        engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
+        Sessions = rdb.ResilientSession(engine, service=service, config=FEW_RETRIES)
+
+        def counted(session: Session) -> str:
+            attempts.append(1)
+            return unit(session)
+
+        try:
+            with read_only_server(pg_server, txn_bouncer):
+                before = sync_drivers(engine)
+            # (no server connection that saw the reload left to pass its report on)
+            txn_bouncer.admin(f"RECONNECT {database}")
+            assert {told_at_login(d, "default_transaction_read_only") for d in before} == {"on"}
+            rdb.add_hook(seen.append)
+            try:
+                if expected is None:
+                    with pytest.raises(sa.exc.DBAPIError) as raised:
+                        Sessions.run(counted)
+                else:
+                    assert Sessions.run(counted) == expected
+            finally:
+                rdb.remove_hook(seen.append)
+            assert sync_drivers(engine) == before  # the pool kept
+            assert Sessions.run(write) == "written"
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver]
+        )
+        AsyncSessions = rdb.AsyncResilientSession(async_engine, service=service, config=FEW_RETRIES)
+
+        async def async_counted(session: AsyncSession) -> str:
+            attempts.append(1)
+            return await session.run_sync(unit)
+
+        try:
+            with read_only_server(pg_server, txn_bouncer):
+                before = await async_drivers(async_engine)
+            # (no server connection that saw the reload left to pass its report on)
+            txn_bouncer.admin(f"RECONNECT {database}")
+            assert {told_at_login(d, "default_transaction_read_only") for d in before} == {"on"}
+            rdb.add_hook(seen.append)
+            try:
+                if expected is None:
+                    with pytest.raises(sa.exc.DBAPIError) as raised:
+                        await AsyncSessions.run(async_counted)
+                else:
+                    assert await AsyncSessions.run(async_counted) == expected
+            finally:
+                rdb.remove_hook(seen.append)
+            assert await async_drivers(async_engine) == before
+            assert await AsyncSessions.run(lambda s: s.run_sync(write)) == "written"
+        finally:
+            await async_engine.dispose()
+    if expected is None:
+        assert rdb.sqlstate_of(raised.value) == "25006"
+        assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
+    raised_at_once(seen, attempts)
+    assert ledger(pg_server, database) == (2 if expected == "written" else 1)
+
+
+@pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promoted(
+    standby_bouncer: PgBouncer, pg_standby: StandbyPair, service: str, driver: str
+) -> None:
+    """Client connections made while PgBouncer reaches the hot standby (their login told
+    ``in_hot_standby`` on). The unit's own read-only write, refused by the standby, is a lost
+    server (the server, asked, is in recovery): replayed until the retries run out. The
+    standby then promoted (the primary crashed first), the client connections kept with their
+    login's report (PgBouncer passes on no change; its server connections made again): the
+    same unit's write is the unit's own, raised at once, the pool kept; a write goes in.
+    Before, it was replayed until the retries ran out, the pool's client connections replaced
+    at each refusal and a hot standby named in the log."""
+    standby = pg_standby.standby
+    standby_bouncer.point_at(standby)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    unit = own_read_only_unit("transaction", "set-transaction-read-only")
+
+    def promote() -> None:
+        pg_standby.crash_primary()
+        pg_standby.promote()
+        standby_bouncer.admin(f"RECONNECT {standby_bouncer.database}")
+
+    if driver == "psycopg-sync":
+        engine = sa.create_engine(standby_bouncer.url(), connect_args=PSYCOPG_ARGS)
+        Sessions = rdb.ResilientSession(engine, service=service, config=FEW_RETRIES)
+
+        def counted(session: Session) -> str:
+            attempts.append(1)
+            return unit(session)
+
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as on_the_standby:
+                Sessions.run(counted)
+            assert len(attempts) == 3
+            before = sync_drivers(engine)  # (made on the standby: the others were replaced)
+            promote()
+            assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
+            attempts.clear()
+            rdb.add_hook(seen.append)
+            try:
+                with pytest.raises(sa.exc.DBAPIError) as raised:
+                    Sessions.run(counted)
+            finally:
+                rdb.remove_hook(seen.append)
+            assert sync_drivers(engine) == before
+            assert Sessions.run(write) == "written"
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            standby_bouncer.url(driver), connect_args=DRIVER_ARGS[driver]
+        )
+        AsyncSessions = rdb.AsyncResilientSession(async_engine, service=service, config=FEW_RETRIES)
+
+        async def async_counted(session: AsyncSession) -> str:
+            attempts.append(1)
+            return await session.run_sync(unit)
+
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as on_the_standby:
+                await AsyncSessions.run(async_counted)
+            assert len(attempts) == 3
+            before = await async_drivers(async_engine)
+            promote()
+            assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
+            attempts.clear()
+            rdb.add_hook(seen.append)
+            try:
+                with pytest.raises(sa.exc.DBAPIError) as raised:
+                    await AsyncSessions.run(async_counted)
+            finally:
+                rdb.remove_hook(seen.append)
+            assert await async_drivers(async_engine) == before
+            assert await AsyncSessions.run(lambda s: s.run_sync(write)) == "written"
+        finally:
+            await async_engine.dispose()
+    assert rdb.sqlstate_of(on_the_standby.value) == "25006"
+    assert rdb.classify(on_the_standby.value) is rdb.Outcome.DISCONNECT
+    assert rdb.sqlstate_of(raised.value) == "25006"
+    assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
+    raised_at_once(seen, attempts)
+    assert count(standby, "app", "SELECT count(*) FROM ledger") == 1
