@@ -465,6 +465,7 @@ def refused_by_a_writable_server(
     connection: Any,
     exc: BaseException,
     ask: Callable[[Any], bool | None] | None = None,
+    unsure: Callable[[BaseException], bool] | None = None,
 ) -> bool:
     """For a 25006 (read_only_sql_transaction) raised on ``connection`` (SQLAlchemy's, as its
     ``handle_error`` has it): True, and ``exc`` marked for the classifier, when the server says
@@ -482,12 +483,19 @@ def refused_by_a_writable_server(
     transaction reaches (a primary made read-only, or demoted, since; a hot standby promoted
     since, a primary writable again). So ``ask(connection)``, when given, asks the server what
     is true now, which decides: True, it takes writes (``exc`` marked so: the application's
-    own read-only transaction, raised at once even where the login said the server takes no
-    writes); False, it takes none (``exc`` marked so, the classifier does not fall back on the
-    report: a lost server even where the login said it takes writes). None, it could not be
-    asked (a driver the library does not mark, a connection lost meanwhile): the login's
-    report stands, as without the question. The answer is of the server the question reached:
-    behind a transaction-mode pooler, the one a replay's transaction would reach too."""
+    own read-only transaction, raised at once; but see below where the login said the server
+    takes no writes); False, it takes none (``exc`` marked so, the classifier does not fall
+    back on the report: a lost server even where the login said it takes writes). None, it
+    could not be asked (a driver the library does not mark, a connection lost meanwhile): the
+    login's report stands, as without the question.
+
+    The answer is of the server the question reached: behind a transaction-mode pooler, after
+    the rollback, the one a replay's transaction would reach, not always the one that refused
+    (PgBouncer pointed from a standby at the primary in between, a standby promoted in
+    between). So where the login said the server takes no writes and the answer says it takes
+    them, the refusal may be either, and ``unsure(exc)``, when given, decides (see
+    ``_unit.refused_unsure_again``: the first such refusal in a unit a lost server, replayed;
+    a second there the application's own); without it the answer does."""
     if connection is None or connection.closed or connection.invalidated:
         return False
     try:
@@ -495,10 +503,39 @@ def refused_by_a_writable_server(
     except Exception:
         return False
     answer = None if ask is None else ask(connection)
-    writable = server_takes_writes(driver) if answer is None else answer
+    told = server_takes_writes(driver)
+    if answer is None:
+        writable = told
+    elif answer and not told and unsure is not None:
+        writable = unsure(exc)
+    else:
+        writable = answer
     with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
         setattr(exc, _WRITABLE, writable)
     return writable
+
+
+_UNSURE = "resilient_db_refused_unsure"
+
+
+def mark_refused_unsure(exc: BaseException) -> None:
+    """Record on ``exc`` (a 25006 error) that the server's answer and the login's report
+    disagreed on it, and that it was taken for a lost server (see
+    :func:`refused_by_a_writable_server`): what the retry loop tells the unit's next attempts
+    (see :func:`refused_unsure`)."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _UNSURE, True)
+
+
+def refused_unsure(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error of its chain, was marked by :func:`mark_refused_unsure`."""
+    for err in error_chain(exc):
+        try:
+            if getattr(err, _UNSURE, False) is True:
+                return True
+        except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
+            continue
+    return False
 
 
 def _read_only_by_the_application(exc: BaseException) -> bool:

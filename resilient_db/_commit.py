@@ -2428,6 +2428,9 @@ class AttemptRecord:
     # the engine's hooks, to be said once it ends unless its error says them (see
     # commit_unanswered)
     unanswered: list[BaseException] | None = None
+    # a 25006 met in the attempt that the server's answer and the login's report disagreed on
+    # was taken for a lost server (see _unit.refused_unsure_again): a second one is the unit's
+    refused_unsure: bool = False
     enclosing: AttemptRecord | None  # the attempt running when this one began
     _token: contextvars.Token[AttemptRecord | None]
 

@@ -42,6 +42,7 @@ from ._classify import (
     mark_partly_committed,
     mark_success_interrupted,
     never_replayed,
+    refused_unsure,
     say_unknown_once,
 )
 from ._config import Config
@@ -57,6 +58,7 @@ from ._observability import (
     stats_for,
 )
 from ._state import STATE, renew_after_fork
+from ._statements import refused_unsure_before
 
 __all__ = ["Policy", "set_testing"]
 
@@ -1215,6 +1217,11 @@ class Policy:
         announced: list[_Retry] = []  # the retry decided, its attempt not started yet
         paid: _Paid = []  # what the budget paid for that retry (see _unspent)
         stopped: list[bool] = []  # True: retry was switched off before the retry's attempt
+        # set once an attempt met a 25006 taken for a lost server where the server's answer
+        # and the login's report disagreed: the unit's next attempts are told (see
+        # _told_refused_unsure)
+        told: list[contextvars.Token[bool]] = []
+        _told_refused_unsure(first, told)
 
         def one() -> T:
             if pending:  # the attempt that already failed on the fast path
@@ -1233,6 +1240,8 @@ class Policy:
                 result = attempt()
             except BaseException as exc:
                 last[0] = exc
+                if not told:
+                    _told_refused_unsure(exc, told)
                 self._failed_offloaded(exc, probe, started)
                 raise
             self._succeeded_offloaded(probe)
@@ -1253,6 +1262,9 @@ class Policy:
                 self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
             raise
+        finally:
+            if told:
+                refused_unsure_before.reset(told[0])
         retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
         self._recovered(retries, last[0])
         return result
@@ -1312,6 +1324,8 @@ class Policy:
         announced: list[_Retry] = []  # the retry decided, its attempt not started yet
         paid: _Paid = []  # what the budget paid for that retry (see _unspent)
         stopped: list[bool] = []  # True: retry was switched off before the retry's attempt
+        told: list[contextvars.Token[bool]] = []  # as in _call_retrying
+        _told_refused_unsure(first, told)
 
         async def one() -> T:
             if pending:
@@ -1330,6 +1344,8 @@ class Policy:
                 result = await attempt()
             except BaseException as exc:
                 last[0] = exc
+                if not told:
+                    _told_refused_unsure(exc, told)
                 await self.afailed(exc, probe, started)
                 raise
             if not self.succeeded_on_loop(probe):
@@ -1352,9 +1368,24 @@ class Policy:
                 self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
             raise
+        finally:
+            if told:
+                refused_unsure_before.reset(told[0])
         retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
         self._recovered(retries, last[0])
         return result
+
+
+def _told_refused_unsure(exc: BaseException, told: list[contextvars.Token[bool]]) -> None:
+    """A unit's (or an operation's) attempt failed with ``exc``: where it met a 25006 taken
+    for a lost server while the server's answer and the login's report disagreed on it
+    (marked so: see ``_unit.refused_unsure_again``), its next attempts run with
+    :data:`~._statements.refused_unsure_before` set (its token kept in ``told``, reset once
+    the retries end), so that a second such refusal in the unit is its own read-only write,
+    raised, not replayed until the retries run out. Only on the failure path: a unit that
+    succeeds, or fails otherwise, sets nothing."""
+    if refused_unsure(exc):
+        told.append(refused_unsure_before.set(True))
 
 
 class _RetriesInAttempt(Policy):

@@ -60,6 +60,15 @@ current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.Cont
 )
 
 
+# True while a unit's (or an operation's) next attempts run after one of its attempts met a
+# 25006 that the server's answer and the login's report disagreed on, taken for a lost server
+# (see ``_unit.refused_unsure_again``): set by the retry loop, only for such a unit, around its
+# replays (see ``Policy._call_retrying``); a second such refusal there is the unit's own.
+refused_unsure_before: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "resilient_db_refused_unsure_before", default=False
+)
+
+
 class SavedNote:
     """Whether a COMMIT of a transaction that may have written succeeded (outside a unit's own
     final COMMIT, which its ticket tells) while a drop-in block ran: an async factory's

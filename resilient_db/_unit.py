@@ -52,6 +52,7 @@ from ._classify import (
     mark_hot_standby,
     mark_outcome,
     mark_partly_committed,
+    mark_refused_unsure,
     mark_replay_safe,
     marked_replay_safe,
     refused_by_a_writable_server,
@@ -131,6 +132,7 @@ from ._statements import (
     lost_commit_while_off,
     note_dialect_calls,
     own_work,
+    refused_unsure_before,
     verdict_of,
     wrap_dialect_calls,
 )
@@ -3367,6 +3369,33 @@ def _whose_plain_commit() -> str:
     )
 
 
+def refused_unsure_again(exc: BaseException) -> bool:
+    """For a 25006 (``exc``) on a client connection whose login was told the server takes no
+    writes, where the server asked now says it takes them (see
+    ``_classify.refused_by_a_writable_server``): whether it is the application's own read-only
+    write (True) or a lost server (False). It may be either: the unit's own read-only
+    transaction, or a refusal by the server that transaction ran on (a hot standby) while the
+    question reached another (behind a transaction-mode PgBouncer pointed at the primary in
+    between; a standby promoted between the refusal and the question), which a replay heals.
+    So the first such refusal in a unit (a ``run()`` unit, a ``with_self_healing`` operation:
+    its attempts) is a lost server, replayed as when nothing was asked; a second one there (a
+    replay refused again, by a server that by then answers it takes writes) the unit's own,
+    raised at once. Outside a unit (drop-in use) a lost server: its caller decides whether to
+    run it again.
+
+    State only on this path: the attempt's record is marked (a second one in it), and
+    ``exc``, which the retry loop sees as the attempt fails, to tell the unit's next attempts
+    (:data:`~._statements.refused_unsure_before`, see ``Policy._call_retrying``)."""
+    attempt = current_attempt.get()
+    if attempt is None:
+        return False
+    if attempt.refused_unsure or refused_unsure_before.get():
+        return True
+    attempt.refused_unsure = True
+    mark_refused_unsure(exc)
+    return False
+
+
 class EngineHooks:
     """Installed once per engine: disconnect classification in ``handle_error``, mapping of the
     transition trigger's SQLSTATE, a cheap dead-connection check at pool checkout, and the
@@ -3450,6 +3479,7 @@ class EngineHooks:
             ask=takes_writes_asked
             if current_request.get() is None and not own_work.get()
             else None,
+            unsure=refused_unsure_again,
         ):
             code = None  # a read-only transaction of the application's on a primary: its bug
         if fenced_server_of(original) is not None:

@@ -1095,11 +1095,14 @@ def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_drop_in(
         engine.dispose()
 
 
-def own_read_only_in_savepoint(session: Session, way: str) -> str:
+def own_read_only_in_savepoint(
+    session: Session, way: str, outcomes: list[rdb.Outcome] | None = None
+) -> str:
     """A write refused in a savepoint by the unit's own read-only transaction (``way``: the
     whole transaction begun read-only, or the savepoint made so), caught: the unit rolls back
     to the savepoint and goes on in its transaction, which the refusal left sound. Returns
-    what it did then."""
+    what it did then. With ``outcomes``, the refusal's classification is put there instead of
+    checked (one taken for a lost server fails the attempt at the next statement)."""
     if way == "postgresql_readonly":
         session.connection(execution_options={"postgresql_readonly": True})
     session.execute(sa.text("SELECT 1"))
@@ -1108,8 +1111,11 @@ def own_read_only_in_savepoint(session: Session, way: str) -> str:
             session.execute(sa.text("SET TRANSACTION READ ONLY"))
         write(session)
     assert rdb.sqlstate_of(refused.value) == "25006"
-    assert rdb.classify(refused.value) is rdb.Outcome.NOT_TRANSIENT
-    assert not refused.value.connection_invalidated
+    if outcomes is not None:
+        outcomes.append(rdb.classify(refused.value))
+    else:
+        assert rdb.classify(refused.value) is rdb.Outcome.NOT_TRANSIENT
+        assert not refused.value.connection_invalidated
     if way == "postgresql_readonly":
         return str(session.execute(sa.text("SELECT 'read'")).scalar_one())
     return write(session)  # (the savepoint's read-only mode went with it)
@@ -1280,9 +1286,12 @@ async def test_pgbouncer_pointed_at_a_hot_standby(
 # ---- the other way round: a login made while the server took no writes -----------------------
 # A client connection keeps what its login was told: that the server takes no writes (a primary
 # read-only then, writable again; a hot standby the pooler reached, promoted since). A write
-# refused there by the unit's own read-only transaction, on a server that takes writes now, is
-# the unit's bug, as on a direct connection: the server is asked, and says so. A server that
-# still takes no writes (in recovery) is a lost server as before, whatever the transaction.
+# refused there on a server that, asked, takes writes may be the unit's own read-only
+# transaction, or a refusal by the server the transaction ran on (a standby) while the question
+# reached another (PgBouncer pointed at the primary in between, a standby promoted in between):
+# the first such refusal in a unit is a lost server, replayed; a second one there is the unit's
+# own, raised, the pool kept. A server that still takes no writes (in recovery) is a lost server
+# as before, whatever the transaction.
 
 #: few retries: a unit replayed is replayed until they run out
 FEW_RETRIES = rdb.Config(max_retries=2, deadline=30.0, failure_threshold=1000)
@@ -1296,21 +1305,30 @@ def told_at_login(driver: Any, name: str) -> str | None:
     return None if value is None else bytes(value).decode()
 
 
-def raised_at_once(seen: list[rdb.SelfHealEvent], attempts: list[int]) -> None:
-    """One attempt, nothing replaced, nothing replayed."""
-    assert len(attempts) == 1
-    assert not [
-        e for e in seen if e.name in ("pool_invalidated", "retry", "hot_standby_refused_write")
-    ]
+def replayed_once(seen: list[rdb.SelfHealEvent]) -> None:
+    """The unit was refused with 25006 once, taken for a lost server (the pool's client
+    connections replaced once) and replayed once."""
+    assert [
+        (e.name, e.fields.get("sqlstate")) for e in seen if e.name in ("pool_invalidated", "retry")
+    ] == [("pool_invalidated", "25006"), ("retry", "25006")]
+    assert [e.fields["outcome"] for e in seen if e.name == "retry"] == ["disconnect"]
 
 
-def own_read_only_unit(where: str, way: str) -> Callable[[Session], str]:
+def breaker_failures(service: str) -> int:
+    """The failures the service's circuit breaker counted (since its last success)."""
+    return int(rdb.health()["services"][service]["breaker"]["failures"])
+
+
+def own_read_only_unit(
+    where: str, way: str, outcomes: list[rdb.Outcome]
+) -> Callable[[Session], str]:
     """The unit's own read-only write, in its transaction (raised) or in a savepoint of it
-    (caught: see own_read_only_in_savepoint)."""
+    (caught: see own_read_only_in_savepoint; how each attempt's refusal was classified put in
+    ``outcomes``)."""
 
     def unit(session: Session) -> str:
         if where == "savepoint":
-            return own_read_only_in_savepoint(session, way)
+            return own_read_only_in_savepoint(session, way, outcomes)
         own_read_only(session, way)
         return "not refused"
 
@@ -1333,13 +1351,21 @@ async def test_own_read_only_write_after_a_read_only_login_behind_pgbouncer(
     where: str,
 ) -> None:
     """Client connections made while the server took no writes (``default_transaction_read_only``
-    on, their login told so), the server writable again: the unit's own read-only write is the
-    unit's (the server, asked, takes writes), raised at once (in a savepoint: caught by the
-    unit, which goes on), the pool kept. Before, the login's report judged: a lost server, the
-    pool's client connections replaced and the unit replayed."""
+    on, their login told so), the server writable again: the unit's own read-only write, on a
+    server that (asked) takes writes, can't be told from a refusal by a server the question no
+    longer reaches. The first is taken for a lost server (the pool's client connections
+    replaced, the unit replayed once, a failure for the breaker); the second, in the replay, is
+    the unit's own: raised (in a savepoint: caught by the unit, which goes on), nothing more
+    replaced, nothing counted. Two attempts: where the answer alone decided, one (a
+    switchover's refusal raised too: see
+    test_standby_refusal_with_pgbouncer_pointed_at_the_primary_before_the_question); where
+    the login's report alone did, replayed. (The replay's client connection, made
+    since, is told the server takes writes, and judged so; for a second refusal whose login
+    was told otherwise too, see test_second_unsure_refusal_is_the_units_own_sync.)"""
     seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
-    unit = own_read_only_unit(where, way)
+    outcomes: list[rdb.Outcome] = []
+    unit = own_read_only_unit(where, way, outcomes)
     expected = (
         ("read" if way == "postgresql_readonly" else "written") if where == "savepoint" else None
     )
@@ -1357,6 +1383,7 @@ async def test_own_read_only_write_after_a_read_only_login_behind_pgbouncer(
             # (no server connection that saw the reload left to pass its report on)
             txn_bouncer.admin(f"RECONNECT {database}")
             assert {told_at_login(d, "default_transaction_read_only") for d in before} == {"on"}
+            failed_before = breaker_failures(service)
             rdb.add_hook(seen.append)
             try:
                 if expected is None:
@@ -1366,7 +1393,8 @@ async def test_own_read_only_write_after_a_read_only_login_behind_pgbouncer(
                     assert Sessions.run(counted) == expected
             finally:
                 rdb.remove_hook(seen.append)
-            assert sync_drivers(engine) == before  # the pool kept
+            failed = breaker_failures(service) - failed_before
+            assert not sync_drivers(engine) & before  # (replaced at the first refusal)
             assert Sessions.run(write) == "written"
         finally:
             engine.dispose()
@@ -1386,6 +1414,7 @@ async def test_own_read_only_write_after_a_read_only_login_behind_pgbouncer(
             # (no server connection that saw the reload left to pass its report on)
             txn_bouncer.admin(f"RECONNECT {database}")
             assert {told_at_login(d, "default_transaction_read_only") for d in before} == {"on"}
+            failed_before = breaker_failures(service)
             rdb.add_hook(seen.append)
             try:
                 if expected is None:
@@ -1395,14 +1424,21 @@ async def test_own_read_only_write_after_a_read_only_login_behind_pgbouncer(
                     assert await AsyncSessions.run(async_counted) == expected
             finally:
                 rdb.remove_hook(seen.append)
-            assert await async_drivers(async_engine) == before
+            failed = breaker_failures(service) - failed_before
+            assert not await async_drivers(async_engine) & before
             assert await AsyncSessions.run(lambda s: s.run_sync(write)) == "written"
         finally:
             await async_engine.dispose()
     if expected is None:
         assert rdb.sqlstate_of(raised.value) == "25006"
         assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
-    raised_at_once(seen, attempts)
+    else:
+        assert outcomes == [rdb.Outcome.DISCONNECT, rdb.Outcome.NOT_TRANSIENT]
+    assert len(attempts) == 2
+    replayed_once(seen)
+    # the first refusal, a lost server's; the unit's own counts nothing (caught in a savepoint,
+    # the unit succeeds: the breaker's count starts over)
+    assert failed == (1 if expected is None else 0)
     assert ledger(pg_server, database) == (2 if expected == "written" else 1)
 
 
@@ -1416,14 +1452,16 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
     server (the server, asked, is in recovery): replayed until the retries run out. The
     standby then promoted (the primary crashed first), the client connections kept with their
     login's report (PgBouncer passes on no change; its server connections made again): the
-    same unit's write is the unit's own, raised at once, the pool kept; a write goes in.
-    Before, it was replayed until the retries ran out, the pool's client connections replaced
-    at each refusal and a hot standby named in the log."""
+    same unit's refusal can't be told from the standby's (the server, asked, takes writes):
+    the first taken for a lost server, replayed once; the second is the unit's own, raised,
+    counted by no breaker; a write goes in. Where the answer alone decided, raised at once;
+    where the login's report alone did, replayed until the retries ran out where new logins
+    were told the same, the pool's client connections replaced at each refusal."""
     standby = pg_standby.standby
     standby_bouncer.point_at(standby)
     seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
-    unit = own_read_only_unit("transaction", "set-transaction-read-only")
+    unit = own_read_only_unit("transaction", "set-transaction-read-only", [])
 
     def promote() -> None:
         pg_standby.crash_primary()
@@ -1446,13 +1484,15 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
             promote()
             assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
             attempts.clear()
+            failed_before = breaker_failures(service)
             rdb.add_hook(seen.append)
             try:
                 with pytest.raises(sa.exc.DBAPIError) as raised:
                     Sessions.run(counted)
             finally:
                 rdb.remove_hook(seen.append)
-            assert sync_drivers(engine) == before
+            failed = breaker_failures(service) - failed_before
+            assert not sync_drivers(engine) & before
             assert Sessions.run(write) == "written"
         finally:
             engine.dispose()
@@ -1474,13 +1514,15 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
             promote()
             assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
             attempts.clear()
+            failed_before = breaker_failures(service)
             rdb.add_hook(seen.append)
             try:
                 with pytest.raises(sa.exc.DBAPIError) as raised:
                     await AsyncSessions.run(async_counted)
             finally:
                 rdb.remove_hook(seen.append)
-            assert await async_drivers(async_engine) == before
+            failed = breaker_failures(service) - failed_before
+            assert not await async_drivers(async_engine) & before
             assert await AsyncSessions.run(lambda s: s.run_sync(write)) == "written"
         finally:
             await async_engine.dispose()
@@ -1488,5 +1530,259 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
     assert rdb.classify(on_the_standby.value) is rdb.Outcome.DISCONNECT
     assert rdb.sqlstate_of(raised.value) == "25006"
     assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
-    raised_at_once(seen, attempts)
+    assert len(attempts) == 2
+    replayed_once(seen)
+    assert failed == 1
     assert count(standby, "app", "SELECT count(*) FROM ledger") == 1
+
+
+# ---- the answer and the login disagree: unsure, replayed once ---------------------------------
+# A login that was told the server takes no writes, and a server that, asked after the refusal,
+# takes them: the refusal may be the unit's own read-only write, or a refusal by a server the
+# question no longer reaches (PgBouncer pointed at the primary between the refusal and the
+# question; a standby promoted meanwhile). The first such refusal in a unit is a lost server,
+# replayed; a second one there is the unit's own, raised.
+
+
+@pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_standby_refusal_with_pgbouncer_pointed_at_the_primary_before_the_question(
+    standby_bouncer: PgBouncer, pg_standby: StandbyPair, service: str, driver: str
+) -> None:
+    """Client connections made while PgBouncer reaches the hot standby (their login told
+    ``in_hot_standby`` on). A unit's write is refused by the standby, and PgBouncer is pointed
+    at the primary between the refusal and the question (forced: a ``handle_error`` listener
+    listened before the factory's, so run before it): the server asked, the primary, takes
+    writes; the login said it takes none. The unit is replayed (the pool's client connections
+    replaced) and goes in on the primary, once. Where the answer alone decided, it was raised
+    at once as the application's own read-only write: a unit a replay heals failed by a
+    switchover."""
+    primary, standby = pg_standby.primary, pg_standby.standby
+    standby_bouncer.point_at(standby)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    repointed: list[int] = []
+
+    def repoint(ctx: sa.engine.ExceptionContext) -> None:
+        if rdb.sqlstate_of(ctx.original_exception) == "25006" and not repointed:
+            repointed.append(len(attempts))
+            standby_bouncer.point_at(primary)  # (the server connections made again on release)
+
+    if driver == "psycopg-sync":
+        engine = sa.create_engine(standby_bouncer.url(), connect_args=PSYCOPG_ARGS)
+        # (before the factory's: SQLAlchemy calls them in the order they were listened)
+        sa.event.listen(engine, "handle_error", repoint)
+        Sessions = rdb.ResilientSession(engine, service=service, config=FEW_RETRIES)
+
+        def unit(session: Session) -> str:
+            attempts.append(1)
+            return write(session)
+
+        try:
+            before = sync_drivers(engine)
+            assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
+            rdb.add_hook(seen.append)
+            try:
+                assert Sessions.run(unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+            assert not sync_drivers(engine) & before
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            standby_bouncer.url(driver), connect_args=DRIVER_ARGS[driver]
+        )
+        sa.event.listen(async_engine.sync_engine, "handle_error", repoint)
+        AsyncSessions = rdb.AsyncResilientSession(async_engine, service=service, config=FEW_RETRIES)
+
+        async def async_unit(session: AsyncSession) -> str:
+            attempts.append(1)
+            return await session.run_sync(write)
+
+        try:
+            before = await async_drivers(async_engine)
+            assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
+            rdb.add_hook(seen.append)
+            try:
+                assert await AsyncSessions.run(async_unit) == "written"
+            finally:
+                rdb.remove_hook(seen.append)
+            assert not await async_drivers(async_engine) & before
+        finally:
+            await async_engine.dispose()
+    assert repointed == [1]  # (refused by the standby in the first attempt)
+    assert len(attempts) == 2
+    replayed_once(seen)
+    assert count(primary, "app", "SELECT count(*) FROM ledger") == 1
+
+
+def set_read_only(session: Session) -> None:
+    own_read_only(session, "set-transaction-read-only")
+
+
+@pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
+@pytest.mark.parametrize("how", ["unit", "operation", "one attempt", "drop-in"])
+def test_second_unsure_refusal_is_the_units_own_sync(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, how: str
+) -> None:
+    """Two engines through PgBouncer, their client connections made while the server took no
+    writes (their logins told so), the server writable again; the application's own read-only
+    write refused on the first engine, then on the second, whose client connections the first
+    refusal's pool replacement did not renew: both refusals ones the server's answer and the
+    login disagree on. In a ``run()`` unit (its replay running a unit of the second engine's
+    factory inside it) and in a ``with_self_healing`` operation, the first is a lost server
+    (replayed), the second the unit's own: raised after two attempts, the second engine's
+    pool kept, not counted by the breaker. So too a second in one attempt (the first caught).
+    In drop-in use, with no unit to count refusals in, each is a lost server (transient: the
+    caller decides whether to run it again), each engine's pool replaced."""
+    engines = [sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS) for _ in range(2)]
+    factories = [rdb.ResilientSession(e, service=service, config=FEW_RETRIES) for e in engines]
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    def refused_on(i: int) -> None:
+        with factories[i]() as session, session.begin():
+            set_read_only(session)
+
+    def unit(session: Session) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            set_read_only(session)
+        factories[1].run(set_read_only)  # (another factory's unit: run once, replayed with it)
+
+    def operation() -> None:
+        attempts.append(1)
+        if how == "one attempt":
+            with pytest.raises(sa.exc.DBAPIError) as first:
+                refused_on(0)
+            assert rdb.classify(first.value) is rdb.Outcome.DISCONNECT
+            refused_on(1)
+        else:
+            refused_on(len(attempts) - 1)
+
+    def run() -> None:
+        if how == "unit":
+            factories[0].run(unit)
+        else:
+            rdb.with_self_healing(operation, service=service, config=FEW_RETRIES)
+
+    try:
+        with read_only_server(pg_server, txn_bouncer):
+            before = [sync_drivers(e) for e in engines]
+        # (no server connection that saw the reload left to pass its report on)
+        txn_bouncer.admin(f"RECONNECT {database}")
+        logins = {told_at_login(d, "default_transaction_read_only") for b in before for d in b}
+        assert logins == {"on"}
+        failed_before = breaker_failures(service)
+        rdb.add_hook(seen.append)
+        try:
+            if how == "drop-in":
+                for i in range(2):
+                    with pytest.raises(sa.exc.DBAPIError) as raised:
+                        refused_on(i)
+                    assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+            else:
+                with pytest.raises(sa.exc.DBAPIError) as raised:
+                    run()
+                assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
+        finally:
+            rdb.remove_hook(seen.append)
+        failed = breaker_failures(service) - failed_before
+        assert rdb.sqlstate_of(raised.value) == "25006"
+        assert not sync_drivers(engines[0]) & before[0]
+        if how == "drop-in":
+            assert not sync_drivers(engines[1]) & before[1]
+            assert [e.name for e in seen if e.name in ("pool_invalidated", "retry")] == [
+                "pool_invalidated",
+                "pool_invalidated",
+            ]
+        else:
+            assert sync_drivers(engines[1]) == before[1]  # the pool kept
+            if how == "one attempt":
+                assert len(attempts) == 1
+                assert [e.name for e in seen if e.name in ("pool_invalidated", "retry")] == [
+                    "pool_invalidated"
+                ]
+            else:
+                assert len(attempts) == 2
+                replayed_once(seen)
+                assert failed == 1
+        assert all(f.run(write) == "written" for f in factories)
+    finally:
+        for engine in engines:
+            engine.dispose()
+    assert ledger(pg_server, database) == 2
+
+
+@pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
+@pytest.mark.parametrize("how", ["unit", "operation"])
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_second_unsure_refusal_is_the_units_own_async(
+    *,
+    txn_bouncer: PgBouncer,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    how: str,
+) -> None:
+    """The async twin of test_second_unsure_refusal_is_the_units_own_sync (a unit, an
+    operation)."""
+    engines = [
+        create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
+        for _ in range(2)
+    ]
+    factories = [rdb.AsyncResilientSession(e, service=service, config=FEW_RETRIES) for e in engines]
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+
+    async def refused_in(session: AsyncSession) -> None:
+        await session.run_sync(set_read_only)
+
+    async def unit(session: AsyncSession) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await refused_in(session)
+        await factories[1].run(refused_in)
+
+    async def operation() -> None:
+        attempts.append(1)
+        async with factories[len(attempts) - 1]() as session, session.begin():
+            await refused_in(session)
+
+    async def run() -> None:
+        if how == "unit":
+            await factories[0].run(unit)
+        else:
+            await rdb.with_self_healing(operation, service=service, config=FEW_RETRIES)
+
+    try:
+        with read_only_server(pg_server, txn_bouncer):
+            before = [await async_drivers(e) for e in engines]
+        # (no server connection that saw the reload left to pass its report on)
+        txn_bouncer.admin(f"RECONNECT {database}")
+        logins = {told_at_login(d, "default_transaction_read_only") for b in before for d in b}
+        assert logins == {"on"}
+        failed_before = breaker_failures(service)
+        rdb.add_hook(seen.append)
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                await run()
+        finally:
+            rdb.remove_hook(seen.append)
+        failed = breaker_failures(service) - failed_before
+        assert rdb.sqlstate_of(raised.value) == "25006"
+        assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
+        assert not await async_drivers(engines[0]) & before[0]
+        assert await async_drivers(engines[1]) == before[1]  # the pool kept
+        for factory in factories:
+            assert await factory.run(lambda s: s.run_sync(write)) == "written"
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert len(attempts) == 2
+    replayed_once(seen)
+    assert failed == 1
+    assert ledger(pg_server, database) == 2
