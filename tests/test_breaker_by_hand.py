@@ -224,9 +224,14 @@ def test_an_unknown_service_is_refused_naming_the_known_ones(
 def test_a_breaker_switched_off_or_opted_out_of_is_refused_saying_so(
     engine: sa.Engine, service: str
 ) -> None:
-    rdb.ResilientSession(engine, service=service, config=rdb.Config(circuit_breaker=False))
+    # (held: a factory no longer referenced is no live user of its service, and a service
+    # none of whose live users has its breaker is one with no breaker)
+    factory = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(circuit_breaker=False)
+    )
     with pytest.raises(ValueError, match="is switched off"):
         rdb.open_breaker(service)
+    assert factory.kw is not None
     opted_out = f"{service}-opted-out"
     rdb.with_self_healing(lambda: 1, service=opted_out, use_circuit_breaker=False)
     with pytest.raises(ValueError, match="use_circuit_breaker=False"):

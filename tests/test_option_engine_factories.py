@@ -274,8 +274,10 @@ def test_a_factory_on_the_copy_must_agree_with_the_engines(engine: sa.Engine, se
     """The copy's hooks are its engine's: a factory on it with other engine-wide settings is
     refused as one on the engine is (both sets of hooks listened on the one pool and dialect,
     each acting on its own settings)."""
-    rdb.ResilientSession(engine, service=service)
+    # (held: only a live factory's settings bind another one on the engine)
+    factory = rdb.ResilientSession(engine, service=service)
     copy = engine.execution_options(isolation_level="AUTOCOMMIT")
     with pytest.raises(ValueError, match="status validation"):
         rdb.ResilientSession(copy, service=service, config=rdb.Config(status_validation=False))
     assert len(engine_hooks_heard(engine)) == 1
+    assert factory.kw is not None
