@@ -57,7 +57,6 @@ from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
 from ._internals import (
     PLAIN_COMMITS,
-    committed_unclosed,
     prime_class_listeners,
     server_side_result,
     with_own_session_class,
@@ -84,6 +83,7 @@ from ._unit import (
     claim_prune,
     commit_if_prepared,
     commit_plainly,
+    commit_step_unended,
     commits_in_callers_transaction,
     conflict_left_behind,
     current_unit,
@@ -1230,7 +1230,7 @@ if True:  # async only
                     and self.saved.saved
                     and not isinstance(failed, Exception)
                     and (
-                        committed_unclosed(self.session.sync_session)
+                        commit_step_unended(self.session.sync_session)
                         # the block's COMMIT, its first that saved, answered: interrupted as
                         # the transaction closed (asyncpg's close of a connection the pool
                         # does not keep, awaited), when the state says closed already

@@ -73,6 +73,7 @@ __all__ = [
     "sa_await",
     "server_side_result",
     "session_binds",
+    "transaction_committed_unclosed",
     "transaction_connections",
     "update_loader_criteria",
     "with_dml_value",
@@ -598,7 +599,14 @@ def committed_unclosed(session: Any) -> bool:
     is False too for a transaction that a failed flush deactivated, whose COMMIT was never
     sent).
     """
-    transaction = session.get_transaction()
+    return transaction_committed_unclosed(session.get_transaction())
+
+
+def transaction_committed_unclosed(transaction: Any) -> bool:
+    """Whether the root ``transaction`` (a ``SessionTransaction``, or None) has committed and
+    is not closed yet: :func:`committed_unclosed` of a transaction that may no longer be its
+    session's (SQLAlchemy takes one off its session as its close begins, before it hands its
+    connections back to the pool). Private: ``SessionTransaction._state``, as there."""
     state = getattr(transaction, "_state", None)
     return getattr(state, "name", None) == "COMMITTED"
 

@@ -104,6 +104,7 @@ from ._internals import (
     prime_class_listeners,
     psycopg_notify_handler,
     session_binds,
+    transaction_committed_unclosed,
     transaction_connections,
 )
 from ._internals import last_do_connect as _last_do_connect
@@ -869,13 +870,40 @@ def interrupted_in_its_commit(block: Any, session: Session, kind: Any, value: An
     """Whether the drop-in block ``block`` (see :func:`block_left`) of ``session`` (a sync
     session: an async session's ``sync_session``) ends with an interruption raised in a COMMIT
     step after the server answered a COMMIT that saved a change (an ``after_commit`` listener
-    doing I/O), not said yet (a unit run in the block, or a block inside it, may have)."""
+    doing I/O, the transaction's close handing its connection back: see
+    :func:`commit_step_unended`), not said yet (a unit run in the block, or a block inside it,
+    may have)."""
     return (
         kind is not None
         and block[0].saved
         and not issubclass(kind, Exception)
-        and committed_unclosed(session)
+        and commit_step_unended(session)
         and saved_then_interrupted(value) is None
+    )
+
+
+def commit_step_unended(session: Session) -> bool:
+    """Whether the root transaction of drop-in code's ``session`` (a sync session) committed
+    and its ``commit()`` has not ended: an interruption raised from it came after the server
+    answered its COMMITs (:func:`~._internals.committed_unclosed`). Also once its close has
+    begun: SQLAlchemy takes the transaction off its session first, then hands its connections
+    back to the pool, whose reset may wait (psycopg 3.3 yields to the event loop there once
+    the loop has been busy for 5 ms: a garbage collection, a loaded machine; a pool ``reset``
+    listener may send a statement), and marks it closed only after. That transaction, no
+    longer the session's, is the drop-in one that began last in this context
+    (:data:`dropin_transaction`; alive here: the interruption's traceback holds its close).
+    An interruption after that close ended (a wait of the block's own after ``commit()``
+    returned) finds it closed."""
+    if committed_unclosed(session):
+        return True
+    if session.get_transaction() is not None:
+        return False  # (another one began since: the interruption is none of that COMMIT's)
+    ref = dropin_transaction.get()
+    closing = None if ref is None else ref()
+    return (
+        closing is not None
+        and closing.session is session
+        and transaction_committed_unclosed(closing)
     )
 
 

@@ -963,6 +963,37 @@ def test_committed_unclosed_tells_a_transaction_between_its_commit_and_its_close
     assert not _internals.committed_unclosed(session), message  # closed
 
 
+def test_transaction_committed_unclosed_tells_one_handing_its_connection_back(pg_url: str) -> None:
+    """As a committed transaction's close hands its connection back to the pool, SQLAlchemy
+    has taken it off its session and not marked it closed yet."""
+    message = _says(
+        "SQLAlchemy",
+        "SessionTransaction._state (COMMITTED) as its close checks its connections in",
+        "transaction_committed_unclosed",
+        "an interruption in a drop-in block's COMMIT step as its connection goes back to the "
+        "pool (its reset) is not marked saved-then-interrupted",
+    )
+    engine = sa.create_engine(pg_url)
+    seen: list[tuple[Any, bool]] = []
+    try:
+        with Session(engine) as session:
+            session.execute(sa.text("SELECT 1"))
+            transaction = session.get_transaction()
+            assert not _internals.transaction_committed_unclosed(transaction), message  # begun
+
+            def checked_in(*_: Any) -> None:
+                unclosed = _internals.transaction_committed_unclosed(transaction)
+                seen.append((session.get_transaction(), unclosed))
+
+            sa.event.listen(engine, "checkin", checked_in)
+            session.commit()
+            assert seen == [(None, True)], message
+            assert not _internals.transaction_committed_unclosed(transaction), message  # closed
+        assert not _internals.transaction_committed_unclosed(None), message
+    finally:
+        engine.dispose()
+
+
 def test_commit_returned_tells_an_error_after_the_commits_from_one_before() -> None:
     message = _says(
         "SQLAlchemy",

@@ -24,11 +24,13 @@ import gc
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
+import psycopg.waiting
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -426,6 +428,62 @@ def test_a_sync_dropin_block_interrupted_after_its_commit_answered_is_saved_then
         whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
         assert_saved_then_interrupted(raised.value, service, events, whose)
         assert engine.pool.checkedout() == 0
+        _sleep_ended(pg_server, database)
+    finally:
+        engine.dispose()
+
+
+def _sleep_in_reset_once(engine: sa.Engine, armed: list[int]) -> None:
+    """A pool ``reset`` listener of the application's doing I/O (a statement on the server)
+    as the next connection is handed back to the pool once ``armed`` holds something: the
+    transaction's close at the end of a COMMIT's step, where psycopg's own reset may wait
+    too."""
+
+    @event.listens_for(engine, "reset")
+    def sleep(dbapi_connection: Any, record: Any, state: Any) -> None:
+        if armed:
+            armed.clear()
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT pg_sleep(3) AS closing")
+            finally:
+                cursor.close()
+
+
+@pytest.mark.parametrize("form", DROPIN_FORMS[:2])
+def test_a_sync_dropin_block_interrupted_as_its_commit_returns_its_connection_is_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    interruption: tuple[type[BaseException], int],
+    events: list[rdb.SelfHealEvent],
+    *,
+    after_commit: list[Callable[[], None]],
+    form: str,
+) -> None:
+    """Drop-in code on a sync factory: the server answered the block's COMMIT of a write, and
+    the signal arrives at the very end of the COMMIT's step, as the transaction's close hands
+    its connection back to the pool (its reset doing I/O). SQLAlchemy takes the transaction off
+    its session before that, and marks it closed only after: marked and said, as earlier in the
+    COMMIT's step (it was raised unmarked, unsaid: the session had no transaction any more, and
+    its block's end did not see the COMMIT's)."""
+    kind, signum = interruption
+    engine = sa.create_engine(pg_server.url(database))
+    armed: list[int] = []
+    _sleep_in_reset_once(engine, armed)
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        after_commit.append(lambda: armed.append(1))
+        sender = signal_once(lambda: _sleeping(pg_server, database), signum)
+        with pytest.raises(kind) as raised:
+            _dropin_block(Sessions, form, "INSERT INTO prune_notes (note) VALUES ('x')")
+        sender.join(10)
+        assert not after_commit  # the COMMIT returned
+        assert not armed  # its reset was reached
+        assert type(raised.value) is kind
+        assert _notes(pg_server, database, "x") == 1
+        whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
+        assert_saved_then_interrupted(raised.value, service, events, whose)
         _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
@@ -1202,6 +1260,78 @@ async def test_an_async_with_block_cancelled_after_its_commit_answered_is_saved_
     finally:
         await engine.dispose()
         await other.dispose()
+
+
+#: how long psycopg lets the event loop be busy before it yields to it in a wait that needs no
+#: I/O (psycopg 3.3's ``MAX_BUSY_TIME``; earlier releases never yield there)
+PSYCOPG_BUSY = getattr(psycopg.waiting, "MAX_BUSY_TIME", 0.005)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("form", ASYNC_FORMS[:2])
+@pytest.mark.parametrize("how", ["cancel", "asyncio.timeout"])
+@pytest.mark.parametrize(
+    ("driver", "waits"),
+    [
+        ("psycopg", "psycopg's reset"),
+        ("psycopg", "a reset listener"),
+        ("asyncpg", "a reset listener"),
+    ],
+)
+async def test_an_async_with_block_cancelled_as_its_commit_returns_its_connection_is_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    waits: str,
+    how: str,
+    form: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """An async factory's ``async with Sessions() as session:`` block: the server answered its
+    COMMIT of a write, and the cancellation (or the deadline) lands at the very end of the
+    COMMIT's step, as the transaction's close hands its connection back to the pool: in the
+    pool's reset, where psycopg (3.3) yields to the event loop once the loop has been busy
+    for ``MAX_BUSY_TIME`` (5 ms: a garbage collection, a loaded machine; here an
+    ``after_commit`` listener that holds the loop that long), or in a ``reset`` listener of
+    the application's doing I/O. SQLAlchemy takes the transaction off its session before
+    that, and marks it closed only after: marked and said, as earlier in the COMMIT's step (it
+    was raised unmarked, unsaid: the session had no transaction any more, and the block's end
+    did not see its COMMIT's)."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    reached: list[int] = []
+    if waits == "psycopg's reset":
+        # (the loop held, not waited on: psycopg's yield is due whatever the machine's speed)
+        after_commit.append(lambda: time.sleep(2 * PSYCOPG_BUSY))
+    else:
+
+        @event.listens_for(engine.sync_engine, "reset")
+        def query(dbapi_connection: Any, record: Any, state: Any) -> None:
+            if not reached:
+                reached.append(1)
+                cursor = dbapi_connection.cursor()
+                try:
+                    cursor.execute("SELECT 1")
+                finally:
+                    cursor.close()
+
+    try:
+        raised = await _cancelled_as_a_commit_returns(
+            how,
+            after_commit,
+            lambda: _async_block(Sessions, form, "INSERT INTO prune_notes (note) VALUES ('x')"),
+        )
+        assert not after_commit  # the COMMIT returned
+        assert reached or waits == "psycopg's reset"
+        # (whether the pool counts the connection whose reset was cut off as back is
+        # SQLAlchemy's: 2.1 takes it back, 2.0 leaves it to the collector)
+        assert _notes(pg_server, database, "x") == 1
+        assert_saved_then_interrupted(raised, service, events, ASYNC_WHOSE)
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.asyncio
