@@ -1219,9 +1219,8 @@ class Policy:
         stopped: list[bool] = []  # True: retry was switched off before the retry's attempt
         # set once an attempt met a 25006 taken for a lost server where the server's answer
         # and the login's report disagreed: the unit's next attempts are told (see
-        # _told_refused_unsure)
+        # _told_refused_unsure); set inside the try below, whose finally resets it
         told: list[contextvars.Token[bool]] = []
-        _told_refused_unsure(first, told)
 
         def one() -> T:
             if pending:  # the attempt that already failed on the fast path
@@ -1253,6 +1252,7 @@ class Policy:
             sleep=self.sleep, **self._retrying_kwargs(spent, refused, announced, paid)
         )
         try:
+            _told_refused_unsure(first, told)
             result = retrying(one)
         except BaseException as exc:
             if paid:  # a retry paid for whose attempt never ran
@@ -1325,7 +1325,6 @@ class Policy:
         paid: _Paid = []  # what the budget paid for that retry (see _unspent)
         stopped: list[bool] = []  # True: retry was switched off before the retry's attempt
         told: list[contextvars.Token[bool]] = []  # as in _call_retrying
-        _told_refused_unsure(first, told)
 
         async def one() -> T:
             if pending:
@@ -1359,6 +1358,7 @@ class Policy:
             **self._retrying_kwargs(spent, refused, announced, paid, for_async=True),
         )
         try:
+            _told_refused_unsure(first, told)
             result: T = await retrying(one)
         except BaseException as exc:
             if paid:  # a retry paid for whose attempt never ran

@@ -6,6 +6,7 @@ everything that needs a real server is in test_session.py.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from scenarios import FakeClock
 import resilient_db as rdb
 from resilient_db import _retry
 from resilient_db._breaker import Breaker
-from resilient_db._classify import Outcome, mark_replay_safe
+from resilient_db._classify import Outcome, mark_refused_unsure, mark_replay_safe
 from resilient_db._commit import UnprovenCommit
 from resilient_db._retry import Policy
 from resilient_db._state import STATE
+from resilient_db._statements import refused_unsure_before
 
 _names = itertools.count()
 
@@ -531,3 +533,48 @@ def test_an_unproven_commit_found_not_committed_is_ours_and_run_again() -> None:
     assert rdb.classify(marked) is Outcome.CONFLICT
     assert rdb.classify(opened) is Outcome.NOT_TRANSIENT
     assert not rdb.is_transient(opened)
+
+
+def _unsure_refusal() -> BaseException:
+    """A lost server's error (57P01) marked as a 25006 the server's answer and the login's
+    report disagreed on (see ``_unit.refused_unsure_again``): the unit's next attempts are
+    told so (``refused_unsure_before``)."""
+    exc = pge.AdminShutdown()
+    mark_refused_unsure(exc)
+    return exc
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+def test_an_unsure_refusal_is_forgotten_when_the_retry_loop_fails_as_it_is_set_up(
+    monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """``refused_unsure_before`` is set for a unit's replays after an attempt met a refusal
+    taken for a lost server where the server's answer and the login disagreed, and reset as its
+    retries end: on every way out, also an error of the retry loop's own set-up (an
+    interruption landing there: a signal's ``KeyboardInterrupt``). It was set before the loop
+    was under its ``finally``: left set in the thread's (or task's) context, it made every
+    later unit there take its first such refusal for its own write (raised, not replayed)."""
+
+    def interrupted(*args: object, **kwargs: object) -> dict[str, object]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Policy, "_retrying_kwargs", interrupted)
+    p = make_policy(rdb.Config(circuit_breaker=False), sleep=Sleeps())
+
+    def attempt() -> str:
+        raise _unsure_refusal()
+
+    async def aattempt() -> str:
+        raise _unsure_refusal()
+
+    async def arun() -> bool:
+        with pytest.raises(KeyboardInterrupt):
+            await p.acall(aattempt)
+        return refused_unsure_before.get()
+
+    if form == "sync":
+        with pytest.raises(KeyboardInterrupt):
+            p.call(attempt)
+        assert refused_unsure_before.get() is False
+    else:
+        assert asyncio.run(arun()) is False
