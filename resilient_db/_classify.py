@@ -508,6 +508,9 @@ def refused_by_a_writable_server(
         writable = told
     elif answer and not told and unsure is not None:
         writable = unsure(exc)
+        if not writable:  # (what the line about it says: see answered_takes_writes)
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(exc, _ANSWERED_WRITABLE, True)
     else:
         writable = answer
     with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
@@ -516,6 +519,18 @@ def refused_by_a_writable_server(
 
 
 _UNSURE = "resilient_db_refused_unsure"
+_ANSWERED_WRITABLE = "resilient_db_refused_answered_writable"
+
+
+def answered_takes_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` (a 25006 error, as SQLAlchemy's ``handle_error`` has it) was taken for a
+    lost server although the server asked said it takes writes, the login having said it takes
+    none (see :func:`refused_by_a_writable_server`, its ``unsure``): what its warning says, in
+    place of the login's report (a hot standby in recovery), which the answer contradicts."""
+    try:
+        return getattr(exc, _ANSWERED_WRITABLE, False) is True
+    except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
+        return False
 
 
 def mark_refused_unsure(exc: BaseException) -> None:

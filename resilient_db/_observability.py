@@ -495,7 +495,8 @@ def health() -> dict[str, Any]:
     by a restart, a failover or ``pg_terminate_backend``, and replaced: the ``Discarded a dead
     pooled connection`` line), ``hot_standby_refused_writes`` (writes a hot standby refused with
     25006: the ``Write refused by a hot standby`` warning, counted for each refusal, its line
-    rate-limited), ``stale_timeline_refusals`` (connections refused, new ones at connect and
+    rate-limited; not one the server, asked, says it takes writes for: the ``unsure by whom``
+    line), ``stale_timeline_refusals`` (connections refused, new ones at connect and
     pooled ones at checkout, because their server, a primary, is on a timeline of its cluster
     below one seen before: an old primary back as a primary after a failover; the ``Refused a
     connection to an old primary`` error, counted for each, its line rate-limited), and of

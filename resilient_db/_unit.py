@@ -43,6 +43,7 @@ from ._classify import (
     Classifier,
     Outcome,
     answer_timed_out,
+    answered_takes_writes,
     client_state_broken,
     debug_failure,
     fenced_server_of,
@@ -3732,13 +3733,19 @@ class EngineHooks:
         )
 
     def _refused_read_only(self, ctx: Any, original: BaseException) -> None:
-        """A write was refused as read-only (25006): if the server says it is a hot standby
-        (what the driver was told at connect: nothing is asked), mark the error with its
-        address, for the retry engine's give-up and the breaker's opening to name it, and warn
-        (one line per server every few seconds; the hooks see each). Classified as before: a
-        lost connection (an old primary restarted as a standby during a failover heals once
-        connections reach the new primary), but a URL that points at a standby never heals,
-        and nothing else would say why every write fails."""
+        """A write was refused as read-only (25006), taken for a lost server: if the login's
+        report says the server is a hot standby (what the driver was told at connect), mark the
+        error with its address, for the retry engine's give-up and the breaker's opening to
+        name it, and warn (one line per server every few seconds; the hooks see each).
+        Classified as before: a lost connection (an old primary restarted as a standby during
+        a failover heals once connections reach the new primary), but a URL that points at a
+        standby never heals, and nothing else would say why every write fails.
+
+        Unless the server, asked now, said it takes writes (``answered_takes_writes``: the
+        refusal taken for a lost server only as the first such in its unit): then whether a
+        standby refused it is not known (a switchover behind a pooler, or the application's
+        own read-only write after a promotion), so its line says so, and nothing is marked or
+        counted as a standby's."""
         conn = ctx.connection
         if conn is None or conn.closed or conn.invalidated:
             return
@@ -3749,9 +3756,32 @@ class EngineHooks:
         server = hot_standby_server(driver)
         if server is None:
             return  # a transaction made read-only on a primary (or a server before 14)
+        config, service = self._speaker()
+        if answered_takes_writes(original):
+            log, unlogged = self._standby_lines.take((server, "unsure"))
+            emit(
+                config,
+                log_session,
+                logging.WARNING,
+                "Write refused as read-only (SQLSTATE 25006), unsure by whom: service=%s "
+                "database %s at %s was a hot standby at login, and the server asked now says "
+                "it takes writes (a switchover behind a pooler, or a promotion since): the "
+                "refusal is taken for a lost server and replayed once in a unit (a second one "
+                "there is raised as the application's own read-only write)%s",
+                service,
+                self.commit.engine.url.database,
+                server,
+                more_since(unlogged),
+                log=log,
+                service=service,
+                event="refused_write_unsure",
+                server=server,
+                sqlstate=READ_ONLY_SQLSTATE,
+                suppressed=unlogged,
+            )
+            return
         mark_hot_standby(original, server)  # found through SQLAlchemy's error too (its .orig)
         log, unlogged = self._standby_lines.take(server)
-        config, service = self._speaker()
         stats_for(service).add("hot_standby_refused_writes")  # each one (the line is limited)
         emit(
             config,

@@ -1314,6 +1314,11 @@ def replayed_once(seen: list[rdb.SelfHealEvent]) -> None:
     assert [e.fields["outcome"] for e in seen if e.name == "retry"] == ["disconnect"]
 
 
+def standby_refusals(service: str) -> int:
+    """``health()``'s count of writes a hot standby refused, for ``service``."""
+    return int(rdb.health()["services"][service]["counters"]["hot_standby_refused_writes"])
+
+
 def breaker_failures(service: str) -> int:
     """The failures the service's circuit breaker counted (since its last success)."""
     return int(rdb.health()["services"][service]["breaker"]["failures"])
@@ -1485,6 +1490,7 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
             assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
             attempts.clear()
             failed_before = breaker_failures(service)
+            standby_before = standby_refusals(service)
             rdb.add_hook(seen.append)
             try:
                 with pytest.raises(sa.exc.DBAPIError) as raised:
@@ -1492,6 +1498,7 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
             finally:
                 rdb.remove_hook(seen.append)
             failed = breaker_failures(service) - failed_before
+            counted_as_standby = standby_refusals(service) - standby_before
             assert not sync_drivers(engine) & before
             assert Sessions.run(write) == "written"
         finally:
@@ -1515,6 +1522,7 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
             assert {told_at_login(d, "in_hot_standby") for d in before} == {"on"}
             attempts.clear()
             failed_before = breaker_failures(service)
+            standby_before = standby_refusals(service)
             rdb.add_hook(seen.append)
             try:
                 with pytest.raises(sa.exc.DBAPIError) as raised:
@@ -1522,6 +1530,7 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
             finally:
                 rdb.remove_hook(seen.append)
             failed = breaker_failures(service) - failed_before
+            counted_as_standby = standby_refusals(service) - standby_before
             assert not await async_drivers(async_engine) & before
             assert await AsyncSessions.run(lambda s: s.run_sync(write)) == "written"
         finally:
@@ -1534,6 +1543,10 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
     replayed_once(seen)
     assert failed == 1
     assert count(standby, "app", "SELECT count(*) FROM ledger") == 1
+    # its line says what is known (the server asked is no standby in recovery): unsure, not a
+    # hot standby's refusal, and not counted as one
+    assert [e.name for e in seen if "refused_write" in e.name] == ["refused_write_unsure"]
+    assert counted_as_standby == 0
 
 
 # ---- the answer and the login disagree: unsure, replayed once ---------------------------------
@@ -1615,6 +1628,19 @@ async def test_standby_refusal_with_pgbouncer_pointed_at_the_primary_before_the_
     assert len(attempts) == 2
     replayed_once(seen)
     assert count(primary, "app", "SELECT count(*) FROM ledger") == 1
+    # The line says what is known: the login's report and the server's answer disagree (a
+    # switchover, or the application's own read-only write after a promotion), not that the
+    # server is a standby in recovery (the one asked said it is not); counted as no standby's
+    unsure = [e for e in seen if e.name == "refused_write_unsure"]
+    assert len(unsure) == 1, [e.message for e in seen]
+    assert unsure[0].level == logging.WARNING
+    assert "the server asked now says it takes writes" in unsure[0].message
+    assert "replayed once" in unsure[0].message
+    assert "the application's own read-only write" in unsure[0].message
+    assert "in recovery" not in unsure[0].message
+    assert unsure[0].fields["sqlstate"] == "25006"
+    assert not [e for e in seen if e.name == "hot_standby_refused_write"]
+    assert rdb.health()["services"][service]["counters"]["hot_standby_refused_writes"] == 0
 
 
 def set_read_only(session: Session) -> None:
