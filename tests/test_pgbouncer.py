@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -823,76 +823,34 @@ async def async_drivers(engine: Any) -> set[Any]:
         }
 
 
-@pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
-def test_primary_made_read_only_behind_pgbouncer_sync(
-    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
-) -> None:
-    """Client connections made while the server takes writes, then the server made read-only
-    (reloaded, PgBouncer's server connections made again, no client reconnecting): the write
-    it refuses is a lost server (the pool's client connections renewed), replayed, and it goes
-    in once the server takes writes again.
-    Before, the login's report decided: raised at once as the application's own read-only
-    transaction, the pool kept."""
-    engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
-    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+@contextlib.contextmanager
+def ran_once_pool_kept(engine: sa.Engine, attempts: list[int]) -> Iterator[None]:
+    """Around a unit's run on ``engine`` (whose pool has served already): one attempt made
+    (``attempts``), nothing replayed, no pool invalidated, the pool's connections kept."""
     seen: list[rdb.SelfHealEvent] = []
-    attempts: list[int] = []
+    before = sync_drivers(engine)
+    rdb.add_hook(seen.append)
     try:
-        Sessions.run(write)
-        before = sync_drivers(engine)
-        with read_only_server(pg_server, txn_bouncer) as back:
-
-            def unit(session: Session) -> str:
-                attempts.append(1)
-                if len(attempts) == 2:
-                    back()  # (the pooler reaches a server that takes writes again)
-                return write(session)
-
-            rdb.add_hook(seen.append)
-            try:
-                assert Sessions.run(unit) == "written"
-            finally:
-                rdb.remove_hook(seen.append)
-        assert len(attempts) == 2
-        refused_then_resumed(seen)
-        assert not sync_drivers(engine) & before  # the client connections renewed
-        assert ledger(pg_server, database) == 2
+        yield
     finally:
-        engine.dispose()
+        rdb.remove_hook(seen.append)
+    assert len(attempts) == 1
+    assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
+    assert sync_drivers(engine) == before  # the pool kept
 
 
-@pytest.mark.server_control
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-@pytest.mark.asyncio
-async def test_primary_made_read_only_behind_pgbouncer_async(
-    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, driver: str
-) -> None:
-    engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
-    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+@contextlib.asynccontextmanager
+async def async_ran_once_pool_kept(engine: Any, attempts: list[int]) -> AsyncIterator[None]:
     seen: list[rdb.SelfHealEvent] = []
-    attempts: list[int] = []
+    before = await async_drivers(engine)
+    rdb.add_hook(seen.append)
     try:
-        await Sessions.run(lambda s: s.run_sync(write))
-        before = await async_drivers(engine)
-        with read_only_server(pg_server, txn_bouncer) as back:
-
-            async def unit(session: AsyncSession) -> str:
-                attempts.append(1)
-                if len(attempts) == 2:
-                    back()
-                return await session.run_sync(write)
-
-            rdb.add_hook(seen.append)
-            try:
-                assert await Sessions.run(unit) == "written"
-            finally:
-                rdb.remove_hook(seen.append)
-        assert len(attempts) == 2
-        refused_then_resumed(seen)
-        assert not await async_drivers(engine) & before
-        assert ledger(pg_server, database) == 2
+        yield
     finally:
-        await engine.dispose()
+        rdb.remove_hook(seen.append)
+    assert len(attempts) == 1
+    assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
+    assert await async_drivers(engine) == before
 
 
 def own_read_only(session: Session, way: str) -> None:
@@ -915,7 +873,6 @@ def test_own_read_only_write_behind_pgbouncer_raises_at_once_sync(
     writes: its write is the unit's bug, raised after one attempt, the pool kept."""
     engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
-    seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
 
     def unit(session: Session) -> None:
@@ -924,18 +881,10 @@ def test_own_read_only_write_behind_pgbouncer_raises_at_once_sync(
 
     try:
         Sessions.run(write)
-        before = sync_drivers(engine)
-        rdb.add_hook(seen.append)
-        try:
-            with pytest.raises(sa.exc.DBAPIError) as raised:
-                Sessions.run(unit)
-        finally:
-            rdb.remove_hook(seen.append)
+        with ran_once_pool_kept(engine, attempts), pytest.raises(sa.exc.DBAPIError) as raised:
+            Sessions.run(unit)
         assert rdb.sqlstate_of(raised.value) == "25006"
         assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
-        assert len(attempts) == 1
-        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
-        assert sync_drivers(engine) == before  # the pool kept
         assert Sessions.run(write) == "written"  # (the connection sound)
         assert ledger(pg_server, database) == 2
     finally:
@@ -956,7 +905,6 @@ async def test_own_read_only_write_behind_pgbouncer_raises_at_once_async(
 ) -> None:
     engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
     Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
-    seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
 
     async def unit(session: AsyncSession) -> None:
@@ -965,18 +913,11 @@ async def test_own_read_only_write_behind_pgbouncer_raises_at_once_async(
 
     try:
         await Sessions.run(lambda s: s.run_sync(write))
-        before = await async_drivers(engine)
-        rdb.add_hook(seen.append)
-        try:
+        async with async_ran_once_pool_kept(engine, attempts):
             with pytest.raises(sa.exc.DBAPIError) as raised:
                 await Sessions.run(unit)
-        finally:
-            rdb.remove_hook(seen.append)
         assert rdb.sqlstate_of(raised.value) == "25006"
         assert rdb.classify(raised.value) is rdb.Outcome.NOT_TRANSIENT
-        assert len(attempts) == 1
-        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
-        assert await async_drivers(engine) == before
         assert await Sessions.run(lambda s: s.run_sync(write)) == "written"
         assert ledger(pg_server, database) == 2
     finally:
@@ -995,13 +936,29 @@ def write_in_savepoint(session: Session) -> str:
         return write(session)
 
 
-@pytest.mark.server_control
-def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_sync(
-    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str
+async def async_write_in_savepoint(session: AsyncSession) -> str:
+    """write_in_savepoint with the async session's own begin_nested()."""
+    await session.execute(sa.text("SELECT 1"))
+    async with session.begin_nested():
+        return await session.run_sync(write)
+
+
+#: where the refused write runs: in the unit's transaction, or in a savepoint of it
+WHERE = ["transaction", "savepoint"]
+
+
+@pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
+@pytest.mark.parametrize("where", WHERE)
+def test_primary_made_read_only_behind_pgbouncer_sync(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, where: str
 ) -> None:
-    """As test_primary_made_read_only_behind_pgbouncer_sync, the refused write in a
-    savepoint. Before, nothing was asked there and the login's report judged: raised at once
-    as the application's own read-only transaction, the pool kept."""
+    """Client connections made while the server takes writes, then the server made read-only
+    (reloaded, PgBouncer's server connections made again, no client reconnecting): the write
+    it refuses is a lost server (the pool's client connections renewed), replayed, and it goes
+    in once the server takes writes again.
+    Before, the login's report decided: raised at once as the application's own read-only
+    transaction, the pool kept (in a savepoint, until the server was asked there too)."""
+    writes = write if where == "transaction" else write_in_savepoint
     engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
     seen: list[rdb.SelfHealEvent] = []
@@ -1014,8 +971,8 @@ def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_sync(
             def unit(session: Session) -> str:
                 attempts.append(1)
                 if len(attempts) == 2:
-                    back()
-                return write_in_savepoint(session)
+                    back()  # (the pooler reaches a server that takes writes again)
+                return writes(session)
 
             rdb.add_hook(seen.append)
             try:
@@ -1024,17 +981,24 @@ def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_sync(
                 rdb.remove_hook(seen.append)
         assert len(attempts) == 2
         refused_then_resumed(seen)
-        assert not sync_drivers(engine) & before
+        assert not sync_drivers(engine) & before  # the client connections renewed
         assert ledger(pg_server, database) == 2
     finally:
         engine.dispose()
 
 
 @pytest.mark.server_control
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 @pytest.mark.asyncio
-async def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_async(
-    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, driver: str
+async def test_primary_made_read_only_behind_pgbouncer_async(
+    *,
+    txn_bouncer: PgBouncer,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    where: str,
 ) -> None:
     engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
     Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
@@ -1049,9 +1013,9 @@ async def test_primary_made_read_only_behind_pgbouncer_in_a_savepoint_async(
                 attempts.append(1)
                 if len(attempts) == 2:
                     back()
-                await session.execute(sa.text("SELECT 1"))
-                async with session.begin_nested():
+                if where == "transaction":
                     return await session.run_sync(write)
+                return await async_write_in_savepoint(session)
 
             rdb.add_hook(seen.append)
             try:
@@ -1130,7 +1094,6 @@ def test_own_read_only_write_in_a_savepoint_behind_pgbouncer_is_the_units_sync(
     once rolled back to the savepoint, one attempt, the pool kept."""
     engine = sa.create_engine(txn_bouncer.url(), connect_args=PSYCOPG_ARGS)
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
-    seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
 
     def unit(session: Session) -> str:
@@ -1139,16 +1102,9 @@ def test_own_read_only_write_in_a_savepoint_behind_pgbouncer_is_the_units_sync(
 
     try:
         Sessions.run(write)
-        before = sync_drivers(engine)
-        rdb.add_hook(seen.append)
-        try:
+        with ran_once_pool_kept(engine, attempts):
             done = Sessions.run(unit)
-        finally:
-            rdb.remove_hook(seen.append)
         assert done == ("read" if way == "postgresql_readonly" else "written")
-        assert len(attempts) == 1
-        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
-        assert sync_drivers(engine) == before
         assert ledger(pg_server, database) == (1 if way == "postgresql_readonly" else 2)
     finally:
         engine.dispose()
@@ -1168,7 +1124,6 @@ async def test_own_read_only_write_in_a_savepoint_behind_pgbouncer_is_the_units_
 ) -> None:
     engine = create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
     Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
-    seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
 
     async def unit(session: AsyncSession) -> str:
@@ -1177,16 +1132,9 @@ async def test_own_read_only_write_in_a_savepoint_behind_pgbouncer_is_the_units_
 
     try:
         await Sessions.run(lambda s: s.run_sync(write))
-        before = await async_drivers(engine)
-        rdb.add_hook(seen.append)
-        try:
+        async with async_ran_once_pool_kept(engine, attempts):
             done = await Sessions.run(unit)
-        finally:
-            rdb.remove_hook(seen.append)
         assert done == ("read" if way == "postgresql_readonly" else "written")
-        assert len(attempts) == 1
-        assert not [e for e in seen if e.name in ("pool_invalidated", "retry")]
-        assert await async_drivers(engine) == before
         assert ledger(pg_server, database) == (1 if way == "postgresql_readonly" else 2)
     finally:
         await engine.dispose()
@@ -1213,7 +1161,7 @@ def standby_bouncer(pg_standby: StandbyPair) -> Iterator[PgBouncer]:
         bouncer.close()
 
 
-@pytest.mark.parametrize("where", ["transaction", "savepoint"])
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
 @pytest.mark.asyncio
 async def test_pgbouncer_pointed_at_a_hot_standby(
@@ -1341,7 +1289,7 @@ def own_read_only_unit(
 
 
 @pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
-@pytest.mark.parametrize("where", ["transaction", "savepoint"])
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
 @pytest.mark.asyncio
