@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db.demo import _workload_async, apply_migrations, demo_config
-from resilient_db.demo._faults import FaultLog, Schedule, Stage
+from resilient_db.demo._faults import Contender, FaultLog, Schedule, Stage
 from resilient_db.demo._loop import EventLoop
 from resilient_db.demo._workload import Ledger, Runner, setup_hot_rows, wait_until
 from resilient_db.testing import PostgresServer
@@ -29,6 +29,55 @@ def factory(pg_url: str) -> Iterator[rdb.ResilientSession[Session]]:
     engine.dispose()
 
 
+def _schedule(
+    pg_server: PostgresServer,
+    pg_database: str,
+    runner: Contender,
+    rows: tuple[tuple[int, int], tuple[int, int]],
+    service: str,
+) -> Schedule:
+    """The demo's fault schedule on ``runner`` and its hot rows (deadlock, serialization),
+    no crash allowed."""
+    deadlock_rows, serial_rows = rows
+    stage = Stage(
+        pg_server,
+        cast(Any, None),
+        pg_database,
+        runner,
+        cast(Any, None),
+        deadlock_rows,
+        serial_rows,
+    )
+    return Schedule(
+        seconds=60.0,
+        stage=stage,
+        application_name="demo-faults-test",
+        log=FaultLog(clock=time.monotonic, on_event=lambda message: None),
+        stop=threading.Event(),
+        service=service,
+        crash_allowed=False,
+    )
+
+
+def _conflict_behind_row_locks(
+    blocker: sa.Connection, schedule: Schedule, serial_rows: tuple[int, int]
+) -> bool:
+    """The schedule's serialization conflict injected while ``blocker`` holds the pair's rows
+    locked (the conflict under way, its end not in sight); whether the schedule returned
+    meanwhile. The pair's writes then go on and the fault's thread ends."""
+    blocker.execute(
+        sa.text("SELECT id FROM tasks WHERE id = ANY(:ids) FOR UPDATE"),
+        {"ids": list(serial_rows)},
+    )
+    fault = threading.Thread(target=schedule.serialization_conflict, daemon=True)
+    fault.start()
+    fault.join(timeout=8.0)
+    returned = not fault.is_alive()
+    blocker.rollback()  # the pair's writes go on
+    fault.join(timeout=30.0)
+    return returned
+
+
 def test_the_schedule_goes_on_once_a_contention_pair_met(
     pg_server: PostgresServer, pg_database: str, factory: rdb.ResilientSession[Any]
 ) -> None:
@@ -38,43 +87,15 @@ def test_the_schedule_goes_on_once_a_contention_pair_met(
     # wait on row locks held elsewhere: the conflict is under way, its end is not in sight.
     ledger = Ledger()
     runner = Runner(factory, ledger, threading.Event())
-    deadlock_rows, serial_rows = setup_hot_rows(runner)
-    stop = threading.Event()
-    log = FaultLog(clock=time.monotonic, on_event=lambda message: None)
-    schedule = Schedule(
-        seconds=60.0,
-        stage=Stage(
-            pg_server,
-            cast(Any, None),
-            pg_database,
-            runner,
-            cast(Any, None),
-            deadlock_rows,
-            serial_rows,
-        ),
-        application_name="demo-faults-test",
-        log=log,
-        stop=stop,
-        service="demo-faults",
-        crash_allowed=False,
-    )
-    engine = factory.kw["bind"]
-    with engine.connect() as blocker:
-        blocker.execute(
-            sa.text("SELECT id FROM tasks WHERE id = ANY(:ids) FOR UPDATE"),
-            {"ids": list(serial_rows)},
-        )
-        fault = threading.Thread(target=schedule.serialization_conflict, daemon=True)
-        fault.start()
-        fault.join(timeout=8.0)
-        returned = not fault.is_alive()
-        blocker.rollback()  # the pair's writes go on
-    fault.join(timeout=30.0)
+    rows = setup_hot_rows(runner)
+    schedule = _schedule(pg_server, pg_database, runner, rows, "demo-faults")
+    with factory.kw["bind"].connect() as blocker:
+        returned = _conflict_behind_row_locks(blocker, schedule, rows[1])
     assert returned, "the schedule waited for the pair's units to end"
-    assert log.injected["serialization_conflict"] == 1
+    assert schedule.log.injected["serialization_conflict"] == 1
     # both units end, written once each (the loser ran again after its 40001)
     assert wait_until(lambda: {"s1a", "s1b"} <= set(ledger.done), 30.0)
-    stop.set()
+    schedule.stop.set()
 
 
 def test_an_asyncio_contention_pair_runs_on_the_event_loop_and_the_schedule_goes_on(
@@ -91,48 +112,20 @@ def test_an_asyncio_contention_pair_runs_on_the_event_loop_and_the_schedule_goes
         )
         ledger = Ledger()
         runner = _workload_async.Runner(factory, ledger, threading.Event())
-        deadlock_rows, serial_rows = loop.call(_workload_async.setup_hot_rows(runner))
-        stop = threading.Event()
-        log = FaultLog(clock=time.monotonic, on_event=lambda message: None)
-        stage = Stage(
-            pg_server,
-            cast(Any, None),
-            pg_database,
-            runner,
-            cast(Any, None),
-            deadlock_rows,
-            serial_rows,
-        )
-        schedule = Schedule(
-            seconds=60.0,
-            stage=stage,
-            application_name="demo-faults-test",
-            log=log,
-            stop=stop,
-            service="demo-faults-async",
-            crash_allowed=False,
-        )
+        rows = loop.call(_workload_async.setup_hot_rows(runner))
+        schedule = _schedule(pg_server, pg_database, runner, rows, "demo-faults-async")
         blocker = sa.create_engine(pg_url)
         try:
             with blocker.connect() as conn:
-                conn.execute(
-                    sa.text("SELECT id FROM tasks WHERE id = ANY(:ids) FOR UPDATE"),
-                    {"ids": list(serial_rows)},
-                )
-                fault = threading.Thread(target=schedule.serialization_conflict, daemon=True)
-                fault.start()
-                fault.join(timeout=8.0)
-                returned = not fault.is_alive()
-                conn.rollback()  # the pair's writes go on
-            fault.join(timeout=30.0)
+                returned = _conflict_behind_row_locks(conn, schedule, rows[1])
         finally:
             blocker.dispose()
         assert returned, "the schedule waited for the pair's units to end"
-        assert log.injected["serialization_conflict"] == 1
+        assert schedule.log.injected["serialization_conflict"] == 1
         assert wait_until(lambda: {"s1a", "s1b"} <= set(ledger.done), 30.0)
         (pair,) = schedule._contention
         pair.join()  # both tasks ended, nothing raised
-        stop.set()
+        schedule.stop.set()
     finally:
         loop.call(engine.dispose())
         loop.close()
