@@ -222,13 +222,19 @@ async def _acount(engine: AsyncEngine) -> int:
         return int((await conn.execute(COUNT)).scalar_one())
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "factory"])
-async def test_async_a_transaction_begun_by_statement_in_autocommit_stays_failed(
-    aengine: AsyncEngine, service: str, hooked: bool
-) -> None:
-    if hooked:
+@pytest.fixture(params=[False, True], ids=["plain", "factory"])
+def ahooked(request: pytest.FixtureRequest, aengine: AsyncEngine, service: str) -> bool:
+    """Whether the case runs with a factory made on ``aengine`` (its hooks on the engine) or
+    on the plain engine, as PostgreSQL alone leaves it."""
+    if request.param:
         rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    return bool(request.param)
+
+
+@pytest.mark.asyncio
+async def test_async_a_transaction_begun_by_statement_in_autocommit_stays_failed(
+    aengine: AsyncEngine, service: str, ahooked: bool
+) -> None:
     async with aengine.connect() as opened:
         conn = await opened.execution_options(isolation_level="AUTOCOMMIT")
         await conn.exec_driver_sql("BEGIN READ ONLY")
@@ -268,17 +274,14 @@ async def test_async_a_two_phase_unit_refused_read_only_is_raised_at_once_and_st
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "factory"])
 async def test_async_a_write_refused_in_a_savepoint_fails_the_savepoint_only(
-    aengine: AsyncEngine, service: str, hooked: bool
+    aengine: AsyncEngine, service: str, ahooked: bool
 ) -> None:
-    if hooked:
-        rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
     async with aengine.connect() as conn:
         await conn.run_sync(refused_in_savepoints)
         await conn.commit()
     assert await _acount(aengine) == 4
-    if hooked:
+    if ahooked:
         assert_breaker_untouched(service)
 
 
