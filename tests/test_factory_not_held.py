@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from scenarios import async_metadata_engine, metadata_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -36,17 +37,13 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    TaskBase.metadata.create_all(eng)
-    yield eng
-    eng.dispose()
+    yield from metadata_engine(pg_url, TaskBase)
 
 
 @pytest_asyncio.fixture
-async def async_engine(engine: sa.Engine, pg_async_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(pg_async_url)
-    yield eng
-    await eng.dispose()
+async def async_engine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    async for eng in async_metadata_engine(pg_async_url, TaskBase):
+        yield eng
 
 
 def counters(service: str) -> dict[str, Any]:
@@ -125,6 +122,23 @@ def test_a_session_of_a_factory_nobody_holds_heals_for_its_whole_life(
     assert made() is None
 
 
+def task_in_attempt(session: Session, task_id: int, calls: list[int]) -> Task:
+    """A unit's attempt counted (``calls``), the collector run, then its task loaded."""
+    calls.append(1)
+    gc.collect()
+    task = session.get(Task, task_id)
+    assert task is not None
+    return task
+
+
+async def async_task_in_attempt(session: AsyncSession, task_id: int, calls: list[int]) -> Task:
+    calls.append(1)
+    gc.collect()
+    task = await session.get(Task, task_id)
+    assert task is not None
+    return task
+
+
 def test_a_unit_of_a_factory_nobody_holds_is_replayed_guarded_and_counted(
     engine: sa.Engine, pg_server: PostgresServer, service: str
 ) -> None:
@@ -135,10 +149,7 @@ def test_a_unit_of_a_factory_nobody_holds_is_replayed_guarded_and_counted(
     calls: list[int] = []
 
     def move(session: Session) -> None:
-        calls.append(1)
-        gc.collect()
-        task = session.get(Task, task_id)
-        assert task is not None
+        task = task_in_attempt(session, task_id, calls)
         task.status = "in_progress"
         session.flush()
         if len(calls) == 1:
@@ -153,10 +164,7 @@ def test_a_unit_of_a_factory_nobody_holds_is_replayed_guarded_and_counted(
     assert (found["retries_by_class"], found["recovered"]) == ({"disconnect": 1}, 1)
 
     def cancel(session: Session) -> None:
-        calls.append(1)
-        gc.collect()
-        task = session.get(Task, task_id)
-        assert task is not None
+        task = task_in_attempt(session, task_id, calls)
         task.status = "cancelled"  # in_progress -> cancelled is no legal move
 
     before = blocked()
@@ -217,10 +225,7 @@ async def test_an_async_unit_of_a_factory_nobody_holds_is_replayed_guarded_and_c
     calls: list[int] = []
 
     async def move(session: AsyncSession) -> None:
-        calls.append(1)
-        gc.collect()
-        task = await session.get(Task, task_id)
-        assert task is not None
+        task = await async_task_in_attempt(session, task_id, calls)
         task.status = "in_progress"
         await session.flush()
         if len(calls) == 1:
@@ -236,10 +241,7 @@ async def test_an_async_unit_of_a_factory_nobody_holds_is_replayed_guarded_and_c
     assert (found["retries_by_class"], found["recovered"]) == ({"disconnect": 1}, 1)
 
     async def cancel(session: AsyncSession) -> None:
-        calls.append(1)
-        gc.collect()
-        task = await session.get(Task, task_id)
-        assert task is not None
+        task = await async_task_in_attempt(session, task_id, calls)
         task.status = "cancelled"
 
     before = blocked()
