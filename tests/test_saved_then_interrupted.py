@@ -1128,6 +1128,7 @@ async def test_an_async_with_block_cancelled_as_its_session_closes_is_saved_then
     block: str,
     after_commit: list[Callable[[], None]],
     events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An async factory's ``async with Sessions() as session:`` block committed a write (its
     own COMMIT, or a unit's run inside it), and the task is cancelled (or its deadline reached)
@@ -1148,7 +1149,12 @@ async def test_an_async_with_block_cancelled_as_its_session_closes_is_saved_then
             how, after_commit, lambda: _async_block(Sessions, form, statement)
         )
         assert not after_commit  # the COMMIT returned
-        assert engine.pool.checkedout() == 0  # the close ran to its end
+        # the close ran to its end, unless the cancellation landed in the pool's reset of the
+        # connection (psycopg yields to the loop there once it was busy for 5 ms: a loaded
+        # machine), whose connection SQLAlchemy 2.0.52 and 2.1.0 then leave checked out (2.1.9
+        # takes it back)
+        reset_cut = any("Exception during reset" in r.getMessage() for r in caplog.records)
+        assert engine.pool.checkedout() == 0 or reset_cut
         assert _notes(pg_server, database, "x") == (0 if block == "reads" else 1)
         if block == "writes":
             # a unit run in the block (run()): the cancellation lands in the block's close, or,
