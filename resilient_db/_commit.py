@@ -869,11 +869,7 @@ def takes_writes_asked(connection: Connection) -> bool | None:
     library does not mark, or where asking failed."""
     if connection.in_nested_transaction():
         return _asked_in_savepoint(connection)
-    try:
-        dbapi_connection: Any = connection.connection.dbapi_connection
-        driver = connection.connection.driver_connection
-    except Exception:
-        return None
+    dbapi_connection, driver = _connections_of(connection)
     if dbapi_connection is None:
         return None
     try:
@@ -905,6 +901,15 @@ def takes_writes_asked(connection: Connection) -> bool | None:
     return takes_writes_now(row[0], row[1], row[2])
 
 
+def _connections_of(connection: Connection) -> tuple[Any, Any]:
+    """``connection``'s DBAPI connection and driver connection; (None, None) where it has
+    none any more (closed or invalidated meanwhile)."""
+    try:
+        return connection.connection.dbapi_connection, connection.connection.driver_connection
+    except Exception:
+        return None, None
+
+
 def _asked_in_savepoint(connection: Connection) -> bool | None:
     """:func:`takes_writes_asked` for a 25006 met inside a savepoint: the transaction must
     stay the application's, which may roll back to the savepoint and go on. So the innermost
@@ -922,12 +927,8 @@ def _asked_in_savepoint(connection: Connection) -> bool | None:
     name = innermost_savepoint(connection)
     if name is None:
         return None
-    try:
-        dbapi_connection: Any = connection.connection.dbapi_connection
-        driver = connection.connection.driver_connection
-        savepoint = connection.dialect.identifier_preparer.quote(name)
-    except Exception:
-        return None
+    savepoint = connection.dialect.identifier_preparer.quote(name)
+    dbapi_connection, driver = _connections_of(connection)
     if dbapi_connection is None or not isinstance(
         driver, (asyncpg.Connection, psycopg.Connection, psycopg.AsyncConnection)
     ):
