@@ -3152,9 +3152,43 @@ def engine_of(bind: Any, factory: type, where: str) -> Any:
             refuse_async_driver(bind, where)
             return bind
         wanted, instead = "an Engine", "for an AsyncEngine use AsyncResilientSession"
+    replacement = _in_place_of(bind)
+    if replacement:
+        raise TypeError(f"{where} takes {wanted}, got {type(bind).__name__}: {replacement}")
     raise TypeError(
         f"{where} takes {wanted}, got {type(bind).__name__} (a connection whose transaction "
         f"its sessions join works too, or no bind until configure(bind=...); {instead})"
+    )
+
+
+def _in_place_of(bind: Any) -> str:
+    """For an application's own ``sessionmaker`` (or ``async_sessionmaker``) given as the bind,
+    as if the factory wrapped it: how to make the resilient factory in its place instead, with
+    its engine, keywords and session class (a newcomer's first try, whose plain "takes an
+    Engine" said nothing of the fix); "" for anything else."""
+    if isinstance(bind, FactoryCore) or not isinstance(bind, (sessionmaker, async_sessionmaker)):
+        return ""
+    default: type
+    if isinstance(bind, async_sessionmaker):
+        name, kind, engine = "AsyncResilientSession", "an async_sessionmaker", "AsyncEngine"
+        default, cls = AsyncSession, bind.class_
+    else:
+        name, kind, engine, default = "ResilientSession", "a sessionmaker", "Engine", Session
+        # sessionmaker makes a subclass of the class it is given
+        cls = bind.class_.__bases__[0]
+    kw = dict(bind.kw)
+    words = [f"<its {engine}>"] if kw.pop("bind", None) is not None else []
+    for key, value in kw.items():
+        if key in ("autoflush", "expire_on_commit") and value is True:
+            continue  # sessionmaker keeps its defaults among the keywords: the factory's too
+        simple = value is None or isinstance(value, (bool, int, float, str))
+        words.append(f"{key}={value!r}" if simple else f"{key}=...")
+    if cls is not default:
+        words.append(f"class_={cls.__name__}")
+    return (
+        f"{name} is {kind} itself: make it in place of yours, with its engine and keywords, "
+        f"rdb.{name}({', '.join(words)}), and use it wherever yours was used (give it "
+        "service=, the name of its circuit breaker)"
     )
 
 

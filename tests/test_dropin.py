@@ -443,6 +443,36 @@ def test_configure_refuses_a_bind_of_the_other_kind_and_changes_nothing(
     other.engine.dispose()
 
 
+@pytest.mark.asyncio
+async def test_an_applications_sessionmaker_given_as_the_bind_names_the_replacement(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str
+) -> None:
+    """An existing application's factory handed to the resilient one, as if it wrapped it: the
+    error says the resilient factory is made in its place, with its engine and keywords."""
+    maker = sessionmaker(engine, class_=MySession, autoflush=False, expire_on_commit=False)
+    with pytest.raises(TypeError) as refused:
+        rdb.ResilientSession(maker, service=service)
+    message = str(refused.value)
+    assert message.startswith("ResilientSession takes an Engine, got sessionmaker")
+    assert "is a sessionmaker itself: make it in place of yours" in message
+    assert (
+        "rdb.ResilientSession(<its Engine>, autoflush=False, expire_on_commit=False, "
+        "class_=MySession)" in message
+    )
+    with pytest.raises(TypeError, match=r"rdb\.ResilientSession\(<its Engine>\)"):
+        rdb.ResilientSession(service=service).configure(bind=sessionmaker(engine))
+    async_maker = async_sessionmaker(async_engine, expire_on_commit=False)
+    with pytest.raises(TypeError) as refused:
+        rdb.AsyncResilientSession(async_maker, service=service)
+    message = str(refused.value)
+    assert message.startswith("AsyncResilientSession takes an AsyncEngine, got async_sessionmaker")
+    assert "is an async_sessionmaker itself: make it in place of yours" in message
+    assert "rdb.AsyncResilientSession(<its AsyncEngine>, expire_on_commit=False)" in message
+    # one of the other kind is named with the factory of its own kind
+    with pytest.raises(TypeError, match=r"rdb\.AsyncResilientSession\(<its AsyncEngine>"):
+        rdb.ResilientSession(async_maker, service=service)
+
+
 def test_configure_onto_a_connection_joins_its_transaction(engine: sa.Engine, service: str) -> None:
     """SQLAlchemy's recipe for a test's external transaction works as with sessionmaker."""
     Sessions = rdb.ResilientSession(engine, service=service)
