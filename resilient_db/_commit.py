@@ -685,7 +685,11 @@ def install_commit_markers(
             return
         # (through an Engine, looked at again once the install lock is held: see run_statements)
         _run_statements(
-            bind_or_op, _install_statements(), current=_markers_current, lock_timeout=lock_timeout
+            bind_or_op,
+            _install_statements(),
+            current=_markers_current,
+            lock_timeout=lock_timeout,
+            name="install_commit_markers",
         )
     finally:
         installing.reset(token)
@@ -790,12 +794,13 @@ def _run_statements(
     *,
     current: Callable[[Connection], bool] | None = None,
     lock_timeout: float | None,
+    name: str,
 ) -> None:
     # imported here: the transition guard (which this helper's module belongs to) imports this
     # module for ``note_write``
     from .transitions._install import run_statements  # noqa: PLC0415
 
-    run_statements(bind_or_op, statements, current=current, lock_timeout=lock_timeout)
+    run_statements(bind_or_op, statements, current=current, lock_timeout=lock_timeout, name=name)
 
 
 #: What a server says of its read mode now: asked on the failure path of a write refused as
@@ -1021,7 +1026,12 @@ def uninstall_commit_markers(
     schema another role made for the install). ``lock_timeout``: as for the install (its
     ``DROP TABLE`` asks for an ACCESS EXCLUSIVE lock on the markers, which every writing
     unit's COMMIT then waits behind; checked by ``run_statements`` before anything is sent)."""
-    _run_statements(bind_or_op, _uninstall_statements(), lock_timeout=lock_timeout)
+    _run_statements(
+        bind_or_op,
+        _uninstall_statements(),
+        lock_timeout=lock_timeout,
+        name="uninstall_commit_markers",
+    )
 
 
 #: The objects' identity (their oids): an engine asks who owns them (:func:`_owners_sql`) only

@@ -238,6 +238,37 @@ async def test_bypass_transitions_async_refuses_what_is_not_async_session_or_con
         engine.dispose()
 
 
+def test_installs_given_an_async_engine_name_the_call_to_make_on_its_connection(
+    async_engine: AsyncEngine,
+) -> None:
+    """``install_commit_markers(async_engine)``, a newcomer's first try with asyncio, is refused
+    naming the function and the ``run_sync`` call that does it (it said "install")."""
+    rules = rdb.TransitionRules(column="status", transitions={"new": {"done"}}, initial={"new"})
+    jobs = rdb.TransitionTrigger(model="Job", table="jobs", primary_key="id", rules=rules)
+    for install, call in [
+        (rdb.install_commit_markers, "rdb.install_commit_markers)"),
+        (rdb.uninstall_commit_markers, "rdb.uninstall_commit_markers)"),
+        (
+            functools.partial(rdb.install_transition_trigger, model=jobs),
+            "rdb.install_transition_trigger, <the TransitionTrigger>)",
+        ),
+        (
+            functools.partial(rdb.uninstall_transition_trigger, model=jobs),
+            "rdb.uninstall_transition_trigger, <the TransitionTrigger>)",
+        ),
+    ]:
+        name = call.split(",")[0].split(")")[0].removeprefix("rdb.")
+        with pytest.raises(TypeError) as refused:
+            install(async_engine)
+        message = str(refused.value)
+        assert message.startswith(
+            f"{name}() takes an Alembic op, a Connection, an Engine or a Session, got AsyncEngine"
+        ), message
+        assert f"async with engine.begin() as conn: await conn.run_sync({call}" in message, message
+    with pytest.raises(TypeError, match=r"rdb\.install_commit_markers\(c\.engine\)"):
+        rdb.install_commit_markers(async_engine)
+
+
 # -- load_config ------------------------------------------------------------------------------
 def test_load_config_refuses_what_is_not_a_mapping_without_showing_it() -> None:
     text = "SELF_HEALING_REDIS_URL=redis://:hunter2@cache:6379/0"

@@ -415,6 +415,8 @@ def run_statements(
     *,
     current: Callable[[Connection], bool] | None = None,
     lock_timeout: float | None = INSTALL_LOCK_TIMEOUT,
+    name: str,
+    model: type[Any] | TransitionTrigger | None = None,
 ) -> bool:
     """Send ``statements`` one at a time through ``target``, after :data:`INSTALL_LOCK`: an
     Alembic ``op`` (offline mode: emitted as SQL text, ``:name`` escaped), an Engine (in a
@@ -424,7 +426,10 @@ def run_statements(
 
     ``current``: through an Engine, asked once the lock is held; when it says the install is
     current now (another process installed while this one waited for the lock: the instances
-    of a deploy, starting at once), nothing is sent and this returns False."""
+    of a deploy, starting at once), nothing is sent and this returns False.
+
+    ``name`` (and ``model``, a trigger's): the function called, for the error that refuses
+    another ``target``."""
     ms = lock_timeout_ms(lock_timeout)
     migration_context = getattr(target, "migration_context", None)
     if migration_context is None and not isinstance(target, (Engine, Connection, Session)):
@@ -460,14 +465,37 @@ def run_statements(
         _require_postgresql(target.get_bind().dialect)
         target = target.connection()
     if not isinstance(target, Connection):
-        raise TypeError(
-            "expected an Alembic op, a Connection, an Engine or a Session, got "
-            f"{type(target).__name__} (for asyncio: await conn.run_sync(install), or "
-            "await conn.run_sync(lambda c: install(c.engine)) to send nothing when current)"
-        )
+        raise TypeError(_not_a_target(target, name, model))
     _require_postgresql(target.dialect)
     _send(target, [INSTALL_LOCK, *_bounded(statements, ms)])
     return True
+
+
+def _not_a_target(target: Any, name: str, model: type[Any] | TransitionTrigger | None) -> str:
+    """The refusal of an install's ``target``, naming the call to make instead: with asyncio
+    (an AsyncEngine, AsyncConnection or AsyncSession, a newcomer's first try) the sync function
+    run on a connection of the AsyncEngine."""
+    text = (
+        f"{name}() takes an Alembic op, a Connection, an Engine or a Session, got "
+        f"{type(target).__name__}"
+    )
+    if model is None:
+        args = ""
+    elif isinstance(model, TransitionTrigger):
+        args = ", <the TransitionTrigger>"
+    else:
+        args = f", {_model_name(model)}"
+    text += (
+        f"; with asyncio, run it on a connection of the AsyncEngine: async with "
+        f"engine.begin() as conn: await conn.run_sync(rdb.{name}{args})"
+    )
+    if name == "install_commit_markers":
+        # an Engine looks first and sends nothing when they are current; a Connection installs
+        text += (
+            " (or await conn.run_sync(lambda c: rdb.install_commit_markers(c.engine)), which "
+            "sends nothing when they are current, for an application role at startup)"
+        )
+    return text
 
 
 def _current_now(conn: Connection, current: Callable[[Connection], bool]) -> bool:
@@ -643,6 +671,8 @@ def install_transition_trigger(
             # installed by another process while this one waited for the install lock
             current=lambda conn: _trigger_current(conn, model, role_now, []),
             lock_timeout=lock_timeout,
+            name="install_transition_trigger",
+            model=model,
         )
     except sa.exc.ProgrammingError as exc:  # what the drivers make of 42501
         if drift and sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE:
@@ -1005,13 +1035,19 @@ def uninstall_transition_trigger(
             bind_or_op,
             [*per_guard(guard), *left_over_statements([guard.table])],
             lock_timeout=lock_timeout,
+            name="uninstall_transition_trigger",
+            model=model,
         )
         return
     _, tables, _ = drop_plan(model, columns)
     _refuse_schema_translation(bind_or_op, model, tables, "uninstall_transition_trigger")
     online = not _offline(bind_or_op)
     run_statements(
-        bind_or_op, drop_plan_statements(model, columns, online=online), lock_timeout=lock_timeout
+        bind_or_op,
+        drop_plan_statements(model, columns, online=online),
+        lock_timeout=lock_timeout,
+        name="uninstall_transition_trigger",
+        model=model,
     )
 
 
