@@ -2,7 +2,7 @@
 ``ResilientSession``, with resilient_db's errors answered as problem details and the self-healing
 dashboard mounted at ``/admin/self-healing``.
 
-    pip install 'resilient-db[example]'
+    pip install -e '.[example]'                       # in a checkout (the wheel has no examples/)
     python examples/fastapi_tasks.py                  # starts a throwaway PostgreSQL itself
     python examples/fastapi_tasks.py --url postgresql+psycopg://user:pw@127.0.0.1/app
 
@@ -172,7 +172,7 @@ def database(url: str | None) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn  # noqa: PLC0415 - the web extra
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--url", default=os.environ.get("DATABASE_URL"), help="database URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
