@@ -390,6 +390,14 @@ def _configure_model(**columns_and_rules: Any) -> None:
             {"phase": mapped_column(sa.Enum(Phase, name="p"))},
             r"Widget.*'phase'.*state 'gone' has no declaration in the column type",
         ),
+        # an enum member's value, which the Enum column does not store (it stores the name)
+        (
+            TransitionRules(column="phase", transitions={"Draft": {"Review"}}, initial={"Draft"}),
+            {"phase": mapped_column(sa.Enum(Phase, name="p"))},
+            r"Widget.*'phase'.*state 'Draft' has no declaration in the column type .*: it is the "
+            r"value of Phase\.draft, which the column stores by its name; declare the member, "
+            r"Phase\.draft",
+        ),
         (
             TransitionRules(
                 column="phase", transitions={"draft": {Phase.review}}, initial={Phase.draft}

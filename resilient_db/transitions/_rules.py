@@ -1040,7 +1040,9 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
             allowed = ", ".join(repr(v) for v in getattr(impl, "enums", ()))
             raise TransitionRulesError(
                 f"{where}: state {state!r} has no declaration in the column type "
-                f"{type_!r}" + (f" (declared values: {allowed})" if allowed else "")
+                f"{type_!r}"
+                + (f" (declared values: {allowed})" if allowed else "")
+                + _member_of_value(impl, state)
             ) from None
         if key is None and not column.nullable:
             stands = "stands for" if state is None else "is stored by the column's type as"
@@ -1564,3 +1566,20 @@ def guard_for_table(
         if candidates:
             return candidates[0]
     return None
+
+
+def _member_of_value(impl: Any, state: object) -> str:
+    """For a state that is the value of a member of an ``Enum`` column's enum class (a rule
+    written ``"done"`` for ``Status.DONE = "done"``, which the column stores by its name
+    ``DONE``): the member to declare instead; "" otherwise."""
+    enum_class = getattr(impl, "enum_class", None)
+    if not isinstance(enum_class, type) or not issubclass(enum_class, enum.Enum):
+        return ""
+    for member in enum_class:
+        if member.value == state and not isinstance(state, bool):
+            name = f"{enum_class.__name__}.{member.name}"
+            return (
+                f": it is the value of {name}, which the column stores by its name; "
+                f"declare the member, {name}"
+            )
+    return ""
