@@ -249,6 +249,20 @@ class Config:
     #: the role the application logs in as: a migration role that installed them (None: none)
     markers_owner: str | None = None
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Config:
+        # a keyword that is no setting is named with the one meant, as the factories' keywords
+        # and the environment's names are (Python's own error said only "unexpected keyword
+        # argument"); ``replace()`` comes here too
+        names = [field.name for field in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1) or difflib.get_close_matches(
+                    _snake(key), names, n=1
+                )
+                hint = f"; did you mean {close[0]}=?" if close else ""
+                raise TypeError(f"Config got {key}=, which is no setting{hint}")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
         problems.update(_optional_problems(self))
@@ -924,3 +938,8 @@ def _apply_everywhere(config: Config) -> None:
     policies = live_policies()
     follow_users(policies)  # (first: a budget forgotten below leaves its Redis here)
     forget_unused(policies, config)
+
+
+def _snake(name: str) -> str:
+    """``resetTimeout`` as ``reset_timeout``, for the setting a keyword meant."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()

@@ -677,3 +677,22 @@ def test_a_variable_counted_from_one_gives_its_bound_for_zero_and_negatives(
     with pytest.raises(rdb.ConfigError) as info:
         rdb.load_config({variable: given})
     assert info.value.problems[variable] == f"{given!r} is invalid: must be at least 1"
+
+
+def test_config_names_the_setting_meant_by_an_unknown_keyword() -> None:
+    """``Config(max_retry=5)`` (the variable is SELF_HEALING_MAX_RETRIES) said only Python's
+    "unexpected keyword argument"; the factories' keywords and the environment name the one
+    meant, and so do ``Config`` and ``replace``."""
+    with pytest.raises(
+        TypeError,
+        match=r"^Config got max_retry=, which is no setting; did you mean max_retries=\?$",
+    ):
+        rdb.Config(max_retry=5)  # type: ignore[call-arg]
+    with pytest.raises(
+        TypeError,
+        match=r"^Config got resetTimeout=, which is no setting; did you mean reset_timeout=\?$",
+    ):
+        rdb.Config().replace(resetTimeout=1)
+    with pytest.raises(TypeError, match=r"^Config got zzz=, which is no setting$"):
+        rdb.load_config().replace(zzz=1)
+    assert rdb.Config(max_retries=5).replace(deadline=2).max_retries == 5  # the rest unchanged
