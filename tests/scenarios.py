@@ -4,6 +4,8 @@ transaction that moves a row just before a session's UPDATE of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import time
 import uuid
@@ -713,3 +715,32 @@ def _a_probe_commit_waits(server: PostgresServer, deadline: float, *, cancel: bo
             return False
         finally:
             committing.join(10)
+
+
+@contextlib.contextmanager
+def served(app: Any, *, root_path: str = "") -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 from a thread, for what only a real server shows
+    (a body cut after its headers, a client that leaves mid-stream, a proxy's path prefix as
+    ``--root-path``); yields its base URL. Its errors are logged to ``uvicorn.error``, which
+    propagates (``log_config=None``: the process's logging is left as it is). The app's
+    lifespan runs: its shutdown is where an async engine made for it is disposed of, on the
+    loop its connections were made on."""
+    import uvicorn  # noqa: PLC0415 - the web extra
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    config = uvicorn.Config(
+        app, lifespan="on", loop="none", log_config=None, access_log=False, root_path=root_path
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+        assert server.started
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
