@@ -258,3 +258,39 @@ def test_an_async_stream_its_client_leaves_gives_its_connection_back(
                         break
             assert engine.sync_engine.pool.checkedout() == 1  # still streaming, or closing
         wait_for(lambda: engine.sync_engine.pool.checkedout() == 0, "the stream's connection")
+
+
+def test_a_stream_that_fails_before_its_first_row_is_still_a_200_unless_the_route_reads_it(
+    direct: sa.Engine, service: str
+) -> None:
+    """Starlette sends the headers before it reads the body: a stream whose first unit is
+    refused (an open circuit) is a 200 cut short all the same, never the 503 with its
+    ``Retry-After``. The route that reads the first page itself, before returning the
+    ``StreamingResponse``, has that failure answered as any route's."""
+    Sessions = rdb.ResilientSession(direct, service=service)
+
+    def first_page(session: Session) -> list[int]:
+        return list(session.execute(sa.text(f"SELECT k FROM n ORDER BY k LIMIT {PAGE}")).scalars())
+
+    def in_the_body(request: Request) -> StreamingResponse:
+        def body() -> Iterator[str]:
+            yield from (f"{k}\n" for k in Sessions.run(first_page))
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    def in_the_route(request: Request) -> StreamingResponse:
+        rows = Sessions.run(first_page)  # before the response starts: answered if it fails
+        return StreamingResponse((f"{k}\n" for k in rows), media_type="text/plain")
+
+    app = Starlette(routes=[Route("/body", in_the_body), Route("/route", in_the_route)])
+    install_exception_handlers(app)
+    rdb.open_breaker(service, reason="maintenance")
+    with served(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with client.stream("GET", "/body") as answer:
+            assert answer.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                answer.read()
+        answer = client.get("/route")
+        assert answer.status_code == 503
+        assert answer.json()["type"] == "urn:resilient-db:problem:circuit-open"
+        assert int(answer.headers["retry-after"]) >= 1
