@@ -17,6 +17,7 @@ import contextvars
 import functools
 import inspect
 import sys
+import threading
 import time
 import types
 import weakref
@@ -110,6 +111,7 @@ from ._unit import (
     rollback_if_prepared,
     runs_once_here,
     saved_then_interrupted,
+    unit_here,
     unit_signature,
 )
 from ._validation import (
@@ -348,7 +350,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             if validation_on(self.config):
                 fn = _validated(fn, check, self)
         active = _units.get()
-        if active is not None:
+        if active is not None and unit_here(active):  # (see there: copied contexts)
             if active.factory is self:
                 return await _call_unit(fn, active.session, args, kwargs)
             return await self._once(fn, args, kwargs)  # another database: see _once
@@ -601,7 +603,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         s: AsyncSession = self() if session is None else session
         # marked as running a unit under it: see _registry.in_unit, unit_config
         _unit_sessions[s.sync_session] = config
-        token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
+        if True:  # async only
+            token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
+        else:  # sync only
+            # and its thread, for a copy of this context taken to another one (see unit_here)
+            token = _units.set(ActiveUnit(self, s, threading.get_ident()))
         failed = False
         try:
             joined = joins_callers_transaction(s.sync_session)

@@ -19,6 +19,7 @@ import logging
 import secrets
 import select
 import socket
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -151,6 +152,9 @@ class ActiveUnit(NamedTuple):
 
     factory: Any
     session: Any
+    #: a sync unit's thread (``threading.get_ident()``; under gevent, its greenlet's), whose
+    #: context holds it (see :func:`unit_here`); None: an async unit's, kept by its task
+    thread: int | None = None
 
 
 # Sync units: the unit running in the current thread (or greenlet, under gevent).
@@ -160,6 +164,19 @@ current_unit: contextvars.ContextVar[ActiveUnit | None] = contextvars.ContextVar
 # Async units, by task. Not a ContextVar, which a task created inside a unit would inherit: such
 # a task runs units of its own, since an AsyncSession must not be shared between tasks.
 async_units: dict[Any, ActiveUnit] = {}
+
+
+def unit_here(active: ActiveUnit) -> bool:
+    """Whether ``active``, a unit this context holds, is running here: a thread given a copy
+    of a sync unit's context (``copy_context().run``, a thread pool that carries context, a
+    Python whose threads inherit it) holds the unit as it did, as does a copy kept past the
+    unit's end. Work there is not the unit's (a ``Session`` is no more for two threads than
+    for two tasks, and an ended unit's closed session would begin again, never committed): it
+    runs units of its own, as a task created inside an async unit does. Only read where a
+    unit is held: never on a unit's path outside another one."""
+    if active.thread is None:  # an async unit's, by its task (see _asyncio._TaskUnit)
+        return True
+    return active.thread == threading.get_ident() and active.session in STATE.unit_sessions
 
 
 def unit_signature(fn: Any) -> inspect.Signature | None:
@@ -183,7 +200,8 @@ def runs_once_here() -> bool:
     unit of work (this thread's, or this asyncio task's), whose transaction can't be retried
     from its middle, or inside an operation that replays a failed attempt whole (retry loops
     would multiply). The enclosing one retries."""
-    if current_unit.get() is not None:
+    unit = current_unit.get()
+    if unit is not None and unit_here(unit):
         return True
     attempt = current_attempt.get()  # (a task made inside an operation inherits it: running?)
     if attempt is not None and attempt.running and attempt.replayed:
@@ -3417,6 +3435,8 @@ def _whose_plain_commit() -> str:
     """Whose unmarked COMMIT it is, for a line about its unknown outcome: drop-in code's, or
     that of a unit begun with self-healing off (see ``commit_plainly``)."""
     unit = current_unit.get()
+    if unit is not None and not unit_here(unit):
+        unit = None  # (a copy of an ended unit's context, another thread's: see unit_here)
     if unit is None and async_units:  # an async unit's, by its task
         try:
             task = asyncio.current_task()
