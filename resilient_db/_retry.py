@@ -58,7 +58,7 @@ from ._observability import (
     stats_for,
 )
 from ._state import STATE, renew_after_fork
-from ._statements import refused_unsure_before
+from ._statements import refused_unsure_before, running_here
 
 __all__ = ["Policy", "set_testing"]
 
@@ -1220,7 +1220,7 @@ class Policy:
         # set once an attempt met a 25006 taken for a lost server where the server's answer
         # and the login's report disagreed: the unit's next attempts are told (see
         # _told_refused_unsure); set inside the try below, whose finally resets it
-        told: list[contextvars.Token[bool]] = []
+        told: list[contextvars.Token[Any]] = []
 
         def one() -> T:
             if pending:  # the attempt that already failed on the fast path
@@ -1324,7 +1324,7 @@ class Policy:
         announced: list[_Retry] = []  # the retry decided, its attempt not started yet
         paid: _Paid = []  # what the budget paid for that retry (see _unspent)
         stopped: list[bool] = []  # True: retry was switched off before the retry's attempt
-        told: list[contextvars.Token[bool]] = []  # as in _call_retrying
+        told: list[contextvars.Token[Any]] = []  # as in _call_retrying
 
         async def one() -> T:
             if pending:
@@ -1376,7 +1376,7 @@ class Policy:
         return result
 
 
-def _told_refused_unsure(exc: BaseException, told: list[contextvars.Token[bool]]) -> None:
+def _told_refused_unsure(exc: BaseException, told: list[contextvars.Token[Any]]) -> None:
     """A unit's (or an operation's) attempt failed with ``exc``: where it met a 25006 taken
     for a lost server while the server's answer and the login's report disagreed on it
     (marked so: see ``_unit.refused_unsure_again``), its next attempts run with
@@ -1385,7 +1385,7 @@ def _told_refused_unsure(exc: BaseException, told: list[contextvars.Token[bool]]
     raised, not replayed until the retries run out. Only on the failure path: a unit that
     succeeds, or fails otherwise, sets nothing."""
     if refused_unsure(exc):
-        told.append(refused_unsure_before.set(True))
+        told.append(refused_unsure_before.set(running_here()))  # (see there: its tasks)
 
 
 class _RetriesInAttempt(Policy):

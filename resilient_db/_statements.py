@@ -21,6 +21,7 @@ everything else. Where:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import re
@@ -60,13 +61,35 @@ current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.Cont
 )
 
 
-# True while a unit's (or an operation's) next attempts run after one of its attempts met a
+# Set while a unit's (or an operation's) next attempts run after one of its attempts met a
 # 25006 that the server's answer and the login's report disagreed on, taken for a lost server
 # (see ``_unit.refused_unsure_again``): set by the retry loop, only for such a unit, around its
-# replays (see ``Policy._call_retrying``); a second such refusal there is the unit's own.
-refused_unsure_before: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "resilient_db_refused_unsure_before", default=False
+# replays (see ``Policy._call_retrying``); a second such refusal there is the unit's own. Its
+# value is where the replays run (see :func:`running_here`): an asyncio task or a thread that
+# a replay starts inherits it, and its units are its own, whose first such refusal is theirs
+# (see :func:`refused_unsure_here`).
+refused_unsure_before: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "resilient_db_refused_unsure_before", default=None
 )
+
+
+def running_here() -> Any:
+    """Where this code runs, for a value a task or a thread started here must not take for
+    its own: this asyncio task (weakly: the reference compares equal while it lives), else
+    this thread (its ident; under gevent, its greenlet's). SQLAlchemy's greenlets run in
+    their task. Off every unit's success path."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop running in this thread
+        task = None
+    return threading.get_ident() if task is None else weakref.ref(task)
+
+
+def refused_unsure_here() -> bool:
+    """Whether this code runs in the replays of a unit that met an unsure refusal (see
+    :data:`refused_unsure_before`): in their task or thread, not in one they started."""
+    where = refused_unsure_before.get()
+    return where is not None and where == running_here()
 
 
 class SavedNote:

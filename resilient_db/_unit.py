@@ -135,7 +135,7 @@ from ._statements import (
     lost_commit_while_off,
     note_dialect_calls,
     own_work,
-    refused_unsure_before,
+    refused_unsure_here,
     verdict_of,
     wrap_dialect_calls,
 )
@@ -3468,11 +3468,12 @@ def refused_unsure_again(exc: BaseException) -> bool:
 
     State only on this path: the attempt's record is marked (a second one in it), and
     ``exc``, which the retry loop sees as the attempt fails, to tell the unit's next attempts
-    (:data:`~._statements.refused_unsure_before`, see ``Policy._call_retrying``)."""
+    (:data:`~._statements.refused_unsure_before`, see ``Policy._call_retrying``; a task or a
+    thread started in those replays runs units of its own)."""
     attempt = current_attempt.get()
     if attempt is None:
         return False
-    if attempt.refused_unsure or refused_unsure_before.get():
+    if attempt.refused_unsure or refused_unsure_here():  # (this unit's replays: see there)
         return True
     attempt.refused_unsure = True
     mark_refused_unsure(exc)

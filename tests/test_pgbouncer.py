@@ -14,6 +14,7 @@ asyncpg ``statement_cache_size=0``): the marker's INSERT travels inline with the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -1759,4 +1760,67 @@ async def test_second_unsure_refusal_is_the_units_own_async(
     assert len(attempts) == 2
     replayed_once(seen)
     assert failed == 1
+    assert ledger(pg_server, database) == 2
+
+
+@pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_unsure_refusal_in_a_task_made_in_a_replay_is_its_own_first(
+    txn_bouncer: PgBouncer, pg_server: PostgresServer, database: str, service: str, driver: str
+) -> None:
+    """A unit replayed after an unsure refusal (its next refusal would be its own) starts a
+    task in its replay, which runs a unit of another factory once the first has ended: that
+    unit's first unsure refusal is its own first, a lost server, replayed, not taken for the
+    first unit's second and raised at once (the task inherited the replay's context)."""
+    engines = [
+        create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
+        for _ in range(2)
+    ]
+    factories = [rdb.AsyncResilientSession(e, service=service, config=FEW_RETRIES) for e in engines]
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    task_attempts: list[int] = []
+    ended = asyncio.Event()
+    started: list[asyncio.Task[str]] = []
+
+    async def in_task(session: AsyncSession) -> str:
+        task_attempts.append(1)
+        if len(task_attempts) == 1:
+            await session.run_sync(set_read_only)
+        return await session.run_sync(write)
+
+    async def later() -> str:
+        await ended.wait()
+        return await factories[1].run(in_task)
+
+    async def unit(session: AsyncSession) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await session.run_sync(set_read_only)
+        started.append(asyncio.create_task(later()))
+        return await session.run_sync(write)
+
+    try:
+        with read_only_server(pg_server, txn_bouncer):
+            before = [await async_drivers(e) for e in engines]
+        # (no server connection that saw the reload left to pass its report on)
+        txn_bouncer.admin(f"RECONNECT {database}")
+        logins = {told_at_login(d, "default_transaction_read_only") for b in before for d in b}
+        assert logins == {"on"}
+        rdb.add_hook(seen.append)
+        try:
+            assert await factories[0].run(unit) == "written"
+            replayed_once(seen)
+            del seen[:]
+            ended.set()
+            assert await started[0] == "written"
+        finally:
+            rdb.remove_hook(seen.append)
+        replayed_once(seen)
+        assert not await async_drivers(engines[1]) & before[1]
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert (len(attempts), len(started), len(task_attempts)) == (2, 1, 2)
     assert ledger(pg_server, database) == 2
