@@ -2227,8 +2227,14 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
     dropin_transaction.set(ref)
 
 
-def connecting_factory() -> Any:
-    """The factory of the drop-in session connecting in this context, if one is."""
+def connecting_factory(hooks: EngineHooks) -> Any:
+    """The factory of the drop-in session connecting in this context, if one is, for a
+    connection of the engine of ``hooks``: one of the factory's engines, or the session's own
+    bind. A connection of another engine made meanwhile is not the session's (one of a unit
+    of another factory run inside the drop-in block, or of that engine's Core use there; a
+    task or a thread the block started, which inherited the entry, also once the session has
+    connected: only this context's entry is cleared then), which the other factory's breaker
+    refused when its circuit was open, and counted."""
     entry = connecting_for.get()
     if entry is None:
         return None
@@ -2239,7 +2245,10 @@ def connecting_factory() -> Any:
     if transaction is None or transaction.session.get_transaction() is not transaction:
         connecting_for.set(None)
         return None
-    return factory
+    if factory in hooks.factories:
+        return factory
+    bound = engine_behind(transaction.session.bind)  # (one bound to it for this session only)
+    return factory if bound is not None and hooks_of(bound) is hooks else None
 
 
 def _on_after_begin(session: Session, transaction: Any, connection: Any) -> None:
@@ -3738,7 +3747,7 @@ class EngineHooks:
         ``execution_options()`` copy: the dead pooled connection one session was handed was
         counted in the other's ``dead_pooled_connections``)."""
         if current_attempt.get() is None:
-            factory = connecting_factory()
+            factory = connecting_factory(self)
             if factory is not None:
                 return factory.config, factory.service
         return self._speaker()
@@ -3869,7 +3878,7 @@ class EngineHooks:
         if not self.config.enabled:
             return None  # (a connection made now is checked at its first checkout once on)
         record.info[_FRESH_KEY] = True  # (see checkout)
-        factory = connecting_factory()
+        factory = connecting_factory(self)
         if factory is None:
             return None
         if not _last_do_connect(dialect, self.do_connect):

@@ -4,11 +4,13 @@ part of a unit it does not run in, nor of one that has ended."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -80,3 +82,68 @@ def test_a_unit_run_in_a_units_context_after_it_ended_runs_its_own(
     kept[0].run(Sessions.run, add, "later")
     assert names(rows) == {"unit", "later"}
     assert rows.pool.checkedout() == 0
+
+
+# -- a drop-in transaction waiting for its connection ---------------------------------------------
+def test_a_unit_of_another_engine_in_a_drop_in_block_connects_under_its_own_breaker(
+    rows: sa.Engine, pg_url: str, service: str
+) -> None:
+    """A drop-in block of one factory begun, not connected yet (its breaker opened meanwhile),
+    and a unit of another factory, on an engine of its own, run inside it: the unit's new
+    connection is its own factory's connect, not the block's, which the other service's
+    open circuit refused."""
+    Blocks = rdb.ResilientSession(rows, service=service)
+    other = sa.create_engine(pg_url)
+    try:
+        Others = rdb.ResilientSession(other, service=f"{service}-other")
+        with Blocks.begin() as block:
+            rdb.open_breaker(service, reason="the block's service only")
+            assert Others.run(add, "other") is not block
+        assert names(rows) == {"other"}
+    finally:
+        other.dispose()
+
+
+@pytest.mark.parametrize("async_driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_a_task_of_a_drop_in_block_connects_another_engine_as_itself(
+    rows: sa.Engine, pg_async_url: str, made_async_engines: list[AsyncEngine], service: str
+) -> None:
+    """An ``async with Session.begin()`` block (a request's), not connected yet, its breaker
+    opened meanwhile, gathers tasks that use another engine's connections (Core, on an engine
+    with a factory of its own): their connects are theirs, not the block's, which the block's
+    service's open circuit refused (the tasks inherit the block's context)."""
+    engines = [create_async_engine(pg_async_url) for _ in range(2)]
+    made_async_engines.extend(engines)
+    Blocks = rdb.AsyncResilientSession(engines[0], service=service)
+    rdb.AsyncResilientSession(engines[1], service=f"{service}-other")
+
+    async def task(name: str) -> None:
+        async with engines[1].begin() as conn:
+            await conn.execute(sa.text("INSERT INTO ctx_rows VALUES (:n)"), {"n": name})
+
+    async with Blocks.begin():
+        rdb.open_breaker(service, reason="the block's service only")
+        await asyncio.gather(task("first"), task("second"))
+    assert names(rows) == {"first", "second"}
+
+
+@pytest.mark.parametrize("bound", ["factory's engine", "session's own bind"])
+def test_a_drop_in_blocks_own_connect_is_still_put_to_its_breaker(
+    rows: sa.Engine, pg_url: str, service: str, bound: str
+) -> None:
+    """The other side: the block's own first connect (a new connection, of the factory's
+    engine or of one the session alone is bound to) is the block's, put to its breaker (open
+    since the block began: refused)."""
+    Blocks = rdb.ResilientSession(rows, service=service)
+    other = sa.create_engine(pg_url)
+    try:
+        session = Blocks() if bound == "factory's engine" else Blocks(bind=other)
+        rows.dispose()  # (no pooled connection: the block's connect is a new one)
+        with session, session.begin():
+            rdb.open_breaker(service, reason="the block's own connect")
+            with pytest.raises(rdb.CircuitOpenError):
+                add(session, "refused")
+    finally:
+        other.dispose()
+    assert names(rows) == set()
