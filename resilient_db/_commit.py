@@ -112,6 +112,7 @@ from ._statements import (
     UNIT_CONTEXT,
     StatementGuard,
     asyncpg_statement_methods,
+    committing_request,
     current_attempt,
     current_request,
     distrust_calls,
@@ -2147,7 +2148,7 @@ def _psycopg_commit_warning(diagnostic: Any) -> None:
     once the COMMIT returns."""
     if diagnostic.severity_nonlocalized != _WARNING:
         return
-    request = current_request.get()
+    request = committing_request()
     if request is None or not request.tickets:
         own = _own_ticket.get()  # a unit's own COMMIT midway (see _settled_own_commit)
         if own is not None and own.sent and not own.done:
@@ -2198,7 +2199,7 @@ def _asyncpg_warned(connection: Any, sent: str, ticket: CommitTicket) -> None:
     connection._rdb_warned = None
     if ticket.wrote and statement == sent:  # (nothing to prove for a read-only one)
         ticket.warned = warning
-        request = current_request.get()
+        request = committing_request()
         if request is not None:
             request.warned = True
 
@@ -2301,6 +2302,10 @@ class CommitRequest:
     #: primary, not proven replicated (see :class:`UnprovenCommit`)
     two_phase_warned: list[tuple[Any, str]] | None = None
     committing: bool = False  # flushed; COMMIT may go out from here on
+    #: its COMMIT step is over (``_unit.flush_and_commit``): a task or a thread started in it
+    #: (by an ``after_commit`` listener, say), whose context still holds it as
+    #: ``current_request``, commits as drop-in code (see ``_statements.committing_request``)
+    ended: bool = False
     transaction: Any = None  # the session's root transaction that COMMIT ends
     attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
     #: a COMMIT that wrote (or a two-phase COMMIT PREPARED) was answered with a WARNING
@@ -3859,7 +3864,7 @@ def _unmarked_commit(dbapi_connection: Any) -> None:
     the unit's code that commits: the attempt can't be replayed after it. (Unlike a marked
     COMMIT, its outcome is not seen: one the server refuses also counts.)"""
     attempt = current_attempt.get()
-    if attempt is not None and current_request.get() is None:
+    if attempt is not None and committing_request() is None:
         attempt.committed = True
 
 
@@ -4115,7 +4120,7 @@ def _protocol_of(driver: Any, request: CommitRequest | None = None) -> CommitPro
     COMMIT (``request``, or the one in context) failed on (None outside a unit, or where the
     unit's connections are not known)."""
     if request is None:
-        request = current_request.get()
+        request = committing_request()
     if request is None:
         return None
     for connection, seen in request.drivers():
@@ -4176,9 +4181,10 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     may_write = driver._rdb_may_write
     driver._rdb_may_write = False
     request = current_request.get()
-    if request is None:
+    if request is None or request.ended:  # (ended: see CommitRequest.ended)
         attempt = current_attempt.get()
-        if may_write and attempt is not None and attempt.settles_own_commits:
+        # (a task made in an attempt inherits it: its COMMIT after the attempt is drop-in's)
+        if may_write and attempt is not None and attempt.running and attempt.settles_own_commits:
             return _own_plan(driver, attempt)  # a unit's own COMMIT midway
         driver._rdb_writes = False  # (no unit: a plain COMMIT)
         return None, None, attempt
@@ -4411,7 +4417,7 @@ def _idle_commit_plan(driver: Any) -> tuple[CommitTicket | None, None, None]:
     driver._rdb_may_write = False
     driver._rdb_notifies = False
     driver._rdb_writes = False
-    request = current_request.get()
+    request = committing_request()
     if request is None:
         return None, None, None
     request.tickets.append(_READ_ONLY)
@@ -4484,7 +4490,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     elif end == "COMMIT":
                         wrote = self._rdb_may_write
                         if not wrote and self.is_in_transaction():
-                            request = current_request.get()
+                            request = committing_request()
                             if request is not None:
                                 # a unit's COMMIT of what is proven read-only: nothing to
                                 # verify (_commit_plan's first answer, inline, as psycopg's)
@@ -4689,7 +4695,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             def commit(self: Any) -> None:
                 wrote = self._rdb_may_write
                 if not wrote and self.pgconn.transaction_status == _INTRANS:
-                    request = current_request.get()
+                    request = committing_request()
                     if request is not None:
                         # a unit's COMMIT of what is proven read-only: nothing to verify
                         # (_commit_plan's first answer, inline: every reading unit passes here)
@@ -4918,7 +4924,7 @@ def _psycopg_commit_plan(
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
         connection._rdb_writes = False
         if status == _INERROR:
-            if current_request.get() is not None:
+            if committing_request() is not None:
                 raise failed_transaction_commit()
             # the code of a unit or an operation commits a failed transaction: the COMMIT goes
             # out (it ends the transaction, as a COMMIT does) and is raised as refused (see
@@ -4934,7 +4940,7 @@ def _block_attempt(connection: Any) -> AttemptRecord | None:
     psycopg then sends its BEGIN and its COMMIT itself, past the marked ``commit()`` and the
     cursors, and that COMMIT is the unit's own (see :func:`_own_commit`). None otherwise (a
     savepoint inside the transaction, the unit's own COMMIT being made, no unit)."""
-    if connection.pgconn.transaction_status != _IDLE or current_request.get() is not None:
+    if connection.pgconn.transaction_status != _IDLE or committing_request() is not None:
         return None
     return current_attempt.get()
 
@@ -4991,7 +4997,7 @@ def _tpc_step(connection: Any, step: str, xid: Any = None) -> Iterator[None]:
     of it is answered (then it committed nothing: the attempt's ``prepared`` count goes back).
     Outside any unit (drop-in use): a lost answer of ``tpc_prepare`` or ``tpc_commit`` is an
     unknown outcome, as one of ``commit()`` is."""
-    if current_request.get() is not None:
+    if committing_request() is not None:
         yield
         return
     attempt = current_attempt.get()

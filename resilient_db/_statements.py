@@ -61,6 +61,16 @@ current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.Cont
 )
 
 
+def committing_request() -> CommitRequest | None:
+    """The commit a unit is making in this thread or task (:data:`current_request`), or None:
+    also where the context holds one whose COMMIT step is over (``CommitRequest.ended``): a
+    task or a thread started in that step (by an ``after_commit`` listener, an outbox's
+    publisher, say) inherited it, and its COMMITs are drop-in code's, their lost answers
+    unknown outcomes of their own, not the unit's to settle."""
+    request = current_request.get()
+    return None if request is None or request.ended else request
+
+
 # Set while a unit's (or an operation's) next attempts run after one of its attempts met a
 # 25006 that the server's answer and the login's report disagreed on, taken for a lost server
 # (see ``_unit.refused_unsure_again``): set by the retry loop, only for such a unit, around its
@@ -1395,7 +1405,7 @@ def _committing(verdict: int) -> AttemptRecord | None:
     lost answer is still marked an unknown outcome (see :func:`_autocommit_failed`), or for a
     ``COMMITS_MIDWAY`` text :data:`_PARTLY_COMMITTING`, so that any error of it is marked as
     that of work partly committed."""
-    if current_request.get() is not None:
+    if committing_request() is not None:
         return None
     attempt = current_attempt.get()
     if attempt is None:

@@ -127,6 +127,7 @@ from ._statements import (
     COMMITS_MIDWAY,
     UNIT_CONTEXT,
     SavedNote,
+    committing_request,
     current_attempt,
     current_request,
     dropin_block,
@@ -438,6 +439,7 @@ def flush_and_commit(
             raise
         finally:
             current_request.reset(token)
+            request.ended = True  # (for a context copied meanwhile: see CommitRequest.ended)
     if request.warned:
         _answered_with_a_warning(request)
     if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
@@ -491,6 +493,7 @@ def _commit_after_your_listeners(session: Session, request: CommitRequest) -> No
         event.remove(target, "before_commit", committing)
         if tokens:
             current_request.reset(tokens[0])
+            request.ended = True  # (as in flush_and_commit)
 
 
 class _UnboundProtocol:
@@ -1969,7 +1972,7 @@ def _refused_prepare(exc: BaseException, request: CommitRequest) -> sa_exc.DBAPI
 
 def _prepare_twophase(connection: Connection, xid: Any) -> None:
     """A two-phase session prepares ``xid`` on ``connection``: noted on the committing unit."""
-    request = current_request.get()
+    request = committing_request()
     if request is not None:
         if request.two_phase is None:
             request.two_phase = []
@@ -2011,7 +2014,7 @@ def _commit_twophase(
     raises :class:`~._commit.UnprovenCommit` once its COMMIT returned
     (:func:`_answered_with_a_warning`): it is done only once proven, as the factory's own
     COMMIT PREPARED finishing a unit is (see ``CommitReferee.two_phase_pending``)."""
-    request = current_request.get()
+    request = committing_request()
     if request is None or not is_prepared or recover:
         return method(connection, xid, is_prepared=is_prepared, recover=recover)
     if request.two_phase_commits is None:
@@ -2275,7 +2278,7 @@ def _on_after_commit(session: Session) -> None:
     replayable. So does a COMMIT the driver sent on connections the commit protocol marks,
     which told the attempt itself whether it saved anything (a transaction that only read
     leaves the attempt replayable: see :func:`_driver_told`)."""
-    if current_request.get() is not None or session.in_nested_transaction():
+    if committing_request() is not None or session.in_nested_transaction():
         return
     attempt = current_attempt.get()
     if attempt is not None and attempt.running and not _driver_told(session, attempt):
@@ -3480,7 +3483,7 @@ def refused_unsure_again(exc: BaseException) -> bool:
     (:data:`~._statements.refused_unsure_before`, see ``Policy._call_retrying``; a task or a
     thread started in those replays runs units of its own)."""
     attempt = current_attempt.get()
-    if attempt is None:
+    if attempt is None or not attempt.running:  # (an ended one: a task's made in it)
         return False
     if attempt.refused_unsure or refused_unsure_here():  # (this unit's replays: see there)
         return True
@@ -3558,6 +3561,10 @@ class EngineHooks:
             return None
         original = ctx.original_exception
         attempt = current_attempt.get()
+        if attempt is not None and not attempt.running:
+            # held by a task or thread made in an attempt that has ended: drop-in code's (its
+            # lost COMMIT answer said and counted now, under its own factory's service)
+            attempt = None
         if attempt is not None and attempt.autocommitting is not None:
             attempt.failed(ctx.execution_context, original)
         if marked_replay_safe(original):
@@ -3569,9 +3576,7 @@ class EngineHooks:
             # what the login's report says may be stale (a transaction-mode pooler's client
             # connection keeps it): the server asked, unless the statement was the library's
             # own (a commit check's, a prune's, which handle their errors themselves)
-            ask=takes_writes_asked
-            if current_request.get() is None and not own_work.get()
-            else None,
+            ask=takes_writes_asked if committing_request() is None and not own_work.get() else None,
             unsure=refused_unsure_again,
         ):
             code = None  # a read-only transaction of the application's on a primary: its bug
@@ -3633,7 +3638,7 @@ class EngineHooks:
         statement = ctx.statement
         verdict = verdict_of(statement) if isinstance(statement, str) else 0
         # (a unit's own COMMIT is settled by the protocol)
-        if verdict & COMMITS and current_request.get() is None:
+        if verdict & COMMITS and committing_request() is None:
             # a COMMIT sent as a statement (text("COMMIT"), exec_driver_sql) whose answer was
             # lost may have committed, as session.commit()'s may: an unknown outcome, never a
             # transient error (a web client told to retry would write twice)
@@ -3664,11 +3669,11 @@ class EngineHooks:
                     attempt.conflicted = (caught, root)
         if (
             outcome is Outcome.COMMIT_UNKNOWN
-            and current_request.get() is None
+            and committing_request() is None
             and not own_work.get()
         ):
             self._commit_unanswered(attempt, ctx.connection, original)
-        elif interrupted_commit(original) and current_request.get() is None and not own_work.get():
+        elif interrupted_commit(original) and committing_request() is None and not own_work.get():
             self._commit_unanswered(attempt, ctx.connection, original, interrupted=True)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
@@ -3738,7 +3743,9 @@ class EngineHooks:
         """The configuration and service an engine-wide line is said under: the running unit's
         factory's (its logging settings, its name), else the engine's latest factory's."""
         attempt = current_attempt.get()
-        return (self.config, self.service) if attempt is None else attempt.speaker
+        if attempt is None or not attempt.running:  # (an ended one: a task's made in it)
+            return self.config, self.service
+        return attempt.speaker
 
     def _checkout_speaker(self) -> tuple[Config, str]:
         """:meth:`_speaker` at a checkout: outside a unit, the factory of the drop-in session
@@ -3746,7 +3753,8 @@ class EngineHooks:
         latest factory (a factory per service on one engine, or one on its
         ``execution_options()`` copy: the dead pooled connection one session was handed was
         counted in the other's ``dead_pooled_connections``)."""
-        if current_attempt.get() is None:
+        attempt = current_attempt.get()
+        if attempt is None or not attempt.running:  # (see _speaker)
             factory = connecting_factory(self)
             if factory is not None:
                 return factory.config, factory.service

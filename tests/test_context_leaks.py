@@ -10,10 +10,11 @@ import threading
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db.testing import FaultProxy
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -147,3 +148,56 @@ def test_a_drop_in_blocks_own_connect_is_still_put_to_its_breaker(
     finally:
         other.dispose()
     assert names(rows) == set()
+
+
+# -- a task started while a unit commits -------------------------------------------------------
+@pytest.mark.parametrize("async_driver", ["asyncpg", "psycopg"])
+@pytest.mark.asyncio
+async def test_a_task_started_by_an_after_commit_listener_has_its_lost_answer_said(
+    rows: sa.Engine,
+    *,
+    async_driver: str,
+    pg_async_url: str,
+    made_async_engines: list[AsyncEngine],
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """A unit's ``after_commit`` listener starts a task (an outbox's publisher), which writes
+    in a drop-in block of another factory once the unit has returned; that block's COMMIT
+    loses its answer: an unknown outcome of drop-in code, counted under its service and
+    raised as one, not taken for the unit's own COMMIT (the task inherited the unit's
+    context as the unit committed)."""
+    rdb.install_commit_markers(rows)
+    plain = create_async_engine(pg_async_url)
+    proxied = create_async_engine(fault_proxy.url(pg_database, driver=async_driver))
+    made_async_engines.extend((plain, proxied))
+    Units = rdb.AsyncResilientSession(plain, service=service)
+    Blocks = rdb.AsyncResilientSession(proxied, service=f"{service}-blocks")
+    returned = asyncio.Event()
+    started: list[asyncio.Task[None]] = []
+
+    async def publish() -> None:
+        await returned.wait()
+        async with Blocks.begin() as session:
+            await session.execute(sa.text("INSERT INTO ctx_rows VALUES ('published')"))
+            fault_proxy.lose_commit_answer()
+
+    def after_commit(session: Session) -> None:
+        started.append(asyncio.get_running_loop().create_task(publish()))
+
+    async def unit(session: AsyncSession) -> None:
+        sa.event.listen(session.sync_session, "after_commit", after_commit)
+        await session.execute(sa.text("INSERT INTO ctx_rows VALUES ('unit')"))
+
+    await Units.run(unit)
+    returned.set()
+    with pytest.raises(sa.exc.DBAPIError) as lost:
+        await started[0]
+    assert fault_proxy.commits_lost == 1
+    assert rdb.classify(lost.value) is rdb.Outcome.COMMIT_UNKNOWN
+    counters = rdb.health()["services"][f"{service}-blocks"]["counters"]
+    assert counters["unknown_commits"] == 1
+    said = [(e.name, e.service) for e in events if e.name == "commit_unknown"]
+    assert said == [("commit_unknown", f"{service}-blocks")]
