@@ -151,12 +151,14 @@ def test_a_drop_in_blocks_own_connect_is_still_put_to_its_breaker(
 
 
 # -- a task started while a unit commits -------------------------------------------------------
+@pytest.mark.parametrize("where", ["after_commit", "before_commit too", "unit's code"])
 @pytest.mark.parametrize("async_driver", ["asyncpg", "psycopg"])
 @pytest.mark.asyncio
-async def test_a_task_started_by_an_after_commit_listener_has_its_lost_answer_said(
+async def test_a_task_started_in_a_unit_has_its_lost_answer_said_after_it(
     rows: sa.Engine,
     *,
     async_driver: str,
+    where: str,
     pg_async_url: str,
     made_async_engines: list[AsyncEngine],
     fault_proxy: FaultProxy,
@@ -168,7 +170,9 @@ async def test_a_task_started_by_an_after_commit_listener_has_its_lost_answer_sa
     in a drop-in block of another factory once the unit has returned; that block's COMMIT
     loses its answer: an unknown outcome of drop-in code, counted under its service and
     raised as one, not taken for the unit's own COMMIT (the task inherited the unit's
-    context as the unit committed)."""
+    context as the unit committed). Also where the unit's session has a ``before_commit``
+    listener (the unit's COMMIT step then starts in SQLAlchemy's ``commit()``), and for a
+    task the unit's code starts (not the unit's own COMMIT midway: its attempt has ended)."""
     rdb.install_commit_markers(rows)
     plain = create_async_engine(pg_async_url)
     proxied = create_async_engine(fault_proxy.url(pg_database, driver=async_driver))
@@ -188,7 +192,12 @@ async def test_a_task_started_by_an_after_commit_listener_has_its_lost_answer_sa
         started.append(asyncio.get_running_loop().create_task(publish()))
 
     async def unit(session: AsyncSession) -> None:
-        sa.event.listen(session.sync_session, "after_commit", after_commit)
+        if where == "unit's code":
+            started.append(asyncio.create_task(publish()))
+        else:
+            sa.event.listen(session.sync_session, "after_commit", after_commit)
+        if where == "before_commit too":
+            sa.event.listen(session.sync_session, "before_commit", lambda _: None)
         await session.execute(sa.text("INSERT INTO ctx_rows VALUES ('unit')"))
 
     await Units.run(unit)
