@@ -4490,8 +4490,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     elif end == "COMMIT":
                         wrote = self._rdb_may_write
                         if not wrote and self.is_in_transaction():
-                            request = committing_request()
-                            if request is not None:
+                            request = current_request.get()  # (committing_request, inline)
+                            if request is not None and not request.ended:
                                 # a unit's COMMIT of what is proven read-only: nothing to
                                 # verify (_commit_plan's first answer, inline, as psycopg's)
                                 request.tickets.append(_READ_ONLY)
@@ -4695,8 +4695,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             def commit(self: Any) -> None:
                 wrote = self._rdb_may_write
                 if not wrote and self.pgconn.transaction_status == _INTRANS:
-                    request = committing_request()
-                    if request is not None:
+                    request = current_request.get()  # (committing_request, inline)
+                    if request is not None and not request.ended:
                         # a unit's COMMIT of what is proven read-only: nothing to verify
                         # (_commit_plan's first answer, inline: every reading unit passes here)
                         request.tickets.append(_READ_ONLY)
