@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import pybreaker as _pb
 
@@ -44,12 +44,25 @@ from ._fleet import (
     detach,
 )
 from ._internals import renew_pybreaker_lock
-from ._observability import LineLimit, emit, log_breaker, stats_for, switched_off_view
+from ._observability import (
+    BreakerHealth,
+    LineLimit,
+    emit,
+    log_breaker,
+    stats_for,
+    switched_off_view,
+)
 from ._state import STATE, check_service_room
 
 __all__ = ["Breaker", "breaker_for", "breakers"]
 
 CLOSED, OPEN, HALF_OPEN = _pb.STATE_CLOSED, _pb.STATE_OPEN, _pb.STATE_HALF_OPEN
+#: pybreaker's states as health() names them (its own names: the types say which they are)
+_REPORTED_STATES: dict[str, Literal["closed", "open", "half-open"]] = {
+    CLOSED: "closed",
+    OPEN: "open",
+    HALF_OPEN: "half-open",
+}
 _UTC = timezone.utc
 #: the probe the attempt running in this context (thread, asyncio task) was let through as:
 #: (its breaker, its reservation in Redis or None); see Breaker._take_probe
@@ -1017,7 +1030,7 @@ class Breaker:
             self._storage.reset_counter()
             self._storage.reset_success_counter()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> BreakerHealth:
         """health()'s view. ``state`` is ``"off"`` while every live user has the breaker
         switched off (``SELF_HEALING_CIRCUIT_BREAKER=false`` or ``SELF_HEALING_ENABLED=false``
         applied by a reload): it rejects nothing then, whatever it held.
@@ -1037,13 +1050,16 @@ class Breaker:
         and None while closed."""
         if self.switched_off:
             return switched_off_view(self.config)
-        state = self.state
+        stored = self.state
+        state = _REPORTED_STATES.get(stored)
+        if state is None:  # a breaker_storage= of yours with a state pybreaker has not
+            raise ValueError(f"breaker state {stored!r} is none of pybreaker's")
         fleet = self._fleet
         by_hand = self.by_hand and state != CLOSED
-        info: dict[str, Any] = {
+        info: BreakerHealth = {
             "state": state,
             # the failures counted toward the next opening: shared, the fleet's (as Redis last
-            # answered this process); else this one's. None while open or half-open (pybreaker
+            # answered this process); else this one's. 0 while open or half-open (pybreaker
             # keeps the count that opened it; Redis starts a new run)
             "failures": 0
             if state != CLOSED
@@ -1060,7 +1076,7 @@ class Breaker:
             if remaining > 0:  # (rounded up: a call now is rejected, and told to wait > 0)
                 info["retry_after"] = math.ceil(remaining * 1000) / 1000
             else:  # the open time is over: the next call is a probe
-                info["state"] = HALF_OPEN
+                info["state"] = "half-open"
         if fleet is not None:
             info["shared"] = {
                 "redis": fleet.masked_url,

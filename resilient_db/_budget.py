@@ -35,7 +35,15 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from ._config import Config, ConfigUsers
-from ._observability import LineLimit, emit, log_retry, more_since, stats_for
+from ._observability import (
+    BudgetHealth,
+    FleetBudgetHealth,
+    LineLimit,
+    emit,
+    log_retry,
+    more_since,
+    stats_for,
+)
 from ._state import STATE, check_service_room
 
 __all__ = [
@@ -246,7 +254,7 @@ class RetryBudget:
         self._last_line: float | None = None  # when the last "exhausted" line was logged
         self._fleet: Any = None  # the FleetLink while shared through Redis
         #: the fleet's figures as Redis last reported them, and when (this budget's clock)
-        self._fleet_view: tuple[float, dict[str, Any]] = (-math.inf, {})
+        self._fleet_view: tuple[float, FleetBudgetHealth | None] = (-math.inf, None)
         # the live users whose config= of the code decides the settings (see follow)
         self._users = ConfigUsers()
         self._attach(config)
@@ -398,7 +406,7 @@ class RetryBudget:
             for age, amount in pending:
                 self._pending[second - age] = self._pending.get(second - age, 0.0) + float(amount)
 
-    def fleet_figures(self, figures: dict[str, Any]) -> None:
+    def fleet_figures(self, figures: FleetBudgetHealth) -> None:
         """The fleet's totals as Redis last reported them (for ``health()``)."""
         self._fleet_view = (self._clock(), figures)
 
@@ -499,14 +507,15 @@ class RetryBudget:
         link = self._fleet
         return link is not None and bool(link.up or link.connecting)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> BudgetHealth:
         """The ``budget`` entry of ``health()``."""
         with self._lock:
             now = self._clock()
             self._observe(now)
             deposits, _ = self._local.totals(now)
-            info: dict[str, Any] = {
-                "ratio": self.config.retry_budget,
+            info: BudgetHealth = {
+                # (a budget is made, and kept, only while its configuration sets a ratio)
+                "ratio": self.config.retry_budget or 0.0,
                 "floor_per_second": self.config.retry_budget_floor,
                 "window_seconds": WINDOW,
                 "scope": "fleet" if self.shared else "process",
@@ -524,9 +533,9 @@ class RetryBudget:
         # when there are new first attempts): past the window, what they counted has expired
         # and the local figures say more
         taken, fleet = self._fleet_view
-        if self.shared and fleet and now - taken < WINDOW:
-            info["fleet"] = dict(fleet)
-            info["available"] = fleet.get("available", info["available"])
+        if self.shared and fleet is not None and now - taken < WINDOW:
+            info["fleet"] = fleet.copy()
+            info["available"] = fleet["available"]
         return info
 
     def __repr__(self) -> str:

@@ -157,7 +157,14 @@ from typing import Any, Final, NamedTuple, Protocol, TypeVar
 from ._classify import failure_detail, log_quietly
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
-from ._observability import LineLimit, emit, emit_line, log_breaker, more_since
+from ._observability import (
+    FleetTimelineHealth,
+    LineLimit,
+    emit,
+    emit_line,
+    log_breaker,
+    more_since,
+)
 from ._state import STATE, renew_after_fork
 
 __all__ = ["FleetDown", "FleetLink", "attach", "detach", "follow_users", "links"]
@@ -1091,7 +1098,7 @@ class FleetLink:
                 breaker.fleet_rejoin(self, background=False)
 
     # -- timelines (the fence of an old primary back as a primary, see TIMELINES_KEY) ------
-    def known_timelines(self) -> dict[str, dict[str, Any]]:
+    def known_timelines(self) -> dict[str, FleetTimelineHealth]:
         """What this link knows of the fleet's timelines, for ``health()``: by cluster
         (system identifier), ``timeline``, the ``server`` it was seen at and ``since`` when
         (Redis time it was recorded, seconds since the epoch; None where the message it came

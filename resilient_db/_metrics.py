@@ -74,7 +74,7 @@ import contextlib
 import importlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -216,7 +216,7 @@ class HealthCollector:
     exporting another process's figures. Register it with a ``CollectorRegistry``.
     """
 
-    def __init__(self, health: Callable[[], dict[str, Any]] = _health) -> None:
+    def __init__(self, health: Callable[[], Mapping[str, Any]] = _health) -> None:
         if not callable(health):
             raise TypeError(
                 "HealthCollector(health=...) takes a function returning the health report "

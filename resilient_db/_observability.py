@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Literal, TypedDict, TypeVar, final
 
 from ._classify import debug_failure, log_quietly, sqlstate_of
 from ._config import Config
@@ -23,10 +23,20 @@ from ._state import STATE, check_service_room
 
 __all__ = [
     "PREFIX",
+    "BreakerHealth",
+    "BudgetHealth",
+    "FleetBudgetHealth",
+    "FleetTimelineHealth",
+    "HealthReport",
     "LineLimit",
     "SelfHealEvent",
     "SelfHealHook",
+    "ServiceCounters",
+    "ServiceHealth",
     "ServiceStats",
+    "SharedBreakerHealth",
+    "TransitionCounters",
+    "UnavailableHealth",
     "add_hook",
     "emit",
     "emit_line",
@@ -400,7 +410,7 @@ class ServiceStats:
             self.retries += 1
             self.retries_by_class[outcome] += 1
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ServiceCounters:
         with self._lock:
             return {
                 "attempts": self.attempts,
@@ -446,6 +456,142 @@ class ServiceStats:
             self.retries_by_class.clear()
 
 
+# -- the shape of health() -------------------------------------------------------------------
+# TypedDicts: health() stays a function returning a plain dict (a TypedDict is one at run time),
+# which a type checker now reads key by key. A key present only sometimes is in a ``total=False``
+# subclass (``NotRequired`` is typing's from Python 3.11 only). tests/test_health_types.py holds
+# them to what a real health() returns, key by key.
+
+
+class ServiceCounters(TypedDict):
+    """health()'s ``counters`` of a service (see :func:`health` for each)."""
+
+    attempts: int
+    retries: int
+    recovered: int
+    gave_up: int
+    breaker_opens: int
+    breaker_rejections: int
+    unknown_commits: int
+    verified_commits: int
+    verified_not_committed: int
+    response_validation_failures: int
+    pool_timeouts: int
+    pool_invalidations: int
+    dead_pooled_connections: int
+    hot_standby_refused_writes: int
+    stale_timeline_refusals: int
+    stale_timeline_refusals_fleet: int
+    #: retries by the class of their error (``"conflict"``, ``"unavailable"``,
+    #: ``"disconnect"``, ...): only the classes retried so far
+    retries_by_class: dict[str, int]
+
+
+class FleetTimelineHealth(TypedDict):
+    """One cluster's timeline the fleet saw (``shared["fleet_timelines"][system_identifier]``)."""
+
+    timeline: int
+    server: str
+    #: Redis's time it was recorded (seconds since the epoch); None when the message it came
+    #: by did not say (one of an earlier release's process)
+    since: float | None
+
+
+class SharedBreakerHealth(TypedDict):
+    """A breaker shared through Redis: its ``shared`` entry."""
+
+    redis: str  # the URL, its password masked
+    connected: bool
+    problem: str | None
+    fleet_opens: int
+    opened_here: int
+    opens_followed: int
+    fleet_timelines: dict[str, FleetTimelineHealth]
+
+
+class _BreakerHealthKeys(TypedDict):
+    state: Literal["closed", "open", "half-open", "off"]
+    failures: int
+    failure_threshold: int
+    reset_timeout: float
+    by_hand: bool
+    reason: str | None
+
+
+class BreakerHealth(_BreakerHealthKeys, total=False):
+    """health()'s ``breaker`` of a service; ``retry_after`` only while ``open``, ``shared``
+    only for a breaker shared through Redis."""
+
+    retry_after: float
+    shared: SharedBreakerHealth
+
+
+@final
+class UnavailableHealth(TypedDict):
+    """A ``breaker`` (or ``budget``) whose state could not be read (a ``breaker_storage=``
+    that fails to answer): ``error`` is the exception's class name, never its text."""
+
+    state: Literal["unknown"]
+    error: str
+
+
+class FleetBudgetHealth(TypedDict):
+    """A shared retry budget's fleet-wide figures, as Redis last reported them."""
+
+    first_attempts: int
+    retries: int
+    floor_tokens: float
+    available: float
+
+
+class _BudgetHealthKeys(TypedDict):
+    ratio: float
+    floor_per_second: int
+    window_seconds: int
+    scope: Literal["process", "fleet"]
+    first_attempts: int
+    retries: int
+    available: float
+    granted: int
+    exhausted: int
+
+
+@final
+class BudgetHealth(_BudgetHealthKeys, total=False):
+    """health()'s ``budget`` of a service; ``redis`` and ``problem`` only when configured to be
+    shared, ``fleet`` only while the fleet's figures are recent."""
+
+    redis: str
+    problem: str | None
+    fleet: FleetBudgetHealth
+
+
+class ServiceHealth(TypedDict):
+    """One service of health()'s ``services``."""
+
+    breaker: BreakerHealth | UnavailableHealth | None
+    budget: BudgetHealth | UnavailableHealth | None
+    counters: ServiceCounters
+
+
+class TransitionCounters(TypedDict):
+    """health()'s ``transitions`` (process-wide)."""
+
+    blocked_transitions: int
+    stale_transitions: int
+    bulk_rows_filtered: int
+    bypasses: int
+    connections_without_triggers: int
+
+
+class HealthReport(TypedDict):
+    """What :func:`health` returns."""
+
+    healthy: bool
+    services: dict[str, ServiceHealth]
+    transitions: TransitionCounters
+
+
 def stats_for(service: str) -> ServiceStats:
     """The counters of ``service`` (created on first use)."""
     found: ServiceStats | None = STATE.stats.get(service)
@@ -457,11 +603,13 @@ def stats_for(service: str) -> ServiceStats:
         return made
 
 
-def health() -> dict[str, Any]:
+def health() -> HealthReport:
     """Breaker state and counters of every service seen so far, and the transition guard's.
 
     ``{"healthy": bool, "services": {name: {"breaker": {...} | None, "budget": {...} | None,
-    "counters": {...}}}, "transitions": {"blocked_transitions": n, ...}}``; ``healthy`` is False
+    "counters": {...}}}, "transitions": {"blocked_transitions": n, ...}}``, typed as
+    :class:`HealthReport` (a plain dict at run time; its parts are the other ``...Health``
+    and ``...Counters`` types of this module, exported by the package); ``healthy`` is False
     while any breaker is open. ``breaker`` is ``{"state": "off", ...}`` while every live user of
     the service has it switched off by its configuration (from the start, or by a reload), None
     for a service whose users all opted out (``use_circuit_breaker=False``). A breaker shared
@@ -532,16 +680,16 @@ def health() -> dict[str, Any]:
     for policy in live_policies():
         if policy.use_circuit_breaker and not policy.config.breaker_on:
             made_off.setdefault(policy.service, policy.config)
-    services: dict[str, Any] = {}
+    services: dict[str, ServiceHealth] = {}
     for name in sorted(names):
         breaker = all_breakers.get(name)
         budget = all_budgets.get(name)
         off = made_off.get(name)
         services[name] = {
-            "breaker": _describe(breaker)
+            "breaker": _describe(breaker.describe)
             if breaker is not None
             else (None if off is None else switched_off_view(off)),
-            "budget": _describe(budget) if budget is not None else None,
+            "budget": _describe(budget.describe) if budget is not None else None,
             "counters": stats_for(name).snapshot(),
         }
     healthy = all(
@@ -551,7 +699,7 @@ def health() -> dict[str, Any]:
     return {"healthy": healthy, "services": services, "transitions": transition_stats()}
 
 
-def switched_off_view(config: Config) -> dict[str, Any]:
+def switched_off_view(config: Config) -> BreakerHealth:
     """health()'s view of a breaker switched off by the configuration (``off``: it rejects
     nothing and counts nothing), with the settings it would run with."""
     return {
@@ -564,12 +712,14 @@ def switched_off_view(config: Config) -> dict[str, Any]:
     }
 
 
-def _describe(part: Any) -> dict[str, Any]:
+_Described = TypeVar("_Described", BreakerHealth, BudgetHealth)
+
+
+def _describe(describe: Callable[[], _Described]) -> _Described | UnavailableHealth:
     try:
-        description: dict[str, Any] = part.describe()
+        return describe()
     except Exception as exc:  # a shared breaker store can be unreachable: report, don't fail
         return {"state": "unknown", "error": type(exc).__name__}
-    return description
 
 
 def reset_stats() -> None:

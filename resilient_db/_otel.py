@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from ._classify import Outcome
 from ._observability import SelfHealEvent, add_hook, health, remove_hook
@@ -312,7 +312,7 @@ class _Instruments:
         """Each service's ``attempts``."""
         return self._observe_counter("attempts")
 
-    def _observe_counter(self, counter: str) -> Iterator[Any]:
+    def _observe_counter(self, counter: Literal["attempts", "breaker_rejections"]) -> Iterator[Any]:
         if not self._reading():
             return
         for name, service in health()["services"].items():

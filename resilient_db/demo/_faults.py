@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -378,7 +378,7 @@ class Schedule(threading.Thread):
         """Wait until the breaker has closed again (or never opened), for a clean next fault."""
 
         def closed() -> bool:
-            entry: dict[str, Any] = rdb.health()["services"].get(self.service) or {}
+            entry: Mapping[str, Any] = rdb.health()["services"].get(self.service) or {}
             breaker = entry.get("breaker") or {}
             return bool(breaker.get("state", "closed") == "closed")
 

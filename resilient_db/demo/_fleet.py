@@ -529,7 +529,7 @@ class FleetDemo(Demo):
     def _p0_figures(self) -> dict[str, int]:
         """This process's openings of the shared breaker and its retry budget's figures, as
         the service's health shows them (since the process started)."""
-        entry = rdb.health()["services"].get(SERVICE) or {}
+        entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
         shared = (entry.get("breaker") or {}).get("shared") or {}
         budget = entry.get("budget") or {}
         return {
@@ -539,7 +539,7 @@ class FleetDemo(Demo):
         }
 
     def _shared_breaker(self) -> dict[str, Any]:
-        entry = rdb.health()["services"].get(SERVICE) or {}
+        entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
         return dict((entry.get("breaker") or {}).get("shared") or {})
 
     # -- the run -------------------------------------------------------------------------------

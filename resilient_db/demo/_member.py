@@ -233,7 +233,7 @@ class Member(Demo):
         """Wait until the breaker follows the fleet's (the link to Redis is up)."""
         deadline = time.monotonic() + timeout
         while True:
-            entry = rdb.health()["services"].get(SERVICE) or {}
+            entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
             shared = (entry.get("breaker") or {}).get("shared") or {}
             if shared.get("connected"):
                 return True
@@ -245,7 +245,7 @@ class Member(Demo):
         return {"totals": self.ledger.totals(), "counters": self._counters()}
 
     def _result(self, runner: _workload.AckRunner | _workload_async.AckRunner) -> dict[str, Any]:
-        entry = rdb.health()["services"].get(SERVICE) or {}
+        entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
         errors = [f"{w.name}: {w.error!r}" for w in self.workers if w.error is not None]
         errors += [f"{w.name}: busy at the drain deadline" for w in self.workers if w.is_alive()]
         if self.loop is not None and self.loop.error is not None:

@@ -367,7 +367,7 @@ def _captured_logs(tap: _LogTap) -> Iterator[None]:
 
 
 def _counters() -> dict[str, Any]:
-    entry = rdb.health()["services"].get(SERVICE) or {}
+    entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
     counters: dict[str, Any] = dict(entry.get("counters") or {})
     counters["blocked_transitions"] = rdb.health()["transitions"]["blocked_transitions"]
     return counters
@@ -378,7 +378,7 @@ def _delta(now: Mapping[str, Any], before: Mapping[str, Any], name: str) -> int:
 
 
 def _breaker_state() -> str:
-    entry = rdb.health()["services"].get(SERVICE) or {}
+    entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
     breaker = entry.get("breaker") or {}
     return str(breaker.get("state", "closed"))
 

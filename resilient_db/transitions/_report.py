@@ -12,7 +12,7 @@ from typing import Any
 
 from resilient_db._config import Config, current_env_config
 from resilient_db._errors import ConfigError, IllegalTransitionError, StaleTransitionError
-from resilient_db._observability import emit
+from resilient_db._observability import TransitionCounters, emit
 from resilient_db._state import STATE
 from resilient_db._statements import current_attempt
 
@@ -28,7 +28,7 @@ def count(name: str, amount: int = 1) -> None:
         STATE.transition_stats[name] += amount
 
 
-def transition_stats() -> dict[str, int]:
+def transition_stats() -> TransitionCounters:
     """Counters since process start, stable names for ``health()`` and metrics.
 
     ``blocked_transitions``: rows whose illegal move was refused, one per row (and guarded
@@ -46,8 +46,13 @@ def transition_stats() -> dict[str, int]:
     with STATE.lock:
         stats = dict(STATE.transition_stats)
     # the filter's rows are counted once, as filtered; they are blocked transitions too
-    stats["blocked_transitions"] += stats["bulk_rows_filtered"]
-    return stats
+    return {
+        "blocked_transitions": stats["blocked_transitions"] + stats["bulk_rows_filtered"],
+        "stale_transitions": stats["stale_transitions"],
+        "bulk_rows_filtered": stats["bulk_rows_filtered"],
+        "bypasses": stats["bypasses"],
+        "connections_without_triggers": stats["connections_without_triggers"],
+    }
 
 
 def report(

@@ -41,8 +41,9 @@ __all__ = ["AuthCheck", "Dashboard", "dashboard", "token_auth"]
 AuthCheck = Callable[[Request], bool | Awaitable[bool]]
 
 #: ``health() -> dict`` (or a coroutine function giving one): what ``data.json`` serves as
-#: ``health``; :func:`resilient_db.health` by default.
-HealthCheck = Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]
+#: ``health``; :func:`resilient_db.health` by default (a mapping: its
+#: :class:`~resilient_db.HealthReport` is one, as a plain dict is).
+HealthCheck = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 
 _NO_AUTH = (
     "dashboard() needs auth=, a callable check(request) -> bool deciding who may see the "

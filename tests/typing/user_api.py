@@ -7,7 +7,7 @@ import enum
 import logging
 from collections.abc import Awaitable, Coroutine, Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import sqlalchemy as sa
@@ -305,6 +305,33 @@ rdb.add_hook(on_event)
 rdb.remove_hook(on_event)
 report = rdb.health()
 healthy: bool = report["healthy"]
+assert_type(report, rdb.HealthReport)
+assert_type(report["transitions"]["blocked_transitions"], int)
+for service_name, service_health in report["services"].items():
+    assert_type(service_name, str)
+    assert_type(service_health["counters"]["attempts"], int)
+    assert_type(service_health["counters"]["retries_by_class"], dict[str, int])
+    breaker_health = service_health["breaker"]
+    if breaker_health is not None and breaker_health["state"] != "unknown":
+        # (an unreadable breaker_storage= of yours: rdb.UnavailableHealth, ruled out above)
+        assert_type(breaker_health, rdb.BreakerHealth)
+        assert_type(breaker_health["state"], Literal["closed", "open", "half-open", "off"])
+        assert_type(breaker_health["reason"], str | None)
+        assert_type(breaker_health.get("retry_after"), float | None)
+        shared_health = breaker_health.get("shared")
+        if shared_health is not None:
+            assert_type(shared_health["connected"], bool)
+            assert_type(shared_health["problem"], str | None)
+            for timeline in shared_health["fleet_timelines"].values():
+                assert_type(timeline["since"], float | None)
+    budget_health = service_health["budget"]
+    if budget_health is not None and "available" in budget_health:
+        assert_type(budget_health, rdb.BudgetHealth)
+        assert_type(budget_health["scope"], Literal["process", "fleet"])
+        assert_type(budget_health["available"], float)
+        fleet_figures = budget_health.get("fleet")
+        if fleet_figures is not None:
+            assert_type(fleet_figures["floor_tokens"], float)
 with rdb.set_testing():
     rdb.reset_state()
 assert_type(rdb.set_testing(False), AbstractContextManager[None])

@@ -1,0 +1,200 @@
+"""health()'s TypedDicts (``rdb.HealthReport`` and the types it nests) say what a real
+``health()`` returns, key by key: every key of a result is declared, with a value of its
+declared type; every required key is there; and over the services made here (an open breaker,
+a half-open one, one opened by hand, a shared one, one whose Redis does not answer, one
+switched off, one opted out, one whose storage fails, budgets local and fleet-wide, retries by
+class, the guard's counters) every key a type declares is seen at least once, and every value
+of each ``Literal``. A key added to health() and not to its type (or the other way round), or a
+value of another type, fails here."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import pybreaker
+import pytest
+import sqlalchemy as sa
+from processes import wait_for
+from scenarios import refuse_moves_every_way
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db import _budget, _fleet
+from resilient_db.examples.tasks import Base
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+class _Walk:
+    """Checks values against annotations, recording which keys of each TypedDict and which
+    values of each Literal were seen."""
+
+    def __init__(self) -> None:
+        self.keys_seen: dict[type, set[str]] = {}
+        self.literals_seen: dict[tuple[Any, ...], set[Any]] = {}
+        self.typeddicts: set[type] = set()
+
+    def check(self, value: Any, annotation: Any, where: str) -> None:
+        if typing.is_typeddict(annotation):
+            self._typeddict(value, annotation, where)
+            return
+        origin = get_origin(annotation)
+        if origin is Union or origin is types.UnionType:
+            self._union(value, annotation, where)
+        elif origin is Literal:
+            assert value in get_args(annotation), f"{where}: {value!r} is not {annotation}"
+            self.literals_seen.setdefault(get_args(annotation), set()).add(value)
+        elif origin is dict:
+            key_type, value_type = get_args(annotation)
+            assert type(value) is dict, f"{where}: {value!r} is no dict"
+            for k, v in value.items():
+                self.check(k, key_type, f"{where} key")
+                self.check(v, value_type, f"{where}[{k!r}]")
+        elif annotation is type(None):
+            assert value is None, f"{where}: {value!r} is not None"
+        elif annotation is float:  # (an int is a float to a type checker)
+            assert type(value) in (float, int), f"{where}: {value!r} is no float"
+        else:  # bool, int, str: exactly (a bool is no count)
+            assert annotation in (bool, int, str), f"{where}: unexpected type {annotation}"
+            assert type(value) is annotation, f"{where}: {value!r} is no {annotation.__name__}"
+
+    def _union(self, value: Any, annotation: Any, where: str) -> None:
+        failures = []
+        for member in get_args(annotation):
+            trial = _Walk()
+            try:
+                trial.check(value, member, where)
+            except AssertionError as exc:
+                failures.append(str(exc))
+                continue
+            self.check(value, member, where)  # (recorded by the member that fits)
+            return
+        raise AssertionError(f"{where}: {value!r} fits no member of {annotation}: {failures}")
+
+    def _typeddict(self, value: Any, annotation: Any, where: str) -> None:
+        self.typeddicts.add(annotation)
+        hints = get_type_hints(annotation)
+        assert type(value) is dict, f"{where}: {value!r} is no dict"
+        assert set(value) <= set(hints), f"{where}: keys not declared: {set(value) - set(hints)}"
+        missing = annotation.__required_keys__ - set(value)
+        assert not missing, f"{where}: required keys missing: {missing}"
+        self.keys_seen.setdefault(annotation, set()).update(value)
+        for key, item in value.items():
+            self.check(item, hints[key], f"{where}[{key!r}]")
+
+
+class FailingStorage(pybreaker.CircuitMemoryStorage):
+    """A ``breaker_storage`` whose state can't be read once ``down`` (an unreachable store)."""
+
+    def __init__(self) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self.down = False
+
+    @property
+    def state(self) -> str:
+        if self.down:
+            raise ConnectionError("store unreachable")
+        return str(super().state)
+
+    @state.setter
+    def state(self, value: str) -> None:
+        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def tasks(engine: sa.Engine) -> sa.Engine:
+    """The example's tasks schema, on the engine with ``raise_code()``."""
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def unavailable(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))  # cannot connect now: retried
+
+
+def entry(service: str) -> Any:
+    return rdb.health()["services"][service]
+
+
+def test_every_key_of_a_real_health_report_is_declared_by_its_types(
+    tasks: sa.Engine, redis_server: RedisServer, service: str
+) -> None:
+    # the guard's counters: illegal moves refused on every path
+    refuse_moves_every_way(tasks, f"{service}-guard", trigger=True)
+
+    # open, after retries of a class, with a local budget
+    local = rdb.Config(failure_threshold=2, max_retries=1, retry_budget=0.5)
+    Opened = rdb.ResilientSession(tasks, service=f"{service}-open", config=local)
+    with pytest.raises(sa.exc.OperationalError):
+        Opened.run(unavailable)
+    assert entry(f"{service}-open")["breaker"]["state"] == "open"
+
+    # opened by hand, with a reason; and one whose opening is over (half-open)
+    # (held: a factory gone is no live user of its service's breaker, its "off" no longer shown)
+    held = [rdb.ResilientSession(tasks, service=f"{service}-hand")]
+    rdb.open_breaker(f"{service}-hand", reason="database upgrade")
+    held.append(rdb.ResilientSession(tasks, service=f"{service}-half"))
+    rdb.open_breaker(f"{service}-half", seconds=0.001)
+    wait_for(lambda: entry(f"{service}-half")["breaker"]["state"] == "half-open", "half-open")
+
+    # shared through Redis, which knows a cluster's timeline (read on joining), with a
+    # fleet-wide budget whose figures Redis reported
+    with contextlib.closing(redis_server.client()) as client:
+        client.hset(_fleet.TIMELINES_KEY, "7100000000000000001", "3 1700000000123456 h:5432")
+    shared = rdb.Config(redis_url=redis_server.url, retry_budget=0.2, retry_budget_floor=0)
+    Shared = rdb.ResilientSession(tasks, service=f"{service}-shared", config=shared)
+    wait_for(lambda: entry(f"{service}-shared")["budget"]["scope"] == "fleet", "the link")
+    Shared.run(lambda s: s.execute(sa.text("SELECT 1")))
+    _budget.budgets()[f"{service}-shared"].withdraw()
+    assert "fleet" in entry(f"{service}-shared")["budget"]
+    assert entry(f"{service}-shared")["breaker"]["shared"]["fleet_timelines"]
+
+    # shared through a Redis that does not answer: its problem said
+    down = rdb.Config(redis_url="redis://127.0.0.1:1/0", retry_budget=0.2)  # (nothing listens)
+    held.append(rdb.ResilientSession(tasks, service=f"{service}-down", config=down))
+    wait_for(lambda: entry(f"{service}-down")["breaker"]["shared"]["problem"], "the problem")
+
+    # switched off, opted out, and a storage that fails
+    off = rdb.Config(circuit_breaker=False)
+    held.append(rdb.ResilientSession(tasks, service=f"{service}-off", config=off))
+    rdb.with_self_healing(lambda: 1, service=f"{service}-out", use_circuit_breaker=False)
+    storage = FailingStorage()
+    held.append(rdb.ResilientSession(tasks, service=f"{service}-failing", breaker_storage=storage))
+    storage.down = True
+    try:
+        gc.collect()  # (every factory not held is gone: those held make the report)
+        report = rdb.health()
+    finally:
+        storage.down = False  # (the factory may outlive this test)
+
+    walk = _Walk()
+    walk.check(report, rdb.HealthReport, "health()")
+    assert report["transitions"]["blocked_transitions"] > 0
+    assert report["services"][f"{service}-open"]["counters"]["retries_by_class"]
+    unseen = {
+        t.__name__: sorted(set(get_type_hints(t)) - walk.keys_seen.get(t, set()))
+        for t in walk.typeddicts
+    }
+    assert {name: keys for name, keys in unseen.items() if keys} == {}
+    for values, seen in walk.literals_seen.items():
+        assert set(values) == seen, f"values of {values} never seen: {set(values) - seen}"
+    states = get_args(get_type_hints(rdb.BreakerHealth)["state"])
+    assert states in walk.literals_seen
+    exported = {
+        rdb.HealthReport,
+        rdb.ServiceHealth,
+        rdb.ServiceCounters,
+        rdb.BreakerHealth,
+        rdb.SharedBreakerHealth,
+        rdb.FleetTimelineHealth,
+        rdb.UnavailableHealth,
+        rdb.BudgetHealth,
+        rdb.FleetBudgetHealth,
+        rdb.TransitionCounters,
+    }
+    assert walk.typeddicts == exported  # every type was met, and each is public
