@@ -3555,6 +3555,40 @@ class EngineHooks:
                 error=type(exc).__name__,
             )
 
+    def rollback_twophase(
+        self,
+        method: Callable[..., Any],
+        connection: Connection,
+        xid: Any,
+        is_prepared: bool = True,
+        recover: bool = False,
+    ) -> Any:
+        """Around the dialect's ``do_rollback_twophase`` (``method``): a connection whose
+        rollback of its own two-phase transaction the server refused is invalidated before the
+        error goes on, so that the pool does not reset it at checkin. psycopg takes its
+        transaction for prepared once ``tpc_prepare()`` has begun, and keeps it so when its
+        ROLLBACK PREPARED fails (42704 after a refused PREPARE, which the server had rolled
+        back: ``max_prepared_transactions`` 0 refuses every one): every later ``rollback()`` of
+        it raises ProgrammingError, so the pool's reset failed, logged at ERROR with a
+        traceback ("Exception during reset or similar"), and the pool discarded it then. The
+        error is raised as it was (a unit's says the refusal: see :func:`_refused_prepare`).
+        Left to SQLAlchemy: a lost connection (no SQLSTATE, or a code this engine takes for a
+        disconnect: its ``handle_error`` may replace the whole pool, which it does only for a
+        connection not invalidated yet), and a recovery's rollback (``recover``: of an xid
+        ended from outside its transaction, which leaves the connection as it was)."""
+        try:
+            return method(connection, xid, is_prepared=is_prepared, recover=recover)
+        except Exception as exc:
+            code = sqlstate_of(exc)
+            if (
+                not recover
+                and code is not None
+                and not self.classifier.is_disconnect_code(code)
+                and not connection.invalidated
+            ):
+                connection.invalidate()
+            raise
+
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
             lost_commit_while_off(ctx, self.classifier)  # (an unknown outcome: no 503)
@@ -4060,6 +4094,7 @@ def hooks_for(
             # each unit's PREPAREs and COMMIT PREPAREDs, where the dialect sends them
             note_dialect_calls(engine.dialect, "do_prepare_twophase", _prepare_twophase)
             wrap_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
+            wrap_dialect_calls(engine.dialect, "do_rollback_twophase", hooks.rollback_twophase)
             own_xids(engine.dialect)
             # the savepoints' names, for a 25006 met in one (see takes_writes_asked)
             note_savepoints(engine.dialect)
