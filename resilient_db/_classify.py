@@ -120,11 +120,15 @@ def sqlstate_of(exc: BaseException) -> str | None:
     (psycopg 3, asyncpg), ``pgcode`` (psycopg2) or the ``C`` field of pg8000's error fields.
 
     One code of asyncpg's own gives way to the server's: when the server ended the session
-    for a timeout of its transaction (:data:`SESSION_TIMEOUT_CODES`) while a statement waited
-    (a statement, or a COMMIT, running past ``transaction_timeout``; one sent just as
-    ``idle_in_transaction_session_timeout`` ended the session), asyncpg 0.32+ raises its
-    ``ConnectionDoesNotExistError`` (08003) from the server's error: that error's code is the
-    error's, as psycopg reports it."""
+    while a statement waited, asyncpg raises its ``ConnectionDoesNotExistError`` (08003,
+    connection_does_not_exist, which no server sends) from the server's FATAL error: that
+    error's code is the error's, as psycopg reports it. So a backend ended by
+    ``pg_terminate_backend`` or a shutdown is 57P01 (a line said 08003, a connection that was
+    never there), one whose transaction ran past its timeout (:data:`SESSION_TIMEOUT_CODES`:
+    a statement, or a COMMIT, running past ``transaction_timeout``; one sent just as
+    ``idle_in_transaction_session_timeout`` ended the session; asyncpg 0.32+) is 25P04 or
+    25P03. A connection asyncpg found closed with no error of the server's (one that ended
+    while idle, a broken socket) keeps 08003, or has no code."""
     found = None
     for err in error_chain(exc):
         code = getattr(err, "sqlstate", None)
@@ -138,7 +142,7 @@ def sqlstate_of(exc: BaseException) -> str | None:
             if code != _ASYNCPG_CLOSED:
                 return code
             found = code
-        elif code in SESSION_TIMEOUT_CODES and _of_driver(err, "asyncpg"):
+        elif code != _ASYNCPG_CLOSED and _of_driver(err, "asyncpg"):
             return code  # the server's error that asyncpg's lost connection was raised from
     return found
 
