@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
@@ -600,18 +601,29 @@ class Job(db.Model):  # type: ignore[name-defined, misc]
     status: Mapped[str] = mapped_column(sa.String(20), default="queued")
 
 
-class Archived(db.Model):  # type: ignore[name-defined, misc]
-    """A model of another bind key (``SQLALCHEMY_BINDS``), another database."""
-
-    __tablename__ = "flask_archived"
-    __bind_key__ = "archive"
-    __transitions__ = rdb.TransitionRules(
-        column="status", transitions={"kept": {"purged"}}, initial={"kept"}
+# Flask-SQLAlchemy (3.1.1, its newest release) gives a model of a __bind_key__ a MetaData of
+# its bind by setting the class's own ``metadata`` before declarative maps it; SQLAlchemy 2.1.0
+# to 2.1.3 warn of any class-level ``metadata`` ("should be left reserved for the MetaData
+# instance"), 2.1.4 on (and 2.0) accept a MetaData there. Only that warning, only here.
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore",
+        message="Attribute name 'metadata' should be left reserved for the MetaData instance",
+        category=sa.exc.SAWarning,
     )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(50), unique=True)
-    status: Mapped[str] = mapped_column(sa.String(20), default="kept")
+    class Archived(db.Model):  # type: ignore[name-defined, misc]
+        """A model of another bind key (``SQLALCHEMY_BINDS``), another database."""
+
+        __tablename__ = "flask_archived"
+        __bind_key__ = "archive"
+        __transitions__ = rdb.TransitionRules(
+            column="status", transitions={"kept": {"purged"}}, initial={"kept"}
+        )
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(sa.String(50), unique=True)
+        status: Mapped[str] = mapped_column(sa.String(20), default="kept")
 
 
 def create_app(url: str, service: str, **config: Any) -> Flask:
