@@ -558,6 +558,34 @@ def assert_unknown_outcome(exc: BaseException) -> None:
     assert "Retry-After" not in problem.headers
 
 
+_SQLALCHEMY = tuple(int(n) for n in sa.__version__.split(".")[:3] if n.isdigit())
+
+#: SQLAlchemy's pool takes back a connection whose reset on its return (its rollback, a
+#: ``reset`` listener) an interruption cut off (a cancellation, ``KeyboardInterrupt``) from
+#: 2.0.56 and 2.1.6 on (sqlalchemy#13699); earlier releases invalidate it and leave it checked
+#: out, until the collector frees what held it (the interruption's traceback)
+POOL_TAKES_BACK_A_CUT_RESET = _SQLALCHEMY >= (2, 1, 6) or (2, 0, 56) <= _SQLALCHEMY < (2, 1)
+
+#: what SQLAlchemy's pool logs (ERROR) of a connection whose reset on its return failed
+RESET_FAILED = "Exception during reset or similar"
+
+
+def assert_pool_took_all_back(pool: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """``pool`` (an engine's) counts none of its connections checked out: each one a unit or
+    a block took was handed back to it, its close run to its end. Also when an interruption
+    cut off the reset of one as it was handed back (where a cancellation lands as a COMMIT
+    returns, psycopg yielding to the event loop in the reset once the loop was busy 5 ms: a
+    loaded machine): with SQLAlchemy before 2.0.56 and 2.1.6 (POOL_TAKES_BACK_A_CUT_RESET)
+    the pool counts such a connection checked out still; the library handed it back (the
+    pool's error line says so, once per connection), the count is SQLAlchemy's."""
+    checked_out = pool.checkedout()
+    if POOL_TAKES_BACK_A_CUT_RESET:
+        assert checked_out == 0
+        return
+    cut = sum(RESET_FAILED in record.getMessage() for record in caplog.records)
+    assert checked_out <= cut, f"{checked_out} checked out, {cut} of them cut off in a reset"
+
+
 def notifications(listener: psycopg.Connection[Any], *, more: float = 0.5) -> list[str]:
     """The payloads a listening connection received: the first one waited for (bounded: a
     loaded machine may deliver it well after the notifying COMMIT), then any others arriving

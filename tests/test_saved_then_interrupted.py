@@ -34,7 +34,12 @@ import psycopg.waiting
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
-from scenarios import ASYNC_DRIVERS, add_expired_markers, install_markers
+from scenarios import (
+    ASYNC_DRIVERS,
+    add_expired_markers,
+    assert_pool_took_all_back,
+    install_markers,
+)
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -427,6 +432,7 @@ def test_a_sync_dropin_block_interrupted_after_its_commit_answered_is_saved_then
     after_commit: list[Callable[[], None]],
     form: str,
     waits: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Drop-in code on a sync factory: the server answered the block's COMMIT of a write, and
     the signal arrives inside the COMMIT step, where the application's code does I/O (a
@@ -456,10 +462,7 @@ def test_a_sync_dropin_block_interrupted_after_its_commit_answered_is_saved_then
         assert _notes(pg_server, database, "x") == 1
         whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
         assert_saved_then_interrupted(raised.value, service, events, whose)
-        if waits == "an after_commit listener":
-            # (whether the pool counts the connection whose reset was cut off as back is
-            # SQLAlchemy's: 2.1 takes it back, 2.0 leaves it to the collector)
-            assert engine.pool.checkedout() == 0
+        assert_pool_took_all_back(engine.pool, caplog)
         _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
@@ -811,6 +814,7 @@ async def test_a_begin_block_cancelled_as_its_session_closes_is_saved_then_inter
     where: str,
     after_commit: list[Callable[[], None]],
     events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``async with Sessions.begin()``: its COMMIT succeeded, and the task is cancelled (or its
     deadline reached) as the COMMIT returns, so that the cancellation lands in the session's
@@ -845,7 +849,7 @@ async def test_a_begin_block_cancelled_as_its_session_closes_is_saved_then_inter
             assert isinstance(raised.__cause__, asyncio.CancelledError)
         assert not after_commit  # the COMMIT returned
         assert _notes(pg_server, database, "x") == 1
-        assert engine.pool.checkedout() == 0
+        assert_pool_took_all_back(engine.pool, caplog)
         whose = "a transaction of drop-in code (Session.begin())"
         if where == "drop-in code":
             assert_saved_then_interrupted(raised, service, events, whose)
@@ -870,6 +874,7 @@ async def test_a_begin_block_around_a_unit_is_saved_then_interrupted_when_the_un
     unit: str,
     after_commit: list[Callable[[], None]],
     events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``async with Sessions.begin()`` around a unit (``run``) whose COMMIT succeeded, the task
     cancelled as it returned: the cancellation lands in the block's session's close, and the
@@ -888,7 +893,7 @@ async def test_a_begin_block_around_a_unit_is_saved_then_interrupted_when_the_un
         with pytest.raises(asyncio.CancelledError) as cancelled:
             await task
         assert not after_commit  # the COMMIT returned
-        assert engine.pool.checkedout() == 0
+        assert_pool_took_all_back(engine.pool, caplog)
         if unit == "writes":
             assert _notes(pg_server, database, "x") == 1
             # the cancellation lands in the block's close, or, when the unit's own end still
@@ -920,6 +925,7 @@ async def test_a_begin_block_that_only_read_is_not_said_to_have_saved(
     where: str,
     after_commit: list[Callable[[], None]],
     events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``async with Sessions.begin()`` around a read only, cancelled as its COMMIT returns (in
     its session's close): the cancellation goes on unmarked and unsaid, as a unit's that wrote
@@ -939,7 +945,7 @@ async def test_a_begin_block_that_only_read_is_not_said_to_have_saved(
         with pytest.raises(asyncio.CancelledError) as cancelled:
             await task
         assert not after_commit  # the COMMIT returned
-        assert engine.pool.checkedout() == 0
+        assert_pool_took_all_back(engine.pool, caplog)
         assert saved_then_interrupted(cancelled.value) is None
         assert not [e for e in events if e.name == "commit_interrupted"]
         if where == "drop-in code":
@@ -1079,6 +1085,7 @@ async def test_an_async_with_block_whose_commit_rolled_back_is_not_said_to_have_
     form: str,
     after_commit: list[Callable[[], None]],
     events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An ``async with Sessions() as session:`` block (outside any unit) writes, catches a
     database error and goes on, then commits: the server answers the failed transaction's
@@ -1105,7 +1112,7 @@ async def test_an_async_with_block_whose_commit_rolled_back_is_not_said_to_have_
     try:
         raised = await _cancelled_as_a_commit_returns("cancel", after_commit, work)
         assert not after_commit  # the COMMIT returned
-        assert engine.pool.checkedout() == 0
+        assert_pool_took_all_back(engine.pool, caplog)
         assert _notes(pg_server, database, "x") == 0
         assert_not_said(raised, events)
     finally:
@@ -1149,12 +1156,7 @@ async def test_an_async_with_block_cancelled_as_its_session_closes_is_saved_then
             how, after_commit, lambda: _async_block(Sessions, form, statement)
         )
         assert not after_commit  # the COMMIT returned
-        # the close ran to its end, unless the cancellation landed in the pool's reset of the
-        # connection (psycopg yields to the loop there once it was busy for 5 ms: a loaded
-        # machine), whose connection SQLAlchemy 2.0.52 and 2.1.0 then leave checked out (2.1.9
-        # takes it back)
-        reset_cut = any("Exception during reset" in r.getMessage() for r in caplog.records)
-        assert engine.pool.checkedout() == 0 or reset_cut
+        assert_pool_took_all_back(engine.pool, caplog)  # the close ran to its end
         assert _notes(pg_server, database, "x") == (0 if block == "reads" else 1)
         if block == "writes":
             # a unit run in the block (run()): the cancellation lands in the block's close, or,
@@ -1271,6 +1273,7 @@ async def test_an_async_with_block_cancelled_as_its_commit_returns_its_connectio
     form: str,
     after_commit: list[Callable[[], None]],
     events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An async factory's ``async with Sessions() as session:`` block: the server answered its
     COMMIT of a write, and the cancellation (or the deadline) lands at the very end of the
@@ -1308,8 +1311,7 @@ async def test_an_async_with_block_cancelled_as_its_commit_returns_its_connectio
         )
         assert not after_commit  # the COMMIT returned
         assert reached or waits == "psycopg's reset"
-        # (whether the pool counts the connection whose reset was cut off as back is
-        # SQLAlchemy's: 2.1 takes it back, 2.0 leaves it to the collector)
+        assert_pool_took_all_back(engine.pool, caplog)
         assert _notes(pg_server, database, "x") == 1
         assert_saved_then_interrupted(raised, service, events, ASYNC_WHOSE)
     finally:
@@ -1417,6 +1419,7 @@ async def test_an_async_session_class_of_yours_keeps_its_own_async_with(
     *,
     after_commit: list[Callable[[], None]],
     events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Your ``AsyncSession`` subclass overriding ``__aenter__`` and ``__aexit__`` (calling
     SQLAlchemy's through ``super()``): the factory's class is a subclass of it, its sessions
@@ -1449,7 +1452,7 @@ async def test_an_async_session_class_of_yours_keeps_its_own_async_with(
         assert calls == ["enter", "exit None"]
         assert _notes(pg_server, database, "x") == 1
         assert_saved_then_interrupted(raised, service, events, ASYNC_WHOSE)
-        assert engine.pool.checkedout() == 0
+        assert_pool_took_all_back(engine.pool, caplog)
     finally:
         await engine.dispose()
 
