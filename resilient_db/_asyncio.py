@@ -65,6 +65,7 @@ from ._internals import (
 from ._observability import log_session
 from ._registry import factory_of, register_class
 from ._retry import Policy
+from ._services import DEFAULT_SERVICE
 from ._state import STATE
 from ._statements import SavedNote, current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
@@ -182,7 +183,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     def __init__(
         self,
         bind: AsyncEngine | AsyncConnection | None = None,
-        service: str = "database",
+        service: str = DEFAULT_SERVICE,
         *,
         config: Config | None = None,
         classifier: Classifier | None = None,

@@ -101,6 +101,9 @@ class State:
         self.budgets: dict[str, Any] = {}
         #: the links to Redis sharing breakers and budgets, by URL (each has a daemon thread)
         self.fleet_links: dict[str, Any] = {}
+        #: the pairs of databases said to share the default service name (see ``_services``;
+        #: once per process, kept by ``reset_state``)
+        self.databases_said: set[frozenset[Any]] = set()
         #: what else keeps figures of this process and forgets them in :func:`reset_state`
         #: (the dashboard's recorder, of the optional web extra, which this module can't import)
         self.clear_on_reset: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -120,6 +120,7 @@ from ._observability import (
 )
 from ._registry import factory_of, in_unit, register_class
 from ._retry import Policy, add_note_once, past_deadline
+from ._services import DEFAULT_SERVICE, say_databases_sharing
 from ._state import STATE, hooks_of
 from ._statements import (
     COMMITS,
@@ -2774,6 +2775,8 @@ class FactoryCore:
     #: (async) whether a unit started in another asyncio task than the enclosing unit of this
     #: factory was said (:meth:`_unit_in_other_task`: one log line per factory)
     _told_other_task = False
+    #: made without ``service=`` (see :func:`say_databases_sharing`)
+    _service_defaulted = False
 
     def _unit_in_other_task(self, fn: Any) -> None:
         """An async unit of this factory was started inside a unit of this factory, but in
@@ -2814,6 +2817,9 @@ class FactoryCore:
         """Set up everything but the sessionmaker itself (``session_kwargs``: the keywords
         that go to it, whose session classes are checked before anything is set up)."""
         check_service_name(service, type(self).__name__)
+        #: made without ``service=`` (see ``_services``): a plain ``str`` kept, not the marker
+        self._service_defaulted = service is DEFAULT_SERVICE
+        service = str(service)
         if config is not None and not isinstance(config, Config):
             raise TypeError(
                 f"config must be a resilient_db.Config (Config(max_retries=3), say), got "
@@ -2932,6 +2938,7 @@ class FactoryCore:
         if not self._explicit_config:
             register_default_user(self, read_at=self._config_read_at)
         self._prepare_bound_connection()
+        say_databases_sharing(self)
 
     def _prepare_bound_connection(self) -> None:
         """A ``Connection`` the factory is bound to may have been checked out before its engine
@@ -2990,6 +2997,8 @@ class FactoryCore:
             self._hooks = hooks
         if bind is not None:
             self._prepare_bound_connection()
+        if hooks is not None or binds:
+            say_databases_sharing(self)
 
     def _hook_engines(self, targets: Iterable[Any], *, register: bool = True) -> None:
         """Give the engines of ``targets`` (engines, async engines, connections; anything else
@@ -3028,6 +3037,7 @@ class FactoryCore:
                 made_by = factory()
                 if made_by is not None:
                     hooks_for(engine, made_by)
+                    say_databases_sharing(made_by)  # (once per engine, as the hooks)
                 hooked.add(engine)
             return bind
 

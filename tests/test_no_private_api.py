@@ -42,6 +42,7 @@ OWN: dict[tuple[str, str], str] = {
     ("_unit.py", "_policy"): "AttemptRecord",
     ("_unit.py", "_explicit_config"): "FactoryCore",
     ("_unit.py", "_connect_policy_call"): "FactoryCore",
+    ("_services.py", "_service_defaulted"): "FactoryCore",
     ("_validation.py", "_core_schema"): "the validator's check",
     ("testing/_standby.py", "_password"): "PostgresServer",
     ("testing/_standby.py", "_port"): "PostgresServer / StandbyServer",
