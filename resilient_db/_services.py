@@ -101,7 +101,7 @@ def _pairs_to_say(factory: Any) -> list[tuple[Any, Any, frozenset[_Database]]]:
     found = []
     with STATE.lock:
         mine: list[Any] = []
-        others: list[Any] = []
+        others: dict[Any, None] = {}  # (an engine of several such factories looked at once)
         for engine, hooks in list(STATE.engine_hooks.items()):
             for other in list(hooks.factories):
                 if other is factory:
@@ -109,7 +109,7 @@ def _pairs_to_say(factory: Any) -> list[tuple[Any, Any, frozenset[_Database]]]:
                 elif (
                     getattr(other, "_service_defaulted", False) and other.service == factory.service
                 ):
-                    others.append(engine)
+                    others[engine] = None
         for engine in mine:
             here = database_of(engine.url)
             for elsewhere in others:
