@@ -90,6 +90,10 @@ def test_two_processes_with_a_failover(capsys: pytest.CaptureFixture[str]) -> No
     assert status == 0
     assert report["faults_injected"]["failover"] == 1
     assert "server_crash" not in report["faults_injected"]
+    # 8 s leave room for the failover, not for a Redis outage before it as well: said so
+    assert report["faults_skipped"]["redis_outage"] == 1
+    assert report["redis_outage"] == {"happened": False, "why": "the run is too short for it"}
+    assert "no Redis outage: a 8 s run has room for the database's outage only" in progress
     assert report["invariants"]["failover_writes_resumed"]["passed"]
     failover = report["failover"]
     assert failover["happened"] is True
@@ -156,9 +160,130 @@ def test_three_processes_on_a_given_redis_never_show_its_password(
     assert report["fleet"]["redis_started_by_the_demo"] is False
     assert report["faults_injected"]["server_crash"] == 1  # no standby: the server restarts
     assert "failover" not in report
+    # the user's Redis is never stopped: no Redis outage, not even a skipped one
+    assert "redis_outage" not in report
+    assert "redis_outage" not in report["faults_skipped"]
     assert calls.get("evalsha", 0) > 0  # the processes shared their state through it
     assert password not in json.dumps(report)
     assert password not in progress
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+@pytest.mark.parametrize("mode", ["threads", "async"])
+def test_the_fleet_survives_its_redis_stopped_and_started_again(
+    capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    # the Redis the demo started is stopped (its process exits) and started again on the same
+    # port and password, without its keys: every process goes on with its local breaker and
+    # budget, warns naming it, and rejoins it; the fleet's breaker is shared again afterwards
+    extra = ["--async"] if mode == "async" else []
+    status, report, progress = run_fleet_demo(capsys, "--processes", "2", "--seconds", "12", *extra)
+    assert_fleet_report(report, progress, processes=2)
+    assert status == 0
+    assert report["faults_injected"]["redis_outage"] == 1
+    assert "redis_outage" not in report["faults_skipped"]
+    assert report["invariants"]["redis_outage_survived"]["passed"]
+    outage = report["redis_outage"]
+    assert outage["happened"] is True
+    assert outage["refused_while_stopped"] is True  # the server's process was gone
+    assert outage["stopped_for"] >= 1.5
+    # the database's history: every worker process wrote units while Redis was down
+    assert set(outage["units_done_during_by_process"]) >= {"p1", "p2"}
+    assert all(outage["units_done_during_by_process"][p] > 0 for p in ("p1", "p2"))
+    assert outage["units_done_during"] >= 2
+    assert outage["units_failed_during"] == 0
+    assert outage["failures_naming_redis"] == {}
+    assert all("redis" not in reason.lower() for reason in report["failure_reasons"])
+    processes = outage["processes"]
+    assert set(processes) == {"p0", "p1", "p2"}
+    for name, seen in processes.items():
+        assert seen["warned"], name
+        assert seen["warning_names_redis"], name
+        assert seen["warned_after"] >= 0, name
+        assert seen["rejoined"], name
+        assert seen["connected_at_end"], name
+        assert 0 <= seen["rejoined_after"] <= outage["rejoin_limit"], name
+        # the database's outage after it opened the breaker: followed by every process
+        assert seen["openings_seen_after"] >= 1, name
+    assert outage["slowest_rejoin"] == max(p["rejoined_after"] for p in processes.values())
+    caused = sum(p["openings_caused_after"] for p in processes.values())
+    assert sum(p["openings_seen_after"] for p in processes.values()) > caused
+    masked = report["fleet"]["redis"]
+    for label in ("p0", "p1", "p2"):
+        assert f"{label}: [SELF-HEAL] Shared state unavailable: Redis at {masked}" in progress
+        assert f"{label}: [SELF-HEAL] Shared state restored: Redis at {masked}" in progress
+    assert "stopping Redis (its process exits" in progress
+    assert "Redis started again after" in progress
+    text = io.StringIO()
+    make_view(out=text, err=io.StringIO(), as_json=False, plain=True).report(report)
+    assert "redis outage" in text.getvalue()
+    assert "3 of 3 warned naming Redis" in text.getvalue()
+    assert "redis_outage_survived" in text.getvalue()
+
+
+def _outage(**changes: Any) -> dict[str, Any]:
+    """A Redis outage report every process survived, with ``changes``."""
+    process = {
+        "warned": True,
+        "warning_names_redis": True,
+        "rejoined": True,
+        "connected_at_end": True,
+        "openings_seen_after": 1,
+        "openings_caused_after": 0,
+        "warned_after": 0.01,
+        "rejoined_after": 0.5,
+    }
+    processes = {name: dict(process) for name in ("p0", "p1", "p2")}
+    processes["p1"]["openings_caused_after"] = 1
+    outage: dict[str, Any] = {
+        "happened": True,
+        "refused_while_stopped": True,
+        "stopped_at": 2.0,
+        "stopped_for": 1.6,
+        "units_done_during": 300,
+        "units_done_during_by_process": {"p1": 150, "p2": 150},
+        "units_failed_during": 0,
+        "failures_naming_redis": {},
+        "slowest_rejoin": 0.5,
+        "rejoin_limit": 5.0,
+        "processes": processes,
+    }
+    outage.update(changes)
+    return outage
+
+
+def test_the_redis_outage_invariant_fails_on_a_late_rejoin_or_a_unit_failed_meanwhile() -> None:
+    demo = FleetDemo(DemoOptions(seconds=12, processes=2), VIEW)
+    check = demo._redis_check(_outage())
+    assert check.name == "redis_outage_survived"
+    assert check.passed, check.detail
+    late = _outage()
+    late["processes"]["p2"]["rejoined_after"] = 7.5
+    check = demo._redis_check(late)
+    assert not check.passed
+    assert check.detail == "p2 did not rejoin within 5 s"
+    never = _outage()
+    del never["processes"]["p1"]["rejoined_after"]
+    never["processes"]["p1"]["rejoined"] = False
+    assert demo._redis_check(never).detail == "p1 did not rejoin within 5 s"
+    failed = _outage(units_failed_during=2, failures_naming_redis={"FleetDown": 2})
+    check = demo._redis_check(failed)
+    assert not check.passed
+    assert "2 unit(s) failed while it was down" in check.detail
+    assert "units failed naming Redis: {'FleetDown': 2}" in check.detail
+    assert not demo._redis_check(_outage(units_done_during=0)).passed
+    assert not demo._redis_check(_outage(refused_while_stopped=False)).passed
+    unwarned = _outage()
+    unwarned["processes"]["p0"]["warning_names_redis"] = False
+    assert demo._redis_check(unwarned).detail == "p0 logged no warning naming Redis"
+    alone = _outage()
+    for process in alone["processes"].values():
+        process["openings_caused_after"] = 1  # every process opened it on its own
+    assert demo._redis_check(alone).detail == (
+        "no opening after it was followed by another process"
+    )
+    assert not demo._redis_check({"happened": False}).passed
 
 
 def _their_keys(redis: RedisServer) -> dict[str, str]:

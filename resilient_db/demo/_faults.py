@@ -12,9 +12,13 @@ Faults (``kind`` names as in the report):
 ``deadlock``              two units lock the same two rows in opposite order (40P01)
 ``serialization_conflict`` two SERIALIZABLE units each write what the other read (40001)
 ``illegal_transition``    status changes the rules forbid, by flush, ORM bulk UPDATE and raw SQL
+``redis_outage``          ``--processes``: the Redis the demo started is stopped (its process
+                          exits, as an operator's restart does), then started again on the same
+                          port and password, with no keys (no persistence)
 
 Against an existing server (``--url``) the server is never crashed: the outage comes from the
-proxy instead, and killed backends are only the demo's own connections.
+proxy instead, and killed backends are only the demo's own connections. A Redis given with
+``--redis-url`` is never stopped: it is the user's.
 """
 
 from __future__ import annotations
@@ -31,11 +35,16 @@ from resilient_db.testing import FaultProxy, PostgresServer
 
 from ._workload import wait_until
 
-__all__ = ["Failover", "FaultLog", "Schedule", "Stage", "Window"]
+__all__ = ["Failover", "FaultLog", "RedisControl", "Schedule", "Stage", "Window"]
 
 
 #: how long a contention pair's units get to meet (their barrier gives up after 3 s)
 _MEET_SECONDS = 5.0
+#: seconds planned, after Redis is started again, for every process to rejoin it (each tries
+#: once a second); the schedule goes on once they all have
+REDIS_REJOIN_SECONDS = 2.5
+#: the longest the schedule waits for that before it goes on (the report says who was late)
+_REJOIN_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,17 @@ class Failover(Protocol):
     def promote(self) -> float: ...
 
     def written(self) -> bool: ...
+
+
+class RedisControl(Protocol):
+    """What the ``redis_outage`` fault needs: the Redis the fleet shares, stopped and started
+    again (the demo's own only), and whether every process has rejoined it since."""
+
+    def stop(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def rejoined(self) -> bool: ...
 
 
 class Pair(Protocol):
@@ -154,6 +174,7 @@ class Schedule(threading.Thread):
         service: str,
         crash_allowed: bool,
         failover: Failover | None = None,
+        redis: RedisControl | None = None,
     ) -> None:
         super().__init__(name="demo-faults", daemon=True)
         self.seconds = seconds
@@ -164,7 +185,9 @@ class Schedule(threading.Thread):
         self.service = service
         self.crash_allowed = crash_allowed
         self.failover = failover
+        self.redis = redis
         self.outage = min(3.0, max(1.5, seconds * 0.06))
+        self.gap = max(0.8, min(2.5, seconds / 16))
         self.error: BaseException | None = None
         self._pairs = 0
         #: the contention pairs started, their units left to end on their own (joined at the end)
@@ -182,8 +205,16 @@ class Schedule(threading.Thread):
             outage_kind, outage_fn = "failover", self.fail_over
             outage_ready = self.failover.written
         recover = self.outage + 1.5  # the outage, then the breaker's probe closes it
+        # Redis lost before the database's outage: that outage's opening, made by one process
+        # and followed by every other, shows the breaker shared again once they rejoined
+        redis = (
+            [_Planned("redis_outage", self.redis_outage, self.outage + REDIS_REJOIN_SECONDS)]
+            if self.redis is not None and self.redis_fits()
+            else []
+        )
         first = [
             _Planned("killed_backends", self.kill_backends, 0.5),
+            *redis,
             _Planned(outage_kind, outage_fn, recover, outage_ready),
             _Planned("serialization_conflict", self.serialization_conflict, 1.0),
             _Planned("connections_cut", self.cut_connections, 0.5),
@@ -203,11 +234,24 @@ class Schedule(threading.Thread):
             again.insert(2, _Planned("proxy_outage", self.proxy_outage, recover))
         return first + again * 3
 
+    def redis_fits(self) -> bool:
+        """Whether the Redis outage fits before the database's (which opens the breaker the
+        report needs): a run of less than about 11 s has room for the database's alone."""
+        redis = self.outage + REDIS_REJOIN_SECONDS
+        database = self.outage + 1.5
+        return 2 * self.gap + redis + database + 2.0 <= self.seconds
+
     def run(self) -> None:
         try:
             self._illegal_thread.start()
+            if self.redis is not None and not self.redis_fits():
+                self.log.skip(
+                    "redis_outage",
+                    f"no Redis outage: a {self.seconds:g} s run has room for the database's "
+                    "outage only",
+                )
             started = time.monotonic()
-            gap = max(0.8, min(2.5, self.seconds / 16))
+            gap = self.gap
             planned_at = gap
             for item in self.plan():
                 now = time.monotonic() - started
@@ -302,6 +346,28 @@ class Schedule(threading.Thread):
         self.log.window("failover", start, end)
         self.log.on_event(f"standby promoted {end - start:.2f} s after the crash: it takes writes")
         self._await_breaker_closed()
+
+    def redis_outage(self) -> None:
+        """Stop the fleet's Redis (its process exits), start it again after an outage on the
+        same port and password (without its keys), and wait until every process rejoined."""
+        assert self.redis is not None
+        start = self._now()
+        # said first: the processes' warnings follow at once
+        self.log.add(
+            "redis_outage",
+            f"stopping Redis (its process exits, as in an operator's restart); started again "
+            f"in {self.outage:.1f} s",
+        )
+        self.redis.stop()
+        self.stop.wait(self.outage)  # (started again also when the run is cut short)
+        self.redis.start()
+        self.log.on_event(
+            f"Redis started again after {self._now() - start:.1f} s (same port and password, "
+            "no keys)"
+        )
+        redis = self.redis
+        if not wait_until(lambda: self.stop.is_set() or redis.rejoined(), _REJOIN_TIMEOUT, 0.05):
+            self.log.on_event(f"not every process rejoined Redis within {_REJOIN_TIMEOUT:g} s")
 
     def proxy_outage(self) -> None:
         start = self._now()

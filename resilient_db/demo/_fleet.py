@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +50,7 @@ from resilient_db.testing import (
 )
 
 from ._faults import Stage
-from ._member import fleet_config
+from ._member import LINK_EVENTS, _MemberTap, fleet_config
 from ._run import _DRAIN_SECONDS, SERVICE, Demo, DemoError, DemoOptions
 from ._verify import Check
 from ._view import Progress, View
@@ -63,6 +65,9 @@ RETRY_BUDGET = 0.2
 #: seconds the worker processes have to start (import, engine, first contact with Redis)
 _START_TIMEOUT = 120.0
 _STDERR_TAIL = 2000
+#: seconds after Redis is started again by which every process must have rejoined it (each tries
+#: once a second: "rejoins within seconds")
+REDIS_REJOIN_LIMIT = 5.0
 
 
 def check_fleet_options(options: DemoOptions) -> str | None:
@@ -228,6 +233,65 @@ class _Failover:
         return seconds
 
 
+# -- the Redis outage ------------------------------------------------------------------------------
+def _refused(host: str, port: int) -> bool:
+    """Whether a connection to ``host:port`` is refused (nothing listens there: the server's
+    process is gone, not merely silent)."""
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _first_after(events: Sequence[Sequence[Any]], name: str, since: float) -> list[Any] | None:
+    return next((list(e) for e in events if e[1] == name and float(e[0]) >= since), None)
+
+
+class _RedisFault:
+    """The demo's own Redis, stopped and started again by the fault schedule, with the wall-clock
+    times of both (the worker processes note their link's events in wall-clock time)."""
+
+    def __init__(self, server: RedisServer, demo: FleetDemo) -> None:
+        self.server = server
+        self.demo = demo
+        self.stopped_wall: float | None = None
+        self.started_wall: float | None = None
+        #: when it was started again, in seconds of the workload (the breakers' events' clock)
+        self.started_at: float | None = None
+        #: a connection to its port was refused while it was stopped (its process gone)
+        self.refused: bool | None = None
+        #: each process's openings of the shared breaker once it had rejoined
+        self.opened_at_rejoin: dict[str, int] | None = None
+
+    def stop(self) -> None:
+        began = time.time()
+        self.server.stop()
+        self.stopped_wall = began
+        self.refused = _refused(self.server.host, self.server.port)
+
+    def start(self) -> None:
+        # the time its start began: a process may rejoin as soon as it answers
+        self.started_wall = time.time()
+        self.started_at = self.demo.elapsed()
+        self.server.start()
+
+    def rejoined(self) -> bool:
+        if self.stopped_wall is None or self.started_wall is None:
+            return False
+        links = self.demo.links()
+        back = all(
+            link.get("connected")
+            and _first_after(link.get("events") or (), "shared_state_restored", self.stopped_wall)
+            for link in links.values()
+        )
+        if back and self.opened_at_rejoin is None:
+            self.opened_at_rejoin = {k: int(v.get("opened_here", 0)) for k, v in links.items()}
+        return bool(back)
+
+
 # -- the worker processes --------------------------------------------------------------------------
 _LAUNCH = (
     "import sys; sys.path.append(sys.argv[1]); "
@@ -380,6 +444,7 @@ def _merge_ledger(ledger: Ledger, data: Mapping[str, Any]) -> None:
     ledger.illegal_got_through.extend(data["illegal_got_through"])
     ledger.refused_as_duplicates.update(data["refused_as_duplicates"])
     ledger.events.update(data["events"])
+    ledger.failed_at.extend(data.get("failed_at") or ())
 
 
 # -- the demo --------------------------------------------------------------------------------------
@@ -399,6 +464,12 @@ class FleetDemo(Demo):
         self.failover: _Failover | None = None
         self.proxy_roles: dict[int, str] = {}
         self.fleet_opens_before = 0
+        #: the Redis outage of the fault schedule (the demo's own Redis only)
+        self.redis_fault: _RedisFault | None = None
+        # this process (p0) is a member of the fleet too: its link's lines are shown and kept
+        self.tap: _MemberTap = _MemberTap(
+            self, verbose=options.verbose, forwarded=LINK_EVENTS, prefix="p0: "
+        )
         #: p0's own figures an earlier run in this process left (a service's breaker and budget
         #: live as long as the process): this run's are counted from them
         self.p0_before = self._p0_figures()
@@ -444,6 +515,7 @@ class FleetDemo(Demo):
             ) from exc
         self.redis = server
         self.redis_url = server.url
+        self.redis_fault = _RedisFault(server, self)
 
     def _check_redis(self, url: str, what: str) -> None:
         try:
@@ -538,6 +610,13 @@ class FleetDemo(Demo):
             "exhausted": int(budget.get("exhausted", 0)),
         }
 
+    def links(self) -> dict[str, dict[str, Any]]:
+        """Every process's link to Redis (p0's now, the others' as their last progress said)."""
+        out = {"p0": self.tap.link()}
+        for member in self.members:
+            out[member.label] = dict(member.progress.get("redis") or {})
+        return out
+
     def _shared_breaker(self) -> dict[str, Any]:
         entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
         return dict((entry.get("breaker") or {}).get("shared") or {})
@@ -603,6 +682,7 @@ class FleetDemo(Demo):
                 stage,
                 crash_allowed=stage.server.can_control and self.pair is None,
                 failover=self.failover,
+                redis=self.redis_fault,
             )
         finally:
             for member in self.members:
@@ -615,6 +695,8 @@ class FleetDemo(Demo):
             self.schedule.join(timeout=30)
         proxy.restore()
         server.ensure_running()
+        if self.redis is not None and not self.redis.is_running():  # (a schedule that failed)
+            self.redis.start()
         deadline = time.monotonic() + _DRAIN_SECONDS + 15.0  # the processes drain themselves
         for member in self.members:
             while not member.finished.wait(timeout=0.1):
@@ -649,6 +731,12 @@ class FleetDemo(Demo):
         report["processes"] = self.options.processes
         report["fleet"] = self._fleet_report(counters, shared)
         checks = [self._members_check(), self._breaker_shared_check(report["fleet"])]
+        fault = self.redis_fault
+        if fault is not None and fault.stopped_wall is not None:
+            report["redis_outage"] = self._redis_report(fault, url)
+            checks.append(self._redis_check(report["redis_outage"]))
+        elif self.faults.skipped.get("redis_outage"):
+            report["redis_outage"] = {"happened": False, "why": "the run is too short for it"}
         if self.pair is not None:
             report["failover"] = self._failover_report()
             report["server"] = (
@@ -749,6 +837,144 @@ class FleetDemo(Demo):
         if blind:
             detail += f"; {', '.join(blind)} never saw one"
         return Check("breaker_shared_by_the_fleet", passed, detail)
+
+    def _units_by_process(self, url: str, since: float, until: float) -> dict[str, int]:
+        """The units each process wrote between two wall-clock times, as the database has them:
+        its workers' tasks' history rows of transactions begun meanwhile (``changed_at`` is the
+        server's ``now()``; the server runs on this host, on its clock)."""
+        process_of = {f"w{n}": m.label for m in self.members for n in m.workers}
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    sa.text(
+                        "SELECT t.owner, count(*) FROM task_history h "
+                        "JOIN tasks t ON t.id = h.task_id "
+                        "WHERE h.changed_at >= to_timestamp(:since) "
+                        "AND h.changed_at < to_timestamp(:until) GROUP BY t.owner"
+                    ),
+                    {"since": since, "until": until},
+                ).all()
+        finally:
+            engine.dispose()
+        out: Counter[str] = Counter()
+        for owner, count in rows:
+            out[process_of.get(owner, "p0")] += int(count)
+        return dict(sorted(out.items()))
+
+    def _redis_report(self, fault: _RedisFault, url: str) -> dict[str, Any]:
+        """What the Redis outage did to each process, from their links' lines (wall-clock times),
+        their breakers' events, the database's history rows and their failed units."""
+        stopped = fault.stopped_wall
+        assert stopped is not None
+        started = fault.started_wall
+        out: dict[str, Any] = {
+            "happened": started is not None,
+            "refused_while_stopped": fault.refused,
+        }
+        if started is None:
+            return out
+        links = {"p0": self.tap.link()}
+        links.update(
+            {m.label: dict((m.result or m.progress).get("redis") or {}) for m in self.members}
+        )
+        seen: dict[str, list[Any]] = {"p0": [[e.at, e.old, e.new] for e in self.watch.events]}
+        seen.update({m.label: (m.result or {}).get("breaker_events") or [] for m in self.members})
+        after = fault.started_at if fault.started_at is not None else math.inf
+        masked = mask_url(self.redis_url)
+        before = fault.opened_at_rejoin or {}
+        processes: dict[str, dict[str, Any]] = {}
+        for name, link in links.items():
+            events = link.get("events") or []
+            down = _first_after(events, "shared_state_down", stopped)
+            back = _first_after(events, "shared_state_restored", stopped)
+            entry: dict[str, Any] = {
+                "warned": down is not None,
+                "warning_names_redis": down is not None and masked in str(down[2]),
+                "rejoined": back is not None,
+                "connected_at_end": bool(link.get("connected")),
+                "openings_seen_after": sum(
+                    1 for e in seen.get(name, ()) if e[2] == "open" and e[0] > after
+                ),
+                "openings_caused_after": max(
+                    0, int(link.get("opened_here", 0)) - before.get(name, 0)
+                )
+                if name in before
+                else None,
+            }
+            if down is not None:
+                entry["warned_after"] = round(float(down[0]) - stopped, 3)
+            if back is not None:
+                entry["rejoined_after"] = round(max(0.0, float(back[0]) - started), 3)
+            processes[name] = entry
+        by_process = self._units_by_process(url, stopped, started)
+        failed = sum(1 for t in self.ledger.failed_at if stopped <= t <= started)
+        naming = {
+            reason: n
+            for reason, n in self.ledger.failure_reasons.items()
+            if "redis" in reason.lower() or "fleetdown" in reason.lower()
+        }
+        rejoins = [p["rejoined_after"] for p in processes.values() if "rejoined_after" in p]
+        out.update(
+            {
+                "stopped_at": round(after - (started - stopped), 2),
+                "stopped_for": round(started - stopped, 2),
+                "units_done_during": sum(by_process.values()),
+                "units_done_during_by_process": by_process,
+                "units_failed_during": failed,
+                "failures_naming_redis": naming,
+                "slowest_rejoin": max(rejoins) if rejoins else None,
+                "rejoin_limit": REDIS_REJOIN_LIMIT,
+                "processes": processes,
+            }
+        )
+        return out
+
+    def _redis_check(self, outage: Mapping[str, Any]) -> Check:
+        name = "redis_outage_survived"
+        if not outage.get("happened"):
+            return Check(name, False, "Redis was stopped but not started again")
+        processes: Mapping[str, Mapping[str, Any]] = outage["processes"]
+        problems: list[str] = []
+        if not outage.get("refused_while_stopped"):
+            problems.append("its port still took connections while it was stopped")
+        if outage["units_done_during"] <= 0:
+            problems.append("no unit was written while it was down")
+        if outage["units_failed_during"]:
+            problems.append(f"{outage['units_failed_during']} unit(s) failed while it was down")
+        if outage["failures_naming_redis"]:
+            problems.append(f"units failed naming Redis: {outage['failures_naming_redis']}")
+        for label, what in (
+            ("warning_names_redis", "logged no warning naming Redis"),
+            ("connected_at_end", "was not connected to it at the end"),
+        ):
+            late = [k for k, p in processes.items() if not p[label]]
+            if late:
+                problems.append(f"{', '.join(late)} {what}")
+        slow = [
+            k
+            for k, p in processes.items()
+            if p.get("rejoined_after") is None or p["rejoined_after"] > REDIS_REJOIN_LIMIT
+        ]
+        if slow:
+            problems.append(f"{', '.join(slow)} did not rejoin within {REDIS_REJOIN_LIMIT:g} s")
+        blind = [k for k, p in processes.items() if p["openings_seen_after"] == 0]
+        seen = sum(p["openings_seen_after"] for p in processes.values())
+        caused = sum(p["openings_caused_after"] or 0 for p in processes.values())
+        if blind:
+            problems.append(f"{', '.join(blind)} saw no opening of the breaker after it")
+        elif seen <= caused:
+            problems.append("no opening after it was followed by another process")
+        detail = (
+            f"Redis stopped for {outage['stopped_for']:.1f} s: {outage['units_done_during']} "
+            f"unit(s) written meanwhile, {outage['units_failed_during']} failed; all "
+            f"{len(processes)} processes warned naming it and rejoined, the slowest "
+            f"{outage['slowest_rejoin']:.2f} s after its start; {seen} opening(s) of the "
+            f"breaker followed after it, {seen - caused} of them caused by another process"
+            if not problems
+            else "; ".join(problems)
+        )
+        return Check(name, not problems, detail)
 
     def _failover_report(self) -> dict[str, Any]:
         failover = self.failover

@@ -5,6 +5,7 @@ the database at the end (``_verify``). Shared by both workloads, the threads' on
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class Ledger:
     #: key of theirs was there already, written by an earlier attempt that had committed)
     refused_as_duplicates: set[str] = field(default_factory=set)
     events: Counter[str] = field(default_factory=Counter)
+    #: when each unit failed (``time.time()``: the worker processes' clocks are the wall's), to
+    #: tell the units that failed during the fleet demo's Redis outage
+    failed_at: list[float] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, name: str, amount: int = 1) -> None:
@@ -77,6 +81,7 @@ class Ledger:
                 self.refused_as_duplicates.add(unit.key)
             self.failed_by_kind[unit.kind] += 1
             self.failure_reasons[reason] += 1
+            self.failed_at.append(time.time())
             self.unresolved.pop(unit.key, None)
 
     def record_blocked(self, unit: UnitKeys, via: str) -> None:

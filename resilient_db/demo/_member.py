@@ -50,7 +50,7 @@ from ._run import (
 from ._verify import BreakerEvent
 from ._workload import AckRunner
 
-__all__ = ["AckRunner", "fleet_config", "main"]
+__all__ = ["AckRunner", "fleet_config", "main", "shared_connected"]
 
 #: seconds a new process waits for its first connection to Redis before it reports ready
 _CONNECT_WAIT = 10.0
@@ -110,16 +110,58 @@ class _ChannelView:
         """The parent reports."""
 
 
-class _MemberTap(_LogTap):
-    """Also passes on what only the fleet shows: a spent retry budget, Redis lost and back."""
+#: the link to Redis lost and back (``resilient_db._fleet``'s events)
+LINK_EVENTS = frozenset({"shared_state_down", "shared_state_restored"})
 
-    FORWARDED = frozenset({"budget_exhausted", "shared_state_down", "shared_state_restored"})
+
+class _MemberTap(_LogTap):
+    """Also passes on what only the fleet shows (``forwarded``: a spent retry budget, Redis lost
+    and back), and keeps the link's events with their wall-clock times, for the report of the
+    Redis outage: when each process warned and rejoined."""
+
+    FORWARDED = frozenset({"budget_exhausted", *LINK_EVENTS})
+
+    def __init__(
+        self, demo: Demo, *, verbose: bool, forwarded: frozenset[str] = FORWARDED, prefix: str = ""
+    ) -> None:
+        super().__init__(demo, verbose=verbose)
+        self.forwarded = forwarded
+        self.prefix = prefix
+        #: (wall-clock time, event, line) of each of the link's lines
+        self.link_events: list[tuple[float, str, str]] = []
+        self._link_lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "self_heal", None)
-        if not self.verbose and isinstance(fields, dict) and fields.get("event") in self.FORWARDED:
-            self.demo.event(record.getMessage())
+        name = fields.get("event") if isinstance(fields, dict) else None
+        if name in LINK_EVENTS:
+            with self._link_lock:
+                self.link_events.append((record.created, str(name), record.getMessage()))
+        if not self.verbose and name in self.forwarded:
+            self.demo.event(self.prefix + record.getMessage())
         super().emit(record)
+
+    def link(self) -> dict[str, Any]:
+        """The link's events so far, and whether it is up now (as ``health()`` says)."""
+        with self._link_lock:
+            events = [list(e) for e in self.link_events]
+        shared = _shared()
+        return {
+            "events": events,
+            "connected": bool(shared.get("connected")),
+            "opened_here": int(shared.get("opened_here", 0)),
+        }
+
+
+def _shared() -> dict[str, Any]:
+    entry = rdb.health()["services"].get(SERVICE) or {}
+    return dict((entry.get("breaker") or {}).get("shared") or {})
+
+
+def shared_connected() -> bool:
+    """Whether this process's breaker of the demo's service follows the fleet's (its link to
+    Redis is up), as ``health()`` says."""
+    return bool(_shared().get("connected"))
 
 
 class _QuietWatch(_BreakerWatch):
@@ -147,7 +189,7 @@ class Member(Demo):
             use_async=bool(spec.get("async", False)),
         )
         super().__init__(options, _ChannelView(channel))
-        self.tap = _MemberTap(self, verbose=options.verbose)
+        self.tap: _MemberTap = _MemberTap(self, verbose=options.verbose)
         self.watch = _QuietWatch(self)
         self.spec = spec
         self.channel = channel
@@ -233,16 +275,18 @@ class Member(Demo):
         """Wait until the breaker follows the fleet's (the link to Redis is up)."""
         deadline = time.monotonic() + timeout
         while True:
-            entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
-            shared = (entry.get("breaker") or {}).get("shared") or {}
-            if shared.get("connected"):
+            if shared_connected():
                 return True
             if time.monotonic() > deadline or self.hard_stop.is_set():
                 return False
             time.sleep(0.02)
 
     def _snapshot(self) -> dict[str, Any]:
-        return {"totals": self.ledger.totals(), "counters": self._counters()}
+        return {
+            "totals": self.ledger.totals(),
+            "counters": self._counters(),
+            "redis": self.tap.link(),
+        }
 
     def _result(self, runner: _workload.AckRunner | _workload_async.AckRunner) -> dict[str, Any]:
         entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
@@ -276,6 +320,7 @@ def ledger_to_json(ledger: Ledger) -> dict[str, Any]:
         "illegal_got_through": list(ledger.illegal_got_through),
         "refused_as_duplicates": sorted(ledger.refused_as_duplicates),
         "events": dict(ledger.events),
+        "failed_at": list(ledger.failed_at),
     }
 
 

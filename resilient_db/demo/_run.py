@@ -44,7 +44,7 @@ from resilient_db.testing import (
 )
 
 from . import _workload, _workload_async
-from ._faults import Attempts, Contender, Failover, FaultLog, Schedule, Stage
+from ._faults import Attempts, Contender, Failover, FaultLog, RedisControl, Schedule, Stage
 from ._ledger import Change, Ledger
 from ._loop import EventLoop
 from ._verify import BreakerEvent, Check, examine_database, invariants
@@ -758,7 +758,12 @@ class Demo:
         self._run_faults(stage, crash_allowed=stage.server.can_control)
 
     def _run_faults(
-        self, stage: Stage, *, crash_allowed: bool, failover: Failover | None = None
+        self,
+        stage: Stage,
+        *,
+        crash_allowed: bool,
+        failover: Failover | None = None,
+        redis: RedisControl | None = None,
     ) -> None:
         """Run the fault schedule while the workers run, until the time is up; then stop."""
         self.schedule = Schedule(
@@ -770,6 +775,7 @@ class Demo:
             service=SERVICE,
             crash_allowed=crash_allowed,
             failover=failover,
+            redis=redis,
         )
         self.schedule.start()
         try:

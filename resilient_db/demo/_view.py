@@ -242,7 +242,35 @@ def _fleet_figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         )
     elif failover:
         out.append(("failover", "did not happen"))
+    out.extend(_redis_figures(report.get("redis_outage")))
     return out
+
+
+def _redis_figures(outage: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    if not outage:
+        return []
+    if not outage.get("happened") or "processes" not in outage:
+        return [("redis outage", f"did not happen ({outage.get('why', 'not started again')})")]
+    processes = outage["processes"]
+    rejoins = ", ".join(
+        f"{name} {p['rejoined_after']:.2f} s" if p.get("rejoined_after") is not None else name
+        for name, p in processes.items()
+    )
+    warned = sum(1 for p in processes.values() if p["warning_names_redis"])
+    return [
+        (
+            "redis outage",
+            f"Redis stopped at {outage['stopped_at']:.1f} s for {outage['stopped_for']:.1f} s: "
+            f"{outage['units_done_during']} units written meanwhile "
+            f"({_pairs(outage['units_done_during_by_process'])}), "
+            f"{outage['units_failed_during']} failed",
+        ),
+        (
+            "  processes",
+            f"{warned} of {len(processes)} warned naming Redis; rejoined after its start: "
+            f"{rejoins}",
+        ),
+    ]
 
 
 def _pairs(items: Mapping[str, Any]) -> str:
