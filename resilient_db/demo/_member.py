@@ -154,7 +154,7 @@ class _MemberTap(_LogTap):
 
 
 def _shared() -> dict[str, Any]:
-    entry = rdb.health()["services"].get(SERVICE) or {}
+    entry: Mapping[str, Any] = rdb.health()["services"].get(SERVICE) or {}
     return dict((entry.get("breaker") or {}).get("shared") or {})
 
 
