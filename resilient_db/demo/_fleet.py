@@ -9,6 +9,13 @@ runs the fault schedule (its own units, the contention pairs and the illegal tra
 a member of the fleet too), collects every process's ledger and checks them all against the
 database.
 
+The fault schedule stops the Redis the demo started (never one given with ``--redis-url``: the
+user's) and starts it again on the same port and password, without its keys (no persistence:
+the restart loses the shared state as a flush would). The report checks what the processes did
+meanwhile against facts: the database's history rows written while Redis was down, the units
+failed then, each process's ``Shared state unavailable`` / ``restored`` lines (their wall-clock
+times) and its link at the end, and the breaker's openings after it, followed fleet-wide.
+
 ``--ha`` starts a :class:`~resilient_db.testing.StandbyPair` (synchronous replication) instead of
 one server, puts a fault proxy in front of each, and gives the workers the multi-host URL
 (``host=primary&host=standby&target_session_attrs=read-write``). The server crash of the fault
