@@ -25,7 +25,7 @@ import resilient_db as rdb
 from resilient_db._breaker import breakers
 from resilient_db._cli import main
 from resilient_db.demo import SERVICE, DemoOptions, run_demo
-from resilient_db.demo._fleet import FleetDemo, _Failover
+from resilient_db.demo._fleet import FleetDemo, _Failover, _RedisFault
 from resilient_db.demo._member import fleet_config
 from resilient_db.demo._view import make_view
 from resilient_db.testing import RedisServer
@@ -284,6 +284,23 @@ def test_the_redis_outage_invariant_fails_on_a_late_rejoin_or_a_unit_failed_mean
         "no opening after it was followed by another process"
     )
     assert not demo._redis_check({"happened": False}).passed
+
+
+def test_redis_is_not_started_again_once_the_demo_is_ending() -> None:
+    # interrupted (Ctrl-C) while its Redis was stopped, the demo closes it while the fault
+    # schedule's thread, woken by the stop, starts it again: a server started after its close
+    # ran on without its directory or its watchdog
+    demo = FleetDemo(DemoOptions(seconds=12, processes=2), VIEW)
+    server = RedisServer()
+    try:
+        fault = _RedisFault(server, demo)
+        fault.close()  # the demo's cleanup, first
+        fault.start()  # the schedule's thread, after it
+        assert not server.is_running()
+        assert fault.started_wall is None
+        assert not fault.rejoined()
+    finally:
+        server.close()
 
 
 def _their_keys(redis: RedisServer) -> dict[str, str]:

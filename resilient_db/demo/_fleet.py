@@ -272,18 +272,32 @@ class _RedisFault:
         self.refused: bool | None = None
         #: each process's openings of the shared breaker once it had rejoined
         self.opened_at_rejoin: dict[str, int] | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """The demo is ending (its cleanup closes the server): the schedule's thread, woken by
+        the stop, no longer starts it again (it would run on without its directory)."""
+        with self._lock:
+            self.closed = True
 
     def stop(self) -> None:
-        began = time.time()
-        self.server.stop()
-        self.stopped_wall = began
+        with self._lock:
+            if self.closed:
+                return
+            began = time.time()
+            self.server.stop()
+            self.stopped_wall = began
         self.refused = _refused(self.server.host, self.server.port)
 
     def start(self) -> None:
-        # the time its start began: a process may rejoin as soon as it answers
-        self.started_wall = time.time()
-        self.started_at = self.demo.elapsed()
-        self.server.start()
+        with self._lock:
+            if self.closed:
+                return
+            # the time its start began: a process may rejoin as soon as it answers
+            self.started_wall = time.time()
+            self.started_at = self.demo.elapsed()
+            self.server.start()
 
     def rejoined(self) -> bool:
         if self.stopped_wall is None or self.started_wall is None:
@@ -1094,6 +1108,8 @@ class FleetDemo(Demo):
             return
         from resilient_db._fleet import links  # noqa: PLC0415
 
+        if self.redis_fault is not None:
+            self.redis_fault.close()
         # this process's link to the demo's own Redis: stop its thread (nobody will use it again)
         for link in links().values():
             if link.url == self.redis_url:
