@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import os
 import signal
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -252,6 +253,35 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
         conn.execute(RAISE_CODE_FUNCTION)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def second_database(pg_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Name of a database beside ``pg_database`` on the test's server, for tests over two
+    databases (named after the module), dropped after the test."""
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    name = f"t_{module}_{uuid.uuid4().hex[:10]}"
+    pg_server.create_database(name)
+    try:
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def engines(
+    pg_server: PostgresServer, pg_database: str, second_database: str
+) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """An engine (psycopg) on the test's database and one on ``second_database``, for the
+    modules that define no ``engines`` of their own (a module's own fixture of that name
+    replaces this one, and may ask for it)."""
+    made = (
+        sa.create_engine(pg_server.url(pg_database)),
+        sa.create_engine(pg_server.url(second_database)),
+    )
+    yield made
+    for eng in made:
+        eng.dispose()
 
 
 @pytest.fixture

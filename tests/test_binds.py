@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar
 
@@ -66,16 +65,6 @@ FAIL_FIRST_AT_COMMIT = [
     "CREATE CONSTRAINT TRIGGER fail_first AFTER INSERT ON entries "
     "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_first()",
 ]
-
-
-@pytest.fixture
-def second_database(pg_server: PostgresServer) -> Iterator[str]:
-    name = f"t_binds_{uuid.uuid4().hex[:10]}"
-    pg_server.create_database(name)
-    try:
-        yield name
-    finally:
-        pg_server.drop_database(name)
 
 
 @pytest.fixture

@@ -26,9 +26,8 @@ import functools
 import pickle
 import re
 import threading
-import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -63,7 +62,6 @@ from sqlalchemy.orm import (
 from sqlalchemy.sql import Delete, Update
 
 import resilient_db as rdb
-from resilient_db.testing import PostgresServer
 
 
 class DocsBase(AsyncAttrs, DeclarativeBase):
@@ -173,28 +171,11 @@ async def observe_async(example: Callable[[Record], Awaitable[None]]) -> Observe
 
 
 @pytest.fixture
-def second_database(pg_server: PostgresServer) -> Iterator[str]:
-    name = f"t_docs_{uuid.uuid4().hex[:10]}"
-    pg_server.create_database(name)
-    try:
-        yield name
-    finally:
-        pg_server.drop_database(name)
-
-
-@pytest.fixture
-def engines(
-    pg_server: PostgresServer, pg_database: str, second_database: str
-) -> Iterator[tuple[sa.Engine, sa.Engine]]:
-    made = (
-        sa.create_engine(pg_server.url(pg_database)),
-        sa.create_engine(pg_server.url(second_database)),
-    )
-    for eng in made:
+def engines(engines: tuple[sa.Engine, sa.Engine]) -> tuple[sa.Engine, sa.Engine]:
+    """conftest's two engines, the docs' tables in each database."""
+    for eng in engines:
         DocsBase.metadata.create_all(eng)
-    yield made
-    for eng in made:
-        eng.dispose()
+    return engines
 
 
 @pytest_asyncio.fixture

@@ -3,7 +3,8 @@ per pair of databases, naming both (passwords masked), the shared name, what it 
 fix; nothing for factories given ``service=`` (the same name on two URLs included), nothing for
 two factories on one database, nothing for a factory that is gone.
 
-Two real databases on the suite's server (the test's own and one made here), sync (psycopg)
+Two real databases on the suite's server (the test's own and conftest's ``second_database``),
+sync (psycopg)
 and async (asyncpg); the multi-host cases on URLs whose engines never connect (what identifies
 a database is read from the URL).
 """
@@ -16,7 +17,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import pytest_asyncio
@@ -56,26 +57,13 @@ def pairs_among(caplog: pytest.LogCaptureFixture, marker: str) -> list[str]:
 
 
 @pytest.fixture
-def second_database(pg_server: PostgresServer) -> Iterator[str]:
-    name = f"t_svc_{uuid.uuid4().hex[:10]}"
-    pg_server.create_database(name)
-    try:
-        yield name
-    finally:
-        pg_server.drop_database(name)
-
-
-@pytest.fixture
-def engines(
-    pg_server: PostgresServer, pg_database: str, second_database: str
-) -> Iterator[tuple[sa.Engine, sa.Engine]]:
-    made = (
-        sa.create_engine(pg_server.url(pg_database)),
-        sa.create_engine(pg_server.url(second_database)),
-    )
-    yield made
-    for engine in made:
-        engine.dispose()
+def pair_said(
+    caplog: pytest.LogCaptureFixture, pg_database: str, second_database: str
+) -> Callable[[], list[logging.LogRecord]]:
+    """A call for the warnings naming the test's two databases (resilient_db's warnings
+    captured from the test's start)."""
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    return lambda: said(caplog, pg_database, second_database)
 
 
 @pytest_asyncio.fixture
@@ -99,14 +87,12 @@ def test_two_databases_without_service_said_once(
     engines: tuple[sa.Engine, sa.Engine],
     pg_server: PostgresServer,
     pg_database: str,
-    second_database: str,
-    caplog: pytest.LogCaptureFixture,
+    pair_said: Callable[[], list[logging.LogRecord]],
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="resilient_db")
     orders = rdb.ResilientSession(engines[0])
-    assert not said(caplog, pg_database, second_database)  # one database: nothing to say
+    assert not pair_said()  # one database: nothing to say
     analytics = rdb.ResilientSession(engines[1])
-    [record] = said(caplog, pg_database, second_database)
+    [record] = pair_said()
     line = record.getMessage()
     assert line.startswith("[SELF-HEAL] ")
     assert record.levelno == logging.WARNING
@@ -122,37 +108,30 @@ def test_two_databases_without_service_said_once(
     # once per pair of databases: another factory on either says nothing more
     third = rdb.ResilientSession(engines[1])
     fourth = rdb.ResilientSession(engines[0])
-    assert len(said(caplog, pg_database, second_database)) == 1
+    assert len(pair_said()) == 1
     assert third.service == fourth.service == "database"
     assert type(third.service) is str  # (a plain name, not the marker of the default)
 
 
 def test_configure_bind_later_is_looked_at(
-    engines: tuple[sa.Engine, sa.Engine],
-    pg_database: str,
-    second_database: str,
-    caplog: pytest.LogCaptureFixture,
+    engines: tuple[sa.Engine, sa.Engine], pair_said: Callable[[], list[logging.LogRecord]]
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="resilient_db")
     orders = rdb.ResilientSession(engines[0])
     later = rdb.ResilientSession()  # bound at start-up, as an application's may be
-    assert not said(caplog, pg_database, second_database)
+    assert not pair_said()
     later.configure(bind=engines[1])
-    assert len(said(caplog, pg_database, second_database)) == 1
+    assert len(pair_said()) == 1
     assert orders.run(select_one) == later.run(select_one) == 1
 
 
 @pytest.mark.asyncio
 async def test_async_two_databases_without_service(
     async_engines: tuple[AsyncEngine, AsyncEngine],
-    pg_database: str,
-    second_database: str,
-    caplog: pytest.LogCaptureFixture,
+    pair_said: Callable[[], list[logging.LogRecord]],
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="resilient_db")
     orders = rdb.AsyncResilientSession(async_engines[0])
     analytics = rdb.AsyncResilientSession(async_engines[1])
-    [record] = said(caplog, pg_database, second_database)
+    [record] = pair_said()
     assert "service=database" in record.getMessage()
     assert "postgresql+asyncpg://" in record.getMessage()
 
@@ -163,23 +142,19 @@ async def test_async_two_databases_without_service(
 
 
 def test_explicit_service_is_left_alone(
-    engines: tuple[sa.Engine, sa.Engine],
-    pg_database: str,
-    second_database: str,
-    caplog: pytest.LogCaptureFixture,
+    engines: tuple[sa.Engine, sa.Engine], pair_said: Callable[[], list[logging.LogRecord]]
 ) -> None:
     """The same name given on two URLs is a breaker shared on purpose ("database" too)."""
-    caplog.set_level(logging.WARNING, logger="resilient_db")
     held = [
         rdb.ResilientSession(engines[0], service="shared-on-purpose"),
         rdb.ResilientSession(engines[1], service="shared-on-purpose"),
         rdb.ResilientSession(engines[0], service="database"),
         rdb.ResilientSession(engines[1], service="database"),
     ]
-    assert not said(caplog, pg_database, second_database)
+    assert not pair_said()
     # one left to the default beside them: a given "database" is not "left to the default"
     held.append(rdb.ResilientSession(engines[1]))
-    assert not said(caplog, pg_database, second_database)
+    assert not pair_said()
     assert len(held) == 5
 
 
@@ -210,22 +185,18 @@ async def test_same_database_is_left_alone(
 
 
 def test_factory_gone_is_not_a_second_database(
-    engines: tuple[sa.Engine, sa.Engine],
-    pg_database: str,
-    second_database: str,
-    caplog: pytest.LogCaptureFixture,
+    engines: tuple[sa.Engine, sa.Engine], pair_said: Callable[[], list[logging.LogRecord]]
 ) -> None:
     """A factory nobody holds (its registries' entries are weak, but it and its class refer
     to each other: it lasts until the cyclic collector runs) is no database of the
     application's. The collector is kept from running by itself meanwhile."""
-    caplog.set_level(logging.WARNING, logger="resilient_db")
     gc.disable()
     try:
         assert rdb.ResilientSession(engines[0]).run(select_one) == 1  # then dropped
         kept = rdb.ResilientSession(engines[1])
     finally:
         gc.enable()
-    assert not said(caplog, pg_database, second_database)
+    assert not pair_said()
     assert kept.run(select_one) == 1
 
 
