@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
+import pybreaker
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
@@ -509,6 +510,27 @@ def assert_breaker_untouched(service: str) -> None:
     counters = health["counters"]
     assert (counters["retries"], counters["gave_up"], counters["breaker_opens"]) == (0, 0, 0)
     assert counters["retries_by_class"] == {}
+
+
+class FailingStorage(pybreaker.CircuitMemoryStorage):
+    """A ``breaker_storage`` whose state can't be read once ``down`` (an unreachable store,
+    whose error's text holds a secret: what is said of it must not show it). Set ``down``
+    back to False after the test: the factory given it lives on until Python's next full
+    collection, and a later test's ``reload_config()`` reads it."""
+
+    def __init__(self) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self.down = False
+
+    @property
+    def state(self) -> str:
+        if self.down:
+            raise ConnectionError("store unreachable: password=hunter2")
+        return str(super().state)
+
+    @state.setter
+    def state(self, value: str) -> None:
+        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
 
 
 def held_and_released(proxy: FaultProxy, *, keep_server: bool = False) -> threading.Thread:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import pybreaker
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
 from prometheus_client import CollectorRegistry
-from scenarios import FakeClock
+from scenarios import FailingStorage, FakeClock
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -144,24 +143,6 @@ def test_a_shared_opening_past_its_reset_timeout_is_reported_half_open(
     assert gauges(service)["half-open"] == 1
     assert Factory.run(healthy) == 1  # Redis lets the probe through
     wait_for(lambda: breaker(service)["state"] == "closed", "the fleet's closing")
-
-
-class FailingStorage(pybreaker.CircuitMemoryStorage):
-    """A ``breaker_storage`` whose state can't be read once ``down`` (an unreachable store)."""
-
-    def __init__(self) -> None:
-        super().__init__(pybreaker.STATE_CLOSED)
-        self.down = False
-
-    @property
-    def state(self) -> str:
-        if self.down:
-            raise ConnectionError("store unreachable: password=hunter2")
-        return str(super().state)
-
-    @state.setter
-    def state(self, value: str) -> None:
-        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
 
 
 def test_a_breaker_storage_that_fails_is_reported_unknown_as_the_readme_says(

@@ -15,11 +15,10 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-import pybreaker
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
-from scenarios import refuse_moves_every_way
+from scenarios import FailingStorage, refuse_moves_every_way
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -86,24 +85,6 @@ class _Walk:
         self.keys_seen.setdefault(annotation, set()).update(value)
         for key, item in value.items():
             self.check(item, hints[key], f"{where}[{key!r}]")
-
-
-class FailingStorage(pybreaker.CircuitMemoryStorage):
-    """A ``breaker_storage`` whose state can't be read once ``down`` (an unreachable store)."""
-
-    def __init__(self) -> None:
-        super().__init__(pybreaker.STATE_CLOSED)
-        self.down = False
-
-    @property
-    def state(self) -> str:
-        if self.down:
-            raise ConnectionError("store unreachable")
-        return str(super().state)
-
-    @state.setter
-    def state(self, value: str) -> None:
-        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
