@@ -9,14 +9,13 @@ from an address uvicorn trusts: 127.0.0.1 by default), the cookie is ``Secure``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
-from scenarios import RAISE_CODE_FUNCTION, served
+from scenarios import served
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -29,15 +28,6 @@ from resilient_db.web._dashboard import TOKEN_COOKIE
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
 TOKEN = "proxy-prefix-token-0123"
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    with eng.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
-    yield eng
-    eng.dispose()
 
 
 def problem_type(answer: httpx.Response) -> str:
