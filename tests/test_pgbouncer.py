@@ -36,7 +36,7 @@ import pytest
 import sqlalchemy as sa
 from processes import wait_for
 from scenarios import fatal_code
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -1690,6 +1690,33 @@ def test_second_unsure_refusal_is_the_units_own_sync(
     assert ledger(pg_server, database) == 2
 
 
+def async_pair(
+    bouncer: PgBouncer, driver: str, service: str
+) -> tuple[list[AsyncEngine], list[rdb.AsyncResilientSession[Any]]]:
+    """Two async engines through ``bouncer`` on ``driver``, a factory of ``service`` (few
+    retries) on each; the test disposes of the engines."""
+    engines = [
+        create_async_engine(bouncer.url(driver), connect_args=DRIVER_ARGS[driver]) for _ in range(2)
+    ]
+    return engines, [
+        rdb.AsyncResilientSession(e, service=service, config=FEW_RETRIES) for e in engines
+    ]
+
+
+async def logins_told_read_only(
+    server: PostgresServer, bouncer: PgBouncer, engines: list[AsyncEngine]
+) -> list[set[Any]]:
+    """Two client connections in each pool of ``engines`` made while ``server`` took no writes
+    (their logins told so), the server writable again: the driver connections, by engine."""
+    with read_only_server(server, bouncer):
+        before = [await async_drivers(e) for e in engines]
+    # (no server connection that saw the reload left to pass its report on)
+    bouncer.admin(f"RECONNECT {bouncer.database}")
+    logins = {told_at_login(d, "default_transaction_read_only") for b in before for d in b}
+    assert logins == {"on"}
+    return before
+
+
 @pytest.mark.server_control  # (the whole server is read-only for a moment: no spares made)
 @pytest.mark.parametrize("how", ["unit", "operation"])
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
@@ -1705,11 +1732,7 @@ async def test_second_unsure_refusal_is_the_units_own_async(
 ) -> None:
     """The async twin of test_second_unsure_refusal_is_the_units_own_sync (a unit, an
     operation)."""
-    engines = [
-        create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
-        for _ in range(2)
-    ]
-    factories = [rdb.AsyncResilientSession(e, service=service, config=FEW_RETRIES) for e in engines]
+    engines, factories = async_pair(txn_bouncer, driver, service)
     seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
 
@@ -1734,12 +1757,7 @@ async def test_second_unsure_refusal_is_the_units_own_async(
             await rdb.with_self_healing(operation, service=service, config=FEW_RETRIES)
 
     try:
-        with read_only_server(pg_server, txn_bouncer):
-            before = [await async_drivers(e) for e in engines]
-        # (no server connection that saw the reload left to pass its report on)
-        txn_bouncer.admin(f"RECONNECT {database}")
-        logins = {told_at_login(d, "default_transaction_read_only") for b in before for d in b}
-        assert logins == {"on"}
+        before = await logins_told_read_only(pg_server, txn_bouncer, engines)
         failed_before = breaker_failures(service)
         rdb.add_hook(seen.append)
         try:
@@ -1773,11 +1791,7 @@ async def test_unsure_refusal_in_a_task_made_in_a_replay_is_its_own_first(
     task in its replay, which runs a unit of another factory once the first has ended: that
     unit's first unsure refusal is its own first, a lost server, replayed, not taken for the
     first unit's second and raised at once (the task inherited the replay's context)."""
-    engines = [
-        create_async_engine(txn_bouncer.url(driver), connect_args=DRIVER_ARGS[driver])
-        for _ in range(2)
-    ]
-    factories = [rdb.AsyncResilientSession(e, service=service, config=FEW_RETRIES) for e in engines]
+    engines, factories = async_pair(txn_bouncer, driver, service)
     seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
     task_attempts: list[int] = []
@@ -1802,12 +1816,7 @@ async def test_unsure_refusal_in_a_task_made_in_a_replay_is_its_own_first(
         return await session.run_sync(write)
 
     try:
-        with read_only_server(pg_server, txn_bouncer):
-            before = [await async_drivers(e) for e in engines]
-        # (no server connection that saw the reload left to pass its report on)
-        txn_bouncer.admin(f"RECONNECT {database}")
-        logins = {told_at_login(d, "default_transaction_read_only") for b in before for d in b}
-        assert logins == {"on"}
+        before = await logins_told_read_only(pg_server, txn_bouncer, engines)
         rdb.add_hook(seen.append)
         try:
             assert await factories[0].run(unit) == "written"
