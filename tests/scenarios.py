@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import psycopg
@@ -765,6 +766,23 @@ def _a_probe_commit_waits(server: PostgresServer, deadline: float, *, cancel: bo
             return False
         finally:
             committing.join(10)
+
+
+def disposing(
+    engine: sa.Engine | AsyncEngine,
+) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """An app's lifespan that disposes of ``engine`` at its shutdown (an async engine on the
+    loop its connections were made on: the server's, in ``served``)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        if isinstance(engine, AsyncEngine):
+            await engine.dispose()
+        else:
+            engine.dispose()
+
+    return lifespan
 
 
 @contextlib.contextmanager

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from processes import wait_for_async
-from scenarios import busy_backends, served
+from scenarios import busy_backends, disposing, served
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import resilient_db as rdb
@@ -34,20 +32,14 @@ CONFIG = rdb.Config(max_retries=1, failure_threshold=3, reset_timeout=30)
 
 
 def app_for(kind: str, url: str, service: str) -> FastAPI:
-    engine: Any
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if isinstance(engine, AsyncEngine):  # on the loop its connections were made on
-            await engine.dispose()
-        else:
-            engine.dispose()
-
-    app = FastAPI(lifespan=lifespan)
+    engine: sa.Engine | AsyncEngine = (
+        sa.create_engine(url, pool_size=20)
+        if kind == "sync-dropin"
+        else create_async_engine(url, pool_size=20)
+    )
+    app = FastAPI(lifespan=disposing(engine))
     install_exception_handlers(app)
-    if kind == "sync-dropin":
-        engine = sa.create_engine(url, pool_size=20)
+    if isinstance(engine, sa.Engine):
         Sessions: Any = rdb.ResilientSession(engine, service=service, config=CONFIG)
 
         @app.get("/x")
@@ -56,7 +48,6 @@ def app_for(kind: str, url: str, service: str) -> FastAPI:
                 return {"v": session.execute(SLOW).scalar_one()}
 
     else:
-        engine = create_async_engine(url, pool_size=20)
         Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
 
         async def slow(session: AsyncSession) -> int:

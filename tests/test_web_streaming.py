@@ -9,7 +9,6 @@ page and is sent whole."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +18,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
-from scenarios import served
+from scenarios import disposing, served
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
@@ -68,15 +67,7 @@ def streaming_app(body: Any, engine: sa.Engine | AsyncEngine) -> Starlette:
     def stream(request: Request) -> StreamingResponse:
         return StreamingResponse(body(), media_type="text/plain")
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        if isinstance(engine, AsyncEngine):  # on the loop its connections were made on
-            await engine.dispose()
-        else:
-            engine.dispose()
-
-    app = Starlette(routes=[Route("/rows", stream)], lifespan=lifespan)
+    app = Starlette(routes=[Route("/rows", stream)], lifespan=disposing(engine))
     install_exception_handlers(app)
     return app
 
