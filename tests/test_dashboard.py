@@ -21,14 +21,13 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Generator, Iterator
+from collections.abc import Awaitable, Generator
 from typing import Any
 
 import httpx2 as httpx
 import pytest
 import sqlalchemy as sa
 from scenarios import (
-    RAISE_CODE_FUNCTION,
     first_attempt_raises,
     on_event_loop,
     refuse_moves_every_way,
@@ -58,15 +57,6 @@ from resilient_db.web._recorder import (
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
 TOKEN = "a-long-enough-dashboard-token"
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    with eng.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from starlette.applications import Starlette
@@ -30,15 +28,6 @@ from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_d
 from resilient_db.web._problems import EXCEPTION_GROUP
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    with eng.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture
