@@ -63,6 +63,10 @@ def deaf(
             retry=False,
             failure_threshold=5,
             reset_timeout=0.5,
+            # the commands pass, and must be answered: with the default 0.1 s a loaded machine
+            # had the link give up (TimeoutError), the view fall back to this process's state
+            # and miss what the answers would have said
+            redis_timeout=5.0,
         )
         factory = rdb.ResilientSession(engine, service=SERVICE, config=config)
         wait_for(lambda: shared(SERVICE)["connected"], "the link", 10)
