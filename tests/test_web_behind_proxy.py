@@ -60,7 +60,7 @@ def test_an_app_behind_a_path_prefix_answers_and_serves_its_dashboard_there(
     app.mount("/admin/self-healing", dashboard(auth=token_auth(TOKEN)))
     install_exception_handlers(app)
     # the requests as the proxy forwards them: the prefix taken off
-    with served(app, root_path="/api") as url, httpx.Client(base_url=url) as client:
+    with served(app, root_path="/api") as url, httpx.Client(base_url=url, timeout=30) as client:
         assert problem_type(client.get("/tasks/failing")) == "503 database-unavailable"
         assert problem_type(client.get("/v2/failing")) == "503 database-unavailable"
         # the page without its last slash: sent to the path the browser knows, token kept
