@@ -106,6 +106,7 @@ from ._internals import (
     sa_await,
 )
 from ._observability import LineLimit, emit, log_session, more_since, stats_for
+from ._services import query_list
 from ._state import STATE, hooks_of, renew_after_fork
 from ._statements import (
     SAFE_CALL_NAMES,
@@ -1917,11 +1918,7 @@ _NEXT_HOST: Final = (
 
 def _multi_host(url: Any) -> bool:
     """Whether SQLAlchemy ``url`` lists several hosts (``?host=a&host=b``, or ``?host=a,b``)."""
-    hosts = url.query.get("host")
-    if not hosts:
-        return False
-    listed = hosts if isinstance(hosts, tuple) else (hosts,)
-    return sum(len(str(host).split(",")) for host in listed) > 1
+    return len(query_list(url.query.get("host"))) > 1
 
 
 def _several_hosts(cparams: dict[str, Any]) -> bool:

@@ -23,7 +23,7 @@ from ._config import mask_url
 from ._observability import emit, log_breaker
 from ._state import STATE
 
-__all__ = ["DEFAULT_SERVICE", "say_databases_sharing"]
+__all__ = ["DEFAULT_SERVICE", "query_list", "say_databases_sharing"]
 
 
 class _DefaultService(str):
@@ -44,7 +44,7 @@ _PG_PORT: Final = 5432
 _Database = tuple[frozenset[tuple[str, Any]], "str | None"]
 
 
-def _listed(value: Any) -> list[str]:
+def query_list(value: Any) -> list[str]:
     """The items of a URL query value (one string or a tuple of them; libpq's own spelling
     separates them by commas too)."""
     values = value if isinstance(value, tuple) else () if value is None else (value,)
@@ -69,8 +69,8 @@ def database_of(url: Any) -> _Database:
     multi-host URL's ``host=`` list included, and the database name; not the user, password or
     driver (a factory on psycopg and one on asyncpg to one database share it). A URL without
     a database name is on the user's database (libpq's default)."""
-    hosts = _listed(url.query.get("host"))
-    ports = _listed(url.query.get("port"))
+    hosts = query_list(url.query.get("host"))
+    ports = query_list(url.query.get("port"))
     if not hosts:
         hosts = [url.host or ""]
     if url.port is not None and not ports:

@@ -61,6 +61,14 @@ current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.Cont
 )
 
 
+def running_attempt() -> AttemptRecord | None:
+    """The attempt running in this thread or task (:data:`current_attempt`), or None: also
+    where the context holds one that has ended, which a task or a thread started in it
+    inherited (its work there is drop-in code's, said under its own factory's service)."""
+    attempt = current_attempt.get()
+    return attempt if attempt is not None and attempt.running else None
+
+
 def committing_request() -> CommitRequest | None:
     """The commit a unit is making in this thread or task (:data:`current_request`), or None:
     also where the context holds one whose COMMIT step is over (``CommitRequest.ended``): a

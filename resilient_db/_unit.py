@@ -138,6 +138,7 @@ from ._statements import (
     note_dialect_calls,
     own_work,
     refused_unsure_here,
+    running_attempt,
     verdict_of,
     wrap_dialect_calls,
 )
@@ -364,8 +365,8 @@ def part_of_running(policy: Policy) -> Any:
     (switched off, ``use_circuit_breaker=False``), one of ``policy``'s service, by its name.
     Either way its outcome and its attempt are that one's, counted once (``attempts``, and
     with them the retry budget's first attempts)."""
-    attempt = current_attempt.get()
-    if attempt is None or not attempt.running:
+    attempt = running_attempt()
+    if attempt is None:
         return None
     breaker = policy.breaker
     if breaker is not None:
@@ -3492,8 +3493,8 @@ def refused_unsure_again(exc: BaseException) -> bool:
     ``exc``, which the retry loop sees as the attempt fails, to tell the unit's next attempts
     (:data:`~._statements.refused_unsure_before`, see ``Policy._call_retrying``; a task or a
     thread started in those replays runs units of its own)."""
-    attempt = current_attempt.get()
-    if attempt is None or not attempt.running:  # (an ended one: a task's made in it)
+    attempt = running_attempt()  # (not an ended one: a task's made in it)
+    if attempt is None:
         return False
     if attempt.refused_unsure or refused_unsure_here():  # (this unit's replays: see there)
         return True
@@ -3604,11 +3605,9 @@ class EngineHooks:
             lost_commit_while_off(ctx, self.classifier)  # (an unknown outcome: no 503)
             return None
         original = ctx.original_exception
-        attempt = current_attempt.get()
-        if attempt is not None and not attempt.running:
-            # held by a task or thread made in an attempt that has ended: drop-in code's (its
-            # lost COMMIT answer said and counted now, under its own factory's service)
-            attempt = None
+        # (not an attempt that has ended, held by a task or thread made in it: drop-in code's,
+        # its lost COMMIT answer said and counted now, under its own factory's service)
+        attempt = running_attempt()
         if attempt is not None and attempt.autocommitting is not None:
             attempt.failed(ctx.execution_context, original)
         if marked_replay_safe(original):
@@ -3786,10 +3785,8 @@ class EngineHooks:
     def _speaker(self) -> tuple[Config, str]:
         """The configuration and service an engine-wide line is said under: the running unit's
         factory's (its logging settings, its name), else the engine's latest factory's."""
-        attempt = current_attempt.get()
-        if attempt is None or not attempt.running:  # (an ended one: a task's made in it)
-            return self.config, self.service
-        return attempt.speaker
+        attempt = running_attempt()  # (not an ended one: a task's made in it)
+        return (self.config, self.service) if attempt is None else attempt.speaker
 
     def _checkout_speaker(self) -> tuple[Config, str]:
         """:meth:`_speaker` at a checkout: outside a unit, the factory of the drop-in session
@@ -3797,8 +3794,7 @@ class EngineHooks:
         latest factory (a factory per service on one engine, or one on its
         ``execution_options()`` copy: the dead pooled connection one session was handed was
         counted in the other's ``dead_pooled_connections``)."""
-        attempt = current_attempt.get()
-        if attempt is None or not attempt.running:  # (see _speaker)
+        if running_attempt() is None:  # (see _speaker)
             factory = connecting_factory(self)
             if factory is not None:
                 return factory.config, factory.service
