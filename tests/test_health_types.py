@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import types
-import typing
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
 from scenarios import FailingStorage, refuse_moves_every_way
+from shapes import Walk
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -27,64 +26,6 @@ from resilient_db.examples.tasks import Base
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
-
-
-class _Walk:
-    """Checks values against annotations, recording which keys of each TypedDict and which
-    values of each Literal were seen."""
-
-    def __init__(self) -> None:
-        self.keys_seen: dict[type, set[str]] = {}
-        self.literals_seen: dict[tuple[Any, ...], set[Any]] = {}
-        self.typeddicts: set[type] = set()
-
-    def check(self, value: Any, annotation: Any, where: str) -> None:
-        if typing.is_typeddict(annotation):
-            self._typeddict(value, annotation, where)
-            return
-        origin = get_origin(annotation)
-        if origin is Union or origin is types.UnionType:
-            self._union(value, annotation, where)
-        elif origin is Literal:
-            assert value in get_args(annotation), f"{where}: {value!r} is not {annotation}"
-            self.literals_seen.setdefault(get_args(annotation), set()).add(value)
-        elif origin is dict:
-            key_type, value_type = get_args(annotation)
-            assert type(value) is dict, f"{where}: {value!r} is no dict"
-            for k, v in value.items():
-                self.check(k, key_type, f"{where} key")
-                self.check(v, value_type, f"{where}[{k!r}]")
-        elif annotation is type(None):
-            assert value is None, f"{where}: {value!r} is not None"
-        elif annotation is float:  # (an int is a float to a type checker)
-            assert type(value) in (float, int), f"{where}: {value!r} is no float"
-        else:  # bool, int, str: exactly (a bool is no count)
-            assert annotation in (bool, int, str), f"{where}: unexpected type {annotation}"
-            assert type(value) is annotation, f"{where}: {value!r} is no {annotation.__name__}"
-
-    def _union(self, value: Any, annotation: Any, where: str) -> None:
-        failures = []
-        for member in get_args(annotation):
-            trial = _Walk()
-            try:
-                trial.check(value, member, where)
-            except AssertionError as exc:
-                failures.append(str(exc))
-                continue
-            self.check(value, member, where)  # (recorded by the member that fits)
-            return
-        raise AssertionError(f"{where}: {value!r} fits no member of {annotation}: {failures}")
-
-    def _typeddict(self, value: Any, annotation: Any, where: str) -> None:
-        self.typeddicts.add(annotation)
-        hints = get_type_hints(annotation)
-        assert type(value) is dict, f"{where}: {value!r} is no dict"
-        assert set(value) <= set(hints), f"{where}: keys not declared: {set(value) - set(hints)}"
-        missing = annotation.__required_keys__ - set(value)
-        assert not missing, f"{where}: required keys missing: {missing}"
-        self.keys_seen.setdefault(annotation, set()).update(value)
-        for key, item in value.items():
-            self.check(item, hints[key], f"{where}[{key!r}]")
 
 
 @pytest.fixture
@@ -153,17 +94,12 @@ def test_every_key_of_a_real_health_report_is_declared_by_its_types(
     finally:
         storage.down = False  # (the factory may outlive this test)
 
-    walk = _Walk()
+    walk = Walk()
     walk.check(report, rdb.HealthReport, "health()")
     assert report["transitions"]["blocked_transitions"] > 0
     assert report["services"][f"{service}-open"]["counters"]["retries_by_class"]
-    unseen = {
-        t.__name__: sorted(set(get_type_hints(t)) - walk.keys_seen.get(t, set()))
-        for t in walk.typeddicts
-    }
-    assert {name: keys for name, keys in unseen.items() if keys} == {}
-    for values, seen in walk.literals_seen.items():
-        assert set(values) == seen, f"values of {values} never seen: {set(values) - seen}"
+    assert walk.unseen_keys(walk.typeddicts) == {}
+    assert walk.unseen_literals(walk.typeddicts) == {}
     states = get_args(get_type_hints(rdb.BreakerHealth)["state"])
     assert states in walk.literals_seen
     exported = {
