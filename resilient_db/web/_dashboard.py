@@ -15,7 +15,7 @@ import secrets
 import socket
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, TypedDict, final, overload
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -24,16 +24,24 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from resilient_db._classify import failure_detail, log_quietly
-from resilient_db._observability import LineLimit
+from resilient_db._observability import HealthReport, LineLimit
 from resilient_db._observability import health as _health
 from resilient_db._state import renew_after_fork
 from resilient_db._wrapper import is_async_callable
 
 from ._page import render_page
 from ._problems import PROBLEM_JSON
-from ._recorder import NO_SERVICE, Recorder, install, recorder
+from ._recorder import NO_SERVICE, Recorder, RecorderSnapshot, install, recorder
 
-__all__ = ["AuthCheck", "Dashboard", "dashboard", "token_auth"]
+__all__ = [
+    "AuthCheck",
+    "Dashboard",
+    "DashboardData",
+    "DashboardProcess",
+    "HealthProblem",
+    "dashboard",
+    "token_auth",
+]
 
 #: ``check(request) -> bool`` (or an awaitable of it): True lets the request in, False answers
 #: 403; raising Starlette's ``HTTPException`` answers with its status and headers (401 with a
@@ -44,6 +52,44 @@ AuthCheck = Callable[[Request], bool | Awaitable[bool]]
 #: ``health``; :func:`resilient_db.health` by default (a mapping: its
 #: :class:`~resilient_db.HealthReport` is one, as a plain dict is).
 HealthCheck = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
+
+
+# -- the shape of data.json --------------------------------------------------------------------
+# TypedDicts, as health()'s and the recorder's snapshot's are: plain dicts at run time.
+
+
+class DashboardProcess(TypedDict):
+    """``data.json``'s ``process``: whose figures these are."""
+
+    pid: int
+    hostname: str
+
+
+@final
+class HealthProblem(TypedDict):
+    """``data.json``'s ``health`` when the check raised or returned what can't be sent as JSON:
+    not healthy, and why (the error's class, never its text). Final: a type checker tells it
+    from a :class:`~resilient_db.HealthReport` by a key (``"services" in health``)."""
+
+    healthy: Literal[False]
+    problem: str
+
+
+class _DashboardDataKeys(RecorderSnapshot):
+    title: str
+    process: DashboardProcess
+    no_service: str  # the name the guard's events are kept under: "(transitions)"
+
+
+class DashboardData(_DashboardDataKeys):
+    """What ``data.json`` serves (and :meth:`Dashboard.data` returns) with the default check,
+    :func:`resilient_db.health`: the recorder's snapshot (:class:`RecorderSnapshot`), the
+    dashboard's ``title``, the ``process`` and ``health``, a
+    :class:`~resilient_db.HealthReport`, or a :class:`HealthProblem` when the check failed.
+    With a ``health=`` check of your own, ``health`` is that check's value (made plain JSON)."""
+
+    health: HealthReport | HealthProblem
+
 
 _NO_AUTH = (
     "dashboard() needs auth=, a callable check(request) -> bool deciding who may see the "
@@ -251,10 +297,21 @@ class Dashboard:
         except Exception as exc:  # the application's check: said, not a 500 of the whole page
             return _health_problem(exc)
 
-    def data(self, health: Any, *, after: str | None = None) -> dict[str, Any]:
+    @overload
+    def data(
+        self, health: HealthReport | HealthProblem, *, after: str | None = None
+    ) -> DashboardData: ...
+
+    @overload
+    def data(self, health: Any, *, after: str | None = None) -> dict[str, Any]: ...
+
+    def data(self, health: Any, *, after: str | None = None) -> DashboardData | dict[str, Any]:
         """What ``data.json`` serves: ``health`` (the check's value, made plain JSON), recent
         events and the time series; ``after``, the ``cursor`` of an earlier answer: the
-        events and series only as far as they changed since (see :meth:`Recorder.snapshot`)."""
+        events and series only as far as they changed since (see :meth:`Recorder.snapshot`).
+        A :class:`DashboardData` for a ``health`` that is :func:`resilient_db.health`'s report
+        (or a :class:`HealthProblem`); with another value, the same keys, as a plain
+        ``dict[str, Any]`` to a type checker."""
         snapshot = self.recorder.snapshot(events=self.events, after=after)
         return {
             "title": self.title,
@@ -288,9 +345,9 @@ def dashboard(
     changed since (``delta`` true: the new events, and the series that changed with their
     changed rows and new breaker state changes), as the page asks after its first answer; a
     cursor that can't be followed (another process's, one from before ``reset_state()``) gets
-    the full answer (``delta`` false). Its ``process`` (``pid``, ``hostname``) names the
-    process whose figures it holds (behind several workers each request may reach another);
-    the page shows it.
+    the full answer (``delta`` false); its shape is :class:`DashboardData`. Its ``process``
+    (``pid``, ``hostname``) names the process whose figures it holds (behind several workers
+    each request may reach another); the page shows it.
     Events are recorded from the first ``dashboard()`` call on, by a hook
     (:func:`resilient_db.add_hook`) with bounded memory: the process's shared
     :class:`~resilient_db.web.Recorder`, or ``recorder`` (installed as a hook once, however many
@@ -627,7 +684,7 @@ def _key(key: Any) -> str:
     return str(key)  # "nan", "inf", "('replica', 1)"
 
 
-def _health_problem(exc: Exception) -> dict[str, Any]:
+def _health_problem(exc: Exception) -> HealthProblem:
     """What ``data.json`` shows for a ``health()`` that raised or returned what can't be sent:
     not healthy, and why (the class of its error; its traceback, without database errors'
     texts, as an ERROR of ``resilient_db.web``). The events and series are still served: they

@@ -18,12 +18,19 @@ import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from resilient_db._observability import SelfHealEvent, add_hook, remove_hook, truncated
 from resilient_db._state import STATE, renew_after_fork
 
-__all__ = ["Recorder", "recorder"]
+__all__ = [
+    "EventFields",
+    "RecordedEvent",
+    "Recorder",
+    "RecorderSnapshot",
+    "ServiceSeries",
+    "recorder",
+]
 
 #: Services tracked at most (the library allows a bounded number of service names too). Beyond
 #: it, a service with no series yet takes the place of the least recently active one when that
@@ -55,7 +62,10 @@ _SHOWN_FIELDS = (
     "stale",
     "error",
 )
-_BREAKER_STATES = {
+#: A breaker's state as its series records it (health()'s ``"off"`` and ``"unknown"`` are no
+#: events).
+BreakerState = Literal["open", "half-open", "closed"]
+_BREAKER_STATES: dict[str, BreakerState] = {
     "breaker_opened": "open",
     "breaker_half_open": "half-open",
     "breaker_closed": "closed",
@@ -73,12 +83,88 @@ _WEB_EVENTS = frozenset({"pool_exhausted"})
 #: the guard's name, they read as the guard's and changed its series, which only the guard's
 #: events belong in (its card is health()'s ``transitions``).
 LIBRARY_SERVICE = "(library)"
+#: The name of a column of a per-second bucket.
+BucketColumn = Literal["second", "retries", "gave_up", "recovered", "blocked", "stale"]
 #: The columns of a per-second bucket (``snapshot()["bucket_columns"]``).
-BUCKET_COLUMNS = ("second", "retries", "gave_up", "recovered", "blocked", "stale")
+BUCKET_COLUMNS: tuple[BucketColumn, ...] = (
+    "second",
+    "retries",
+    "gave_up",
+    "recovered",
+    "blocked",
+    "stale",
+)
 _RETRIES, _GAVE_UP, _RECOVERED, _BLOCKED, _STALE = range(1, len(BUCKET_COLUMNS))
 #: A row keeps, after its columns, the number of the last event that changed it (not served):
 #: what changed since a cursor is found without looking at the rest.
 _CHANGED = len(BUCKET_COLUMNS)
+
+
+# -- the shape of snapshot() -------------------------------------------------------------------
+# TypedDicts, as health()'s are (see resilient_db._observability): snapshot() stays plain dicts
+# and lists, which a type checker now reads key by key. tests/test_web_types.py holds them to
+# real snapshots and data.json answers, key by key.
+
+
+class EventFields(TypedDict, total=False):
+    """The fields an event of the list shows (what they name, not who), each only when the
+    event has it: a number as it is, anything else as its text, cut (see :func:`_field`).
+    Which event has which is the events table of docs/observability.md."""
+
+    outcome: str
+    sqlstate: str
+    via: str
+    #: a row's status, as it was and as it was to be: a number, or the text of anything else
+    from_state: str | int | float | bool
+    to_state: str | int | float | bool
+    model: str
+    validator: str
+    blocked_rows: int
+    stale: bool
+    error: str
+
+
+class RecordedEvent(TypedDict):
+    """One event of ``snapshot()["events"]``."""
+
+    time: float  # the recorder's clock (seconds since the epoch by default)
+    name: str  # the event's name (``retry``, ``breaker_opened``, ...)
+    #: its service; ``"(transitions)"`` for the guard's, ``"(web)"`` and ``"(library)"`` for
+    #: the others without one
+    service: str
+    #: the levels the library's events have (an event made by hand and given to the recorder
+    #: has its level's name, lower-cased)
+    level: Literal["info", "warning", "error"]
+    message: str  # its line without the ``[SELF-HEAL]`` prefix, cut
+    fields: EventFields
+
+
+class ServiceSeries(TypedDict):
+    """One service of ``snapshot()["series"]``: its per-second rows (the columns are
+    ``bucket_columns``: the second, then counts), breaker state changes (``[time, state]``),
+    and counted labels."""
+
+    buckets: list[list[int]]
+    breaker_states: list[list[float | BreakerState]]
+    retries_by_sqlstate: dict[str, int]
+    blocked_by_via: dict[str, int]
+    stale_by_via: dict[str, int]
+    events_by_name: dict[str, int]
+
+
+class RecorderSnapshot(TypedDict):
+    """What :meth:`Recorder.snapshot` returns (and ``data.json`` serves with more)."""
+
+    now: float
+    since: float  # when the recorder was made
+    window: int
+    bucket_columns: list[BucketColumn]
+    events: list[RecordedEvent]
+    series: dict[str, ServiceSeries]
+    max_services: int
+    left_out: list[str]
+    cursor: str
+    delta: bool
 
 
 class _Series:
@@ -90,7 +176,7 @@ class _Series:
         self.last = 0.0  # when its last event came (the clock's time)
         self.changed = 0  # the number of its last event
         # (time, state, number of the event)
-        self.states: deque[tuple[float, str, int]] = deque(maxlen=MAX_STATE_CHANGES)
+        self.states: deque[tuple[float, BreakerState, int]] = deque(maxlen=MAX_STATE_CHANGES)
         self.retries_by_sqlstate: Counter[str] = Counter()
         self.blocked_by_via: Counter[str] = Counter()
         self.stale_by_via: Counter[str] = Counter()
@@ -130,13 +216,14 @@ class _Series:
         buckets.insert(index, row)
         return row
 
-    def served(self, since: int, states_from: float, after: int | None) -> dict[str, Any]:
+    def served(self, since: int, states_from: float, after: int | None) -> ServiceSeries:
         """What ``data.json`` serves of it: the rows of the seconds after ``since``, the breaker
         state changes from ``states_from`` on (and the last one before it: the state the plot
         starts with; the page draws no older ones), its counted labels. ``after`` (an event's
         number): only the rows changed and the state changes made since that event, looked for
         from the newest back (a row other than the last is never changed without
         :meth:`Recorder.snapshot` answering in full)."""
+        changes: list[list[float | BreakerState]]
         if after is None:
             rows = [row[:_CHANGED] for row in self.buckets if row[0] > since]
             states = list(self.states)
@@ -222,7 +309,7 @@ class Recorder:
         self.window = window
         self.clock = clock
         self.started = clock()
-        self._events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=max_events)
+        self._events: deque[tuple[int, RecordedEvent]] = deque(maxlen=max_events)
         self._series: dict[str, _Series] = {}
         self._left_out: dict[str, None] = {}  # (ordered: the first left out first)
         self._lock = threading.Lock()
@@ -247,13 +334,15 @@ class Recorder:
                 service = WEB_SERVICE if event.name in _WEB_EVENTS else LIBRARY_SERVICE
         fields = event.fields
         shown = {k: fields[k] for k in _SHOWN_FIELDS if fields.get(k) is not None}
-        entry = {
+        # (the level and the fields, as the emitter and _field make them, are what the type
+        # says; told so without cast(), a call per event)
+        entry: RecordedEvent = {
             "time": 0.0,
             "name": event.name,
             "service": service,
-            "level": logging.getLevelName(event.level).lower(),
+            "level": logging.getLevelName(event.level).lower(),  # type: ignore[typeddict-item]
             "message": truncated(str(event.message), MAX_MESSAGE_CHARS),
-            "fields": {k: _field(v) for k, v in shown.items()},
+            "fields": {k: _field(v) for k, v in shown.items()},  # type: ignore[typeddict-item]
         }
         with self._lock:
             # the time is read under the lock: events from several threads are recorded in
@@ -322,8 +411,9 @@ class Recorder:
         if service not in left_out and len(left_out) < MAX_LEFT_OUT:
             left_out[service] = None
 
-    def snapshot(self, *, events: int | None = None, after: str | None = None) -> dict[str, Any]:
-        """Recent events (oldest first) and the time series, as JSON-able data; ``left_out``:
+    def snapshot(self, *, events: int | None = None, after: str | None = None) -> RecorderSnapshot:
+        """Recent events (oldest first) and the time series, as JSON-able data (typed as
+        :class:`RecorderSnapshot`, a plain dict at run time); ``left_out``:
         the services without a series (beyond :data:`MAX_SERVICES`), ``max_services`` that
         bound. A series' breaker state changes are those of the window and the last one before
         it (the state its plot starts with).

@@ -361,6 +361,39 @@ check: web.AuthCheck = staff_only
 check_async: web.AuthCheck = astaff_only
 recorder = web.Recorder(max_events=10)
 web.dashboard(auth=staff_only, recorder=recorder)
+snapshot = recorder.snapshot(events=20)
+assert_type(snapshot, web.RecorderSnapshot)
+assert_type(snapshot["delta"], bool)
+for recorded in snapshot["events"]:
+    assert_type(recorded, web.RecordedEvent)
+    assert_type(recorded["level"], Literal["info", "warning", "error"])
+    assert_type(recorded["fields"].get("sqlstate"), str | None)
+    assert_type(recorded["fields"].get("blocked_rows"), int | None)
+    assert_type(recorded["fields"].get("to_state"), str | int | float | bool | None)
+for series in recorder.snapshot(after=snapshot["cursor"])["series"].values():
+    assert_type(series, web.ServiceSeries)
+    assert_type(series["retries_by_sqlstate"], dict[str, int])
+    seconds = [row[0] for row in series["buckets"]]
+    assert_type(seconds, list[int])
+    for change in series["breaker_states"]:  # [time, state]
+        assert_type(change[1], float | Literal["open", "half-open", "closed"])
+assert_type(
+    snapshot["bucket_columns"],
+    list[Literal["second", "retries", "gave_up", "recovered", "blocked", "stale"]],
+)
+served = board.data(rdb.health(), after=snapshot["cursor"])
+assert_type(served, web.DashboardData)
+assert_type(served["process"]["pid"], int)
+assert_type(served["events"], list[web.RecordedEvent])
+served_health = served["health"]
+if "services" in served_health:  # (a web.HealthProblem when the check failed: ruled out)
+    assert_type(served_health, rdb.HealthReport)
+    assert_type(served_health["transitions"]["stale_transitions"], int)
+else:
+    assert_type(served_health, web.HealthProblem)
+    assert_type(served_health["problem"], str)
+own_check_data = board.data({"ok": True})  # a check of one's own: its value, untyped
+assert_type(own_check_data, dict[str, Any])
 problem = web.problem_details(rdb.CircuitOpenError("database", 1.0))
 assert_type(problem, web.Problem | None)
 if problem is not None:
