@@ -340,7 +340,17 @@ def test_an_uninstall_of_the_markers_behind_a_transaction_using_them_gives_up(
 
 @pytest.mark.parametrize(
     ("value", "error"),
-    [(-1, ValueError), (0, ValueError), (float("nan"), ValueError), ("5s", TypeError)],
+    [
+        (-1, ValueError),
+        (0, ValueError),
+        (float("nan"), ValueError),
+        ("5s", TypeError),
+        # past PostgreSQL's largest lock_timeout (2147483647 ms): refused by the server, a
+        # DataError quoting a number of milliseconds, once the install had begun
+        (2_147_484, ValueError),
+        (10**20, ValueError),
+        (1e308, ValueError),
+    ],
 )
 def test_a_bad_lock_timeout_is_refused_before_anything_is_sent(
     value: object, error: type[Exception]

@@ -381,7 +381,18 @@ def lock_timeout_ms(lock_timeout: object) -> int | None:
             "lock_timeout must be a positive number of seconds (or None: the session's own "
             f"lock_timeout), got {lock_timeout!r}"
         )
+    if lock_timeout > _MAX_LOCK_TIMEOUT_MS / 1000:
+        # (the server refuses more, with a DataError quoting the milliseconds, once the
+        # install has begun)
+        raise ValueError(
+            f"lock_timeout must be at most {_MAX_LOCK_TIMEOUT_MS / 1000:g} seconds (PostgreSQL's "
+            f"largest lock_timeout, about 24 days), got {lock_timeout!r}"
+        )
     return max(1, math.ceil(lock_timeout * 1000))
+
+
+#: PostgreSQL's largest ``lock_timeout``, in milliseconds (an int4 setting)
+_MAX_LOCK_TIMEOUT_MS: Final = 2_147_483_647
 
 
 def _bounded(statements: list[str], ms: int | None) -> list[str]:
