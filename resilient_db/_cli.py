@@ -625,7 +625,7 @@ BREAKER_REDIS_TIMEOUT_MIN = 2.0
 def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     import resilient_db as rdb  # noqa: PLC0415
 
-    from ._config import client_says, mask_url  # noqa: PLC0415
+    from ._config import client_says, mask_url, redis_url_problem  # noqa: PLC0415
     from ._fleet import (  # noqa: PLC0415
         operator_client,
         operator_force,
@@ -661,6 +661,12 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         )
     except (TypeError, ValueError) as exc:
         return error(str(exc).removeprefix(f"{where}: "), EXIT_USAGE)
+    if args.redis_url is not None:
+        # said as the option's: the environment's check below would name the variable, which
+        # the operator may not have set (or set right)
+        why = redis_url_problem(url.strip(), unset="leave --redis-url out")
+        if why is not None:
+            return error(f"--redis-url {why}", EXIT_USAGE)
     try:
         # the URL as the library checks it, with the rest of the SELF_HEALING_* environment
         # (the reset timeout an opening lasts by default, the Redis timeout)

@@ -185,6 +185,27 @@ def test_without_a_redis_the_command_is_refused_saying_why(
     assert "no Redis to act on" in capsys.readouterr().err
 
 
+def test_a_bad_redis_url_is_named_by_where_it_was_given(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A URL given with --redis-url that is no Redis URL is said as --redis-url's (it was said
+    as SELF_HEALING_REDIS_URL's, a variable the operator had not set, or had set right), its
+    password masked; one from the environment is said as the variable's. Exit status 2."""
+    clean_env.setenv("SELF_HEALING_REDIS_URL", "redis://127.0.0.1:6379/0")  # (a good one)
+    for action in (["open", "orders", "--reason", REASON], ["status"]):
+        assert main(["breaker", *action, "--redis-url", "redis://user:s3cret-pw@"]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"resilient-db breaker {action[0]}: error: --redis-url 'redis://user:***@' is "
+            "invalid: has no host, e.g. redis://127.0.0.1:6379/0\n"
+        )
+    clean_env.setenv("SELF_HEALING_REDIS_URL", "redis://user:s3cret-pw@")
+    assert main(["breaker", "status"]) == 2
+    err = capsys.readouterr().err
+    assert "SELF_HEALING_REDIS_URL: 'redis://user:***@' is invalid: has no host" in err
+    assert "s3cret-pw" not in err
+
+
 def test_a_redis_that_does_not_answer_is_a_line_and_exit_status_1() -> None:
     """A Redis that refuses the connection: one line naming it (its password masked), exit
     status 1, no traceback, in the command's own process."""
