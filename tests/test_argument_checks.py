@@ -403,6 +403,36 @@ def test_web_helpers_refuse_what_they_cant_use() -> None:
         Recorder(clock=5)  # type: ignore[arg-type]
 
 
+def test_web_helpers_refuse_what_is_no_exception_and_numbers_too_large() -> None:
+    """``problem_details("boom")`` (or the class ``ValueError``) failed with an AttributeError
+    inside the application's exception handler, ``problem_details(None)`` with a TypeError
+    naming classify(); ``Recorder(max_events=10**30)`` failed with an OverflowError naming
+    nothing, and ``Recorder(window=10**30)`` was taken and then failed in the hook at the first
+    event of each service (logged at DEBUG: the dashboard showed no plots, unexplained);
+    ``snapshot(events=-1)`` gave all events but the first."""
+    pytest.importorskip("starlette")
+    from resilient_db.web import Recorder, problem_details  # noqa: PLC0415 - optional extra
+
+    for thing, shown in (("boom", "str"), (ValueError, "type"), (None, "NoneType")):
+        with pytest.raises(
+            TypeError, match=rf"^problem_details\(\) takes an exception, got {shown}$"
+        ):
+            problem_details(thing)  # type: ignore[arg-type]
+    for name in ("max_events", "window"):
+        with pytest.raises(ValueError, match=rf"^Recorder\({name}=...\) must be at most [0-9,]+"):
+            Recorder(**{name: 10**30})
+    assert Recorder(max_events=100_000, window=86_400).window == 86_400
+    rec = Recorder()
+    for n in range(3):
+        rec(rdb.SelfHealEvent(name="retry", service="s", level=30, message=str(n), fields={}))
+    assert [e["message"] for e in rec.snapshot(events=2)["events"]] == ["1", "2"]
+    for events in (-1, 1.5, "2", True):
+        with pytest.raises((TypeError, ValueError), match=r"^Recorder.snapshot\(events=...\)"):
+            rec.snapshot(events=events)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Recorder.snapshot\(after=...\) takes a cursor"):
+        rec.snapshot(after=5)  # type: ignore[arg-type]
+
+
 def test_metrics_serve_names_the_address_it_cant_listen_on() -> None:
     """A port another process holds raised ``OSError: [Errno 98] Address already in use``,
     naming neither the port nor the address (the application's log showed no more)."""

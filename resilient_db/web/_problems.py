@@ -243,9 +243,12 @@ def problem_details(
     ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a 500: the
     factories refuse such an environment where it matters). A ``config`` that is no
     :class:`~resilient_db.Config` or a ``type_base`` that is no string is refused
-    (``TypeError``), whatever ``exc`` is.
+    (``TypeError``), whatever ``exc`` is; so is an ``exc`` that is no exception.
     """
     check_config_and_base("problem_details", config, type_base)
+    if not isinstance(exc, BaseException):
+        # (it failed with an AttributeError inside the application's exception handler)
+        raise TypeError(f"problem_details() takes an exception, got {type(exc).__name__}")
     if BASE_GROUP is None or not isinstance(exc, BASE_GROUP):
         return _problem_of(exc, config, type_base)
     errors = group_errors(exc)

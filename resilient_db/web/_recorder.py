@@ -49,6 +49,10 @@ MAX_MESSAGE_CHARS = 1000
 MAX_FIELD_CHARS = 200
 #: Counted labels (a SQLSTATE, a path) are cut to this many characters.
 MAX_LABEL_CHARS = 64
+#: The most a Recorder takes: events kept (about 100 MB at their largest), and seconds of
+#: per-second rows (a day: up to 64 services' rows of it are hundreds of MB already).
+MAX_RECORDED_EVENTS = 100_000
+MAX_WINDOW = 86_400
 #: Events whose fields are shown in the event list (what they name, not who).
 _SHOWN_FIELDS = (
     "outcome",
@@ -300,6 +304,15 @@ class Recorder:
                 raise TypeError(f"Recorder({name}=...) takes a whole number, got {value!r}")
         if max_events < 1 or window < 10:
             raise ValueError("Recorder needs max_events >= 1 and window >= 10 seconds")
+        # (past what a deque takes, an OverflowError naming nothing, here or, for the window,
+        # in the hook at a service's first event; well before, memory no dashboard needs)
+        for name, value, most in (
+            ("max_events", max_events, MAX_RECORDED_EVENTS),
+            ("window", window, MAX_WINDOW),
+        ):
+            if value > most:
+                shown = repr(value) if len(repr(value)) <= 30 else f"{len(str(value))} digits"
+                raise ValueError(f"Recorder({name}=...) must be at most {most:,}, got {shown}")
         if not callable(clock):
             raise TypeError(
                 "Recorder(clock=...) takes a function returning seconds (time.time, say), got "
@@ -427,6 +440,17 @@ class Recorder:
         recorder (or one cleared since), or one from before a series was dropped or an
         event was counted in an earlier second than the last (the clock stepped back), gets
         the full snapshot (``delta`` False)."""
+        if events is not None and (
+            isinstance(events, bool) or not isinstance(events, int) or events < 0
+        ):
+            raise (ValueError if isinstance(events, int) else TypeError)(
+                f"Recorder.snapshot(events=...) takes a whole number >= 0 or None, got {events!r}"
+            )
+        if after is not None and not isinstance(after, str):
+            raise TypeError(
+                "Recorder.snapshot(after=...) takes a cursor (the str of an earlier snapshot's "
+                f"'cursor') or None, got {type(after).__name__}"
+            )
         now = self.clock()
         since = int(now) - self.window
         states_from = now - self.window
