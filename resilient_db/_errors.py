@@ -60,6 +60,8 @@ def wait_text(seconds: float) -> str:
     "0.0 s", which reads as "retry now" (0 is said only for no wait at all)."""
     if not math.isfinite(seconds):  # (a CircuitOpenError of the caller's may carry one)
         return f"{seconds:.1f} s"
+    if not math.isfinite(seconds * 10):  # (so may a wait past any clock's: 1e308)
+        return f"{seconds:.3g} s"
     tenths = max(0, math.ceil(seconds * 10 - 1e-6))  # (float noise over a tenth: not more)
     return f"{tenths / 10:.1f} s"
 
@@ -83,7 +85,23 @@ class CircuitOpenError(ResilientDBError):
         by_hand: bool = False,
     ) -> None:
         self.service = service
-        self.retry_after = max(0.0, retry_after)
+        # (an application may raise one of its own: a wait that is no number is said here, not
+        # by a comparison failing, and one past a float's range is infinite)
+        if isinstance(retry_after, (str, bytes, bool)):
+            raise TypeError(
+                "CircuitOpenError(retry_after=...) takes a number of seconds, got "
+                f"{type(retry_after).__name__}"
+            )
+        try:
+            seconds = float(retry_after)
+        except OverflowError:
+            seconds = math.inf
+        except (TypeError, ValueError):
+            raise TypeError(
+                "CircuitOpenError(retry_after=...) takes a number of seconds, got "
+                f"{type(retry_after).__name__}"
+            ) from None
+        self.retry_after = max(0.0, seconds)
         self.cause = cause
         self.state = state
         self.by_hand = by_hand

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import re
 import socket
 import sys
@@ -468,3 +469,21 @@ def test_metrics_serve_url_of_an_ipv6_address_is_bracketed() -> None:
             assert b"resilient_db_healthy" in answer.read()
     finally:
         served.close()
+
+
+# -- the errors an application raises itself -------------------------------------------------
+def test_a_circuit_open_error_of_any_wait_is_made_and_answered() -> None:
+    """A ``CircuitOpenError`` an application raises itself, with a wait too long to say in
+    tenths (``1e308``), failed in its own constructor with an OverflowError (and so in the
+    handler that would answer it); one whose wait is no number failed comparing it to 0.0."""
+    pytest.importorskip("starlette")
+    from resilient_db.web import problem_details  # noqa: PLC0415 - optional extra
+
+    for seconds in (1e308, math.inf, math.nan, -1.0, 10**400):
+        error = rdb.CircuitOpenError("orders", seconds)
+        assert "; retry in " in str(error)
+        problem = problem_details(error)
+        assert problem is not None
+        assert problem.status == 503
+    with pytest.raises(TypeError, match=r"^CircuitOpenError\(retry_after=...\) takes a number of"):
+        rdb.CircuitOpenError("orders", "5")  # type: ignore[arg-type]
