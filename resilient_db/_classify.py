@@ -128,7 +128,10 @@ def sqlstate_of(exc: BaseException) -> str | None:
     a statement, or a COMMIT, running past ``transaction_timeout``; one sent just as
     ``idle_in_transaction_session_timeout`` ended the session; asyncpg 0.32+) is 25P04 or
     25P03. A connection asyncpg found closed with no error of the server's (one that ended
-    while idle, a broken socket) keeps 08003, or has no code."""
+    while idle, a broken socket) keeps 08003, or has no code. ``TypeError`` for an ``exc``
+    that is no exception, as :func:`classify` says."""
+    if not isinstance(exc, BaseException):
+        raise TypeError(f"sqlstate_of() takes an exception, got {type(exc).__name__}")
     found = None
     for err in error_chain(exc):
         code = getattr(err, "sqlstate", None)

@@ -338,6 +338,15 @@ def test_classify_refuses_what_is_not_an_exception_or_a_classifier(read: Any) ->
     assert read(error, classifier=rdb.Classifier()) in (False, rdb.Outcome.NOT_TRANSIENT)
 
 
+def test_sqlstate_of_refuses_what_is_not_an_exception() -> None:
+    """As classify() and is_transient() do: a string (the code itself, say) failed with an
+    AttributeError, and None was answered "no SQLSTATE"."""
+    for value in (None, "40001"):
+        with pytest.raises(TypeError, match=r"^sqlstate_of\(\) takes an exception, got "):
+            rdb.sqlstate_of(value)  # type: ignore[arg-type]
+    assert rdb.sqlstate_of(ValueError("x")) is None
+
+
 # -- resilient_db.metrics ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("port", "addr", "error", "message"),
