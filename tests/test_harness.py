@@ -491,6 +491,23 @@ def test_server_selection_from_the_environment() -> None:
     assert isinstance(server_from_env({}), EmbeddedPostgres)  # built, not started
 
 
+def test_a_docker_switch_that_is_no_boolean_is_refused_naming_it() -> None:
+    """``RESILIENT_DB_TEST_DOCKER=ture`` (or ``y``, ``docker``) ran the embedded server, as
+    if unset: a run meant against Docker's PostgreSQL passed against another one, unsaid."""
+    for value in ("", " ", "0", "false", "No", " off "):
+        assert server_kind({"RESILIENT_DB_TEST_DOCKER": value}) == "embedded"
+    assert server_kind({"RESILIENT_DB_TEST_DOCKER": " TRUE "}) == "docker"
+    for value in ("ture", "y", "docker"):
+        with pytest.raises(ServerStartError, match=rf"^RESILIENT_DB_TEST_DOCKER={value!r} is "):
+            server_kind({"RESILIENT_DB_TEST_DOCKER": value})
+        with pytest.raises(ServerStartError, match="RESILIENT_DB_TEST_DOCKER"):
+            server_from_env({"RESILIENT_DB_TEST_DOCKER": value})
+    url = "postgresql://u@db:5433/x"  # (an external server wins, whatever the switch says)
+    assert server_kind({"RESILIENT_DB_TEST_URL": url, "RESILIENT_DB_TEST_DOCKER": "ture"}) == (
+        "external"
+    )
+
+
 def test_a_unix_socket_server_gets_urls_every_driver_can_use(scratch_dir: Path) -> None:
     """The embedded server has no unix socket by default (``unix_socket_directories`` is
     empty); this one is given a directory for it, and an external server is pointed there."""

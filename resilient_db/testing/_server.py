@@ -88,6 +88,7 @@ DEFAULT_SETTINGS: Final[Mapping[str, str]] = {
 }
 
 _TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
+_FALSY: Final = frozenset({"", "0", "false", "no", "off"})
 _DEFAULT_OS_USER: Final = "embedded_postgres"
 _DEFAULT_DOCKER_IMAGE: Final = "postgres:18-alpine"
 _POLL_INTERVAL: Final = 0.005
@@ -2649,13 +2650,22 @@ class DockerPostgres(PostgresServer):
 def server_kind(environ: Mapping[str, str] | None = None) -> str:
     """Which server the environment asks for: ``"external"``, ``"docker"`` or ``"embedded"``.
 
-    ``RESILIENT_DB_TEST_URL`` (non-empty) wins; then ``RESILIENT_DB_TEST_DOCKER`` (1/true/yes/on).
+    ``RESILIENT_DB_TEST_URL`` (non-empty) wins; then ``RESILIENT_DB_TEST_DOCKER`` (1/true/yes/on;
+    a value that is neither that nor 0/false/no/off/empty raises :class:`ServerStartError`).
     """
     env = os.environ if environ is None else environ
     if env.get("RESILIENT_DB_TEST_URL", "").strip():
         return "external"
-    if _is_truthy(env.get("RESILIENT_DB_TEST_DOCKER")):
+    docker = env.get("RESILIENT_DB_TEST_DOCKER")
+    if _is_truthy(docker):
         return "docker"
+    if (docker or "").strip().lower() not in _FALSY:
+        # (a typo, "ture", ran the embedded server unsaid: a run meant against Docker's passed
+        # against another server)
+        raise ServerStartError(
+            f"RESILIENT_DB_TEST_DOCKER={docker!r} is neither on (1, true, yes, on) nor off "
+            "(0, false, no, off, empty)"
+        )
     return "embedded"
 
 
