@@ -225,7 +225,11 @@ def test_compiled_rules_are_checked_against_the_mapping(mapped: Mapper) -> None:
     with pytest.raises(TypeError, match="is not a mapped class or instance"):
         guards_of(object())
     model = mapped(_rules({"a": {"b"}}, {"a"}))
-    with pytest.raises(TransitionRulesError, match=r"declares no transitions for column 'nope'"):
+    # (the columns it guards named: the message said only which one it does not)
+    with pytest.raises(
+        TransitionRulesError,
+        match=r"^Item declares no transitions for column 'nope'; it guards 'status'$",
+    ):
         one_guard(model, "nope")
     with pytest.raises(TransitionRulesError, match=r"a sequence of them; found 'not rules'"):
         guards_of(mapped([_rules({"a": {"b"}}, {"a"}), "not rules"], table="other"))

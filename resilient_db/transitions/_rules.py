@@ -1493,7 +1493,10 @@ def one_guard(target: object, column: str | None, *, lent: bool = False) -> Guar
     for g in guards:
         if column in (g.attr_key, g.column.name):
             return g
-    raise TransitionRulesError(f"{guards[0].model} declares no transitions for column {column!r}")
+    names = ", ".join(repr(g.attr_key) for g in guards)
+    raise TransitionRulesError(
+        f"{guards[0].model} declares no transitions for column {column!r}; it guards {names}"
+    )
 
 
 def transition_rules(model: type[Any]) -> tuple[TransitionRules, ...]:
