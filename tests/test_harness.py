@@ -564,6 +564,12 @@ def test_a_unix_socket_server_gets_urls_every_driver_can_use(scratch_dir: Path) 
         (f"host=h1,h2 port=5432,5433 password={PASSWORD}", "it names several hosts"),
         (f"postgresql://app:{PASSWORD}@/main?host=h1&host=h2", "it names several hosts"),
         (f"postgresql://app:{PASSWORD}@db:70000/main", "its port 70000 is out of range"),
+        # a password with an unencoded "@": the parser ends it at the first one, and the rest
+        # of the password was taken for the host, and shown with it (an unreachable host)
+        (
+            f"postgresql://app:pw@{PASSWORD}@127.0.0.1:5432/db",
+            "its password holds an unencoded @",
+        ),
     ],
 )
 def test_a_bad_test_url_is_refused_naming_the_variable(url: str, problem: str) -> None:

@@ -2114,6 +2114,10 @@ def _parse_server_url(url: str) -> dict[str, Any]:
         raise ValueError(
             f"it is not a valid URL (one host, a numeric port); expected {_URL_FORMS}"
         ) from None
+    if "@" in (parsed.host or ""):
+        # the parser ends a password at its first "@" (libpq too): the rest of it would be
+        # taken for the host, and shown with it (a user name may hold one: user@server)
+        raise ValueError("its password holds an unencoded @; percent-encode it (%40)")
     query: dict[str, str] = {}
     for key, value in parsed.query.items():
         if isinstance(value, str):
