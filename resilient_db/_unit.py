@@ -3181,17 +3181,17 @@ def engine_of(bind: Any, factory: type, where: str) -> Any:
     ``TypeError``."""
     if issubclass(factory, async_sessionmaker):
         if isinstance(bind, AsyncConnection):
-            return bind.engine
+            return _usable_url(bind.engine, where)
         if isinstance(bind, AsyncEngine):
-            return bind
+            return _usable_url(bind, where)
         wanted, instead = "an AsyncEngine", "for a sync Engine use ResilientSession"
     else:
         if isinstance(bind, Connection):
             refuse_async_driver(bind.engine, where)
-            return bind.engine
+            return _usable_url(bind.engine, where)
         if isinstance(bind, Engine):
             refuse_async_driver(bind, where)
-            return bind
+            return _usable_url(bind, where)
         wanted, instead = "an Engine", "for an AsyncEngine use AsyncResilientSession"
     replacement = _in_place_of(bind)
     if replacement:
@@ -3200,6 +3200,20 @@ def engine_of(bind: Any, factory: type, where: str) -> Any:
         f"{where} takes {wanted}, got {type(bind).__name__} (a connection whose transaction "
         f"its sessions join works too, or no bind until configure(bind=...); {instead})"
     )
+
+
+def _usable_url(engine: Any, where: str) -> Any:
+    """``engine``, unless its URL's host holds an ``@``: SQLAlchemy (and libpq) end a password
+    at its first ``@`` and take the rest for the host, so every connect would fail to resolve
+    a host named by the end of the password (in the driver's error, the engine's repr). Said
+    here, naming neither."""
+    if "@" in (engine.url.host or ""):
+        raise ValueError(
+            f"{where}: the engine's URL has an @ in its host: its password holds an unencoded "
+            "@, where the URL's parser ends it (the rest would be taken for the host); "
+            "percent-encode it (%40), or give the password with sa.URL.create(...)"
+        )
+    return engine
 
 
 def _in_place_of(bind: Any) -> str:

@@ -155,6 +155,30 @@ async def test_async_a_factory_refused_for_a_binds_engine_leaves_no_trace(
         await other.dispose()
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_an_engine_whose_password_holds_an_unencoded_at_is_refused_leaving_no_trace(
+    driver: str, service: str
+) -> None:
+    """SQLAlchemy (and libpq) end a URL's password at its first "@" and take the rest for the
+    host: the factory was made, its first unit failed to resolve the host (its name the end of
+    the password, in the driver's error and the engine's repr). Said when the factory is made
+    (or configured), naming neither."""
+    secret = "rest-of-pw"
+    url = f"postgresql+{driver}://app:pw@{secret}@127.0.0.1:1/db"
+    sync = sa.create_engine(url) if driver == "psycopg" else None
+    made = create_async_engine(url) if driver == "asyncpg" else None
+    bind: Any = sync if sync is not None else made
+    factory: Any = rdb.ResilientSession if sync is not None else rdb.AsyncResilientSession
+    wanted = r"the engine's URL has an @ in its host: its password holds an unencoded @"
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: {wanted}") as info:
+        factory(bind, service=service)
+    assert secret not in str(info.value)
+    nothing_left(sync if sync is not None else made.sync_engine, service)  # type: ignore[union-attr]
+    later = factory(service=service)  # (bound later: configure(bind=...) refuses it too)
+    with pytest.raises(ValueError, match=rf"configure\(bind=...\): {wanted}"):
+        later.configure(bind=bind)
+
+
 def test_a_factory_refused_for_its_engine_is_no_service_of_health(
     engine: sa.Engine, service: str
 ) -> None:
