@@ -77,6 +77,7 @@ def mapped() -> Iterator[Mapper]:
         nullable: bool = False,
         composite_pk: bool = False,
         default: Any = None,
+        onupdate: Any = None,
     ) -> type[Any]:
         reg = registry()
         registries.append(reg)
@@ -86,7 +87,10 @@ def mapped() -> Iterator[Mapper]:
             "__transitions__": rules,
             "id": mapped_column(sa.Integer, primary_key=True),
             column: mapped_column(
-                type_ if type_ is not None else sa.String(40), nullable=nullable, default=default
+                type_ if type_ is not None else sa.String(40),
+                nullable=nullable,
+                default=default,
+                onupdate=onupdate,
             ),
         }
         if composite_pk:
@@ -252,6 +256,28 @@ def test_a_python_default_that_is_no_initial_state_is_refused_at_mapping(
     ):
         guards_of(mapped(rules, type_=type_, table=f"d_{default}", default=default))
     assert guards_of(mapped(rules, type_=type_, table="d_ok", default="a"))[0].initial == {"a"}
+
+
+@pytest.mark.parametrize(
+    ("type_", "onupdate"),
+    [(sa.String(40), "zzz"), (sa.Enum("a", "b", name="ab"), "c")],
+)
+def test_an_onupdate_that_is_no_state_is_refused_at_mapping(
+    mapped: Mapper, type_: Any, onupdate: str
+) -> None:
+    """A status column's ``onupdate`` value is what every UPDATE of a row that leaves the status
+    out writes: one that is no state of the rules made each such UPDATE (an edit of another
+    column) an illegal move, refused by the flush guard (found only then, at the first edit).
+    One that is a state is taken: a move into it is judged from where the row is."""
+    rules = _rules({"a": {"b"}, "b": {"a"}}, {"a"})
+    with pytest.raises(
+        TransitionRulesError,
+        match=rf"Item\.__transitions__ \(column 'status'\): the column's onupdate {onupdate!r} "
+        r"is no state of the rules \('a', 'b'\)",
+    ):
+        guards_of(mapped(rules, type_=type_, table=f"u_{onupdate}", onupdate=onupdate))
+    taken = guards_of(mapped(rules, type_=sa.String(40), table="u_ok", onupdate="a"))[0]
+    assert taken.onupdate is not None
 
 
 @pytest.mark.parametrize(

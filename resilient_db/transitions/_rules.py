@@ -1105,6 +1105,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         )
 
     _check_server_default(column, initial, states, where)
+    _check_onupdate(column, states, where)
     pk_columns, pk_attr_keys = _pk_columns(mapper, column, where)
     # The ORM's flush binds an UPDATE's primary key by the column's label (``tasks_id``) and
     # the new values as ``col.key``; the compare-and-set reads both (see
@@ -1157,6 +1158,29 @@ def _onupdate(column: sa.Column[Any]) -> Any:
     ):
         return onupdate
     return None
+
+
+def _check_onupdate(column: sa.Column[Any], states: Mapping[Key, State], where: str) -> None:
+    """A value as ``onupdate`` is what every UPDATE of a row that leaves the status out writes:
+    it must be a state of the rules, else each such UPDATE (an edit of another column) is an
+    illegal move, refused by the flush guard at the first edit. (A function or SQL expression:
+    its value is known only at the UPDATE, judged then.)"""
+    onupdate = column.onupdate
+    if not (isinstance(onupdate, sa.ColumnDefault) and onupdate.is_scalar):
+        return
+    try:
+        key: Key = _db_key(column.type, onupdate.arg)
+        why = ""
+    except (LookupError, TypeError, ValueError) as exc:
+        key, why = None, f" ({exc})"
+    if why or key not in states:
+        declared = ", ".join(repr(states[k]) for k in sorted(states, key=sort_key))
+        raise TransitionRulesError(
+            f"{where}: the column's onupdate {onupdate.arg!r} is no state of the rules "
+            f"({declared}){why}: every UPDATE of a row that leaves the status out would write "
+            "it, and be refused as an illegal move; declare it as a state (and the moves into "
+            "it), or change the onupdate"
+        )
 
 
 def _check_server_default(
