@@ -55,6 +55,18 @@ class ConfigError(ResilientDBError, ValueError):
         super().__init__(f"{count} invalid self-healing {noun}:\n{lines}")
 
 
+def finite(value: float) -> bool:
+    """Whether the number ``value`` is finite: any int is (``math.isfinite`` raises
+    ``OverflowError``, naming nothing, on one past a float's range: ``10**400``)."""
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def shown_number(value: object) -> str:
+    """``value`` as an error quotes it: a whole number of hundreds of digits by its length."""
+    text = repr(value)
+    return text if len(text) <= 30 else f"{len(str(value))} digits"
+
+
 def wait_text(seconds: float) -> str:
     """A wait for a message, in tenths of a second rounded up: a wait under 0.05 s is not
     "0.0 s", which reads as "retry now" (0 is said only for no wait at all)."""

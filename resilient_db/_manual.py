@@ -9,10 +9,10 @@ They act on the breaker of this process (a service's one breaker, made by its fi
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from ._breaker import Breaker, breakers
+from ._errors import finite, shown_number
 from ._observability import unfit_label
 
 __all__ = ["MAX_OPEN_SECONDS", "MAX_REASON", "check_change", "close_breaker", "open_breaker"]
@@ -138,10 +138,10 @@ def _checked_seconds(seconds: object, where: str = "open_breaker()") -> float | 
             f"{where}: seconds must be a number of seconds (int or float) or None, "
             f"got {type(seconds).__name__}"
         )
-    value = float(seconds)
-    if not math.isfinite(value) or value <= 0 or value > MAX_OPEN_SECONDS:
+    # (compared as given: float() of an int past a float's range raises OverflowError)
+    if not finite(seconds) or seconds <= 0 or seconds > MAX_OPEN_SECONDS:
         raise ValueError(
             f"{where}: seconds must be a finite number above 0 and at most "
-            f"{MAX_OPEN_SECONDS:g} (one day), got {seconds!r}"
+            f"{MAX_OPEN_SECONDS:g} (one day), got {shown_number(seconds)}"
         )
-    return value
+    return float(seconds)

@@ -496,3 +496,29 @@ def test_a_circuit_open_error_of_any_wait_is_made_and_answered() -> None:
         assert problem.status == 503
     with pytest.raises(TypeError, match=r"^CircuitOpenError\(retry_after=...\) takes a number of"):
         rdb.CircuitOpenError("orders", "5")  # type: ignore[arg-type]
+
+
+# -- numbers past a float's range -------------------------------------------------------------
+def test_a_whole_number_too_large_for_a_float_is_refused_naming_the_argument(
+    engine: sa.Engine, service: str
+) -> None:
+    """``10**400`` failed with ``OverflowError: int too large to convert to float``, naming
+    neither the argument nor the function, where any other number out of range is a
+    ``ValueError`` naming both (Config's settings already were)."""
+    pytest.importorskip("starlette")
+    from resilient_db.testing import FaultProxy  # noqa: PLC0415 - only here
+    from resilient_db.web import dashboard, token_auth  # noqa: PLC0415 - optional extra
+
+    huge = 10**400
+    rdb.ResilientSession(engine, service=service)
+    with pytest.raises(ValueError, match=r"^open_breaker\(\): seconds must be .*, got 401 digits$"):
+        rdb.open_breaker(service, seconds=huge)
+    with pytest.raises(ValueError, match=r"^dashboard\(poll_seconds=...\) must be .*401 digits$"):
+        dashboard(auth=token_auth("t" * 16), poll_seconds=huge)
+    with pytest.raises(ValueError, match=r"^lock_timeout must be .*, got 401 digits$"):
+        rdb.install_commit_markers(engine, lock_timeout=huge)
+    with (
+        FaultProxy(("127.0.0.1", 1)) as proxy,
+        pytest.raises(ValueError, match=r"^latency must be a finite number .*401 digits$"),
+    ):
+        proxy.latency(huge)

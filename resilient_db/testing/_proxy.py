@@ -361,9 +361,15 @@ def _seconds(name: str, value: object) -> float:
     """``value`` as seconds if it is a finite number >= 0, else TypeError/ValueError."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # (an int past a float's range)
+        seconds = math.inf
+    if not (math.isfinite(seconds) and seconds >= 0):
+        # (a whole number of hundreds of digits said by its length)
+        shown = repr(value) if len(repr(value)) <= 30 else f"{len(str(value))} digits"
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {shown}")
+    return seconds
 
 
 def _errno_text(code: int) -> str:

@@ -27,7 +27,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ClauseElement
 
 from resilient_db._classify import sqlstate_of
-from resilient_db._errors import ResilientDBError
+from resilient_db._errors import ResilientDBError, finite, shown_number
 
 from ._report import logger
 from ._rules import (
@@ -376,7 +376,7 @@ def lock_timeout_ms(lock_timeout: object) -> int | None:
             "lock_timeout must be a number of seconds (or None: the session's own "
             f"lock_timeout), got {type(lock_timeout).__name__} {lock_timeout!r}"
         )
-    if not math.isfinite(lock_timeout) or lock_timeout <= 0:
+    if not finite(lock_timeout) or lock_timeout <= 0:
         raise ValueError(
             "lock_timeout must be a positive number of seconds (or None: the session's own "
             f"lock_timeout), got {lock_timeout!r}"
@@ -386,7 +386,7 @@ def lock_timeout_ms(lock_timeout: object) -> int | None:
         # install has begun)
         raise ValueError(
             f"lock_timeout must be at most {_MAX_LOCK_TIMEOUT_MS / 1000:g} seconds (PostgreSQL's "
-            f"largest lock_timeout, about 24 days), got {lock_timeout!r}"
+            f"largest lock_timeout, about 24 days), got {shown_number(lock_timeout)}"
         )
     return max(1, math.ceil(lock_timeout * 1000))
 

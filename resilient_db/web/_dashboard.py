@@ -24,6 +24,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from resilient_db._classify import failure_detail, log_quietly
+from resilient_db._errors import finite, shown_number
 from resilient_db._observability import HealthReport, LineLimit
 from resilient_db._observability import health as _health
 from resilient_db._state import renew_after_fork
@@ -144,12 +145,12 @@ class Dashboard:
         if (
             isinstance(poll_seconds, bool)
             or not isinstance(poll_seconds, (int, float))
-            or not math.isfinite(poll_seconds)
+            or not finite(poll_seconds)
             or not MIN_POLL_SECONDS <= poll_seconds <= MAX_POLL_SECONDS
         ):
             raise ValueError(
                 f"dashboard(poll_seconds=...) must be a number of seconds from "
-                f"{MIN_POLL_SECONDS:g} to {MAX_POLL_SECONDS:g}, got {poll_seconds!r}"
+                f"{MIN_POLL_SECONDS:g} to {MAX_POLL_SECONDS:g}, got {shown_number(poll_seconds)}"
             )
         if not isinstance(title, str):
             raise TypeError(f"dashboard(title=...) must be a string, got {type(title).__name__}")
