@@ -2222,6 +2222,14 @@ def test_bypass_on_a_connection(engine: sa.Engine, sessions: sessionmaker[_S]) -
         # DataError quoting the whole statement; asyncpg's aborted the transaction)
         with pytest.raises(ValueError, match="NUL character"):
             bypass_transitions(conn, reason="migration\x000042")
+        # what goes into the audit line and each of the trigger's server log lines: one line of
+        # text that can be sent (a lone surrogate, os.environ's spelling of a byte that is no
+        # UTF-8, failed with the driver's UnicodeEncodeError; a line end began a line of the
+        # server's log that looked like the server's own), as open_breaker's reason is
+        for bad, said in (("ticket\udcff", "not valid UTF-8"), ("ok\nLOG:  fake", "control")):
+            with pytest.raises(ValueError, match=rf"^bypass_transitions\(\): reason .*{said}"):
+                bypass_transitions(conn, reason=bad)
+        assert not conn.in_transaction()  # (refused before anything was sent)
         bypass_transitions(conn, reason="migration 0042")
         conn.exec_driver_sql(f"UPDATE tasks SET status = 'pending' WHERE id = {task_id}")
         conn.commit()
