@@ -479,13 +479,19 @@ def test_a_migration_role_named_as_the_markers_owner_is_trusted(
     assert _counter(admin) == 3
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "x" * 64, "a\x00b"])
+@pytest.mark.parametrize("bad", ["", "   ", "x" * 64, "a\x00b", "mig\udcffrator"])
 def test_a_markers_owner_that_cannot_be_a_role_name_is_refused(bad: str) -> None:
-    with pytest.raises(rdb.ConfigError, match="SELF_HEALING_MARKERS_OWNER"):
+    """(A name with a byte of another encoding, as ``os.environ`` gives it, a lone surrogate:
+    Config() raised the codec's UnicodeEncodeError, and the environment's error quoted the
+    codec.)"""
+    with pytest.raises(rdb.ConfigError, match="SELF_HEALING_MARKERS_OWNER") as info:
         rdb.load_config({"SELF_HEALING_MARKERS_OWNER": bad})
+    assert "codec" not in str(info.value)
     if bad.strip():
         with pytest.raises(rdb.ConfigError, match="markers_owner"):
             rdb.Config(markers_owner=bad)
+    if "\udcff" in bad:
+        assert "is not UTF-8 text" in str(info.value)
 
 
 @pytest.mark.parametrize("spaced", [" admin", "admin ", "\tadmin\n"])

@@ -143,6 +143,12 @@ def _brackets_refused() -> bool:
         ("redis://10.0.0.1/zero", "the database (the path after the host) is not a number"),
         ("REDIS://10.0.0.1/0", "scheme REDIS: is not one of redis://, rediss://, unix:// (in"),
         (LEFT, "is invalid (not shown: it may be a secret in the wrong variable): not a URL"),
+        # a byte of another encoding (os.environ's lone surrogate) in the password: taken, and
+        # every connect failed encoding it (AUTH)
+        (
+            f"redis://:{LEFT}\udcff{RIGHT}@10.0.0.1:6379/0",
+            "it holds a character that is no UTF-8 text (a byte of another encoding?)",
+        ),
     ],
 )
 def test_url_problems_are_fixed_texts(url: str, reason: str) -> None:
