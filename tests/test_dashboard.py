@@ -109,6 +109,8 @@ def test_the_dashboard_class_checks_its_arguments_as_dashboard_does() -> None:
         ("source", object(), "Recorder"),
         ("title", None, "title"),
         ("title", 123, "title"),
+        # (a byte of another encoding: every page and data.json answered 500)
+        ("title", "Orders \udcff", "title"),
     ):
         with pytest.raises((TypeError, ValueError), match=error):
             Dashboard(**{**good, name: bad})

@@ -306,6 +306,9 @@ def test_rules_are_frozen_hashable_data() -> None:
         ({"transitions": {"pending": {1.5}}}, "states must be str, int or enum.Enum"),
         ({"transitions": {"pending": {True}}}, "states must be str, int or enum.Enum"),
         ({"transitions": {"pending": {"a\x00b"}}}, "NUL"),
+        # (a byte of another encoding, os.environ's lone surrogate: mapped, and the install
+        # and every write of it failed with the codec's UnicodeEncodeError)
+        ({"transitions": {"pending": {"d\udcffne"}}}, "no UTF-8 text"),
         ({"transitions": [("pending", "done")]}, "transitions must be a mapping"),
         ({"column": ""}, "column must be the name"),
     ],

@@ -104,6 +104,16 @@ def _check_state(value: object, *, where: str, column: str) -> State:
             f"TransitionRules(column={column!r}): {where} contains a state with a NUL character, "
             "which PostgreSQL text cannot store"
         )
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # (os.environ's spelling of a byte of another encoding: the model mapped, and the
+            # install and every write of the state failed with the codec's error)
+            raise TransitionRulesError(
+                f"TransitionRules(column={column!r}): {where} contains {value!r}, which is no "
+                "UTF-8 text (a byte of another encoding?); PostgreSQL can't be sent it"
+            ) from None
     return value
 
 

@@ -154,6 +154,14 @@ class Dashboard:
             )
         if not isinstance(title, str):
             raise TypeError(f"dashboard(title=...) must be a string, got {type(title).__name__}")
+        try:
+            title.encode("utf-8")
+        except UnicodeEncodeError:
+            # (a byte of another encoding, as os.environ gives it: every page answered 500)
+            raise ValueError(
+                f"dashboard(title=...) must be UTF-8 text, got {title[:40]!r} (a byte of "
+                "another encoding?)"
+            ) from None
         if isinstance(events, bool) or not isinstance(events, int) or events < 0:
             raise ValueError(f"dashboard(events=...) must be a whole number >= 0, got {events!r}")
         if not callable(health):
