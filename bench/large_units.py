@@ -433,6 +433,7 @@ class Lines(LineCounter):
 
     def __enter__(self) -> Lines:
         self.lines = self.instructions = 0
+        self._found = sys.gettrace()  # (put back on leaving, as LineCounter does)
         sys.settrace(self._call)
         return self
 

@@ -647,11 +647,14 @@ class LineCounter:
         here = sys._getframe()
         here.f_trace_opcodes = True
         here.f_trace_opcodes = False
+        # the tracer found here is put back on leaving: a coverage run's, say, which would
+        # otherwise measure nothing of what runs after the counter
+        self._found = sys.gettrace()
         sys.settrace(self._call)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        sys.settrace(None)
+        sys.settrace(self._found)
 
 
 def _counted(name: str, counters: list[LineCounter]) -> dict[str, float]:

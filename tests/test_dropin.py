@@ -2429,6 +2429,7 @@ def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
 
     previous = signal.signal(signal.SIGUSR1, raise_interrupted)
     calls: list[int] = []
+    found = threading.gettrace()  # (a coverage run's, say: put back after the test)
     try:
         interrupter = threading.Thread(target=interrupt_once_cut, daemon=True)
         interrupter.start()
@@ -2448,7 +2449,7 @@ def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
         assert line.startswith("Two-phase unit not ended"), line
         assert f"{gid}: its PREPARE was still running at the last look" in line, line
     finally:
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(found)  # type: ignore[arg-type]
         release.set()
         signal.signal(signal.SIGUSR1, previous)
 
