@@ -522,3 +522,91 @@ def test_a_whole_number_too_large_for_a_float_is_refused_naming_the_argument(
         pytest.raises(ValueError, match=r"^latency must be a finite number .*401 digits$"),
     ):
         proxy.latency(huge)
+
+
+# -- the session factories ----------------------------------------------------------------
+def test_a_factory_given_the_other_kinds_sleep_is_refused() -> None:
+    """``AsyncResilientSession(sleep=time.sleep)`` would block the event loop in each backoff
+    (or, as a session argument, fail at the first unit); ``ResilientSession(asleep=...)``
+    would never be awaited. Each is refused when the factory is made, naming the one to give."""
+    engine = sa.create_engine(_NOWHERE)
+    async_engine = create_async_engine(_NOWHERE_ASYNC)
+    try:
+        with pytest.raises(TypeError, match=r"^ResilientSession takes sleep= .*not asleep=$"):
+            rdb.ResilientSession(engine, asleep=_async_hook)
+        with pytest.raises(TypeError, match=r"^AsyncResilientSession takes asleep= .*not sleep=$"):
+            rdb.AsyncResilientSession(async_engine, sleep=lambda seconds: None)
+    finally:
+        engine.dispose()
+        async_engine.sync_engine.dispose()
+
+
+def test_a_sync_generator_function_is_refused_as_a_unit(service: str) -> None:
+    """A generator function's body runs only when its result is iterated: after the unit
+    committed and closed its session (its statements would run outside any unit, or not at
+    all). Refused by ``run``, ``run_in`` and ``transactional``, before anything is sent."""
+
+    def rows(session: Session) -> Iterator[int]:
+        yield session.execute(sa.text("SELECT 1")).scalar_one()
+
+    engine = sa.create_engine(_NOWHERE)
+    Session = rdb.ResilientSession(engine, service=service)
+    generator_function = r"\.rows is a generator function: its body would run only when"
+    try:
+        with pytest.raises(TypeError, match=generator_function):
+            Session.run(rows)
+        with pytest.raises(TypeError, match=generator_function):
+            Session.transactional(rows)
+        with Session() as session, pytest.raises(TypeError, match=generator_function):
+            Session.run_in(session, rows)
+        assert rdb.health()["services"][service]["counters"]["attempts"] == 0
+    finally:
+        engine.dispose()
+
+
+def test_run_in_refuses_what_is_not_a_session_of_the_factory(service: str) -> None:
+    """``run_in`` given the engine (or the async factory's session) instead of one of the
+    factory's sessions: refused, naming what it got (not an ``AttributeError`` from inside);
+    a plain SQLAlchemy ``Session`` is refused as not the factory's."""
+    engine = sa.create_engine(_NOWHERE)
+    async_engine = create_async_engine(_NOWHERE_ASYNC)
+    Session = rdb.ResilientSession(engine, service=service)
+    not_a_session = r"^run_in\(\) needs a session made by this factory, got {}$"
+    try:
+        with pytest.raises(TypeError, match=not_a_session.format("Engine")):
+            Session.run_in(engine, lambda s: None)  # type: ignore[type-var]
+        with pytest.raises(TypeError, match=not_a_session.format("AsyncSession")):
+            Session.run_in(sa.ext.asyncio.AsyncSession(async_engine), lambda s: None)  # type: ignore[type-var]
+        with (
+            sa.orm.Session(engine) as plain,
+            pytest.raises(TypeError, match=r"^run_in\(\) runs only in a session made by this "),
+        ):
+            Session.run_in(plain, lambda s: None)
+        assert rdb.health()["services"][service]["counters"]["attempts"] == 0
+    finally:
+        engine.dispose()
+        async_engine.sync_engine.dispose()
+
+
+def test_async_transactional_refuses_a_method_which_would_get_the_session_as_self(
+    service: str,
+) -> None:
+    """As the sync factory's ``transactional``: decorated in its class, an async method would
+    be called with the session as ``self`` and the instance as the session."""
+    engine = create_async_engine(_NOWHERE_ASYNC)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    try:
+        with pytest.raises(TypeError, match=r"Repo\.get takes 'self' first, but transactional "):
+
+            class Repo:
+                @Session.transactional
+                async def get(self, session: Any, n: int) -> int:
+                    return n
+
+        async def by_class(cls: Any, session: Any) -> None:
+            pass
+
+        with pytest.raises(TypeError, match=r"takes 'cls' first"):
+            Session.transactional(by_class)
+    finally:
+        engine.sync_engine.dispose()

@@ -1527,6 +1527,23 @@ def test_run_refuses_what_is_not_a_sync_unit_before_sending_anything(
     assert rdb.health()["services"][service]["counters"]["attempts"] == 0
 
 
+def test_transactional_with_parentheses_and_no_validator_is_the_plain_decorator(
+    engine: sa.Engine, service: str
+) -> None:
+    """``@Session.transactional()`` (parentheses, no ``validate=``) decorates as
+    ``@Session.transactional`` does: the function runs as a unit, its change committed."""
+    Session = factory(engine, service)
+
+    @Session.transactional()
+    def add(session: Any, name: str) -> str:
+        session.add(Item(name=name))
+        return name
+
+    assert add("with parentheses") == "with parentheses"
+    assert count_items(engine, "with parentheses") == 1
+    assert rdb.health()["services"][service]["counters"]["attempts"] == 1
+
+
 def test_transactional_refuses_a_method_which_would_get_the_session_as_self(
     engine: sa.Engine, service: str
 ) -> None:
