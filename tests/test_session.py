@@ -1544,6 +1544,36 @@ def test_transactional_with_parentheses_and_no_validator_is_the_plain_decorator(
     assert rdb.health()["services"][service]["counters"]["attempts"] == 1
 
 
+def test_run_in_inside_a_unit_runs_once_and_the_outer_unit_retries_whole(
+    engine: sa.Engine, service: str
+) -> None:
+    """``run_in`` called inside a unit of the same factory (a helper given a session of its
+    own) does not retry by itself: a transaction can't be retried from its middle. Its
+    transient error (a serialization failure, from the server) reaches the outer unit, which
+    is retried whole; the inner unit's change is committed once, by its second run."""
+    Session = factory(engine, service)
+    calls = {"outer": 0, "inner": 0}
+
+    def inner(session: Any, name: str) -> str:
+        calls["inner"] += 1
+        if calls["inner"] == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        session.add(Item(name=name))
+        return name
+
+    def outer(session: Any) -> str:
+        calls["outer"] += 1
+        session.execute(sa.text("SELECT 1"))
+        with Session() as own:
+            return Session.run_in(own, inner, "nested run_in")
+
+    assert Session.run(outer) == "nested run_in"
+    assert calls == {"outer": 2, "inner": 2}
+    assert count_items(engine, "nested run_in") == 1
+    counters = rdb.health()["services"][service]["counters"]
+    assert (counters["attempts"], counters["retries"]) == (2, 1)
+
+
 def test_transactional_refuses_a_method_which_would_get_the_session_as_self(
     engine: sa.Engine, service: str
 ) -> None:

@@ -841,6 +841,34 @@ async def test_units_of_a_factory_without_autobegin(
     assert await item_names(engine) == expected
 
 
+async def test_run_in_inside_a_unit_runs_once_and_the_outer_unit_retries_whole(
+    engine: AsyncEngine, service: str
+) -> None:
+    """As the sync factory's: ``run_in`` inside a unit of the same factory (another session
+    of its own) runs once; its serialization failure reaches the outer unit, which is retried
+    whole, and the inner change is committed once."""
+    Session = factory(engine, service)
+    calls = {"outer": 0, "inner": 0}
+
+    async def inner(session: AsyncSession, name: str) -> str:
+        calls["inner"] += 1
+        if calls["inner"] == 1:
+            await raise_code(session, "40001")
+        session.add(Item(name=name))
+        return name
+
+    async def outer(session: AsyncSession) -> str:
+        calls["outer"] += 1
+        await session.execute(sa.text("SELECT 1"))
+        async with Session() as own:
+            return await Session.run_in(own, inner, "nested run_in")
+
+    assert await Session.run(outer) == "nested run_in"
+    assert calls == {"outer": 2, "inner": 2}
+    assert await count_items(engine, "nested run_in") == 1
+    assert (counters(service)["attempts"], counters(service)["retries"]) == (2, 1)
+
+
 async def test_run_in_replays_on_the_callers_session(
     engine: AsyncEngine, pg_server: Any, service: str
 ) -> None:
