@@ -1535,6 +1535,18 @@ class Breaker:
                 # meanwhile. Not an opening to follow again (logged, counted as another
                 # process's): the next call asks Redis for a probe
                 return
+            if state == OPEN and remaining <= 0 and not mine and self._storage.state == CLOSED:
+                # another process's opening, over before this view met it (nobody asked Redis
+                # for a probe since: the fleet idle, or restarted, this process started after
+                # it): nothing is rejected here, the next call asks Redis for the fleet's
+                # probe. The local breaker takes it half-open, as it would have got past it:
+                # not said opened ("rejecting calls for 0.0 s" on every new worker) nor
+                # counted as an opening followed
+                if hand is not None:
+                    self._take_hand(hand, elsewhere=True)
+                self._probes = 0
+                self._set_state(HALF_OPEN)
+                return
             # mirror into the local breaker: what it falls back to, and its listeners log
             self._probes = 0
             if state == CLOSED and self.close_reason is None and self._takes_at_attach is not None:

@@ -178,6 +178,42 @@ def test_a_followed_opening_says_the_time_it_has_left(
     engine.dispose()
 
 
+def test_an_opening_over_before_a_process_starts_is_not_said_opened_there(
+    redis_server: RedisServer,
+    pg_url: str,
+    gate: Gate,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another process opened the shared breaker, and its time is over with nobody asking for
+    a probe since (the fleet idle, or restarted: Redis still holds the opening). A process
+    started now lets its first unit through as the fleet's half-open probe, as any process
+    would; it does not say the breaker opened (a WARNING "rejecting calls for 0.0 s" on every
+    worker of a restart, though nothing is rejected) nor count it as an opening followed. Its
+    probe succeeding closes the fleet's breaker."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    gate.set(down=True)
+    with fleet(1, pg_url, opener_settings(redis_server.url), tmp_path) as (opener,):
+        open_the_fleets_breaker(opener)
+    gate.set(down=False)
+    key = _fleet._keys("fleet").breaker
+    client = redis_server.client()
+    client.hset(key, "until", repr(float(client.hget(key, "until")) - 700.0))  # over 100 s ago
+
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url, failure_threshold=1, reset_timeout=600.0)
+    factory = rdb.ResilientSession(engine, service="fleet", config=config)
+    wait_for(lambda: shared("fleet")["connected"], "the link up", 10)
+    assert _records(caplog, "Circuit breaker opened") == []
+    assert shared("fleet")["opens_followed"] == 0
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    assert _records(caplog, "Circuit breaker half-open")  # its unit was the fleet's probe
+    assert _records(caplog, "Circuit breaker opened") == []
+    assert rdb.health()["services"]["fleet"]["breaker"]["state"] == "closed"
+    wait_for(lambda: client.hget(key, "st") == b"closed", "the fleet's breaker closed", 10)
+    engine.dispose()
+
+
 class _FailingListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         raise RuntimeError("a listener of the application that fails")
