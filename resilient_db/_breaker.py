@@ -85,7 +85,8 @@ class _LogListener(_pb.CircuitBreakerListener):
     a shared breaker's that its failure (or its ``open()``) opened. A shared breaker's opening
     that another process made is logged here too (this process rejects calls from then on),
     but counted apart, as an opening followed (``opens_followed``): summed over the fleet,
-    ``breaker_opens`` counts each opening once."""
+    ``breaker_opens`` counts each opening once. So is one found in a storage of the caller's
+    that other processes share (see :meth:`Breaker.noticed`)."""
 
     def __init__(self, breaker: Breaker) -> None:
         self._breaker = breaker
@@ -93,6 +94,18 @@ class _LogListener(_pb.CircuitBreakerListener):
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         b = self._breaker
         new = new_state.name
+        # a change this breaker made (_set_state, in this thread), or one made elsewhere in a
+        # storage it shares (another process's, through a ``breaker_storage=`` of the
+        # caller's) that it noticed: at its admission or a health() read (see
+        # Breaker.noticed), or pybreaker's own ``CircuitBreaker.state`` read by anyone
+        own = b.setting == threading.get_ident()
+        if not own:
+            if new == b.known or b.setting is not None:
+                # said already (pybreaker's cached state lags: a listener raised), or this
+                # breaker's own change under way in another thread (it tells it)
+                return
+            b.took_elsewhere(new)
+        b.known = new
         # the calls the state ending now rejected since its last line are said now (summed,
         # the events' ``rejected`` are every rejection); the next state's first has its line
         left = b.rejection_lines.drain()
@@ -101,6 +114,7 @@ class _LogListener(_pb.CircuitBreakerListener):
             b.report_rejections_left(left, old)
         if new == OPEN:
             followed, b.open_followed = b.open_followed, False
+            followed = followed or not own
             if followed:
                 b.opens_followed += 1
             else:
@@ -112,12 +126,13 @@ class _LogListener(_pb.CircuitBreakerListener):
             else:
                 if reason is not None:
                     why = reason
+                elif not own:
+                    # (its failure count, if any, is another process's: not said as ours)
+                    why = "an opening found in its storage (made by another process sharing it)"
                 elif getattr(old_state, "name", None) == HALF_OPEN:
                     why = "a half-open probe failed"
-                elif cb.fail_counter:
+                else:
                     why = f"{cb.fail_counter} consecutive failures"
-                else:  # (found open in a storage of yours that another process shares)
-                    why = "an opening found in its storage"
                 if b.open_cause is not None:
                     why = f"{why} (the last: {b.open_cause})"
                 why = f"after {why}"
@@ -157,6 +172,8 @@ class _LogListener(_pb.CircuitBreakerListener):
             )
         elif new == CLOSED and old_state is not None:
             reason, b.close_reason = b.close_reason, None
+            if reason is None and not own:
+                reason = "found closed in its storage (closed by another process sharing it)"
             by_hand, b.closing_by_hand = b.closing_by_hand, False
             b.by_hand = False
             emit(
@@ -267,6 +284,19 @@ class Breaker:
         #: that count when the breaker was attached to a link by being switched on again (its
         #: users all had it off), until switch_on has looked (None: not attached that way)
         self._takes_at_attach: int | None = None
+        #: the state this breaker was last in, as its listener was told (a storage of the
+        #: caller's shared with other processes may hold another since: see :meth:`noticed`).
+        #: It starts closed, as a breaker shared through Redis does: one that finds the storage
+        #: open says so when it notices, as that one says an opening read on connecting
+        self.known = CLOSED
+        #: the thread changing this breaker's state now (see :meth:`_set_state`), if any
+        self.setting: int | None = None
+        if self._cb.current_state != CLOSED:
+            # pybreaker's breaker took the storage's state as its own, telling nobody: it
+            # starts closed, so that the state found is told as a change when noticed (telling
+            # no listener now: none is added yet). pybreaker resets the storage's failure
+            # count with it, which counts nothing while open or half-open
+            self._cb.state = CLOSED
         self._cb.add_listener(_LogListener(self))
         #: the listeners of the caller's (``breaker_listeners=``), told of each attempt's
         #: outcome too (see :meth:`_tell`); empty: nothing to tell, the fast paths stay fast
@@ -575,6 +605,46 @@ class Breaker:
         """Every live user has it switched off by its configuration (see :meth:`switch_off`)."""
         return not self._users_on and len(self._users_off) > 0
 
+    # -- a storage shared with other processes ---------------------------------------------
+    def noticed(self, state: str) -> str:
+        """``state``, just read from the storage: when this breaker was in another, a change
+        made elsewhere (another process sharing a ``breaker_storage=`` of the caller's opened
+        it, or its probes took it half-open or closed) is taken now, said and told to the
+        listeners once, as pybreaker's own ``CircuitBreaker.state`` tells them of a change it
+        notices. Returns the state the breaker is in now. Nothing is read again while the state
+        is the one known: the closed fast path stays one storage read."""
+        if state == self.known:
+            return state
+        with self._lock:
+            return self._notice_locked()
+
+    def _notice_locked(self) -> str:
+        """:meth:`noticed`, the storage read again under the lock (callers hold it): another
+        thread may have noticed the change first, or this breaker's own change be under way
+        (its storage written, its listeners not told yet)."""
+        state: str = self._storage.state
+        if state != self.known and state in _REPORTED_STATES:
+            # pybreaker's setter tells every listener (the old state: its cached one, which is
+            # this breaker's last), and resets the storage's counters as on any change
+            self._cb.state = state
+        return state
+
+    def took_elsewhere(self, state: str) -> None:
+        """The listener was told of ``state``, a change made elsewhere (see :meth:`noticed`):
+        this breaker's own notes follow it, as :meth:`_set_state` keeps them for its own."""
+        self._opened_locally = False
+        self._opened_alone_at = None
+        self._probes = 0
+        if state == HALF_OPEN:
+            self._lease_from = self._timer()
+            self._probe_era += 1
+        if state == OPEN:
+            # whoever made it and why is unknown here: not this process's failures, not an
+            # operator's as far as it knows; the time it has left is its opened_at's
+            self.open_cause = None
+            self._forget_hand()
+            self.open_left = max(0.0, self._remaining_open())
+
     # -- the protocol around one attempt ------------------------------------------------
     @property
     def state(self) -> str:
@@ -590,7 +660,9 @@ class Breaker:
             fleet = self._fleet
             if fleet is not None and fleet.up:
                 return bool(self._fleet_state == CLOSED)
-            return bool(self._storage.state == CLOSED)
+            # (a change made elsewhere, closed in the storage after another state here, is
+            # noticed by before_call)
+            return bool(self._storage.state == CLOSED and self.known == CLOSED)
         except Exception:
             return False
 
@@ -623,7 +695,7 @@ class Breaker:
                 if self._fleet_state == OPEN:
                     return max(0.0, self._fleet_until - time.monotonic())
                 return 0.0
-            if self._storage.state == OPEN:
+            if self.noticed(self._storage.state) == OPEN:
                 return max(0.0, self._remaining_open())
         except Exception:  # a store of yours that fails: the attempt asks before_call
             return 0.0
@@ -677,7 +749,7 @@ class Breaker:
     def _local_admit(self, reservation: str | None) -> bool:
         """:meth:`before_call` on the local state (``reservation``: that of an admit whose
         answer was lost, held by the probe this lets through, if any)."""
-        state = self._storage.state
+        state = self.noticed(self._storage.state)
         if state == CLOSED:
             return False
         if state == OPEN:
@@ -852,6 +924,8 @@ class Breaker:
             if probe:
                 self._probes = max(0, self._probes - 1)
             state = self._storage.state
+            if state != self.known:  # (a change made elsewhere: said before this failure's)
+                state = self._notice_locked()
             if state == HALF_OPEN:
                 self._open(cause)
                 return
@@ -1050,7 +1124,7 @@ class Breaker:
         and None while closed."""
         if self.switched_off:
             return switched_off_view(self.config)
-        stored = self.state
+        stored = self.noticed(self.state)
         state = _REPORTED_STATES.get(stored)
         if state is None:  # a breaker_storage= of yours with a state pybreaker has not
             raise ValueError(f"breaker state {stored!r} is none of pybreaker's")
@@ -1657,8 +1731,13 @@ class Breaker:
             self._probe_era += 1
         self._storage.state = state
         # pybreaker's setter builds its state object and notifies the listeners; it resets the
-        # failure counter on closing and the success counter on opening / half-opening.
-        self._cb.state = state
+        # failure counter on closing and the success counter on opening / half-opening. The
+        # listener tells this breaker's change from one noticed in its storage by the thread
+        self.setting = threading.get_ident()
+        try:
+            self._cb.state = state
+        finally:
+            self.setting = None
 
     def _stamp_opening(self, elapsed: float) -> None:
         """The breaker opened ``elapsed`` seconds ago: the storage's ``opened_at`` says when

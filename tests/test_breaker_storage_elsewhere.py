@@ -1,0 +1,235 @@
+"""A ``breaker_storage=`` of the application's shared by processes (pybreaker's
+``CircuitRedisStorage``): a change another process made there (its failures opening the
+breaker, its half-open state, its probe closing it) is followed here and, once this process
+notices it (at its next admission, or a ``health()`` read), said and told once: the
+``Circuit breaker opened`` line and event (``opened_here`` false: not in this process's
+``breaker_opens``, as an opening followed through Redis), the half-open and closed ones, and the
+factory's ``breaker_listeners``, as pybreaker's own ``CircuitBreaker.state`` tells its listeners
+of a change made elsewhere. Before, this process refused calls from the storage's state in
+silence: no line, no event, no listener told."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pybreaker
+import pytest
+import sqlalchemy as sa
+from scenarios import FakeClock, otel_points
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, RedisServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff", "state_reset_before_redis_stops")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: one failure opens it, for long (the other process's opening is still running when noticed)
+CONFIG = rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=600.0)
+
+
+@pytest.fixture
+def state_reset_before_redis_stops(redis_server: RedisServer) -> Iterator[None]:
+    """The breakers forgotten while their storage's Redis still answers (reset_state reads it)."""
+    yield
+    rdb.reset_state()
+
+
+class Heard(pybreaker.CircuitBreakerListener):
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str]] = []
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        self.changes.append((getattr(old_state, "name", ""), new_state.name))
+
+
+def redis_storage(redis_server: RedisServer, namespace: str) -> pybreaker.CircuitRedisStorage:
+    return pybreaker.CircuitRedisStorage(
+        pybreaker.STATE_CLOSED, redis_server.client(), namespace=namespace
+    )
+
+
+def select_one(session: Session) -> int:
+    return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+
+def lines(caplog: pytest.LogCaptureFixture, service: str, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if text in r.getMessage() and f"service={service} " in r.getMessage()
+    ]
+
+
+def breaker_events(events: list[rdb.SelfHealEvent], service: str) -> list[tuple[str, Any]]:
+    return [
+        (e.name, e.fields.get("opened_here"))
+        for e in events
+        if e.service == service and e.name.startswith("breaker_") and e.name != "breaker_rejected"
+    ]
+
+
+#: the other process: its factory on the same storage (the same Redis keys) opens the breaker
+#: with one failed unit (the database refuses connections), then exits
+OTHER_PROCESS = textwrap.dedent(
+    """
+    import sys
+
+    import pybreaker
+    import redis
+    import sqlalchemy as sa
+
+    import resilient_db as rdb
+
+    db_url, redis_url, namespace, service = sys.argv[1:]
+    storage = pybreaker.CircuitRedisStorage(
+        pybreaker.STATE_CLOSED, redis.Redis.from_url(redis_url), namespace=namespace
+    )
+    Factory = rdb.ResilientSession(
+        sa.create_engine(db_url),
+        service=service,
+        breaker_storage=storage,
+        config=rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=600.0),
+    )
+    try:
+        Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
+    except sa.exc.OperationalError:
+        pass
+    print(storage.state)
+    """
+)
+
+
+def test_an_opening_another_process_made_in_the_shared_storage_is_said_and_told_once(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_server: RedisServer,
+    fault_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+    otel: Any,
+) -> None:
+    caplog.set_level(logging.INFO)
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    heard = Heard()
+    Factory = rdb.ResilientSession(
+        engine,
+        service=service,
+        breaker_storage=redis_storage(redis_server, namespace),
+        breaker_listeners=[heard],
+        config=CONFIG,
+    )
+    assert Factory.run(select_one) == 1
+    fault_proxy.refuse()  # the database refuses the other process's connections
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELF_HEALING_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    db_url = fault_proxy.url(engine.url.database)
+    other = subprocess.run(
+        [sys.executable, "-c", OTHER_PROCESS, db_url, redis_server.url, namespace, service],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert other.stdout.strip() == "open", other.stderr  # its failure opened the shared breaker
+    for _ in range(3):
+        with pytest.raises(rdb.CircuitOpenError) as refused:
+            Factory.run(select_one)
+        assert refused.value.retry_after > 500  # its opening's time left, by its opened_at
+    opened = lines(caplog, service, "Circuit breaker opened")
+    assert len(opened) == 1, opened
+    assert "an opening found in its storage" in opened[0]
+    assert breaker_events(events, service) == [("breaker_opened", False)]
+    assert heard.changes == [("closed", "open")]
+    report = rdb.health()["services"][service]
+    assert report["breaker"] is not None
+    assert report["breaker"]["state"] == "open"
+    # the other process counted it (its breaker_opens): followed here, not counted again
+    assert report["counters"]["breaker_opens"] == 0
+    transitions = otel_points(otel[2], "resilient_db.breaker.transitions")
+    assert transitions == {(("opened_here", False), ("service", service), ("state", "open")): 1}, (
+        transitions
+    )
+
+
+def test_half_open_and_closed_made_elsewhere_are_said_once_when_noticed(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_server: RedisServer,
+    fault_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Two factories of two services in one process stand for two processes sharing the
+    storage (two storage objects on the same Redis keys): ``other``'s failure opens it, its
+    time runs out (its own clock), its probe goes through and closes it; this one notices the
+    opening at its next admission, the half-open state at a ``health()`` read (made while the
+    probe runs), the closing at its next admission."""
+    caplog.set_level(logging.INFO)
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    here, there = service, f"{service}-other"
+    heard = Heard()
+    Factory = rdb.ResilientSession(
+        engine,
+        service=here,
+        breaker_storage=redis_storage(redis_server, namespace),
+        breaker_listeners=[heard],
+        config=CONFIG,
+    )
+    other_clock = FakeClock(time.time())
+    proxied = sa.create_engine(fault_proxy.url(engine.url.database))
+    try:
+        Other = rdb.ResilientSession(
+            proxied,
+            service=there,
+            breaker_storage=redis_storage(redis_server, namespace),
+            config=CONFIG,
+            wall_clock=other_clock,
+        )
+        assert Factory.run(select_one) == 1
+        fault_proxy.refuse()
+        with pytest.raises(sa.exc.OperationalError):
+            Other.run(select_one)  # opens the shared breaker
+        with pytest.raises(rdb.CircuitOpenError):
+            Factory.run(select_one)
+        fault_proxy.restore()
+        other_clock.advance(CONFIG.reset_timeout)
+        seen: list[Any] = []
+
+        def probe(session: Session) -> int:
+            # the other's probe runs: the storage says half-open, this process reads it
+            seen.append(rdb.health()["services"][here]["breaker"])
+            return select_one(session)
+
+        assert Other.run(probe) == 1  # the probe closed it
+        assert seen[0]["state"] == "half-open"
+        assert Factory.run(select_one) == 1
+        assert Factory.run(select_one) == 1
+    finally:
+        proxied.dispose()
+    for text in ("opened", "half-open", "closed"):
+        said = lines(caplog, here, f"Circuit breaker {text}")
+        assert len(said) == 1, (text, said)
+    assert "found closed in its storage" in lines(caplog, here, "Circuit breaker closed")[0]
+    assert breaker_events(events, here) == [
+        ("breaker_opened", False),
+        ("breaker_half_open", None),
+        ("breaker_closed", None),
+    ]
+    assert heard.changes == [("closed", "open"), ("open", "half-open"), ("half-open", "closed")]
+    counters = rdb.health()["services"]
+    assert counters[here]["counters"]["breaker_opens"] == 0
+    assert counters[there]["counters"]["breaker_opens"] == 1
