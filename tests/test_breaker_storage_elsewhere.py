@@ -15,9 +15,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, RedisServer
 
-pytestmark = pytest.mark.usefixtures("no_backoff", "state_reset_before_redis_stops")
+pytestmark = pytest.mark.usefixtures("no_backoff")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,10 +40,22 @@ CONFIG = rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=600.0)
 
 
 @pytest.fixture
-def state_reset_before_redis_stops(redis_server: RedisServer) -> Iterator[None]:
-    """The breakers forgotten while their storage's Redis still answers (reset_state reads it)."""
-    yield
+def redis_storage(redis_server: RedisServer) -> Iterator[Callable[[str], Any]]:
+    """``make(namespace)``: a pybreaker ``CircuitRedisStorage`` on the test's Redis (each on a
+    client of its own, as another process's would be). The breakers are forgotten while Redis
+    still answers (reset_state reads their storage), then the clients closed."""
+    clients: list[Any] = []
+
+    def make(namespace: str) -> pybreaker.CircuitRedisStorage:
+        clients.append(redis_server.client())
+        return pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, clients[-1], namespace=namespace
+        )
+
+    yield make
     rdb.reset_state()
+    for client in clients:
+        client.close()
 
 
 class Heard(pybreaker.CircuitBreakerListener):
@@ -51,12 +64,6 @@ class Heard(pybreaker.CircuitBreakerListener):
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         self.changes.append((getattr(old_state, "name", ""), new_state.name))
-
-
-def redis_storage(redis_server: RedisServer, namespace: str) -> pybreaker.CircuitRedisStorage:
-    return pybreaker.CircuitRedisStorage(
-        pybreaker.STATE_CLOSED, redis_server.client(), namespace=namespace
-    )
 
 
 def select_one(session: Session) -> int:
@@ -115,6 +122,7 @@ def test_an_opening_another_process_made_in_the_shared_storage_is_said_and_told_
     engine: sa.Engine,
     service: str,
     redis_server: RedisServer,
+    redis_storage: Callable[[str], Any],
     fault_proxy: FaultProxy,
     caplog: pytest.LogCaptureFixture,
     events: list[rdb.SelfHealEvent],
@@ -126,7 +134,7 @@ def test_an_opening_another_process_made_in_the_shared_storage_is_said_and_told_
     Factory = rdb.ResilientSession(
         engine,
         service=service,
-        breaker_storage=redis_storage(redis_server, namespace),
+        breaker_storage=redis_storage(namespace),
         breaker_listeners=[heard],
         config=CONFIG,
     )
@@ -168,7 +176,7 @@ def test_half_open_and_closed_made_elsewhere_are_said_once_when_noticed(
     *,
     engine: sa.Engine,
     service: str,
-    redis_server: RedisServer,
+    redis_storage: Callable[[str], Any],
     fault_proxy: FaultProxy,
     caplog: pytest.LogCaptureFixture,
     events: list[rdb.SelfHealEvent],
@@ -185,7 +193,7 @@ def test_half_open_and_closed_made_elsewhere_are_said_once_when_noticed(
     Factory = rdb.ResilientSession(
         engine,
         service=here,
-        breaker_storage=redis_storage(redis_server, namespace),
+        breaker_storage=redis_storage(namespace),
         breaker_listeners=[heard],
         config=CONFIG,
     )
@@ -195,7 +203,7 @@ def test_half_open_and_closed_made_elsewhere_are_said_once_when_noticed(
         Other = rdb.ResilientSession(
             proxied,
             service=there,
-            breaker_storage=redis_storage(redis_server, namespace),
+            breaker_storage=redis_storage(namespace),
             config=CONFIG,
             wall_clock=other_clock,
         )
@@ -233,3 +241,61 @@ def test_half_open_and_closed_made_elsewhere_are_said_once_when_noticed(
     counters = rdb.health()["services"]
     assert counters[here]["counters"]["breaker_opens"] == 0
     assert counters[there]["counters"]["breaker_opens"] == 1
+
+
+def test_an_opening_found_by_threads_at_once_is_said_and_told_once(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    fault_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Units of many threads admitted at once after another process's opening: the first to
+    notice it says it; the others, having read the storage too, find it taken (read again under
+    the breaker's lock), and neither say nor tell it again."""
+    caplog.set_level(logging.INFO)
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    heard = Heard()
+    Factory = rdb.ResilientSession(
+        engine,
+        service=service,
+        breaker_storage=redis_storage(namespace),
+        breaker_listeners=[heard],
+        config=CONFIG,
+    )
+    proxied = sa.create_engine(fault_proxy.url(engine.url.database))
+    try:
+        Other = rdb.ResilientSession(
+            proxied,
+            service=f"{service}-other",
+            breaker_storage=redis_storage(namespace),
+            config=CONFIG,
+        )
+        assert Factory.run(select_one) == 1
+        fault_proxy.refuse()
+        with pytest.raises(sa.exc.OperationalError):
+            Other.run(select_one)  # opens the shared breaker
+    finally:
+        proxied.dispose()
+    threads = 8
+    start = threading.Barrier(threads)
+    refused: list[bool] = []
+
+    def unit() -> None:
+        start.wait(10)
+        try:
+            Factory.run(select_one)
+        except rdb.CircuitOpenError:
+            refused.append(True)
+
+    workers = [threading.Thread(target=unit) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(30)
+    assert refused == [True] * threads
+    assert len(lines(caplog, service, "Circuit breaker opened")) == 1
+    assert breaker_events(events, service) == [("breaker_opened", False)]
+    assert heard.changes == [("closed", "open")]
