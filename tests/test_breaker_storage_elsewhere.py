@@ -299,3 +299,48 @@ def test_an_opening_found_by_threads_at_once_is_said_and_told_once(
     assert len(lines(caplog, service, "Circuit breaker opened")) == 1
     assert breaker_events(events, service) == [("breaker_opened", False)]
     assert heard.changes == [("closed", "open")]
+
+
+def test_a_process_started_while_the_shared_storage_is_open_says_so_when_it_notices(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    fault_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Its breaker starts closed, as one shared through Redis does: the opening it finds in
+    the storage at its first admission is said and told (``closed`` to ``open``), as that one
+    says an opening it reads on connecting, not taken in silence."""
+    caplog.set_level(logging.INFO)
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    proxied = sa.create_engine(fault_proxy.url(engine.url.database))
+    try:
+        Other = rdb.ResilientSession(
+            proxied,
+            service=f"{service}-other",
+            breaker_storage=redis_storage(namespace),
+            config=CONFIG,
+        )
+        fault_proxy.refuse()
+        with pytest.raises(sa.exc.OperationalError):
+            Other.run(select_one)  # opens the shared breaker
+    finally:
+        proxied.dispose()
+    heard = Heard()
+    Factory = rdb.ResilientSession(  # made now: "started" while it is open
+        engine,
+        service=service,
+        breaker_storage=redis_storage(namespace),
+        breaker_listeners=[heard],
+        config=CONFIG,
+    )
+    for _ in range(2):
+        with pytest.raises(rdb.CircuitOpenError):
+            Factory.run(select_one)
+    opened = lines(caplog, service, "Circuit breaker opened")
+    assert len(opened) == 1, opened
+    assert "an opening found in its storage" in opened[0]
+    assert breaker_events(events, service) == [("breaker_opened", False)]
+    assert heard.changes == [("closed", "open")]
