@@ -552,7 +552,27 @@ def _no_op_settings(environ: Mapping[str, str], config: Any) -> list[str]:
             "retry budget, and SELF_HEALING_RETRY_BUDGET is not set (set it, e.g. to 0.2, or "
             "unset the floor)"
         )
+    # durations are milliseconds, as the plan's variables are; a reset timeout or deadline
+    # under a second is most likely a number of seconds (SELF_HEALING_RESET_TIMEOUT=30 is an
+    # opening of 30 ms, the breaker half-open again at once). Valid all the same (tests shrink
+    # them): said, not refused
+    for name, what in _SECONDS_LIKELY.items():
+        given = environ.get(name, "").strip()
+        if given.isdigit() and 0 < int(given) < 1000:
+            ms = int(given)
+            notes.append(
+                f"{name} is {ms} ms: durations are in milliseconds, so {what} {ms} ms; "
+                f"if you meant {ms} s, write {ms * 1000}"
+            )
     return notes
+
+
+#: the duration variables whose values under a second are noted by check-config, and what
+#: such a value means
+_SECONDS_LIKELY = {
+    "SELF_HEALING_RESET_TIMEOUT": "an open circuit lets a probe through after",
+    "SELF_HEALING_DEADLINE": "a unit stops retrying after",
+}
 
 
 # -- rules --------------------------------------------------------------------------------------

@@ -96,6 +96,29 @@ def test_check_config_says_a_redis_url_needs_the_redis_package(
     rdb.ResilientSession(service="cli-no-redis-needed")
 
 
+def test_check_config_notes_a_reset_timeout_or_deadline_that_looks_like_seconds(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``SELF_HEALING_RESET_TIMEOUT=1`` (meaning a second) was taken as 1 ms in silence: the
+    breaker half-open again at once. Valid (tests shrink delays so), noted by check-config."""
+    clean_env.setenv("SELF_HEALING_RESET_TIMEOUT", "1")
+    clean_env.setenv("SELF_HEALING_DEADLINE", "30")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  SELF_HEALING_RESET_TIMEOUT is 1 ms: durations are in milliseconds, so an open "
+        "circuit lets a probe through after 1 ms; if you meant 1 s, write 1000\n"
+    ) in out
+    assert (
+        "  SELF_HEALING_DEADLINE is 30 ms: durations are in milliseconds, so a unit stops "
+        "retrying after 30 ms; if you meant 30 s, write 30000\n"
+    ) in out
+    clean_env.setenv("SELF_HEALING_RESET_TIMEOUT", "1000")
+    clean_env.setenv("SELF_HEALING_DEADLINE", "60000")
+    assert main(["check-config", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
 def test_check_config_says_a_retry_budget_floor_without_a_budget_does_nothing(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
