@@ -64,8 +64,8 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng.dispose()
 
 
-def _batch_waiting(engine: sa.Engine) -> bool:
-    """A backend's UPDATE of ``accounts`` waits for a row lock (the flush's batch)."""
+def _updates_waiting(engine: sa.Engine) -> int:
+    """How many backends' UPDATEs of ``accounts`` wait for a row lock."""
     with engine.connect() as conn:
         waiting = conn.execute(
             sa.text(
@@ -73,7 +73,7 @@ def _batch_waiting(engine: sa.Engine) -> bool:
                 "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE accounts%'"
             )
         ).scalar_one()
-    return int(waiting) == 1
+    return int(waiting)
 
 
 def _balances(engine: sa.Engine) -> list[int]:
@@ -103,29 +103,63 @@ class Fault:
     def arm(self, pid: int) -> None:
         other = self.engine.connect()
         other.begin()
-        # a deadlock: the batch (rows 1..4 in order) holds row 1 and waits for row 3, which
-        # this transaction holds, then asks for row 1; the batch is the victim: this
-        # transaction's deadlock check comes 10 s after its wait begins (the server's 100 ms
-        # for the batch, which waited first, but whose check a loaded machine may run late)
-        locked = 3 if self.kind == "deadlock" else 2
+        other.execute(sa.text("UPDATE accounts SET balance = balance + 1 WHERE id = 2"))
         if self.kind == "deadlock":
-            other.execute(sa.text("SET LOCAL deadlock_timeout = '10s'"))
-        other.execute(sa.text(f"UPDATE accounts SET balance = balance + 1 WHERE id = {locked}"))
+            self._arm_deadlock(other)
+            return
 
         def make() -> None:
             try:
-                wait_for(lambda: _batch_waiting(self.engine), "the batch waiting")
+                wait_for(lambda: _updates_waiting(self.engine) == 1, "the batch waiting")
                 if self.kind == "conflict":
                     other.commit()  # the waiting UPDATE then fails with 40001
-                elif self.kind == "deadlock":
-                    other.execute(sa.text("UPDATE accounts SET balance = balance + 1 WHERE id = 1"))
-                    other.commit()
                 else:
                     self.server.execute(f"SELECT pg_terminate_backend({int(pid)})")
             except BaseException as exc:  # reported by the test
                 self.error = exc
             finally:
                 other.close()
+
+        self.thread = threading.Thread(target=make)
+        self.thread.start()
+
+    def _arm_deadlock(self, holder: sa.Connection) -> None:
+        """A deadlock whose victim is the batch: it holds row 1 and waits for row 3, which
+        ``closer`` holds, and ``closer`` waits for row 1. PostgreSQL checks a wait for a
+        deadlock once, ``deadlock_timeout`` after it began: the batch's wait for row 3 must
+        begin after ``closer``'s for row 1, or the batch's one check (the server's 100 ms)
+        may find no cycle yet (a loaded machine between the two waits) and ``closer``'s
+        (10 s) find it, ``closer`` the victim. So the batch first waits for row 2, which
+        ``holder`` holds; once ``closer`` waits for row 1, ``holder`` rolls back and the
+        batch goes on to row 3: its wait there closes the cycle, and its check 100 ms later
+        finds it (only the server runs in between: the batch's statements are all sent;
+        ``closer``'s check comes 10 s after its wait began, before the rollback)."""
+        closer = self.engine.connect()
+        closer.begin()
+        closer.execute(sa.text("SET LOCAL deadlock_timeout = '10s'"))
+        closer.execute(sa.text("UPDATE accounts SET balance = balance + 1 WHERE id = 3"))
+
+        def close_the_cycle() -> None:
+            try:
+                closer.execute(sa.text("UPDATE accounts SET balance = balance + 1 WHERE id = 1"))
+                closer.commit()
+            except BaseException as exc:  # reported by the test
+                self.error = exc
+
+        def make() -> None:
+            waits = threading.Thread(target=close_the_cycle)
+            try:
+                wait_for(lambda: _updates_waiting(self.engine) == 1, "the batch waiting (row 2)")
+                waits.start()
+                wait_for(lambda: _updates_waiting(self.engine) == 2, "row 1 waited for")
+                holder.rollback()  # the batch goes on to row 3, and closes the cycle
+            except BaseException as exc:  # reported by the test
+                self.error = exc
+            finally:
+                holder.close()  # (rolled back, if it was not)
+                if waits.is_alive():
+                    waits.join(timeout=60)
+                closer.close()
 
         self.thread = threading.Thread(target=make)
         self.thread.start()
