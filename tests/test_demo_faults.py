@@ -220,3 +220,80 @@ def test_a_failover_still_comes_when_nobody_writes_while_it_still_fits() -> None
     # at the last moment it fits: its outage and recovery (3 s) and a second before the end
     assert crashed_after >= 8.0 - 3.0 - 1.0
     assert schedule.log.injected["failover"] == 1
+
+
+class _Redis:
+    """The demo's Redis as the schedule sees it (stopped, started, rejoined at once); whether
+    every worker process wrote since the stop is the test's to say."""
+
+    def __init__(self) -> None:
+        self.writes = threading.Event()
+        self.asked = 0
+        self.started = threading.Event()
+        self.started_written: bool | None = None
+
+    def stop(self) -> None:
+        pass
+
+    def start(self) -> None:
+        self.started_written = self.writes.is_set()
+        self.started.set()
+
+    def rejoined(self) -> bool:
+        return self.started.is_set()
+
+    def written_meanwhile(self) -> bool:
+        self.asked += 1
+        return self.writes.is_set()
+
+
+def _redis_outage(seconds: float, redis: _Redis, stop: threading.Event) -> Schedule:
+    """A schedule of a ``seconds`` run whose Redis outage starts now (in a thread)."""
+    schedule = Schedule(
+        seconds=seconds,
+        stage=cast(Any, None),
+        application_name="demo-faults-test",
+        log=FaultLog(clock=time.monotonic, on_event=lambda message: None),
+        stop=stop,
+        service="demo-faults-redis",
+        crash_allowed=False,
+        redis=redis,
+    )
+    threading.Thread(target=schedule.redis_outage, daemon=True).start()
+    return schedule
+
+
+def test_redis_stays_stopped_until_every_process_wrote_meanwhile() -> None:
+    # On a loaded machine a worker process of the demo had written nothing when Redis was
+    # started again (its 1.5 s outage right after the backends killed, its workers still
+    # reconnecting): an outage that showed nothing of that process
+    redis = _Redis()
+    stop = threading.Event()
+    schedule = _redis_outage(60.0, redis, stop)
+    try:
+        # its 1.5 s are over, the schedule asks, again and again
+        assert wait_until(lambda: redis.asked >= 5, 30.0), "Redis was not kept stopped"
+        assert not redis.started.is_set()
+        redis.writes.set()
+        assert redis.started.wait(30.0)
+    finally:
+        stop.set()
+    assert redis.started_written is True
+    assert schedule.log.injected["redis_outage"] == 1
+
+
+def test_redis_is_started_again_when_nobody_writes_while_the_database_outage_still_fits() -> None:
+    redis = _Redis()  # never written on
+    stop = threading.Event()
+    began = time.monotonic()
+    _redis_outage(12.0, redis, stop)
+    try:
+        assert redis.started.wait(30.0)
+        started_after = time.monotonic() - began
+    finally:
+        stop.set()
+    assert redis.started_written is False
+    assert redis.asked > 1  # it waited first
+    # at the last moment the rest fits: the processes' rejoining (2.5 s), the database's
+    # outage and recovery (3 s) and a second before the end
+    assert started_after >= 12.0 - 2.5 - 3.0 - 1.0

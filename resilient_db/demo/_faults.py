@@ -108,6 +108,10 @@ class RedisControl(Protocol):
 
     def rejoined(self) -> bool: ...
 
+    def written_meanwhile(self) -> bool:
+        """Whether every worker process wrote a unit (its transaction begun) since the stop."""
+        ...
+
 
 class Pair(Protocol):
     """Two contending units under way (a ``ContentionPair`` of either workload)."""
@@ -188,6 +192,7 @@ class Schedule(threading.Thread):
         self.redis = redis
         self.outage = min(3.0, max(1.5, seconds * 0.06))
         self.gap = max(0.8, min(2.5, seconds / 16))
+        self._began: float | None = None  # (monotonic) when the schedule began
         self.error: BaseException | None = None
         self._pairs = 0
         #: the contention pairs started, their units left to end on their own (joined at the end)
@@ -250,7 +255,7 @@ class Schedule(threading.Thread):
                     f"no Redis outage: a {self.seconds:g} s run has room for the database's "
                     "outage only",
                 )
-            started = time.monotonic()
+            started = self._began = time.monotonic()
             gap = self.gap
             planned_at = gap
             for item in self.plan():
@@ -352,20 +357,30 @@ class Schedule(threading.Thread):
         same port and password (without its keys), and wait until every process rejoined."""
         assert self.redis is not None
         start = self._now()
+        # the latest it is started again: the database's outage still fits after it (and the
+        # processes' rejoining)
+        latest = (self._began or time.monotonic()) + self.seconds
+        latest -= REDIS_REJOIN_SECONDS + (self.outage + 1.5) + 1.0
         # said first: the processes' warnings follow at once
         self.log.add(
             "redis_outage",
             f"stopping Redis (its process exits, as in an operator's restart); started again "
-            f"in {self.outage:.1f} s",
+            f"in {self.outage:.1f} s, or once every process wrote meanwhile",
         )
         self.redis.stop()
         self.stop.wait(self.outage)  # (started again also when the run is cut short)
+        # a loaded machine's worker process may write nothing in those seconds (its workers
+        # still reconnecting after the backends killed just before): stopped until every
+        # process wrote meanwhile, what the outage is there to show, while it still fits
+        redis = self.redis
+        while not self.stop.is_set() and time.monotonic() < latest:
+            if redis.written_meanwhile() or self.stop.wait(0.1):
+                break
         self.redis.start()
         self.log.on_event(
             f"Redis started again after {self._now() - start:.1f} s (same port and password, "
             "no keys)"
         )
-        redis = self.redis
         if not wait_until(lambda: self.stop.is_set() or redis.rejoined(), _REJOIN_TIMEOUT, 0.05):
             self.log.on_event(f"not every process rejoined Redis within {_REJOIN_TIMEOUT:g} s")
 

@@ -272,6 +272,8 @@ class _RedisFault:
         self.refused: bool | None = None
         #: each process's openings of the shared breaker once it had rejoined
         self.opened_at_rejoin: dict[str, int] | None = None
+        #: the database the processes write to (set when the workload starts)
+        self.database_url: str | None = None
         self.closed = False
         self._lock = threading.Lock()
 
@@ -298,6 +300,17 @@ class _RedisFault:
             self.started_wall = time.time()
             self.started_at = self.demo.elapsed()
             self.server.start()
+
+    def written_meanwhile(self) -> bool:
+        """Whether every worker process wrote a unit since the stop, as the report counts them
+        (the database's history rows of transactions begun since)."""
+        if self.stopped_wall is None or self.database_url is None:
+            return True  # (nothing to wait for)
+        try:
+            wrote = self.demo._units_by_process(self.database_url, self.stopped_wall, time.time())
+        except sa.exc.SQLAlchemyError:
+            return False  # (asked again; the schedule's wait is bounded)
+        return all(wrote.get(m.label, 0) > 0 for m in self.demo.members)
 
     def rejoined(self) -> bool:
         if self.stopped_wall is None or self.started_wall is None:
@@ -691,6 +704,8 @@ class FleetDemo(Demo):
         # a phase of its own: the workload's is the run's --seconds, as for one process, not
         # those plus the processes' start (many seconds for several on a loaded machine)
         self.timing.mark("processes")
+        if self.redis_fault is not None:
+            self.redis_fault.database_url = stage.server.url(stage.database)
         self.counters_before = self._counters()
         self.fleet_opens_before = int(self._shared_breaker().get("fleet_opens", 0))
         self.workload_started = time.monotonic()
