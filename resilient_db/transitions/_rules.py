@@ -1170,23 +1170,31 @@ def _onupdate(column: sa.Column[Any]) -> Any:
     return None
 
 
+def _scalar_key(column: sa.Column[Any], default: Any) -> tuple[Any, Key, str] | None:
+    """A literal ``default`` / ``onupdate`` of ``column``: its value, its key as the database
+    stores it and why it has none (``" (...)"``, else ``""``); None when it is no literal (a
+    function or SQL expression, whose value is known only when the statement runs)."""
+    if not (isinstance(default, sa.ColumnDefault) and default.is_scalar):
+        return None
+    try:
+        return default.arg, _db_key(column.type, default.arg), ""
+    except (LookupError, TypeError, ValueError) as exc:
+        return default.arg, None, f" ({exc})"
+
+
 def _check_onupdate(column: sa.Column[Any], states: Mapping[Key, State], where: str) -> None:
     """A value as ``onupdate`` is what every UPDATE of a row that leaves the status out writes:
     it must be a state of the rules, else each such UPDATE (an edit of another column) is an
     illegal move, refused by the flush guard at the first edit. (A function or SQL expression:
     its value is known only at the UPDATE, judged then.)"""
-    onupdate = column.onupdate
-    if not (isinstance(onupdate, sa.ColumnDefault) and onupdate.is_scalar):
+    found = _scalar_key(column, column.onupdate)
+    if found is None:
         return
-    try:
-        key: Key = _db_key(column.type, onupdate.arg)
-        why = ""
-    except (LookupError, TypeError, ValueError) as exc:
-        key, why = None, f" ({exc})"
+    value, key, why = found
     if why or key not in states:
         declared = ", ".join(repr(states[k]) for k in sorted(states, key=sort_key))
         raise TransitionRulesError(
-            f"{where}: the column's onupdate {onupdate.arg!r} is no state of the rules "
+            f"{where}: the column's onupdate {value!r} is no state of the rules "
             f"({declared}){why}: every UPDATE of a row that leaves the status out would write "
             "it, and be refused as an illegal move; declare it as a state (and the moves into "
             "it), or change the onupdate"
@@ -1198,18 +1206,14 @@ def _check_server_default(
 ) -> None:
     """A literal ``server_default`` (with no Python-side default, which the ORM would send
     instead) is the state of every row inserted without one: it must be an initial state."""
-    python_default = column.default
-    if isinstance(python_default, sa.ColumnDefault) and python_default.is_scalar:
-        # (a function or SQL expression default: its value is known only at insert, judged then)
-        try:
-            default_key: Key = _db_key(column.type, python_default.arg)
-            why = ""
-        except (LookupError, TypeError, ValueError) as exc:
-            default_key, why = None, f" ({exc})"
+    # (a function or SQL expression default: its value is known only at insert, judged then)
+    found = _scalar_key(column, column.default)
+    if found is not None:
+        value, default_key, why = found
         if why or default_key not in initial:
             allowed = ", ".join(repr(states.get(k, k)) for k in sorted(initial, key=sort_key))
             raise TransitionRulesError(
-                f"{where}: the column's default {python_default.arg!r} is not an initial state "
+                f"{where}: the column's default {value!r} is not an initial state "
                 f"({allowed}){why}: every row added without a status would start in it, and "
                 "be refused; make it an initial state, or change the default"
             )
