@@ -967,3 +967,41 @@ async def test_asyncpg_a_forged_rdb01_is_not_the_triggers(
             await conn.exec_driver_sql(_spoofs(detail)["DO block"][0])
     assert rdb.sqlstate_of(info.value) == rdb.TRANSITION_SQLSTATE
     assert exception_from_db(info.value) is None
+
+
+SETTING = "SELECT current_setting('resilient_db.bypass_transitions', true)"
+
+
+def test_a_refused_second_bypass_undoes_the_first_on_every_connection(
+    pg_server: PostgresServer, admin: sa.Engine, make_role: Callable[..., Role]
+) -> None:
+    """Bypassed on both connections of a session; the tickets' role then loses its grant and a
+    second bypass in the same transaction is refused there: no connection keeps the first
+    bypass, whichever the second one tried first (rounds of new connections: the order is
+    theirs)."""
+    role = make_role("GRANT resilient_db_bypass TO {role}")
+    tickets = sa.create_engine(role.url)
+    factory = rdb.ResilientSession(admin, service="bypass-again", binds={Ticket: tickets})
+    kept: list[sa.Connection] = []  # (each round's connections new objects, not reused ids)
+    try:
+        for _ in range(6):
+            with factory() as session:
+                session.get_one(Ticket, 1)
+                session.execute(sa.text("SELECT 1"))
+                rdb.bypass_transitions(session, reason="ticket 16")
+                pg_server.execute(f"REVOKE resilient_db_bypass FROM {role.name}")
+                on_tickets = session.connection(bind_arguments={"mapper": Ticket})
+                # (a backend sees a grant changed meanwhile once a statement opens a table)
+                on_tickets.exec_driver_sql("SELECT count(*) FROM pg_catalog.pg_auth_members")
+                with pytest.raises(rdb.BypassRefusedError):
+                    rdb.bypass_transitions(session, reason="ticket 16, again")
+                assert active_config(session) is not None
+                kept += [session.connection(), on_tickets]
+                assert on_tickets.exec_driver_sql(SETTING).scalar() == ""
+                assert session.execute(sa.text(SETTING)).scalar() == ""
+                with pytest.raises(rdb.IllegalTransitionError):
+                    session.execute(sa.text(reopen(2)))  # the default (superuser's) connection
+            pg_server.execute(f"GRANT resilient_db_bypass TO {role.name}")
+    finally:
+        tickets.dispose()
+    assert _status(admin, 2) == "closed"

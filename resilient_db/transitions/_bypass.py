@@ -204,8 +204,9 @@ def _bypass_session(session: Session, reason: str) -> None:
     bypass = _Bypass(transaction, reason, config, service)
     previous = STATE.bypasses.get(session)
     if previous is not None and previous.transaction() is transaction:
-        # bypassed again: a refusal now ends the earlier bypass too (no half of it is left)
-        bypass.connections = [c for c in previous.connections if c not in conns]
+        # bypassed again: a refusal now ends the earlier bypass too (no half of it is left),
+        # on each connection it was bound on, whichever of them this one reaches first
+        bypass.connections = list(previous.connections)
     try:
         rows = [row for conn in conns if (row := _bind(bypass, conn)) is not None]
     except BaseException:
@@ -256,7 +257,8 @@ def _bind(bypass: _Bypass, conn: Connection) -> Any:
         raise
     if row.standby:
         return None
-    bypass.connections.append(conn)
+    if conn not in bypass.connections:  # (bound again by a second bypass)
+        bypass.connections.append(conn)
     if row.bound is None:
         _undo(bypass)
         _refuse(
