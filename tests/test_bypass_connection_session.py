@@ -90,3 +90,21 @@ def test_other_sessions_stay_guarded(engine: sa.Engine, service: str) -> None:
                 session.flush()
         conn.rollback()
     assert statuses_by_id(engine) == {1: "done", 2: "done"}
+
+
+def test_a_session_bound_to_another_connection_stays_guarded(
+    engine: sa.Engine, service: str
+) -> None:
+    """One connection bypassed; a session bound to another connection alone (its own
+    transaction) is judged."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with engine.connect() as bypassed, engine.connect() as conn:
+        rdb.bypass_transitions(bypassed, reason="ticket 23")
+        with Sessions(bind=conn) as session:
+            session.get_one(Task, 1).status = "pending"
+            with pytest.raises(rdb.IllegalTransitionError) as refused:
+                session.flush()
+        assert refused.value.via == "flush"
+        conn.rollback()
+        bypassed.rollback()
+    assert statuses_by_id(engine) == {1: "done", 2: "done"}

@@ -969,7 +969,130 @@ async def test_asyncpg_a_forged_rdb01_is_not_the_triggers(
     assert exception_from_db(info.value) is None
 
 
+# ------------------------------------------------------------------------------------------------
+# the ways in and out of a bypass no other test took
+# ------------------------------------------------------------------------------------------------
+
 SETTING = "SELECT current_setting('resilient_db.bypass_transitions', true)"
+
+
+def _kill(pg_server: PostgresServer, conn: sa.Connection) -> None:
+    """Terminate the backend of ``conn`` (the session does not know until it uses it)."""
+    pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    pg_server.execute("SELECT pg_terminate_backend(%s)", params=(pid,))
+
+
+@pytest.mark.parametrize("target", ["engine", "sessionmaker", "async session"])
+def test_bypass_transitions_refuses_what_is_no_session_or_connection(
+    admin: sa.Engine, pg_async_url: str, log: pytest.LogCaptureFixture, target: str
+) -> None:
+    """An engine, a session factory, or an asyncio session given to the sync function: a
+    TypeError naming it (the async one named), nothing bypassed or counted."""
+    bypasses = transition_stats()["bypasses"]
+    given: Any = admin
+    if target == "sessionmaker":
+        given = rdb.ResilientSession(admin)
+    elif target == "async session":
+        given = rdb.AsyncResilientSession(create_async_engine(pg_async_url))()
+    with pytest.raises(TypeError, match="takes a Session or a Connection") as info:
+        rdb.bypass_transitions(given, reason="ticket 11")
+    assert type(given).__name__ in str(info.value)
+    assert "bypass_transitions_async" in str(info.value)
+    assert transition_stats()["bypasses"] == bypasses
+    assert not [r for r in log.records if "bypass" in r.getMessage()]
+
+
+def test_a_session_without_a_bind_is_refused(log: pytest.LogCaptureFixture) -> None:
+    """A session with no bind at all (nor binds=): SQLAlchemy's own error, nothing counted."""
+    bypasses = transition_stats()["bypasses"]
+    with Session() as session, pytest.raises(sa.exc.UnboundExecutionError):
+        rdb.bypass_transitions(session, reason="ticket 12")
+    assert transition_stats()["bypasses"] == bypasses
+    assert not [r for r in log.records if "bypass" in r.getMessage()]
+
+
+def test_a_savepoint_after_a_bypass_is_bypassed_too(
+    admin: sa.Engine, log: pytest.LogCaptureFixture
+) -> None:
+    """A savepoint begun after the bypass works on the bypassed connection: its moves go
+    through, with no second audit line; the bypass ends with the transaction."""
+    factory = rdb.ResilientSession(admin, service="bypass-savepoint")
+    with factory() as session:
+        rdb.bypass_transitions(session, reason="ticket 13")
+        with session.begin_nested():
+            session.get_one(Ticket, 1).status = "open"
+            session.flush()
+            session.execute(sa.text(reopen(2)))
+        session.commit()
+        session.get_one(Ticket, 3).status = "open"
+        with pytest.raises(rdb.IllegalTransitionError):
+            session.flush()
+        session.rollback()
+    assert [_status(admin, i) for i in (1, 2, 3)] == ["open", "open", "closed"]
+    assert len([r for r in log.records if "guard bypassed" in r.getMessage()]) == 1
+
+
+def test_a_bypass_that_fails_on_a_dead_connection_is_undone_on_the_others(
+    pg_server: PostgresServer, pg_url: str, admin: sa.Engine, log: pytest.LogCaptureFixture
+) -> None:
+    """A session with two connections, one whose backend was terminated: the bypass's
+    statement fails there, the database error is raised, the bypass is undone on the other
+    connection (whichever was bound first) and the session guards stay on."""
+    tickets = sa.create_engine(pg_url)
+    factory = rdb.ResilientSession(admin, service="bypass-dead", binds={Ticket: tickets})
+    bypasses = transition_stats()["bypasses"]
+    try:
+        with factory() as session:
+            session.execute(sa.text("SELECT 1"))  # the default connection begins
+            session.get_one(Ticket, 1)  # and the tickets' one
+            _kill(pg_server, session.connection(bind_arguments={"mapper": Ticket}))
+            with pytest.raises(sa.exc.OperationalError):
+                rdb.bypass_transitions(session, reason="ticket 14")
+            assert active_config(session) is not None
+            assert session.execute(sa.text(SETTING)).scalar() == ""
+            with pytest.raises(rdb.IllegalTransitionError) as blocked:
+                session.execute(sa.text(reopen(2)))  # through the default connection
+            assert blocked.value.via == "db"
+    finally:
+        tickets.dispose()
+    assert transition_stats()["bypasses"] == bypasses
+    assert not [r for r in log.records if "guard bypassed" in r.getMessage()]
+    assert _status(admin, 2) == "closed"
+
+
+def test_a_refusal_undoes_the_bypass_past_a_dead_connection(
+    pg_server: PostgresServer,
+    pg_url: str,
+    admin: sa.Engine,
+    make_role: Callable[..., Role],
+    log: pytest.LogCaptureFixture,
+) -> None:
+    """A session bypassed on its default connection, whose backend is then terminated; its
+    tickets' connection begins through a role not granted the bypass: the refusal is what is
+    raised (not the dead connection's error when the bypass is undone there, which is logged
+    at DEBUG), and the tickets' connection is left guarded."""
+    role = make_role()
+    default = sa.create_engine(pg_url)
+    tickets = sa.create_engine(role.url)
+    factory = rdb.ResilientSession(default, service="bypass-undo-dead", binds={Ticket: tickets})
+    try:
+        with factory() as session:
+            session.execute(sa.text("SELECT 1"))
+            rdb.bypass_transitions(session, reason="ticket 15")  # bound on the default one
+            _kill(pg_server, session.connection())
+            with pytest.raises(rdb.BypassRefusedError):
+                session.get(Ticket, 1)  # begins the tickets' connection: refused there
+            assert active_config(session) is not None
+            conn = session.connection(bind_arguments={"mapper": Ticket})
+            assert conn.exec_driver_sql(SETTING).scalar() == ""
+            with pytest.raises(rdb.IllegalTransitionError):
+                conn.exec_driver_sql(reopen(1))
+    finally:
+        tickets.dispose()
+        default.dispose()
+    debug = [r.getMessage() for r in log.records if r.levelno == logging.DEBUG]
+    assert any(m.startswith("bypass not undone on a failed connection") for m in debug), debug
+    assert _status(admin, 1) == "closed"
 
 
 def test_a_refused_second_bypass_undoes_the_first_on_every_connection(
