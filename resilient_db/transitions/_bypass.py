@@ -187,8 +187,9 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         )
     count("bypasses")
     transaction = target.get_transaction()
-    if transaction is not None:  # a session bound to it alone works in it: see _bypassed
-        STATE.bypasses[target] = _Bypass(transaction, reason, config, None)
+    assert transaction is not None  # (the statement began one: AUTOCOMMIT was refused)
+    # a session bound to it alone works in it: see _bypassed
+    STATE.bypasses[target] = _Bypass(transaction, reason, config, None)
     _audit(config, row, reason, None)
 
 
