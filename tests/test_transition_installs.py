@@ -16,6 +16,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -337,6 +338,10 @@ def test_a_column_removed_from_the_rules_loses_its_trigger(
         rdb.uninstall_transition_trigger(engine, nxt, columns=("phsae",))
     with pytest.raises(rdb.TransitionRulesError, match="a collection of column names"):
         rdb.uninstall_transition_trigger(engine, nxt, columns="phase")  # type: ignore[arg-type]
+    with pytest.raises(rdb.TransitionRulesError, match="columns= names no column of"):
+        rdb.uninstall_transition_trigger(engine, nxt, columns=())
+    with pytest.raises(rdb.TransitionRulesError, match="columns=: 1 is not a column name"):
+        rdb.transition_trigger_drop_sql(nxt, columns=(1,))  # type: ignore[arg-type]
     script = rdb.transition_trigger_drop_sql(nxt, columns=("phase",))
     assert "'rdb_transition_phase_ins', 'rdb_transition_phase_upd'" in script
     assert "rdb_transition_status" not in script
@@ -1407,3 +1412,25 @@ def test_a_column_name_longer_than_63_bytes_is_no_drift(engine: sa.Engine, reg: 
     finally:
         sa_event.remove(engine, "before_cursor_execute", listener)
     assert all(statement.lstrip().upper().startswith("SELECT") for statement in sent), sent
+
+
+def test_a_database_other_than_postgresql_is_refused_before_anything_is_sent(
+    registries: Callable[[], registry], tmp_path: Path
+) -> None:
+    """SQLite: installing, uninstalling and checking the trigger each raise a ValueError naming
+    the database; nothing is created there."""
+    model = _record(registries(), RULES)
+    lite = sa.create_engine(f"sqlite:///{tmp_path / 'lite.db'}")
+    try:
+        for act in (
+            lambda: rdb.install_transition_trigger(lite, model),
+            lambda: rdb.uninstall_transition_trigger(lite, model),
+        ):
+            with pytest.raises(ValueError, match="this database is sqlite") as info:
+                act()
+            assert "transition triggers need PostgreSQL" in str(info.value)
+        with lite.connect() as conn:
+            tables = conn.exec_driver_sql("SELECT name FROM sqlite_master").all()
+        assert tables == []
+    finally:
+        lite.dispose()
