@@ -303,3 +303,47 @@ def _forwarder_accepting() -> bool:
         and frame.f_back.f_code is ForgetfulForwarder._accept.__code__
         for frame in sys._current_frames().values()
     )
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [
+        b"not json",
+        b'{"s": "noisy"}',  # a service, no state
+        b"[1, 2]",  # JSON, not an object
+        b'{"s": "noisy", "st": "open", "r": "soon", "g": 1, "o": 1}',  # no number
+    ],
+    ids=["text", "missing fields", "a list", "a field of another type"],
+)
+def test_a_message_on_the_channel_that_is_not_ours_is_ignored(
+    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture, noise: bytes
+) -> None:
+    """Another program publishing on the breakers' channel (a Redis shared with other
+    applications): its message is ignored (a DEBUG line), the breaker stays as it was, the
+    link stays up, and a genuine opening published next by another process is followed."""
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    channel = _fleet.CHANNEL.format(db=0)
+    try:
+        config = rdb.Config(redis_url=redis_server.url, reset_timeout=30.0)
+        rdb.ResilientSession(engine, service="noisy", config=config)
+        wait_for(lambda: shared("noisy")["connected"], "the link")
+        assert redis_server.client().publish(channel, noise) >= 1
+        wait_for(
+            lambda: _lines(caplog, f"ignoring a message on {channel} that is not ours") == 1,
+            "the message, ignored",
+        )
+        assert rdb.health()["services"]["noisy"]["breaker"]["state"] == "closed"
+        assert shared("noisy")["connected"]
+        # another process opens the shared breaker (its script, straight to Redis)
+        redis_server.client().register_script(_fleet._FORCE)(
+            keys=_fleet._breaker_keys("noisy"),
+            args=[channel, "noisy", "another-process", "open", 30.0],
+        )
+        wait_for(
+            lambda: rdb.health()["services"]["noisy"]["breaker"]["state"] == "open",
+            "the other process's opening, followed",
+        )
+    finally:
+        engine.dispose()
+    assert _lines(caplog, "Shared state unavailable") == 0
