@@ -217,3 +217,43 @@ def test_retries_paid_alone_while_redis_was_down_are_charged_to_the_fleet_on_rej
         "the fleet to count the 10 first attempts and the 5 retries paid alone",
     )
     assert budget.withdraw() is None  # 0.5 x 10 first attempts, 5 retries spent: nothing left
+
+
+def test_first_attempts_of_a_budget_script_redis_refused_are_sent_once_it_takes_writes(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis becomes a read-only replica (an old master after a Sentinel failover) just before
+    a retry asks the fleet's budget, carrying the first attempts not counted yet: Redis refuses
+    the script (READONLY), so it surely did not run, and the process decides alone. Those
+    first attempts are kept, and the fleet counts them once Redis takes writes again: none is
+    lost (nor counted twice)."""
+    monkeypatch.setattr(_fleet, "FLUSH_INTERVAL", 60.0)  # only this test's flush, below
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        retry_budget=0.5,
+        retry_budget_floor=0,
+        circuit_breaker=False,
+        max_retries=1,
+    )
+    Session = rdb.ResilientSession(engine, service="readonly", config=config)
+    budget = _budget.budgets()["readonly"]
+    wait_for(lambda: _budget_entry("readonly")["scope"] == "fleet", "the budget to be shared")
+    link = budget._fleet
+    assert link is not None
+    for _ in range(30):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    with RedisServer() as master:  # (read-only at once; it never syncs: no password)
+        redis_server.client().execute_command("REPLICAOF", "127.0.0.1", str(master.port))
+        with rdb.set_testing(), pytest.raises(sa.exc.OperationalError):
+            Session.run(lambda s: s.execute(UNAVAILABLE))  # its retry: refused, decided alone
+        assert _budget_entry("readonly")["scope"] == "process"
+        redis_server.client().execute_command("REPLICAOF", "NO", "ONE")
+    wait_for(lambda: _budget_entry("readonly")["scope"] == "fleet", "the budget, shared again", 5)
+    link._flush_budgets()  # what the background thread sends about once a second
+    counters = rdb.health()["services"]["readonly"]["counters"]
+    made = counters["attempts"] - counters["retries"]
+    assert made == 31
+    wait_for(
+        lambda: _fleet_deposits(redis_server, "readonly") == made,
+        "the fleet to count every first attempt once",
+    )
