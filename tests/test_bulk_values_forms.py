@@ -114,3 +114,19 @@ def test_parameter_sets_with_criteria_all_rejected_send_nothing(
         assert result.rowcount == 0  # type: ignore[attr-defined]
         session.commit()
     assert statuses_by_id(engine) == {1: "pending", 2: "done", 3: "pending"}
+
+
+def test_a_bulk_update_by_primary_key_with_keys_of_mixed_types(
+    engine: sa.Engine, service: str
+) -> None:
+    """Keys given as an int and as a string (which PostgreSQL matches as the UPDATE does):
+    the rows are read and judged all the same (the keys can't be sorted by value), the legal
+    set sent, the illegal one left out."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions() as session:
+        session.execute(
+            sa.update(Task),
+            [{"id": 1, "status": "running"}, {"id": "2", "status": "pending"}],
+        )
+        session.commit()
+    assert statuses_by_id(engine) == {1: "running", 2: "done", 3: "pending"}
