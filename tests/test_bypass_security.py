@@ -1128,3 +1128,20 @@ def test_a_refused_second_bypass_undoes_the_first_on_every_connection(
     finally:
         tickets.dispose()
     assert _status(admin, 2) == "closed"
+
+
+def test_a_connections_bypass_is_audited_under_an_invalid_environment(
+    admin: sa.Engine, log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bypass outside any factory reads the environment's configuration for its audit line:
+    an invalid one (a value no setting takes) must not hide the audit nor stop the repair."""
+    monkeypatch.setenv("SELF_HEALING_BULK_UPDATE", "sometimes")
+    with pytest.raises(rdb.ConfigError):
+        rdb.load_config()
+    with admin.begin() as conn:
+        rdb.bypass_transitions(conn, reason="ticket 17: reopen")
+        conn.exec_driver_sql(reopen(4))
+    audits = [r.getMessage() for r in log.records if "guard bypassed" in r.getMessage()]
+    assert len(audits) == 1
+    assert audits[0].endswith("reason=ticket 17: reopen")
+    assert _status(admin, 4) == "open"
