@@ -1117,3 +1117,128 @@ async def test_async_iterators_are_refused_as_iterators(
         await Session.run(in_a_dict, validate=dict[str, Any])
     counters = rdb.health()["services"][service]["counters"]
     assert counters["response_validation_failures"] == 0  # a usage error, not a bad result
+
+
+class Cat(BaseModel):
+    kind: Literal["cat"]
+    lives: int
+
+
+class Dog(BaseModel):
+    kind: Literal["dog"]
+    bark: bool
+
+
+class TaggedPet(BaseModel):
+    pet: Annotated[Cat | Dog, Field(discriminator="kind")]
+
+
+class AnyPet(BaseModel):
+    pet: Cat | Dog
+
+
+class TreeNode(BaseModel):
+    value: int
+    children: list[TreeNode] = []
+
+
+class ByAlias(BaseModel):
+    item_id: int = Field(alias="itemId")
+
+
+class ByChoices(BaseModel):
+    item_id: int = Field(validation_alias=pydantic.AliasChoices("itemId", "id"))
+
+
+class WithExtras(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, int] = Field(init=False)
+    name: str
+
+
+class Pairs(BaseModel):
+    pair: tuple[int, str]
+    many: tuple[int, ...] = ()
+
+
+@pytest.mark.parametrize(
+    ("model", "result", "reason"),
+    [
+        (
+            TaggedPet,
+            {"pet": {"kind": "cat", "lives": SECRET}},
+            "pet.cat.lives: Input should be a valid integer, unable to parse string as an "
+            "integer [int_parsing]",
+        ),
+        (TaggedPet, {"pet": {"kind": SECRET, "lives": 1}}, "pet: [union_tag_invalid]"),
+        (
+            AnyPet,
+            {"pet": {"kind": "cat", "lives": SECRET}},
+            "pet.Cat.lives: Input should be a valid integer, unable to parse string as an "
+            "integer [int_parsing]; pet.Dog.kind: Input should be 'dog' [literal_error]; "
+            "pet.Dog.bark: Field required [missing]",
+        ),
+        (
+            TreeNode,
+            {"value": 1, "children": [{"value": 2, "children": [{"value": SECRET}]}]},
+            "children.0.children.0.value: Input should be a valid integer, unable to parse "
+            "string as an integer [int_parsing]",
+        ),
+        (
+            ByAlias,
+            {"itemId": SECRET},
+            "itemId: Input should be a valid integer, unable to parse string as an integer "
+            "[int_parsing]",
+        ),
+        (
+            ByChoices,
+            {"id": SECRET},
+            "id: Input should be a valid integer, unable to parse string as an integer "
+            "[int_parsing]",
+        ),
+        (
+            WithExtras,
+            {"name": "n", SECRET: "x"},
+            "<key>: Input should be a valid integer, unable to parse string as an integer "
+            "[int_parsing]",
+        ),
+        (
+            Pairs,
+            {"pair": [1, SECRET, 3], "many": [1, SECRET]},
+            "pair: [too_long]; many.1: Input should be a valid integer, unable to parse string "
+            "as an integer [int_parsing]",
+        ),
+    ],
+    ids=[
+        "discriminated union",
+        "unknown tag",
+        "union",
+        "recursive model",
+        "alias",
+        "alias choices",
+        "extra key",
+        "tuples",
+    ],
+)
+def test_a_logged_location_through_unions_references_aliases_extras_and_tuples(
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    model: type[BaseModel],
+    result: dict[str, Any],
+    reason: str,
+) -> None:
+    """The location follows the model's schema through a union (its member's tag or class
+    name), a recursive model, a field's alias (the name the result uses), a tuple's items;
+    an extra key of the result is ``<key>``. No value of the result is shown."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(rdb.ResponseValidationError) as info,
+    ):
+        Session.run(lambda s: result, validate=model)
+    assert info.value.reason == reason
+    (line,) = [r.getMessage() for r in caplog.records if "validation failed" in r.getMessage()]
+    assert line.endswith(reason)
+    assert SECRET not in caplog.text
