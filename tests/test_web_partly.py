@@ -644,3 +644,27 @@ def test_logging_that_raises_never_changes_the_answer() -> None:
         partly(app_of(raise_group).post("/change"), None)
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.mark.skipif(EXCEPTION_GROUP is None, reason="no ExceptionGroup here")
+def test_a_group_too_large_to_look_into_after_a_committed_part_is_logged_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A group marked partly committed with more errors than are looked into (65 tasks'
+    ``KeyError``): answered ``partly-committed`` all the same, its ERROR line saying its errors
+    were not looked into rather than listing (or dropping) them."""
+    group: Any = EXCEPTION_GROUP
+
+    def raise_group(request: Request) -> JSONResponse:
+        failed = group("unhandled errors in a TaskGroup", [KeyError(n) for n in range(65)])
+        mark_partly_committed(failed)
+        raise failed
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_db.web"):
+        partly(app_of(raise_group).post("/change"), None)
+    (line,) = [r for r in caplog.records if r.name == "resilient_db.web"]
+    assert line.levelno == logging.ERROR
+    said = line.getMessage()
+    assert "failed with ExceptionGroup" in said
+    assert "(the group's errors not looked into: more than 64)" in said
+    assert "Error 1 of the group" not in said
