@@ -101,6 +101,20 @@ class SwappedPair(Pair):
     __mapper_args__ = {"polymorphic_identity": "swapped"}  # noqa: RUF012
 
 
+class RenamedPair(Pair):
+    """Its table names the key's columns otherwise (``y``, ``x``, listed the other way round),
+    each referring to its base column by a foreign key, mapped under attributes of their own:
+    only the foreign keys tell which is which."""
+
+    __tablename__ = "shape_renamed"
+    __transitions__ = _rules()
+    y: Mapped[int] = mapped_column(primary_key=True)
+    x: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(20), default="pending")
+    __table_args__ = (sa.ForeignKeyConstraint(["x", "y"], ["shape_pairs.a", "shape_pairs.b"]),)
+    __mapper_args__ = {"polymorphic_identity": "renamed"}  # noqa: RUF012
+
+
 class Account(Base):
     """Concrete inheritance: ``Savings`` keeps its rows in a table of its own, by the rules it
     inherits."""
@@ -314,6 +328,85 @@ def test_rules_on_an_abstract_concrete_base_guard_each_concrete_table(engine: sa
 # ------------------------------------------------------------------------------------------------
 # declarations refused, by name
 # ------------------------------------------------------------------------------------------------
+
+
+def test_a_key_named_otherwise_is_told_apart_by_its_foreign_keys(engine: sa.Engine) -> None:
+    """``shape_renamed``'s key ``(y, x)``: ``x`` stands for ``a`` and ``y`` for ``b`` by their
+    foreign keys alone; the flush reads and compare-and-sets the row of its own key (the
+    columns lined up by name or order, it would read the other row)."""
+    _run(
+        engine,
+        "INSERT INTO shape_pairs VALUES (1, 2, 'renamed'), (2, 1, 'renamed')",
+        "INSERT INTO shape_renamed (x, y, status) VALUES (1, 2, 'pending'), (2, 1, 'running')",
+    )
+    with _factory(engine)() as s:
+        row = s.get_one(RenamedPair, (1, 2))
+        s.expire(row, ["status"])
+        row.status = "done"  # pending -> done: illegal (the other row's running -> done is not)
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        assert (info.value.pk, info.value.from_state) == ((1, 2), "pending")
+    with _factory(engine)() as s:
+        row = s.get_one(RenamedPair, (2, 1))
+        s.expire(row, ["status"])
+        row.status = "done"
+        s.commit()
+    assert _statuses(engine, "shape_renamed", "x, y, status") == [(1, 2, "pending"), (2, 1, "done")]
+
+
+def test_a_subclass_key_that_cant_be_lined_up_is_refused_at_mapping() -> None:
+    """A joined-table subclass guarding a column of its own table, whose table's key has
+    another number of columns than its base's, or columns neither mapped under the base's key
+    attributes nor referring to them: refused as the class is configured, saying which."""
+    for shape, says in (("longer", "does not line up"), ("unrelated", "can't be told apart")):
+        reg = registry()
+        try:
+            base: Any = reg.generate_base()
+
+            class Top(base):  # type: ignore[misc, valid-type]
+                __tablename__ = "shape_tops"
+                a = sa.Column(sa.Integer, primary_key=True)
+                b = sa.Column(sa.Integer, primary_key=True)
+                kind = sa.Column(sa.String(20))
+                __mapper_args__ = {"polymorphic_on": kind}  # noqa: RUF012
+
+            if shape == "longer":
+
+                class Sub(Top):
+                    __tablename__ = "shape_subs"
+                    __transitions__ = _rules()
+                    a = sa.Column(sa.Integer, primary_key=True)
+                    b = sa.Column(sa.Integer, primary_key=True)
+                    c = sa.Column(sa.Integer, primary_key=True)
+                    status = sa.Column(sa.String(20))
+                    __table_args__ = (
+                        sa.ForeignKeyConstraint(["a", "b"], ["shape_tops.a", "shape_tops.b"]),
+                    )
+                    __mapper_args__ = {"polymorphic_identity": "sub"}  # noqa: RUF012
+            else:
+                subs = sa.Table(
+                    "shape_subs",
+                    reg.metadata,
+                    sa.Column("p", sa.Integer, primary_key=True),
+                    sa.Column("q", sa.Integer, primary_key=True),
+                    sa.Column("status", sa.String(20)),
+                )
+                tops: Any = Top.__table__
+
+                class Sub(Top):  # type: ignore[no-redef]
+                    __table__ = subs
+                    __transitions__ = _rules()
+                    __mapper_args__ = {  # noqa: RUF012
+                        "polymorphic_identity": "sub",
+                        "inherit_condition": sa.and_(tops.c.a == subs.c.p, tops.c.b == subs.c.q),
+                    }
+
+            with pytest.raises(TransitionRulesError, match=says) as info:
+                reg.configure()
+            assert "shape_subs" in str(info.value)
+            assert "guard a column of the base table" in str(info.value)
+        finally:
+            reg.dispose()
 
 
 def test_rules_set_after_the_class_was_mapped_are_refused(engine: sa.Engine) -> None:
