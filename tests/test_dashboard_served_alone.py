@@ -67,3 +67,25 @@ def test_a_port_that_is_taken_is_an_oserror() -> None:
         # (an unclosed socket of its own would be a ResourceWarning: an error here)
         with pytest.raises(OSError, match=r"[Aa]ddress already in use"):
             serve_in_background(dashboard(auth=token_auth(TOKEN)), port)
+
+
+@pytest.mark.parametrize(("status", "title"), [(401, "Unauthorized"), (499, "Error")])
+def test_an_auth_check_raising_a_status_of_its_own(status: int, title: str) -> None:
+    """An auth check raising Starlette's ``HTTPException``: answered with its status, its
+    headers and its detail as a problem; a status HTTP names no phrase for (nginx's 499) is
+    titled "Error"."""
+    from starlette.exceptions import HTTPException  # noqa: PLC0415
+    from starlette.requests import Request  # noqa: PLC0415
+    from starlette.testclient import TestClient  # noqa: PLC0415
+
+    def check(request: Request) -> bool:
+        raise HTTPException(status, "planned refusal", headers={"X-Why": "planned"})
+
+    client = TestClient(dashboard(auth=check))
+    for path in ("/", "/data.json"):
+        answer = client.get(path)
+        assert answer.status_code == status
+        assert answer.headers["x-why"] == "planned"
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        body = answer.json()
+        assert (body["status"], body["title"], body["detail"]) == (status, title, "planned refusal")
