@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
+from resilient_db._state import STATE
 from resilient_db.testing import PostgresServer
 from resilient_db.transitions._bypass import active_config
 from resilient_db.transitions._dbmap import exception_from_db
@@ -1135,6 +1136,9 @@ def test_a_connections_bypass_is_audited_under_an_invalid_environment(
 ) -> None:
     """A bypass outside any factory reads the environment's configuration for its audit line:
     an invalid one (a value no setting takes) must not hide the audit nor stop the repair."""
+    # a process where no with_self_healing or reload_config kept a configuration (an earlier
+    # test of this worker may have): the environment is read at the bypass
+    monkeypatch.setattr(STATE, "env_config", None)
     monkeypatch.setenv("SELF_HEALING_BULK_UPDATE", "sometimes")
     with pytest.raises(rdb.ConfigError):
         rdb.load_config()
