@@ -1242,3 +1242,28 @@ def test_a_logged_location_through_unions_references_aliases_extras_and_tuples(
     (line,) = [r.getMessage() for r in caplog.records if "validation failed" in r.getMessage()]
     assert line.endswith(reason)
     assert SECRET not in caplog.text
+
+
+def test_a_reason_lists_the_first_errors_and_counts_the_rest(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A result with many invalid rows: the reason (and the line) lists the first errors by
+    location and counts the others, however many (the line stays short)."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    rows = [{"id": SECRET, "name": "n"} for _ in range(40)]
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(rdb.ResponseValidationError) as info,
+    ):
+        Session.run(lambda s: rows, validate=list[ItemOut])
+    parts = info.value.reason.split("; ")
+    shown = len(parts) - 1
+    assert parts[-1] == f"and {40 - shown} more error(s)"
+    assert parts[:shown] == [
+        f"{n}.id: Input should be a valid integer, unable to parse string as an integer "
+        "[int_parsing]"
+        for n in range(shown)
+    ]
+    (line,) = [r.getMessage() for r in caplog.records if "validation failed" in r.getMessage()]
+    assert line.endswith(info.value.reason)
+    assert SECRET not in caplog.text
