@@ -307,7 +307,7 @@ class _RedisFault:
         if self.stopped_wall is None or self.database_url is None:
             return True  # (nothing to wait for)
         try:
-            wrote = self.demo._units_by_process(self.database_url, self.stopped_wall, time.time())
+            wrote = self.demo.units_by_process(self.database_url, self.stopped_wall, time.time())
         except sa.exc.SQLAlchemyError:
             return False  # (asked again; the schedule's wait is bounded)
         return all(wrote.get(m.label, 0) > 0 for m in self.demo.members)
@@ -874,7 +874,7 @@ class FleetDemo(Demo):
             detail += f"; {', '.join(blind)} never saw one"
         return Check("breaker_shared_by_the_fleet", passed, detail)
 
-    def _units_by_process(self, url: str, since: float, until: float) -> dict[str, int]:
+    def units_by_process(self, url: str, since: float, until: float) -> dict[str, int]:
         """The units each process wrote between two wall-clock times, as the database has them:
         its workers' tasks' history rows of transactions begun meanwhile (``changed_at`` is the
         server's ``now()``; the server runs on this host, on its clock)."""
@@ -943,7 +943,7 @@ class FleetDemo(Demo):
             if back is not None:
                 entry["rejoined_after"] = round(max(0.0, float(back[0]) - started), 3)
             processes[name] = entry
-        by_process = self._units_by_process(url, stopped, started)
+        by_process = self.units_by_process(url, stopped, started)
         failed = sum(1 for t in self.ledger.failed_at if stopped <= t <= started)
         naming = {
             reason: n
