@@ -47,6 +47,12 @@ class Untyped(sa.types.UserDefinedType[Any]):
     def get_col_spec(self, **kw: Any) -> str:
         return "integer"
 
+    @property
+    def python_type(self) -> type[Any]:
+        # (UserDefinedType's own answers ``object``; a type of a library that implements none
+        # raises, as TypeEngine's does)
+        raise NotImplementedError
+
 
 class ByUntyped(Base):
     __tablename__ = "keys_untyped"
