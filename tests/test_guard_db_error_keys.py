@@ -28,14 +28,16 @@ class Base(DeclarativeBase):
 class ByNumeric(Base):
     __tablename__ = "keys_numeric"
     __transitions__ = rdb.TransitionRules(column="status", **RULES)  # type: ignore[arg-type]
-    id: Mapped[decimal.Decimal] = mapped_column(sa.Numeric(10), primary_key=True)
+    id: Mapped[decimal.Decimal] = mapped_column(
+        sa.Numeric(10), primary_key=True, autoincrement=False
+    )
     status: Mapped[str] = mapped_column(sa.String(20))
 
 
 class ByFloat(Base):
     __tablename__ = "keys_float"
     __transitions__ = rdb.TransitionRules(column="status", **RULES)  # type: ignore[arg-type]
-    id: Mapped[float] = mapped_column(sa.Double, primary_key=True)
+    id: Mapped[float] = mapped_column(sa.Double, primary_key=True, autoincrement=False)
     status: Mapped[str] = mapped_column(sa.String(20))
 
 
