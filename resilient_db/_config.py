@@ -22,7 +22,7 @@ from collections.abc import Callable, Container, Mapping
 from datetime import timedelta
 from typing import Any, Final, Protocol
 
-from ._errors import ConfigError
+from ._errors import ConfigError, utf8_problem
 from ._state import STATE
 
 __all__ = ["Config", "load_config", "mask_url", "reload_config"]
@@ -145,7 +145,7 @@ def check_redis_url(url: str) -> str | None:
         return "the port is not a number from 1 to 65535"
     elif not _DIGITS.fullmatch(parts.path.lstrip("/") or "0"):
         return "the database (the path after the host) is not a number, e.g. redis://host:6379/0"
-    if not _utf8(url):
+    if utf8_problem(url) is not None:
         # (the client takes it, and every connect fails encoding the password, say, for AUTH)
         return "it holds a character that is no UTF-8 text (a byte of another encoding?)"
     own = sorted(set(urllib.parse.parse_qs(parts.query)) & _OWN_QUERY)
@@ -156,16 +156,6 @@ def check_redis_url(url: str) -> str | None:
             f"{'it' if len(own) == 1 else 'them'} from the URL"
         )
     return _client_refusal(url)
-
-
-def _utf8(text: str) -> bool:
-    """Whether ``text`` can be sent as UTF-8 (no lone surrogate: what ``os.environ`` gives for
-    a byte of a value that is no UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _client_refusal(url: str) -> str | None:
@@ -635,7 +625,7 @@ def role_problem(name: object) -> str | None:
         return f"must be a role name (a string) or None, got {type(name).__name__}"
     if not name:
         return "must be a role name, got an empty one"
-    if not _utf8(name):
+    if utf8_problem(name) is not None:
         # (os.environ's spelling of a byte of another encoding: the codec's error said only
         # what it could not encode)
         return "is not UTF-8 text (a byte of another encoding?); give the role's name in UTF-8"

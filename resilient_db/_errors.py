@@ -61,6 +61,17 @@ def finite(value: float) -> bool:
     return isinstance(value, int) or math.isfinite(value)
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` can't be sent as UTF-8 (``"surrogates not allowed at 3"``), or None. A lone
+    surrogate is what ``os.environ`` gives for a byte of a value that is no UTF-8: the driver,
+    the codec or the Redis client would fail on it later, saying nothing of where it came from."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{exc.reason} at {exc.start}"
+    return None
+
+
 def shown_number(value: object) -> str:
     """``value`` as an error quotes it: a whole number of hundreds of digits by its length."""
     text = repr(value)

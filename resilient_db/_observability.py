@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, TypedDict, TypeVar, final
 
 from ._classify import debug_failure, log_quietly, sqlstate_of
 from ._config import Config
+from ._errors import utf8_problem
 from ._state import STATE, check_service_room
 
 __all__ = [
@@ -327,10 +328,9 @@ def unfit_label(text: str, limit: int) -> str | None:
     surrogate (what ``os.environ`` gives for a byte that is not UTF-8) can't be sent anywhere;
     log lines escape a control character and cut a long value, health() and metrics keep them:
     two spellings of one name."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"{text!r} is not valid UTF-8 text ({exc.reason} at {exc.start})"
+    encoding = utf8_problem(text)
+    if encoding is not None:
+        return f"{text!r} is not valid UTF-8 text ({encoding})"
     control = next((c for c in text if ord(c) in CONTROL_CODES), None)
     if control is not None:
         return f"{text!r} has a control character ({control!r})"

@@ -22,7 +22,7 @@ from resilient_db._classify import debug_failure
 from resilient_db._config import Config
 from resilient_db._errors import BypassRefusedError
 from resilient_db._internals import session_binds, transaction_connections
-from resilient_db._observability import CONTROL_CODES, emit
+from resilient_db._observability import emit, unfit_label
 from resilient_db._registry import config_of, service_of
 from resilient_db._state import STATE
 
@@ -147,18 +147,11 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     # (as open_breaker's reason: a lone surrogate can't be sent, the driver's UnicodeEncodeError
     # said nothing of it; a line end in each of the trigger's server log lines would begin a
     # line that looks like the server's own. No bound on its length: an audit's own text.)
-    try:
-        reason.encode("utf-8")
-        unfit = None
-    except UnicodeEncodeError as exc:
-        unfit = f"is not valid UTF-8 text ({exc.reason} at {exc.start})"
-    control = next((c for c in reason if ord(c) in CONTROL_CODES), None)
-    if unfit is None and control is not None:
-        unfit = f"has a control character ({control!r})"
+    unfit = unfit_label(reason, len(reason))
     if unfit is not None:
         raise ValueError(
-            f"bypass_transitions(): reason {reason[:80]!r} {unfit}: it goes into the audit "
-            "line and the server's log as it is; use printable text on one line"
+            f"bypass_transitions(): reason {unfit}: it goes into the audit line and the "
+            "server's log as it is; use printable text on one line"
         )
     if isinstance(target, Session):
         _bypass_session(target, reason)

@@ -26,7 +26,7 @@ from sqlalchemy.ext.declarative import AbstractConcreteBase
 from sqlalchemy.orm import MANYTOONE, Mapper, NotExtension
 from sqlalchemy.orm.state import InstanceState
 
-from resilient_db._errors import ResilientDBError
+from resilient_db._errors import ResilientDBError, utf8_problem
 from resilient_db._internals import flush_pk_bind_name
 from resilient_db._state import renew_after_fork
 
@@ -104,16 +104,13 @@ def _check_state(value: object, *, where: str, column: str) -> State:
             f"TransitionRules(column={column!r}): {where} contains a state with a NUL character, "
             "which PostgreSQL text cannot store"
         )
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # (os.environ's spelling of a byte of another encoding: the model mapped, and the
-            # install and every write of the state failed with the codec's error)
-            raise TransitionRulesError(
-                f"TransitionRules(column={column!r}): {where} contains {value!r}, which is no "
-                "UTF-8 text (a byte of another encoding?); PostgreSQL can't be sent it"
-            ) from None
+    if isinstance(value, str) and utf8_problem(value) is not None:
+        # (os.environ's spelling of a byte of another encoding: the model mapped, and the
+        # install and every write of the state failed with the codec's error)
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} contains {value!r}, which is no "
+            "UTF-8 text (a byte of another encoding?); PostgreSQL can't be sent it"
+        )
     return value
 
 

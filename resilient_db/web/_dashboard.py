@@ -24,7 +24,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from resilient_db._classify import failure_detail, log_quietly
-from resilient_db._errors import finite, shown_number
+from resilient_db._errors import finite, shown_number, utf8_problem
 from resilient_db._observability import HealthReport, LineLimit
 from resilient_db._observability import health as _health
 from resilient_db._state import renew_after_fork
@@ -154,14 +154,12 @@ class Dashboard:
             )
         if not isinstance(title, str):
             raise TypeError(f"dashboard(title=...) must be a string, got {type(title).__name__}")
-        try:
-            title.encode("utf-8")
-        except UnicodeEncodeError:
+        if utf8_problem(title) is not None:
             # (a byte of another encoding, as os.environ gives it: every page answered 500)
             raise ValueError(
                 f"dashboard(title=...) must be UTF-8 text, got {title[:40]!r} (a byte of "
                 "another encoding?)"
-            ) from None
+            )
         if isinstance(events, bool) or not isinstance(events, int) or events < 0:
             raise ValueError(f"dashboard(events=...) must be a whole number >= 0, got {events!r}")
         if not callable(health):
