@@ -66,6 +66,24 @@ class Heard(pybreaker.CircuitBreakerListener):
         self.changes.append((getattr(old_state, "name", ""), new_state.name))
 
 
+def sharing(
+    bind: sa.Engine,
+    service: str,
+    storage: Any,
+    *,
+    heard: Heard | None = None,
+    wall_clock: Any = None,
+) -> rdb.ResilientSession:
+    """A factory of ``service`` whose breaker is kept in ``storage`` (shared), told to
+    ``heard`` when given."""
+    extra: dict[str, Any] = {"breaker_listeners": [heard]} if heard is not None else {}
+    if wall_clock is not None:
+        extra["wall_clock"] = wall_clock
+    return rdb.ResilientSession(
+        bind, service=service, breaker_storage=storage, config=CONFIG, **extra
+    )
+
+
 def select_one(session: Session) -> int:
     return int(session.execute(sa.text("SELECT 1")).scalar_one())
 
@@ -131,13 +149,7 @@ def test_an_opening_another_process_made_in_the_shared_storage_is_said_and_told_
     caplog.set_level(logging.INFO)
     namespace = f"elsewhere-{uuid.uuid4().hex}"
     heard = Heard()
-    Factory = rdb.ResilientSession(
-        engine,
-        service=service,
-        breaker_storage=redis_storage(namespace),
-        breaker_listeners=[heard],
-        config=CONFIG,
-    )
+    Factory = sharing(engine, service, redis_storage(namespace), heard=heard)
     assert Factory.run(select_one) == 1
     fault_proxy.refuse()  # the database refuses the other process's connections
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELF_HEALING_")}
@@ -190,23 +202,11 @@ def test_half_open_and_closed_made_elsewhere_are_said_once_when_noticed(
     namespace = f"elsewhere-{uuid.uuid4().hex}"
     here, there = service, f"{service}-other"
     heard = Heard()
-    Factory = rdb.ResilientSession(
-        engine,
-        service=here,
-        breaker_storage=redis_storage(namespace),
-        breaker_listeners=[heard],
-        config=CONFIG,
-    )
+    Factory = sharing(engine, here, redis_storage(namespace), heard=heard)
     other_clock = FakeClock(time.time())
     proxied = sa.create_engine(fault_proxy.url(engine.url.database))
     try:
-        Other = rdb.ResilientSession(
-            proxied,
-            service=there,
-            breaker_storage=redis_storage(namespace),
-            config=CONFIG,
-            wall_clock=other_clock,
-        )
+        Other = sharing(proxied, there, redis_storage(namespace), wall_clock=other_clock)
         assert Factory.run(select_one) == 1
         fault_proxy.refuse()
         with pytest.raises(sa.exc.OperationalError):
@@ -258,21 +258,10 @@ def test_an_opening_found_by_threads_at_once_is_said_and_told_once(
     caplog.set_level(logging.INFO)
     namespace = f"elsewhere-{uuid.uuid4().hex}"
     heard = Heard()
-    Factory = rdb.ResilientSession(
-        engine,
-        service=service,
-        breaker_storage=redis_storage(namespace),
-        breaker_listeners=[heard],
-        config=CONFIG,
-    )
+    Factory = sharing(engine, service, redis_storage(namespace), heard=heard)
     proxied = sa.create_engine(fault_proxy.url(engine.url.database))
     try:
-        Other = rdb.ResilientSession(
-            proxied,
-            service=f"{service}-other",
-            breaker_storage=redis_storage(namespace),
-            config=CONFIG,
-        )
+        Other = sharing(proxied, f"{service}-other", redis_storage(namespace))
         assert Factory.run(select_one) == 1
         fault_proxy.refuse()
         with pytest.raises(sa.exc.OperationalError):
@@ -317,25 +306,16 @@ def test_a_process_started_while_the_shared_storage_is_open_says_so_when_it_noti
     namespace = f"elsewhere-{uuid.uuid4().hex}"
     proxied = sa.create_engine(fault_proxy.url(engine.url.database))
     try:
-        Other = rdb.ResilientSession(
-            proxied,
-            service=f"{service}-other",
-            breaker_storage=redis_storage(namespace),
-            config=CONFIG,
-        )
+        Other = sharing(proxied, f"{service}-other", redis_storage(namespace))
         fault_proxy.refuse()
         with pytest.raises(sa.exc.OperationalError):
             Other.run(select_one)  # opens the shared breaker
     finally:
         proxied.dispose()
     heard = Heard()
-    Factory = rdb.ResilientSession(  # made now: "started" while it is open
-        engine,
-        service=service,
-        breaker_storage=redis_storage(namespace),
-        breaker_listeners=[heard],
-        config=CONFIG,
-    )
+    Factory = sharing(
+        engine, service, redis_storage(namespace), heard=heard
+    )  # made now: "started" while it is open
     for _ in range(2):
         with pytest.raises(rdb.CircuitOpenError):
             Factory.run(select_one)
