@@ -695,7 +695,10 @@ class Breaker:
                 if self._fleet_state == OPEN:
                     return max(0.0, self._fleet_until - time.monotonic())
                 return 0.0
-            if self.noticed(self._storage.state) == OPEN:
+            state = self._storage.state
+            if state != self.known:  # (inline: every drop-in block asks, the state unchanged)
+                state = self.noticed(state)
+            if state == OPEN:
                 return max(0.0, self._remaining_open())
         except Exception:  # a store of yours that fails: the attempt asks before_call
             return 0.0
