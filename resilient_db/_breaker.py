@@ -632,12 +632,8 @@ class Breaker:
     def took_elsewhere(self, state: str) -> None:
         """The listener was told of ``state``, a change made elsewhere (see :meth:`noticed`):
         this breaker's own notes follow it, as :meth:`_set_state` keeps them for its own."""
-        self._opened_locally = False
-        self._opened_alone_at = None
+        self._entering(state)
         self._probes = 0
-        if state == HALF_OPEN:
-            self._lease_from = self._timer()
-            self._probe_era += 1
         if state == OPEN:
             # whoever made it and why is unknown here: not this process's failures, not an
             # operator's as far as it knows; the time it has left is its opened_at's
@@ -1725,13 +1721,7 @@ class Breaker:
         self.hand_reason = None
 
     def _set_state(self, state: str) -> None:
-        self._opened_locally = False
-        self._opened_alone_at = None
-        if state == HALF_OPEN:
-            # a new lease for new probes; those of an earlier half-open state still running
-            # hold no slot of this one
-            self._lease_from = self._timer()
-            self._probe_era += 1
+        self._entering(state)
         self._storage.state = state
         # pybreaker's setter builds its state object and notifies the listeners; it resets the
         # failure counter on closing and the success counter on opening / half-opening. The
@@ -1741,6 +1731,16 @@ class Breaker:
             self._cb.state = state
         finally:
             self.setting = None
+
+    def _entering(self, state: str) -> None:
+        """This breaker's own notes as it enters ``state``, by its own change or one made
+        elsewhere: not opened here alone; half-open, a new lease for new probes (those of an
+        earlier half-open state still running hold no slot of this one)."""
+        self._opened_locally = False
+        self._opened_alone_at = None
+        if state == HALF_OPEN:
+            self._lease_from = self._timer()
+            self._probe_era += 1
 
     def _stamp_opening(self, elapsed: float) -> None:
         """The breaker opened ``elapsed`` seconds ago: the storage's ``opened_at`` says when
