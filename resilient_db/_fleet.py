@@ -1179,11 +1179,15 @@ class FleetLink:
             known = self.timelines.get(system)
             if known is not None and known[0] >= timeline:
                 return
-            _bounded_put(self.timelines, system, (timeline, server, since))
+        # The engines' fences are told first, the link's own copy (what ``health()`` and
+        # :func:`fleet_timeline` read) raised after: once it shows the timeline, no engine of
+        # this process takes a connection below it (only this thread raises the copy).
         with _FENCES_LOCK:
             fences = list(_FENCES)
         for fence in fences:
             fence.fleet_timeline(system, timeline, server)
+        with self._lock:
+            _bounded_put(self.timelines, system, (timeline, server, since))
 
     # -- failure-path calls ------------------------------------------------------------------
     def _call(

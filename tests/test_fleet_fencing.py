@@ -30,7 +30,7 @@ from test_failover_fencing import (
 from test_failover_review import DATABASE, Units, fail_over, ledger, units
 
 import resilient_db as rdb
-from resilient_db._fleet import MAX_TIMELINES, TIMELINES_KEY
+from resilient_db._fleet import MAX_TIMELINES, TIMELINES_KEY, follow_timelines
 from resilient_db._state import STATE
 from resilient_db.testing import EmbeddedPostgres, RedisServer, StandbyPair
 
@@ -206,6 +206,39 @@ def test_the_fleets_timelines_are_bounded(redis_server: RedisServer, pg_url: str
         assert stored[f"{first + 69}"].startswith("3 ")  # (not lowered)
         assert len(link.timelines) == MAX_TIMELINES
         assert all(seen[0] == 3 for seen in link.timelines.values())
+    finally:
+        engine.dispose()
+
+
+def test_the_engines_are_told_of_a_timeline_before_the_link_shows_it(
+    redis_server: RedisServer, pg_url: str
+) -> None:
+    """Once a link shows a fleet's timeline (``health()``, :func:`fleet_timeline`, what a test
+    or an operator waits on), every engine's fence of the process has been told of it: a
+    connection below it is refused from then on (the other order left a moment where the link
+    showed timeline 2 and an engine still took the old primary's pooled connection)."""
+
+    class Spy:
+        """A fence that notes what the link showed when it was told."""
+
+        def __init__(self) -> None:
+            self.told: list[tuple[str, int, Any]] = []
+
+        def fleet_timeline(self, system: str, timeline: int, server: str) -> None:
+            self.told.append((system, timeline, link.timelines.get(system)))
+
+    config = rdb.Config(redis_url=redis_server.url)
+    engine = sa.create_engine(pg_url)
+    rdb.ResilientSession(engine, service="fence-order", config=config)  # (its link)
+    link = STATE.fleet_links[redis_server.url]
+    spy = Spy()
+    follow_timelines(spy)
+    try:
+        wait_for(lambda: link.up, "the link")
+        system = "7100000000000000001"
+        link.share_timeline(system, 4, "127.0.0.1:1")
+        wait_for(lambda: system in link.timelines, "the shared timeline")
+        assert spy.told == [(system, 4, None)]
     finally:
         engine.dispose()
 
