@@ -656,12 +656,14 @@ def install_markers(server: PostgresServer, database: str) -> None:
 
 
 def in_no_transaction(engine: sa.Engine, pid: int) -> bool:
-    """Whether backend ``pid`` has no transaction open (ended, or the backend gone)."""
+    """Whether backend ``pid`` has no transaction open (ended, or the backend gone). Asked on
+    a connection of ``engine``'s pool, which may be ``pid``'s own once its transaction ended
+    and it went back there: its transaction is then the question's (not one left open)."""
     with engine.connect() as conn:
         return not conn.scalar(
             sa.text(
                 "SELECT EXISTS (SELECT FROM pg_stat_activity"
-                " WHERE pid = :p AND xact_start IS NOT NULL)"
+                " WHERE pid = :p AND pid <> pg_backend_pid() AND xact_start IS NOT NULL)"
             ),
             {"p": pid},
         )
