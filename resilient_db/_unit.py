@@ -40,6 +40,7 @@ from ._classify import (
     DEFAULT_CLASSIFIER,
     HOT_STANDBY_FIX,
     ONE_SESSION_ENDED_CODES,
+    PROTOCOL_VIOLATION,
     READ_ONLY_SQLSTATE,
     Classifier,
     Outcome,
@@ -3649,6 +3650,21 @@ class EngineHooks:
             # pool's others are sound (SQLAlchemy would replace them all, as for a server that
             # went away; others that sat idle as long are ended too, each replaced at its
             # checkout, whose probe sees it closed)
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
+        elif (
+            code == PROTOCOL_VIOLATION
+            and ctx.connection is not None
+            and self.classifier.is_disconnect_code(code)
+            and not self.classifier.answered_violation(code, original)
+        ):
+            # a FATAL 08P01 ends this one client connection, for its own reason: PgBouncer's
+            # (its server connection died under it, "server conn crashed?"; query_wait_timeout;
+            # an admin's KILL) or PostgreSQL's (a message of this connection's out of step). No
+            # server went away for the pool's others: those PgBouncer ended are closed, which
+            # their checkout's probe sees, and the rest are sound (in transaction pooling no
+            # idle client connection holds a server connection); SQLAlchemy would replace
+            # them all, only to log each in to the pooler again
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
         elif (

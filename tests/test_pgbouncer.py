@@ -71,6 +71,9 @@ pytestmark = [
     pytest.mark.usefixtures("no_backoff"),
 ]
 
+#: asyncpg 0.32+ raises a connection the server (or PgBouncer) ended from its FATAL error,
+#: whose SQLSTATE is the error's; before, its own 08003 is all it says
+ASYNCPG_KEEPS_FATAL = tuple(int(n) for n in asyncpg.__version__.split(".")[:2]) >= (0, 32)
 #: the pooler announced: nothing prepared (psycopg, sync and async; asyncpg)
 PSYCOPG_ARGS: dict[str, Any] = {"prepare_threshold": None}
 ASYNCPG_ARGS: dict[str, Any] = {"statement_cache_size": 0}
@@ -584,6 +587,139 @@ async def test_max_client_conn_refusal_keeps_the_pooled_connections_async(
         pool_said_nothing(caplog, service)
     finally:
         await engine.dispose()
+
+
+# ---- PgBouncer's 08P01 on an open client connection: that client connection only ------------
+# PgBouncer ends one client connection with FATAL 08P01 for that client's own reason: its
+# server connection died under it ("server conn crashed?"), it waited past query_wait_timeout,
+# an admin's KILL. The pool's other client connections are sound (in transaction pooling none
+# is tied to a server connection while idle), or closed by PgBouncer, which the checkout's probe
+# sees: replacing them all only reconnects them to the pooler (SQLAlchemy did, as for a server
+# that went away).
+
+
+async def held_clients(engine: Any, n: int) -> list[Any]:
+    """The driver connections of ``n`` connections of ``engine`` (sync or async) held at once,
+    each of which runs a statement; then back to the pool. (Kept by the caller, so that no
+    connection made later can have the ``id()`` of one of them.)"""
+    if isinstance(engine, sa.Engine):
+        conns = [engine.connect() for _ in range(n)]
+        for conn in conns:
+            conn.exec_driver_sql("SELECT 1")
+        found = [c.connection.driver_connection for c in conns]
+        for conn in conns:
+            conn.close()
+        return found
+    aconns = [await engine.connect() for _ in range(n)]
+    for aconn in aconns:
+        await aconn.exec_driver_sql("SELECT 1")
+    found = [(await c.get_raw_connection()).driver_connection for c in aconns]
+    for aconn in aconns:
+        await aconn.close()
+    return found
+
+
+@pytest.mark.parametrize("fault", ["query_wait_timeout", "server conn crashed"])
+@pytest.mark.parametrize("driver", ["psycopg-sync", "psycopg", "asyncpg"])
+@pytest.mark.asyncio
+async def test_pgbouncer_ending_one_client_connection_keeps_the_others(
+    bouncer_factory: Callable[..., PgBouncer],
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    *,
+    driver: str,
+    fault: str,
+) -> None:
+    """The unit's client connection ended by PgBouncer's FATAL 08P01 mid-unit: the unit is
+    replayed once, on another pooled client connection, and the pool's other two are kept.
+    "server conn crashed?": the unit's backend terminated while its statement ran (asyncpg
+    reports PgBouncer's 08P01; psycopg the server's 57P01 that PgBouncer passed on first, a
+    server that may have gone away, whose pool is replaced as on a direct connection)."""
+    bouncer = bouncer_factory(query_wait_timeout=1)
+    if driver == "psycopg-sync":
+        engine: Any = sa.create_engine(bouncer.url(), connect_args=PSYCOPG_ARGS, pool_size=3)
+        Sessions: Any = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    else:
+        engine = create_async_engine(
+            bouncer.url(driver), connect_args=DRIVER_ARGS[driver], pool_size=3
+        )
+        Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    seen: list[rdb.SelfHealEvent] = []
+    attempts: list[int] = []
+    sleeping = (
+        "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+    )
+
+    def kill_the_sleeper() -> None:
+        wait_for(lambda: bool(pg_server.execute(sleeping, database=database)), "the statement")
+        pg_server.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query = 'SELECT pg_sleep(30)'",
+            database=database,
+        )
+
+    def unit(session: Session) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            if fault == "query_wait_timeout":
+                bouncer.admin(f"PAUSE {database}")  # (no client in a transaction: at once)
+                session.execute(sa.text("SELECT 1"))  # waits for a server, past the timeout
+            else:
+                killer = threading.Thread(target=kill_the_sleeper)
+                killer.start()
+                try:
+                    session.execute(sa.text("SELECT pg_sleep(30)"))
+                finally:
+                    killer.join(60)
+        elif fault == "query_wait_timeout":
+            bouncer.admin(f"RESUME {database}")
+        return len(attempts)
+
+    async def aunit(session: AsyncSession) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            if fault == "query_wait_timeout":
+                bouncer.admin(f"PAUSE {database}")  # (blocks the loop: nothing else on it)
+                await session.execute(sa.text("SELECT 1"))
+            else:
+                killer = asyncio.create_task(asyncio.to_thread(kill_the_sleeper))
+                try:
+                    await session.execute(sa.text("SELECT pg_sleep(30)"))
+                finally:
+                    await killer
+        elif fault == "query_wait_timeout":
+            bouncer.admin(f"RESUME {database}")
+        return len(attempts)
+
+    rdb.add_hook(seen.append)
+    try:
+        before = await held_clients(engine, 3)
+        if driver == "psycopg-sync":
+            assert Sessions.run(unit) == 2
+        else:
+            assert await Sessions.run(aunit) == 2
+        after = await held_clients(engine, 3)
+    finally:
+        rdb.remove_hook(seen.append)
+        if driver == "psycopg-sync":
+            engine.dispose()
+        else:
+            await engine.dispose()
+    codes = [e.fields["sqlstate"] for e in seen if e.name == "retry"]
+    assert [e.fields["outcome"] for e in seen if e.name == "retry"] == ["disconnect"]
+    if codes == ["57P01"]:  # (psycopg: the server's FATAL, passed on; see above)
+        assert fault == "server conn crashed"
+        assert driver != "asyncpg"
+        return
+    if not (ASYNCPG_KEEPS_FATAL if driver == "asyncpg" else fatal_code("08P01")):
+        # (psycopg before 3.2.4 and asyncpg before 0.32 report no code of PgBouncer's: a lost
+        # connection, nothing more known, whose pool is replaced)
+        assert codes == [fatal_code("08P01") or "none"] if driver != "asyncpg" else ["08003"]
+        return
+    assert codes == ["08P01"]
+    kept = {id(d) for d in before} & {id(d) for d in after}
+    assert len(kept) == 2  # the unit's one replaced, only
 
 
 @pytest.mark.server_control
