@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import asyncpg
 import psycopg
 import pybreaker
 import pytest
@@ -33,6 +34,13 @@ from resilient_db.transitions._dbmap import exception_from_db
 PSYCOPG_KEEPS_FATAL_CODES = tuple(
     int(n) for n in psycopg.__version__.split(".")[:3] if n.isdigit()
 ) >= (3, 2, 4)
+
+
+#: asyncpg 0.32+ raises a connection the server (or PgBouncer) ended from its FATAL error, whose
+#: SQLSTATE is the error's; before, its own 08003 (connection_does_not_exist) is all it says
+ASYNCPG_KEEPS_FATAL_CODES = tuple(
+    int(n) for n in asyncpg.__version__.split(".")[:2] if n.isdigit()
+) >= (0, 32)
 
 
 def fatal_code(code: str) -> str | None:

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from processes import wait_for
 from scenarios import (
     ASYNC_DRIVERS,
+    ASYNCPG_KEEPS_FATAL_CODES,
     PSYCOPG_KEEPS_FATAL_CODES,
     assert_breaker_untouched,
     fatal_code,
@@ -281,3 +282,62 @@ async def test_async_a_connection_ended_for_idling_is_replaced_and_the_unit_runs
     assert rdb.sqlstate_of(seen[0]) == fatal_code("57P05")
     assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT
     assert _counters(service)["retries_by_class"] == {"disconnect": 1}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("async_driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("ended", ["in the pool", "in the unit"])
+async def test_async_a_connection_ended_for_idling_leaves_the_pools_other_connections(
+    pg_async_url: str, pg_server: PostgresServer, service: str, *, async_driver: str, ended: str
+) -> None:
+    """The async twin through SQLAlchemy, asyncpg included (57P05 the cause of its closed
+    connection, on 0.32+). Ended in the pool: found dead at checkout and replaced, the unit
+    runs once. Ended in the unit (between its checkout and its first statement): one retry.
+    Either way the pool's other connection (busy in a transaction meanwhile: never idle) is
+    kept."""
+    args = server_settings_args(async_driver, idle_session_timeout=str(IDLE_MS))
+    engine = create_async_engine(pg_async_url, connect_args=args, pool_size=2)
+    Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+    seen: list[BaseException] = []
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        conn = await session.connection()
+        driver = (await conn.get_raw_connection()).driver_connection
+        pid = driver.get_server_pid() if async_driver == "asyncpg" else driver.info.backend_pid
+        try:
+            if ended == "in the unit" and not seen:
+                wait_for(lambda: _gone(pg_server, pid), "the server to end the idle session")
+            return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+        except Exception as exc:
+            seen.append(exc)
+            raise
+
+    try:
+        async with engine.connect() as busy:
+            await busy.begin()
+            busy_pid = (await busy.execute(PID)).scalar_one()
+            if ended == "in the pool":
+                async with engine.connect() as idle:  # (the pool's other one, idle from now)
+                    idle_pid = (await idle.execute(PID)).scalar_one()
+                wait_for(lambda: _gone(pg_server, idle_pid), "the server to end the idle session")
+            assert await Sessions.run(unit) == 1
+            await busy.rollback()
+        async with engine.connect() as one, engine.connect() as two:
+            pids = {(await c.execute(PID)).scalar_one() for c in (one, two)}
+    finally:
+        await engine.dispose()
+    counters = _counters(service)
+    if ended == "in the pool":
+        assert (calls, seen) == ([1], [])
+        assert counters["dead_pooled_connections"] == 1
+    else:
+        assert len(calls) == 2
+        assert [rdb.classify(e) for e in seen] == [rdb.Outcome.DISCONNECT]
+        assert counters["retries_by_class"] == {"disconnect": 1}
+    assert counters["pool_invalidations"] == 0
+    # (met by a statement, before psycopg 3.2.4 and asyncpg 0.32 the error carries no code:
+    # a lost connection, whose pool SQLAlchemy replaces)
+    told = ASYNCPG_KEEPS_FATAL_CODES if async_driver == "asyncpg" else PSYCOPG_KEEPS_FATAL_CODES
+    assert (busy_pid in pids) is (told or ended == "in the pool")

@@ -35,7 +35,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
-from scenarios import fatal_code
+from scenarios import ASYNCPG_KEEPS_FATAL_CODES, fatal_code
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -71,9 +71,6 @@ pytestmark = [
     pytest.mark.usefixtures("no_backoff"),
 ]
 
-#: asyncpg 0.32+ raises a connection the server (or PgBouncer) ended from its FATAL error,
-#: whose SQLSTATE is the error's; before, its own 08003 is all it says
-ASYNCPG_KEEPS_FATAL = tuple(int(n) for n in asyncpg.__version__.split(".")[:2]) >= (0, 32)
 #: the pooler announced: nothing prepared (psycopg, sync and async; asyncpg)
 PSYCOPG_ARGS: dict[str, Any] = {"prepare_threshold": None}
 ASYNCPG_ARGS: dict[str, Any] = {"statement_cache_size": 0}
@@ -712,7 +709,7 @@ async def test_pgbouncer_ending_one_client_connection_keeps_the_others(
         assert fault == "server conn crashed"
         assert driver != "asyncpg"
         return
-    if not (ASYNCPG_KEEPS_FATAL if driver == "asyncpg" else fatal_code("08P01")):
+    if not (ASYNCPG_KEEPS_FATAL_CODES if driver == "asyncpg" else fatal_code("08P01")):
         # (psycopg before 3.2.4 and asyncpg before 0.32 report no code of PgBouncer's: a lost
         # connection, nothing more known, whose pool is replaced)
         assert codes == [fatal_code("08P01") or "none"] if driver != "asyncpg" else ["08003"]
