@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
-from scenarios import in_no_transaction
+from scenarios import ASYNC_DRIVERS, in_no_transaction, set_read_only_database
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -468,6 +468,195 @@ async def test_an_async_serialization_failure_caught_in_a_savepoint_replays_the_
     assert caught == [True]
     assert ledger(engine) == ["after"]
     assert qty(engine) == {"a": 1, "b": 103}
+
+
+def _write_skew(engine: sa.Engine) -> None:
+    """Another SERIALIZABLE transaction, on a thread of its own, reads row a and writes row b,
+    and commits: a unit that read b and then writes a closes a cycle of read/write
+    dependencies, which the server fails (40001) at that write."""
+
+    def other() -> None:
+        with engine.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
+            conn.execute(sa.text("SELECT qty FROM sp_items WHERE name = 'a'"))
+            conn.execute(sa.text("UPDATE sp_items SET qty = qty + 100 WHERE name = 'b'"))
+            conn.commit()
+
+    in_thread(other)
+
+
+def test_a_serializable_conflict_caught_in_a_savepoint_replays_the_unit(
+    engine: sa.Engine, service: str
+) -> None:
+    """Two SERIALIZABLE transactions for real (no concurrent update of one row: a write skew,
+    which SSI fails as the unit writes what the other read): caught in a savepoint, the rest
+    would commit; the unit is replayed once and writes once."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    calls: list[int] = []
+    caught: list[str | None] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        session.execute(sa.text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+        session.execute(sa.text("SELECT qty FROM sp_items WHERE name = 'b'"))
+        if len(calls) == 1:
+            _write_skew(engine)
+        try:
+            with session.begin_nested():
+                session.execute(sa.text("UPDATE sp_items SET qty = qty + 1 WHERE name = 'a'"))
+                note(session, "in savepoint")
+        except sa.exc.OperationalError as exc:
+            caught.append(rdb.sqlstate_of(exc))
+        note(session, "after")
+        return len(calls)
+
+    assert Sessions.run(unit) == 2
+    assert caught == ["40001"]
+    assert ledger(engine) == ["in savepoint", "after"]
+    assert qty(engine) == {"a": 2, "b": 102}
+    assert counters(service)["retries_by_class"] == {"conflict": 1}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("async_driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("conflict", ["40001", "40P01"])
+async def test_an_async_conflict_caught_in_a_savepoint_replays_the_unit(
+    engine: sa.Engine, pg_async_url: str, service: str, *, async_driver: str, conflict: str
+) -> None:
+    """On both async drivers, a real conflict in ``async with session.begin_nested():``
+    caught by the unit's code: a serialization failure of two SERIALIZABLE transactions
+    (above), or a deadlock whose victim is the unit (the sync deadlock test's, whose notes say
+    why the replay waits for the other's end). Replayed once, written once."""
+    aengine = create_async_engine(pg_async_url)
+    other_locked, go = threading.Event(), threading.Event()
+    other_pid: list[int] = []
+
+    def other() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL deadlock_timeout = '10s'"))  # the unit is the victim
+            conn.execute(sa.text("UPDATE sp_items SET qty = qty + 100 WHERE name = 'b'"))
+            other_pid.append(int(conn.scalar(sa.text("SELECT pg_backend_pid()")) or 0))
+            other_locked.set()
+            go.wait(20)
+            conn.execute(sa.text("UPDATE sp_items SET qty = qty + 100 WHERE name = 'a'"))
+
+    thread = threading.Thread(target=other)
+    calls: list[int] = []
+    caught: list[str | None] = []
+
+    async def deadlock_first(session: AsyncSession) -> str:
+        """The unit holds a; the other holds b and waits for a: the unit's write of b (the
+        row returned) will close the cycle. The replay waits for the other's end first."""
+        if len(calls) > 1:
+            wait_for(lambda: in_no_transaction(engine, other_pid[0]), "the other's end", 20)
+        await session.execute(sa.text("SET LOCAL deadlock_timeout = '20ms'"))
+        await session.execute(sa.text("UPDATE sp_items SET qty = qty + 1 WHERE name = 'a'"))
+        if len(calls) == 1:
+            thread.start()
+            assert other_locked.wait(20)
+            go.set()
+            wait_for(lambda: waits_for_a_lock(engine, other_pid[0]), "the other's wait", 20)
+        return "b"
+
+    async def write_skew_first(session: AsyncSession) -> str:
+        await session.execute(sa.text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+        await session.execute(sa.text("SELECT qty FROM sp_items WHERE name = 'b'"))
+        if len(calls) == 1:
+            _write_skew(engine)
+        return "a"
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        row = await (deadlock_first if conflict == "40P01" else write_skew_first)(session)
+        try:
+            async with session.begin_nested():
+                await session.execute(
+                    sa.text("UPDATE sp_items SET qty = qty + 1 WHERE name = :n"), {"n": row}
+                )
+                await session.execute(sa.text("INSERT INTO sp_ledger (note) VALUES ('in')"))
+        except sa.exc.DBAPIError as exc:
+            caught.append(rdb.sqlstate_of(exc))
+        await session.execute(sa.text("INSERT INTO sp_ledger (note) VALUES ('after')"))
+        return len(calls)
+
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+        assert await Sessions.run(unit) == 2
+    finally:
+        go.set()
+        if thread.is_alive():
+            thread.join(20)
+        await aengine.dispose()
+    assert caught == [conflict]
+    assert ledger(engine) == ["in", "after"]
+    assert qty(engine) == ({"a": 102, "b": 103} if conflict == "40P01" else {"a": 2, "b": 102})
+    assert counters(service)["retries_by_class"] == {"conflict": 1}
+
+
+# -- a write refused by a server that takes none (25006), caught in a savepoint ------------------
+# The refusal means a wrong server (a standby, a primary fenced read-only for a cut-over): a
+# lost server, as outside a savepoint. Here the database is read-only by default for the
+# sessions that start while it is (what such a server looks like to a client), and writable
+# again for those after, as a failover ends: the unit's code catches the refusal in its
+# savepoint and would commit the rest, its write lost.
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg-sync", *ASYNC_DRIVERS])
+async def test_a_write_refused_by_a_read_only_server_caught_in_a_savepoint_replays_the_unit(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str, driver: str
+) -> None:
+    """As a refusal outside the savepoint: the pool's connections replaced, the unit replayed
+    once (on a new connection, to the server that takes writes now), its write made once."""
+    calls: list[int] = []
+    caught: list[str | None] = []
+
+    def first_attempt_refused() -> None:
+        calls.append(1)
+        if len(calls) == 1:  # (the unit's connection was made read-only: the next will not)
+            set_read_only_database(pg_server, pg_database, False)
+
+    def unit(session: Session) -> int:
+        session.execute(sa.text("SELECT 1"))
+        first_attempt_refused()
+        try:
+            with session.begin_nested():
+                note(session, "in savepoint")
+        except sa.exc.DBAPIError as exc:
+            caught.append(rdb.sqlstate_of(exc))
+        return len(calls)
+
+    async def aunit(session: AsyncSession) -> int:
+        await session.execute(sa.text("SELECT 1"))
+        first_attempt_refused()
+        try:
+            async with session.begin_nested():
+                await session.execute(
+                    sa.text("INSERT INTO sp_ledger (note) VALUES ('in savepoint')")
+                )
+        except sa.exc.DBAPIError as exc:
+            caught.append(rdb.sqlstate_of(exc))
+        return len(calls)
+
+    set_read_only_database(pg_server, pg_database, True)
+    try:
+        if driver == "psycopg-sync":
+            refused = sa.create_engine(pg_server.url(pg_database))
+            try:
+                Sessions = rdb.ResilientSession(refused, service=service, config=CONFIG)
+                assert Sessions.run(unit) == 2
+            finally:
+                refused.dispose()
+        else:
+            arefused = create_async_engine(pg_server.url(pg_database, driver=driver))
+            try:
+                ASessions = rdb.AsyncResilientSession(arefused, service=service, config=CONFIG)
+                assert await ASessions.run(aunit) == 2
+            finally:
+                await arefused.dispose()
+    finally:
+        set_read_only_database(pg_server, pg_database, False)
+    assert caught == ["25006"]
+    assert ledger(engine) == ["in savepoint"]
+    assert counters(service)["retries_by_class"] == {"disconnect": 1}
+    assert counters(service)["pool_invalidations"] == 1
 
 
 @pytest.mark.parametrize("then", ["returns", "goes on"])
