@@ -1431,6 +1431,46 @@ async def test_drop_in_use_survives_a_dead_pooled_connection(
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
 
 
+@pytest.mark.server_control
+@pytest.mark.parametrize("loop", ["running", "blocked"])
+@pytest.mark.parametrize("block", ["Session()", "Session.begin()"])
+async def test_drop_in_use_after_a_restart_while_the_pool_was_idle(
+    engine: AsyncEngine,
+    pg_async_url: str,
+    pg_server: PostgresServer,
+    service: str,
+    *,
+    loop: str,
+    block: str,
+) -> None:
+    """The server restarted while the pool's connections sat idle: every one dead. A
+    drop-in block's first statement gets a new connection (each dead one replaced at its
+    checkout) and sees no error, whether the event loop ran meanwhile (the driver read the
+    server's goodbye) or not (its socket holds it unread)."""
+    pooled = create_engine(pg_async_url, pool_size=2)
+    Session = factory(pooled, service)
+    try:
+        async with pooled.connect() as one, pooled.connect() as two:
+            pids = {
+                (await c.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+                for c in (one, two)
+            }
+        if loop == "running":
+            await asyncio.to_thread(pg_server.restart)
+        else:
+            pg_server.restart()
+        opened = Session() if block == "Session()" else Session.begin()
+        async with opened as session:
+            pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        async with Session() as session:  # (the other pooled one: dead too)
+            again = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    finally:
+        await pooled.dispose()
+    assert pid not in pids
+    assert again not in pids
+    assert rdb.health()["services"][service]["counters"]["dead_pooled_connections"] >= 1
+
+
 async def _listening(
     Session: AsyncResilientSession[AsyncSession], payloads: list[str]
 ) -> tuple[int, Any, int]:
