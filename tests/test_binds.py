@@ -481,6 +481,81 @@ def test_the_guard_compares_and_sets_through_the_connection_of_the_models_own_da
     assert [tuple(r) for r in rows] == [(1, "done"), (2, "done")]
 
 
+def test_the_guard_compares_and_sets_on_an_engine_bound_by_the_session_alone(
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    service: str,
+) -> None:
+    """A model bound to a second engine by the session itself (``Session.bind_mapper``, after
+    the factory was made: the factory never hooked that engine) still gets its compare-and-set
+    there. The connection the flush writes through is one the unit's transaction began on, and
+    was once taken for an engine with the guard's listener (as a factory's engines have): the
+    UPDATE went out without its condition, and a row another client had moved was written over.
+    Now it fails with StaleTransitionError naming the row and what it holds, nothing of the
+    unit is written; a row nobody moved is updated once."""
+    first, second = databases
+    pg_server.execute(
+        "INSERT INTO steps (id, status) VALUES (1, 'todo'), (2, 'todo')", database=second
+    )
+    Sessions = rdb.ResilientSession(engines[0], service=service)
+
+    def finish(session: Session, key: int, moved_meanwhile: bool) -> None:
+        session.add(Item(name=f"i-{key}"))
+        session.flush()  # the first database's connection begins first
+        session.bind_mapper(Step, engines[1])
+        step = session.get(Step, key)
+        assert step is not None
+        if moved_meanwhile:
+            pg_server.execute(f"UPDATE steps SET status = 'lost' WHERE id = {key}", database=second)
+        step.status = "done"
+
+    with pytest.raises(rdb.StaleTransitionError, match="now holds 'lost'") as raised:
+        Sessions.run(finish, 1, True)
+    assert (raised.value.pk, raised.value.from_state, raised.value.to_state) == (1, "todo", "done")
+    Sessions.run(finish, 2, False)
+    assert names(pg_server, first, "items") == ["i-2"]
+    rows = pg_server.execute("SELECT id, status FROM steps ORDER BY id", database=second)
+    assert [tuple(r) for r in rows] == [(1, "lost"), (2, "done")]
+
+
+@pytest.mark.asyncio
+async def test_async_the_guard_compares_and_sets_on_an_engine_bound_by_the_session_alone(
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    async_engines: tuple[AsyncEngine, AsyncEngine],
+    service: str,
+) -> None:
+    """The async twin: the session binds the guarded model to the second engine itself."""
+    first, second = databases
+    pg_server.execute(
+        "INSERT INTO steps (id, status) VALUES (1, 'todo'), (2, 'todo')", database=second
+    )
+    Sessions = rdb.AsyncResilientSession(async_engines[0], service=service)
+
+    async def finish(session: AsyncSession, key: int, moved_meanwhile: bool) -> None:
+        session.add(Item(name=f"i-{key}"))
+        await session.flush()  # the first database's connection begins first
+        session.sync_session.bind_mapper(Step, async_engines[1].sync_engine)
+        step = await session.get(Step, key)
+        assert step is not None
+        if moved_meanwhile:
+            await asyncio.to_thread(
+                pg_server.execute,
+                f"UPDATE steps SET status = 'lost' WHERE id = {key}",
+                database=second,
+            )
+        step.status = "done"
+
+    with pytest.raises(rdb.StaleTransitionError, match="now holds 'lost'") as raised:
+        await Sessions.run(finish, 1, True)
+    assert (raised.value.pk, raised.value.from_state, raised.value.to_state) == (1, "todo", "done")
+    await Sessions.run(finish, 2, False)
+    assert names(pg_server, first, "items") == ["i-2"]
+    rows = pg_server.execute("SELECT id, status FROM steps ORDER BY id", database=second)
+    assert [tuple(r) for r in rows] == [(1, "lost"), (2, "done")]
+
+
 @pytest.mark.asyncio
 async def test_async_a_lost_answer_on_another_engine_is_settled_in_that_engines_database(
     *,

@@ -771,7 +771,6 @@ def _prepare_compare_and_set(
     (see :func:`before_update`)."""
     # the flush gets its connection with get_bind(mapper=base_mapper): the same one
     by_conn: dict[Connection, list[Change]] = {}
-    hooked: dict[Connection, bool] = {}  # whether a resilient unit's transaction began on it
     conn_of: dict[Mapper[Any], Connection] = {}
     attempt = current_attempt.get()
     began = None if attempt is None else attempt.began
@@ -781,33 +780,26 @@ def _prepare_compare_and_set(
         for change in changes:
             obj = None if change.state is None else change.state.obj()
             by_conn.setdefault(pick(change.mapper.base_mapper, obj), []).append(change)
-        hooked = dict.fromkeys(by_conn, False)
         touched = {}
     elif (
         first is not None
         and not touched
         and (len(changes) == 1 or all(c.mapper.base_mapper is first for c in changes))
     ):  # the common case, without a lookup per row
-        conn, hooked_here = _flush_connection(session, first, began)
-        by_conn[conn] = changes
-        hooked[conn] = hooked_here
+        by_conn[_flush_connection(session, first, began)] = changes
     else:
         for change in changes:
             base = change.mapper.base_mapper
             seen = conn_of.get(base)
             if seen is None:
-                seen, hooked_here = _flush_connection(session, base, began)
-                conn_of[base] = seen
-                hooked[seen] = hooked_here
+                seen = conn_of[base] = _flush_connection(session, base, began)
             by_conn.setdefault(seen, []).append(change)
     watched: dict[Connection, set[Mapper[Any]]] = {}
     for mapper in touched:
         base = mapper.base_mapper
         seen = conn_of.get(base)
         if seen is None:
-            seen, hooked_here = _flush_connection(session, base, began)
-            conn_of[base] = seen
-            hooked[seen] = hooked_here
+            seen = conn_of[base] = _flush_connection(session, base, began)
         watched.setdefault(seen, set()).add(mapper)
         by_conn.setdefault(seen, [])
     errors: list[IllegalTransitionError] = []
@@ -855,10 +847,10 @@ def _prepare_compare_and_set(
     flush_checks = STATE.flush_checks
     conns: list[Connection] = []
     for conn, checks in prepared:
-        if not hooked[conn]:
-            # a connection a resilient unit began on has the guard's listener (its engine has
-            # the commit protocol's); any other engine may need one
-            install_engine_hooks(conn.engine)
+        # (a membership test for an engine with the listener already: a resilient factory's
+        # has the commit protocol's; an engine a unit's transaction began on may have neither,
+        # one bound by the session's bind_mapper(), say)
+        install_engine_hooks(conn.engine)
         flush_checks[conn] = checks
         conns.append(conn)
     if conns:
@@ -879,7 +871,7 @@ def _prepare_one_row(
         return _prepare_compare_and_set(session, config, [change], {}, guards_of)
     attempt = current_attempt.get()
     mapper = change.mapper
-    conn, hooked = _flush_connection(
+    conn = _flush_connection(
         session, mapper.base_mapper, None if attempt is None else attempt.began
     )
     if not conn.dialect.supports_sane_rowcount:  # see _prepare_compare_and_set
@@ -892,8 +884,7 @@ def _prepare_one_row(
     checks.rows[table] = {change.identity: {guard.column: _Expect(change, change.old)}}
     if len(guards_of.get(mapper, ())) == 1:
         checks.covered.add(mapper)  # its one guarded table is watched
-    if not hooked:
-        install_engine_hooks(conn.engine)  # see _prepare_compare_and_set
+    install_engine_hooks(conn.engine)  # see _prepare_compare_and_set
     STATE.flush_checks[conn] = checks
     STATE.flushing[session] = [conn]
     return []
@@ -901,9 +892,9 @@ def _prepare_one_row(
 
 def _flush_connection(
     session: Session, base: Mapper[Any], began: list[tuple[Any, Any, bool, Any]] | None
-) -> tuple[Connection, bool]:
-    """The connection the flush will write ``base``'s rows through, and whether the session's
-    transaction began on it in the running attempt (``began``: the attempt's record, see
+) -> Connection:
+    """The connection the flush will write ``base``'s rows through (``began``: the running
+    attempt's record of the connections the session's transaction began on, see
     ``AttemptRecord.began_on``; the latest entry of an engine counts). The session's
     transaction has it once it began there; asking ``session.connection()`` again costs about
     40 lines of SQLAlchemy's bookkeeping per flush, so a connection already seen is looked up
@@ -919,15 +910,9 @@ def _flush_connection(
                 bind = session.get_bind(mapper=base)
             if conn.engine is bind:
                 if not conn.closed:
-                    return conn, True
+                    return conn  # type: ignore[no-any-return]
                 break
-    found: Connection = session.connection(bind_arguments={"mapper": base})
-    if began:
-        engine = found.engine
-        for trans, conn, _, _ in reversed(began):
-            if trans is transaction and conn.engine is engine:
-                return found, conn is found
-    return found, False
+    return session.connection(bind_arguments={"mapper": base})
 
 
 def install_engine_hooks(engine: Engine) -> None:
