@@ -4,7 +4,8 @@ loaded when it is set, on a row another client deleted meanwhile; an application
 sqlcommenter-style instrumentation adds); two guarded columns of one model moved in one
 executemany on asyncpg; an ``Enum`` state no rule declares; a status that is part of a
 composite primary key; an executemany that fails for a reason of its own; a flush that also
-updates a table without rules.
+updates a table without rules; a status that is the mapper's ``version_id_col`` (refused when
+SQLAlchemy counts it, guarded when the application sets it).
 
 Each checks the guard's answer: an illegal or stale move refused with the row named, a legal one
 written once, nothing half-written. Real server, real concurrent transactions (another
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import pytest_asyncio
@@ -22,9 +23,10 @@ import sqlalchemy as sa
 from sent import Sent
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, mapped_column, registry
 
 import resilient_db as rdb
+from resilient_db import TransitionRulesError
 from resilient_db.testing import PostgresServer
 
 
@@ -397,3 +399,76 @@ async def test_a_flush_updating_a_table_without_rules_too(
         with pytest.raises(rdb.StaleTransitionError, match="now holds 'done'"):
             await session.flush()
     assert rows(engine, "SELECT name FROM edge_tags WHERE id = 3") == [("c",)]
+
+
+# -- a status that is the mapper's version_id_col ------------------------------------------------
+
+
+def _versioned_by_status(generator: Any) -> type[Any]:
+    """A model whose ``version_id_col`` is its status column (``generator``: the mapper's
+    ``version_id_generator``; None: SQLAlchemy's counter)."""
+    reg = registry()
+
+    class Counted(reg.generate_base()):  # type: ignore[misc]
+        __tablename__ = "edge_counted"
+        __transitions__ = rdb.TransitionRules(
+            column="stage", transitions={0: {1}, 1: {2}}, initial={0}
+        )
+        id = sa.Column(sa.Integer, primary_key=True)
+        stage = sa.Column(sa.Integer, nullable=False)
+        note = sa.Column(sa.Text, nullable=False, default="")
+        __mapper_args__: ClassVar[dict[str, Any]] = {"version_id_col": stage}
+        if generator is not None:
+            __mapper_args__["version_id_generator"] = generator
+
+    return Counted
+
+
+@pytest.mark.parametrize("generator", [None, lambda version: (version or 0) + 2])
+def test_a_status_counted_as_the_version_is_refused_at_mapping(generator: Any) -> None:
+    """SQLAlchemy writes a ``version_id_col``'s counter into every row it inserts (over the
+    state it was given) and every UPDATE of it: a status counted so started outside its
+    initial states unchecked (0 given, 1 inserted) and moved on each edit of any column. The
+    rules are refused when the model is mapped, naming the version_id_col."""
+    model = _versioned_by_status(generator)
+    registry_of = model.registry
+    try:
+        with pytest.raises(TransitionRulesError) as info:
+            registry_of.configure()
+        said = str(info.value)
+        assert "Counted.__transitions__ (column 'stage')" in said, said
+        assert "version_id_col" in said, said
+        assert "version_id_generator=False" in said, said
+    finally:
+        registry_of.dispose()
+
+
+def test_a_status_the_application_sets_as_the_version_is_guarded(pg_url: str, service: str) -> None:
+    """``version_id_generator=False``: the application sets the status, SQLAlchemy compares
+    it in the UPDATE as the guard does. A legal move is written once; a row another client
+    moved meanwhile is a StaleTransitionError naming what it holds; an illegal move is
+    refused before anything is sent."""
+    model = _versioned_by_status(False)
+    engine = sa.create_engine(pg_url)
+    try:
+        model.metadata.create_all(engine)
+        other_client(engine, "INSERT INTO edge_counted VALUES (1, 0, ''), (2, 0, '')")
+        Sessions = rdb.ResilientSession(engine, service=service)
+        with Sessions.begin() as session:
+            session.get_one(model, 1).stage = 1
+        with Sessions() as session:
+            row = session.get_one(model, 2)
+            other_client(engine, "UPDATE edge_counted SET stage = 1 WHERE id = 2")
+            row.stage = 1
+            with pytest.raises(rdb.StaleTransitionError, match="now holds 1") as stale:
+                session.flush()
+        assert (stale.value.pk, stale.value.from_state, stale.value.to_state) == (2, 0, 1)
+        with Sessions() as session:
+            session.get_one(model, 1).stage = 0
+            with pytest.raises(rdb.IllegalTransitionError) as refused:
+                session.flush()
+        assert (refused.value.pk, refused.value.from_state, refused.value.to_state) == (1, 1, 0)
+        assert rows(engine, "SELECT id, stage FROM edge_counted ORDER BY id") == [(1, 1), (2, 1)]
+    finally:
+        model.registry.dispose()
+        engine.dispose()

@@ -1113,6 +1113,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
 
     _check_server_default(column, initial, states, where)
     _check_onupdate(column, states, where)
+    _check_version_counter(mapper, column, where)
     pk_columns, pk_attr_keys = _pk_columns(mapper, column, where)
     # The ORM's flush binds an UPDATE's primary key by the column's label (``tasks_id``) and
     # the new values as ``col.key``; the compare-and-set reads both (see
@@ -1196,6 +1197,24 @@ def _check_onupdate(column: sa.Column[Any], states: Mapping[Key, State], where: 
             "it, and be refused as an illegal move; declare it as a state (and the moves into "
             "it), or change the onupdate"
         )
+
+
+def _check_version_counter(mapper: Mapper[Any], column: sa.Column[Any], where: str) -> None:
+    """A status column that is the mapper's ``version_id_col`` with a counter SQLAlchemy keeps
+    (its ``version_id_generator``) is refused: SQLAlchemy writes the counter's value into every
+    row it inserts, over the state it was given (a row would start outside its initial states,
+    unchecked), and into every UPDATE of the row, whatever column it changes (each edit would
+    move the status). ``version_id_generator=False`` (the application sets the status, and
+    SQLAlchemy compares it in the UPDATE, as the guard's compare-and-set does) is left alone."""
+    if mapper.version_id_col is not column or mapper.version_id_generator is False:
+        return
+    raise TransitionRulesError(
+        f"{where}: the column is the mapper's version_id_col, whose counter SQLAlchemy writes "
+        "into every row it inserts and every UPDATE of it: rows would start outside the "
+        "initial states and move on each edit of any column; give the version a column of "
+        "its own, or map it with version_id_generator=False (the application sets the status, "
+        "SQLAlchemy compares it in the UPDATE)"
+    )
 
 
 def _check_server_default(
