@@ -5,7 +5,9 @@ sqlcommenter-style instrumentation adds); two guarded columns of one model moved
 executemany on asyncpg; an ``Enum`` state no rule declares; a status that is part of a
 composite primary key; an executemany that fails for a reason of its own; a flush that also
 updates a table without rules; a status that is the mapper's ``version_id_col`` (refused when
-SQLAlchemy counts it, guarded when the application sets it).
+SQLAlchemy counts it, guarded when the application sets it); a status whose ``onupdate`` is a
+SQL expression, sent in SQL an application's listener rewrote, or written for a row a
+``before_flush`` listener of the application's edits during the flush.
 
 Each checks the guard's answer: an illegal or stale move refused with the row named, a legal one
 written once, nothing half-written. Real server, real concurrent transactions (another
@@ -13,6 +15,7 @@ connection commits between the load and the flush); psycopg and asyncpg."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
@@ -472,3 +475,150 @@ def test_a_status_the_application_sets_as_the_version_is_guarded(pg_url: str, se
     finally:
         model.registry.dispose()
         engine.dispose()
+
+
+# -- a status whose onupdate is a SQL expression --------------------------------------------------
+
+
+class Doc(Base):
+    """An edit sends a document back to draft, computed by the server: legal from review,
+    not from published."""
+
+    __tablename__ = "edge_docs"
+    __transitions__ = rdb.TransitionRules(
+        column="status",
+        transitions={"draft": {"review"}, "review": {"draft", "published"}},
+        initial={"draft"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(default="")
+    status: Mapped[str] = mapped_column(sa.String(20), onupdate=sa.text("'draft'"))
+
+
+def _seed_docs(engine: sa.Engine) -> None:
+    other_client(engine, "DELETE FROM edge_docs")
+    other_client(
+        engine,
+        "INSERT INTO edge_docs VALUES (1, '', 'review'), (2, '', 'review'), (3, '', 'published')",
+    )
+
+
+def _docs(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    return rows(engine, "SELECT id, body, status FROM edge_docs ORDER BY id")
+
+
+def test_a_rewritten_update_writing_an_onupdate_expression_is_judged(
+    engine: sa.Engine, service: str
+) -> None:
+    """SQL rewritten by the application's listener, the status written by its onupdate SQL
+    expression: the rows are checked under lock, the UPDATE sent as rewritten, what it wrote
+    read back and judged. An illegal move (published -> draft) is refused and nothing of the
+    flush stays; a legal one (review -> draft) is written once."""
+    commented(engine)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    for keys in ([3], [1, 3]):
+        _seed_docs(engine)
+        with Sessions() as session:
+            for key in keys:
+                session.get_one(Doc, key).body = "edited"
+            with pytest.raises(rdb.IllegalTransitionError) as refused:
+                session.commit()
+        err = refused.value
+        assert (err.pk, err.from_state, err.to_state) == (3, "published", "draft")
+        assert _docs(engine) == [(1, "", "review"), (2, "", "review"), (3, "", "published")]
+    with Sessions.begin() as session:
+        for key in (1, 2):
+            session.get_one(Doc, key).body = "edited"
+    assert _docs(engine) == [(1, "edited", "draft"), (2, "edited", "draft"), (3, "", "published")]
+
+
+@pytest.mark.asyncio
+async def test_async_a_rewritten_update_writing_an_onupdate_expression_is_judged(
+    engine: sa.Engine, aengine: AsyncEngine, service: str
+) -> None:
+    """The async twin (asyncpg: several rows are one executemany)."""
+    commented(aengine)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
+    for keys in ([3], [1, 3]):
+        _seed_docs(engine)
+        async with Sessions() as session:
+            for key in keys:
+                (await session.get_one(Doc, key)).body = "edited"
+            with pytest.raises(rdb.IllegalTransitionError) as refused:
+                await session.commit()
+        assert (refused.value.pk, refused.value.to_state) == (3, "draft")
+        assert _docs(engine) == [(1, "", "review"), (2, "", "review"), (3, "", "published")]
+    async with Sessions.begin() as session:
+        for key in (1, 2):
+            (await session.get_one(Doc, key)).body = "edited"
+    assert _docs(engine) == [(1, "edited", "draft"), (2, "edited", "draft"), (3, "", "published")]
+
+
+def edit_during_flush(doc: Doc) -> Any:
+    """A ``before_flush`` listener added after the guard's that edits ``doc`` (loaded) as the
+    flush runs: a row the guard saw no change of, whose UPDATE the onupdate expression
+    moves."""
+
+    def listener(session: Session, flush_context: Any, instances: Any) -> None:
+        doc.body = "by the listener"
+
+    return listener
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_row_edited_during_the_flush_is_judged_from_what_it_holds(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str, driver: str
+) -> None:
+    """The flush edits document 1 (review -> draft, legal); a listener edits document 3 as it
+    runs: its state is read under lock as its UPDATE is sent, and the onupdate's draft is
+    refused from published; the same listener editing document 2 is written. A document the
+    listener edits that another client deleted meanwhile is named as gone."""
+
+    def run(key: int, *, deleted: bool = False) -> BaseException | None:
+        _seed_docs(engine)
+
+        def unit(session: Session) -> None:
+            doc = session.get_one(Doc, key)
+            if deleted:
+                other_client(engine, f"DELETE FROM edge_docs WHERE id = {key}")
+            event.listen(session, "before_flush", edit_during_flush(doc))  # after the guard's
+            session.get_one(Doc, 1).body = "edited"
+
+        try:
+            if driver == "psycopg":
+                rdb.ResilientSession(engine, service=service).run(unit)
+            else:
+
+                async def async_unit(session: AsyncSession) -> None:
+                    await session.run_sync(unit)
+
+                async def async_run() -> None:
+                    async_engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+                    try:
+                        await rdb.AsyncResilientSession(async_engine, service=service).run(
+                            async_unit
+                        )
+                    finally:
+                        await async_engine.dispose()
+
+                asyncio.run(async_run())
+        except rdb.IllegalTransitionError as exc:
+            return exc
+        return None
+
+    refused = run(3)
+    assert isinstance(refused, rdb.IllegalTransitionError), refused
+    assert not isinstance(refused, rdb.StaleTransitionError)
+    assert (refused.pk, refused.from_state, refused.to_state) == (3, "published", "draft")
+    assert _docs(engine) == [(1, "", "review"), (2, "", "review"), (3, "", "published")]
+    assert run(2) is None
+    assert _docs(engine) == [
+        (1, "edited", "draft"),
+        (2, "by the listener", "draft"),
+        (3, "", "published"),
+    ]
+    gone = run(2, deleted=True)
+    assert isinstance(gone, rdb.StaleTransitionError), gone
+    assert gone.pk == 2
+    assert "no longer exists" in (gone.reason or ""), gone.reason
+    assert _docs(engine) == [(1, "", "review"), (3, "", "published")]
