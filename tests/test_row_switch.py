@@ -93,6 +93,44 @@ def test_a_legal_row_switch_and_a_replacement_in_two_flushes_go_through(
     assert stored(engine) == [("replaced", "pending")]
 
 
+def test_a_row_switch_leaving_the_status_unset_moves_nothing(
+    engine: sa.Engine, service: str
+) -> None:
+    """The new object sets no status: SQLAlchemy's UPDATE of the row leaves the column as it
+    is (no move, nothing to judge: not refused as a new row outside the initial states)."""
+    reset(engine, "completed")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions.begin() as session:
+        session.delete(session.get_one(Task, 1))
+        session.add(Task(id=1, title="switched"))
+    assert stored(engine) == [("switched", "completed")]
+
+
+def test_a_new_row_keyed_by_the_database_beside_a_delete_is_a_new_row(
+    engine: sa.Engine, service: str
+) -> None:
+    """A new object whose key the database gives, added in the flush that deletes a row, can't
+    be that row: it is judged as a new row (one outside the initial states refused, nothing of
+    the flush written; one in them inserted beside the delete)."""
+    reset(engine, "completed")
+    with engine.begin() as conn:
+        # (keys from 10: SQLAlchemy sends the INSERT before the DELETE of row 1)
+        conn.exec_driver_sql("CREATE SEQUENCE IF NOT EXISTS task_ids START 10")
+        conn.exec_driver_sql("ALTER TABLE tasks ALTER COLUMN id SET DEFAULT nextval('task_ids')")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions() as session:
+        session.delete(session.get_one(Task, 1))
+        session.add(Task(title="new", status="completed"))
+        with pytest.raises(rdb.IllegalTransitionError) as refused:
+            session.commit()
+    assert (refused.value.from_state, refused.value.to_state) == (None, "completed")
+    assert stored(engine) == [("old", "completed")]
+    with Sessions.begin() as session:
+        session.delete(session.get_one(Task, 1))
+        session.add(Task(title="new", status="pending"))
+    assert stored(engine) == [("new", "pending")]
+
+
 @pytest.mark.asyncio
 async def test_async_an_illegal_row_switch_is_blocked_at_flush(
     engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
