@@ -11,7 +11,10 @@ column's type code), and a ``TypeDecorator`` storing an integer code raised the 
 is the column's key, as the guards spell states (``col::text``; a ``NUMERIC`` without a scale
 without its trailing zeros): it now names the declared state, or a value of the stored type for
 a value no rule declares. psycopg (sync and async) reads the row back on that path; its answer
-is the same.
+is the same. That read (and the one of a status not loaded, on every driver) went through the
+column type's result processing, which raised for a value the type can't load (an ``Enum``
+label or a ``TypeDecorator``'s code a newer version of the application writes: ``LookupError``,
+``KeyError`` from the flush): it reads the column's text now, as the raising form does.
 
 Real server, real concurrent transactions: the row is moved by another connection between the
 load and the flush."""
@@ -26,7 +29,7 @@ from typing import Any, ClassVar, NamedTuple
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, defer, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 import resilient_db as rdb
@@ -98,6 +101,17 @@ CASES: dict[str, Case] = {
         sa.Enum(Light, name="light"),
         (Light.red, Light.green, Light.amber),
         ("'red'", "'green'", "'amber'"),
+    ),
+    # stored as the member's name in a VARCHAR (no PostgreSQL enum type)
+    "enum_not_native": Case(
+        sa.Enum(Light, native_enum=False, length=10),
+        (Light.red, Light.green, Light.amber),
+        ("'red'", "'green'", "'amber'"),
+    ),
+    "str_enum_not_native": Case(
+        sa.Enum(Stage, native_enum=False, length=10),
+        (Stage.draft, Stage.review, Stage.live),
+        ("'draft'", "'review'", "'live'"),
     ),
     # the third: NULL, no state (a Boolean column has two)
     "boolean": Case(sa.Boolean(), (False, True, None), ("false", "true", "NULL")),
@@ -245,6 +259,12 @@ async def test_a_many_row_flush_names_the_row_another_transaction_moved(
         ("integer", "9", "9"),
         ("numeric_4_2", "9.5", "Decimal('9.50')"),
         ("string", "'lost'", "'lost'"),
+        # a value the column's type can't load (a label or a code a newer version of the
+        # application writes): read as the column's text, not through the type
+        ("enum_not_native", "'blue'", "'blue'"),
+        ("enum", "'blue'", "'blue'"),
+        ("text_codes", "'X'", "'X'"),
+        ("integer_codes", "9", "9"),
     ],
 )
 async def test_a_value_no_rule_declares_is_named_as_the_column_holds_it(
@@ -252,9 +272,56 @@ async def test_a_value_no_rule_declares_is_named_as_the_column_holds_it(
 ) -> None:
     name, literal, shown = moved
     _reset(engine, name)
+    if name == "enum":  # a label a migration added for a newer version of the application
+        with engine.connect() as conn:
+            conn.exec_driver_sql("ALTER TYPE light ADD VALUE IF NOT EXISTS 'blue'")
+            conn.commit()
     err = await _stale_flush(
         engine, url, driver=driver, service=service, name=name, moved_to=literal
     )
     assert isinstance(err, rdb.StaleTransitionError), repr(err)
     assert err.pk == 2
     assert f"the row now holds {shown};" in (err.reason or ""), err.reason
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "moved",
+    [("enum_not_native", "'blue'", "'blue'"), ("text_codes", "'X'", "'X'")],
+)
+async def test_a_status_not_loaded_holding_a_value_the_type_cant_load_is_refused(
+    engine: sa.Engine, url: str, driver: str, service: str, moved: tuple[str, str, str]
+) -> None:
+    """A status set on a row loaded without it is read first, to judge the move from what the
+    row holds: a value the column's type can't load (there: LookupError, KeyError from the
+    flush) is read as the column's text, and the move from it refused as illegal."""
+    name, literal, shown = moved
+    _reset(engine, name)
+    _move_row_2(engine, name, literal)
+    model = MODELS[name]
+    target = CASES[name].states[1]
+    query = sa.select(model).options(defer(model.status)).where(model.id == 2)
+    err: BaseException | None = None
+    if driver == "psycopg-sync":
+        with rdb.ResilientSession(engine, service=service)() as session:
+            session.scalars(query).one().status = target
+            try:
+                session.flush()
+            except Exception as exc:
+                err = exc
+    else:
+        aengine = create_async_engine(url)
+        try:
+            async with rdb.AsyncResilientSession(aengine, service=service)() as asession:
+                (await asession.scalars(query)).one().status = target
+                try:
+                    await asession.flush()
+                except Exception as exc:
+                    err = exc
+        finally:
+            await aengine.dispose()
+    assert isinstance(err, rdb.IllegalTransitionError), repr(err)
+    assert not isinstance(err, rdb.StaleTransitionError)
+    assert err.pk == 2
+    assert f"{shown} -> " in str(err), str(err)
+    assert _stored(engine, name)[1] == literal.strip("'")

@@ -516,16 +516,31 @@ def _moved(guard: Guard, value: Any) -> str:
 def _read_states(
     conn: Connection,
     pk_columns: Sequence[sa.Column[Any]],
-    columns: Sequence[sa.Column[Any]],
+    guards: Sequence[Guard],
     keys: Sequence[tuple[Any, ...]],
     *,
     lock: bool,
+    extra: Sequence[Any] = (),
 ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-    """``columns`` of the rows with primary keys ``keys``, by key as given (see
-    :func:`read_by_keys`)."""
-    n_pk = len(pk_columns)
-    found = read_by_keys(conn, pk_columns, columns, keys, lock=lock)
-    return {key: row[n_pk:] for key, row in found.items()}
+    """The states the columns of ``guards`` hold in the rows with primary keys ``keys`` (then
+    the ``extra`` columns), by key as given (see :func:`read_by_keys`). Each is read as its key
+    (``col::text``, see :func:`_key_text`) and given as :func:`_state_of_text` makes it: the
+    column type's own result processing is not used, which raises for a value it can't load
+    (an ``Enum`` label or a ``TypeDecorator``'s code that a newer version of the application
+    writes): the guard's answer (stale, illegal) named it."""
+    n_pk, n = len(pk_columns), len(guards)
+    texts = [_key_text(g.column) for g in guards]
+    found = read_by_keys(conn, pk_columns, [*texts, *extra], keys, lock=lock)
+    return {
+        key: (
+            *(
+                None if text is None else _state_of_text(g, text)
+                for g, text in zip(guards, row[n_pk : n_pk + n], strict=True)
+            ),
+            *row[n_pk + n :],
+        )
+        for key, row in found.items()
+    }
 
 
 def _check_against_db(
@@ -545,11 +560,13 @@ def _check_against_db(
     for _, indexes in sorted(by_table.items(), key=lambda kv: (kv[0].schema or "", kv[0].name)):
         group = [changes[i] for i in indexes]
         columns: list[sa.Column[Any]] = []
+        read: list[Guard] = []  # (one per column: the first change's)
         for change in group:
             if all(c is not change.guard.column for c in columns):
                 columns.append(change.guard.column)
+                read.append(change.guard)
         keys = in_key_order({c.identity for c in group})
-        current = _read_states(conn, group[0].guard.pk_columns, columns, keys, lock=lock)
+        current = _read_states(conn, group[0].guard.pk_columns, read, keys, lock=lock)
         for index in indexes:
             change = changes[index]
             guard = change.guard
@@ -1341,7 +1358,7 @@ def _expect_held(
     gone: StaleTransitionError."""
     first = guards[0]
     keys = in_key_order(set(lacking))
-    held = _read_states(conn, first.pk_columns, [g.column for g in guards], keys, lock=True)
+    held = _read_states(conn, first.pk_columns, guards, keys, lock=True)
     errors: list[IllegalTransitionError] = []
     for identity in keys:
         values = held.get(identity)
@@ -1846,10 +1863,9 @@ def _stale_rows(
     keys = in_key_order({found[first.column].change.identity for found in expected})
     position = {identity: i for i, identity in enumerate(keys)}
     rows = sorted(expected, key=lambda found: position[found[first.column].change.identity])
-    columns: list[Any] = [g.column for g in guards]
-    if conn.dialect.name == "postgresql":
-        columns.append(_written_here(first.table))
-    current = _read_states(conn, first.pk_columns, columns, keys, lock=False)
+    # (and whether this transaction wrote each row's current version)
+    extra = [_written_here(first.table)] if conn.dialect.name == "postgresql" else []
+    current = _read_states(conn, first.pk_columns, guards, keys, lock=False, extra=extra)
     n_guards = len(guards)
     stale: list[IllegalTransitionError] = []
     unsure: list[_Row] = []
@@ -1910,7 +1926,7 @@ def _stale_rows(
     # rows this transaction wrote are as many), or only such rows are left to account for
     # them, the former; else which is which can't be told
     if gone and missing > 0:
-        found_all = written_here == matched and len(columns) > n_guards
+        found_all = written_here == matched and bool(extra)
         if not found_all and (unsure or len(gone) != missing):
             keyed = next((g for g in guards if _in_key(g)), None)
             how = (
@@ -1938,7 +1954,7 @@ def _stale_rows(
     if missing > 0 and unsure:
         # Rows that another transaction had already moved to the state this flush was writing
         # look the same as rows this flush updated, but for who wrote them.
-        if written_here == matched and len(columns) > n_guards:
+        if written_here == matched and bool(extra):
             there_first = [
                 (f, g)
                 for f, g in zip(unsure, unsure_by, strict=True)
@@ -2016,8 +2032,14 @@ def _gone(conn: Connection, change: Change, expected: Any) -> StaleTransitionErr
             "loaded; reload it and decide again",
             expected,
         )
-    query = sa.select(column).where(*(c == sa.bindparam(None, v, type_=c.type) for c, v in others))
-    held = list(conn.execute(query.limit(_GONE_SHOWN + 1)).scalars())
+    # (read as the column's key, see _read_states)
+    query = sa.select(_key_text(column)).where(
+        *(c == sa.bindparam(None, v, type_=c.type) for c, v in others)
+    )
+    held = [
+        None if text is None else _state_of_text(guard, text)
+        for text in conn.execute(query.limit(_GONE_SHOWN + 1)).scalars()
+    ]
     if not held:
         return _stale(change, "the row no longer exists", expected)
     states = sorted({guard.key(v): v for v in held}.items(), key=lambda kv: sort_key(kv[0]))
