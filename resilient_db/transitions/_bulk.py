@@ -38,6 +38,7 @@ from resilient_db._registry import service_of
 
 from ._bypass import active_config
 from ._changes import Change, as_declared, illegal, in_key_order, read_by_keys
+from ._flush import key_text, state_of_text
 from ._install import in_autocommit
 from ._report import count, logger, report, row_keys, row_label, service_words, unit_service
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
@@ -920,8 +921,10 @@ def _bulk_by_pk(
         # subclass bound elsewhere (binds=, get_bind()) is written where its base is
         conn = orm_state.session.connection(bind_arguments={"mapper": mapper.base_mapper})
         n_pk = len(guard.pk_columns)
+        # (the state as the column's text, not through its type, which raises for a value it
+        # can't load: see _flush._read_states)
         found = read_by_keys(
-            conn, guard.pk_columns, [guard.column], in_key_order(wanted), lock=True
+            conn, guard.pk_columns, [key_text(guard.column)], in_key_order(wanted), lock=True
         )
         # the sets of each row (keys spelled apart may name one row), in their order
         per_row: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
@@ -935,7 +938,8 @@ def _bulk_by_pk(
                 rejected.update(index for index, _ in items)
                 continue
             identity = db_row[:n_pk]
-            current[identity] = db_row[n_pk]
+            text = db_row[n_pk]
+            current[identity] = None if text is None else state_of_text(guard, text)
             per_row.setdefault(identity, []).extend(items)
         for identity, items in per_row.items():
             old = current[identity]

@@ -63,6 +63,8 @@ __all__ = [
     "guard_execute",
     "guard_for_commit_protocol",
     "install_engine_hooks",
+    "key_text",
+    "state_of_text",
 ]
 
 
@@ -524,17 +526,17 @@ def _read_states(
 ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     """The states the columns of ``guards`` hold in the rows with primary keys ``keys`` (then
     the ``extra`` columns), by key as given (see :func:`read_by_keys`). Each is read as its key
-    (``col::text``, see :func:`_key_text`) and given as :func:`_state_of_text` makes it: the
+    (``col::text``, see :func:`key_text`) and given as :func:`state_of_text` makes it: the
     column type's own result processing is not used, which raises for a value it can't load
     (an ``Enum`` label or a ``TypeDecorator``'s code that a newer version of the application
     writes): the guard's answer (stale, illegal) named it."""
     n_pk, n = len(pk_columns), len(guards)
-    texts = [_key_text(g.column) for g in guards]
+    texts = [key_text(g.column) for g in guards]
     found = read_by_keys(conn, pk_columns, [*texts, *extra], keys, lock=lock)
     return {
         key: (
             *(
-                None if text is None else _state_of_text(g, text)
+                None if text is None else state_of_text(g, text)
                 for g, text in zip(guards, row[n_pk : n_pk + n], strict=True)
             ),
             *row[n_pk + n :],
@@ -1301,7 +1303,7 @@ def _server_written(
     if not returning:
         pk_columns = server[0].pk_columns
         found_rows = read_by_keys(
-            conn, pk_columns, [_key_text(g.column) for g in server], identities, lock=False
+            conn, pk_columns, [key_text(g.column) for g in server], identities, lock=False
         )
         written = {key: row[len(pk_columns) :] for key, row in found_rows.items()}
     errors: list[IllegalTransitionError] = []
@@ -1323,7 +1325,7 @@ def _server_written(
                 )
                 continue
             text = texts[position]
-            state = None if text is None else _state_of_text(own, text)
+            state = None if text is None else state_of_text(own, text)
             change = expect.change._replace(old=expect.value, old_known=True, new=state)
             # what the row moved to from here on (a later stale error names it)
             found[g.column] = expect._replace(change=change._replace(old=expect.change.old))
@@ -1457,7 +1459,7 @@ def _cas_statement(
     """``statement`` with ``AND col = :expected`` per guard (``IS NOT DISTINCT FROM`` for a
     nullable column), or with :func:`_raising_condition` per guard, memoized per statement;
     ``returning``: and returning the key of what it wrote into those guards' columns (see
-    :func:`_key_text`)."""
+    :func:`key_text`)."""
     by_guards = _cas_statements.get(statement)
     if by_guards is None:
         by_guards = _cas_statements.setdefault(statement, {})
@@ -1476,13 +1478,13 @@ def _cas_statement(
         found = statement.where(*conditions)
         if returning:
             found = found.returning(
-                *(_key_text(g.column).label(f"rdb_written_{i}") for i, g in enumerate(returning))
+                *(key_text(g.column).label(f"rdb_written_{i}") for i, g in enumerate(returning))
             )
         by_guards[key] = found
     return found
 
 
-def _key_text(column: sa.Column[Any]) -> Any:
+def key_text(column: sa.Column[Any]) -> Any:
     """SQL: the key of the state ``column`` holds, as the guards and the trigger spell states
     (``col::text``; ``trim_scale(col)::text`` for a ``numeric`` without a scale)."""
     value: Any = sa.func.pg_catalog.trim_scale(column) if trims_scale(column) else column
@@ -1521,7 +1523,7 @@ def _raising_condition(guard: Guard, holds: Any, position: int) -> Any:
             for c, label in zip(guard.pk_columns, guard.pk_labels, strict=True)
         )
     )
-    # the column's key, as the guards and the trigger spell its states (see _state_of_text)
+    # the column's key, as the guards and the trigger spell its states (see state_of_text)
     value: Any = sa.func.pg_catalog.trim_scale(column) if trims_scale(column) else column
     held = sa.case(
         (column.is_(None), sa.literal_column("'n'")),
@@ -1557,11 +1559,11 @@ def _raised_stale(
         return None
     guard = guards[int(position)]
     found = expected[int(number)][guard.column]
-    held = _state_of_text(guard, text) if kind == "v" else None
+    held = state_of_text(guard, text) if kind == "v" else None
     return _stale(found.change, _moved(guard, held), found.value)
 
 
-def _state_of_text(guard: Guard, text: str) -> Any:
+def state_of_text(guard: Guard, text: str) -> Any:
     """What a row holds, from its column's text as the raising form's error carries it: the
     column's key (``col::text``, a ``numeric`` without a scale through ``trim_scale``), which is
     how the guard spells its states. The declared state of that key; else, for a value no rule
@@ -2033,11 +2035,11 @@ def _gone(conn: Connection, change: Change, expected: Any) -> StaleTransitionErr
             expected,
         )
     # (read as the column's key, see _read_states)
-    query = sa.select(_key_text(column)).where(
+    query = sa.select(key_text(column)).where(
         *(c == sa.bindparam(None, v, type_=c.type) for c, v in others)
     )
     held = [
-        None if text is None else _state_of_text(guard, text)
+        None if text is None else state_of_text(guard, text)
         for text in conn.execute(query.limit(_GONE_SHOWN + 1)).scalars()
     ]
     if not held:
