@@ -444,7 +444,7 @@ def _restrict_to_judged(
     evaluated again."""
     col = named.status
     n_pk = len(named.pks)
-    selected = [*named.pks, col]
+    selected = [*named.pks, key_text(col)]  # (its text: see _held)
     if not target.static:
         selected.append(sa.type_coerce(target.value, guard.column.type))
     matched = sa.select(*selected)
@@ -455,7 +455,7 @@ def _restrict_to_judged(
     legal: list[tuple[tuple[Any, ...], Any, Any]] = []  # key, state, new state
     blocked: list[tuple[Any, ...]] = []  # key..., state, new state
     for row in conn.execute(matched, exec_params):
-        key, old = tuple(row[:n_pk]), row[n_pk]
+        key, old = tuple(row[:n_pk]), _held(guard, row[n_pk])
         new = target.value if target.static else row[n_pk + 1]
         if guard.legal(guard.key(old), guard.key(new)):
             legal.append((key, old, new))
@@ -745,7 +745,7 @@ def _check_rows(
         # discriminator), as the UPDATE has them
         selected = [
             *(pk.label(f"rdb_k{n}") for n, pk in enumerate(named.pks)),
-            col.label("rdb_old"),
+            key_text(col).label("rdb_old"),  # (its text: see _held)
             blocked.label("rdb_blocked"),
         ]
         if new_expr is not None:
@@ -778,7 +778,10 @@ def _check_rows(
                 .order_by(*(left[f"rdb_k{n}"] for n in range(n_pk)))
             )
             for exec_params in param_sets:
-                rows = conn.execute(query, exec_params).all()
+                rows = [
+                    (*row[:n_pk], _held(guard, row[n_pk]), *row[n_pk + 1 :])
+                    for row in conn.execute(query, exec_params)
+                ]
                 if rows:
                     _raise_blocked(
                         guard,
@@ -844,6 +847,7 @@ def _blocked_in_turn(
         for row in conn.execute(query, exec_params):
             key = tuple(row[:n_pk])
             old, new, is_blocked = row[n_pk:]
+            old = _held(guard, old)
             if key in moved:
                 old = moved[key]
                 is_blocked = not guard.legal(guard.key(old), guard.key(new))
@@ -853,6 +857,14 @@ def _blocked_in_turn(
                 moved[key] = new
         found.append(blocked)
     return found
+
+
+def _held(guard: Guard, text: str | None) -> Any:
+    """The state a row holds, read as its column's text (``key_text``): the column type's own
+    result processing raises for a value it can't load (an ``Enum`` label, a ``TypeDecorator``
+    code a newer version of the application writes), which the guard refuses as a move from
+    it, naming it."""
+    return None if text is None else state_of_text(guard, text)
 
 
 def _raise_blocked(
@@ -921,8 +933,7 @@ def _bulk_by_pk(
         # subclass bound elsewhere (binds=, get_bind()) is written where its base is
         conn = orm_state.session.connection(bind_arguments={"mapper": mapper.base_mapper})
         n_pk = len(guard.pk_columns)
-        # (the state as the column's text, not through its type, which raises for a value it
-        # can't load: see _flush._read_states)
+        # (the state as the column's text: see _held)
         found = read_by_keys(
             conn, guard.pk_columns, [key_text(guard.column)], in_key_order(wanted), lock=True
         )
@@ -938,8 +949,7 @@ def _bulk_by_pk(
                 rejected.update(index for index, _ in items)
                 continue
             identity = db_row[:n_pk]
-            text = db_row[n_pk]
-            current[identity] = None if text is None else state_of_text(guard, text)
+            current[identity] = _held(guard, db_row[n_pk])
             per_row.setdefault(identity, []).extend(items)
         for identity, items in per_row.items():
             old = current[identity]
