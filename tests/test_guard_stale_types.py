@@ -357,6 +357,34 @@ def test_a_bulk_update_by_key_of_a_row_holding_a_value_the_type_cant_load(
     assert after[0] == after[2] != before[0]
 
 
+@pytest.mark.asyncio
+async def test_async_a_bulk_update_by_key_of_a_row_holding_a_value_the_type_cant_load(
+    engine: sa.Engine, url: str, driver: str, service: str
+) -> None:
+    """The async twin (psycopg and asyncpg), in raise mode: the row is named."""
+    if driver == "psycopg-sync":
+        pytest.skip("the sync session is the test above")
+    name = "enum_not_native"
+    _reset(engine, name)
+    _move_row_2(engine, name, "'blue'")
+    model = MODELS[name]
+    aengine = create_async_engine(url)
+    try:
+        Sessions = rdb.AsyncResilientSession(
+            aengine, service=service, config=rdb.Config(bulk_update="raise")
+        )
+        async with Sessions() as session:
+            with pytest.raises(rdb.IllegalTransitionError) as refused:
+                await session.execute(
+                    sa.update(model), [{"id": key, "status": Light.green} for key in (1, 2, 3)]
+                )
+    finally:
+        await aengine.dispose()
+    assert refused.value.pk == 2
+    assert "'blue' -> " in str(refused.value), str(refused.value)
+    assert _stored(engine, name) == ["red", "blue", "red"]
+
+
 @pytest.mark.parametrize("mode", ["raise", "filter"])
 @pytest.mark.parametrize("how", ["value", "expression"])
 def test_a_bulk_update_with_criteria_meeting_a_value_the_type_cant_load(
