@@ -622,3 +622,30 @@ def test_a_row_edited_during_the_flush_is_judged_from_what_it_holds(
     assert gone.pk == 2
     assert "no longer exists" in (gone.reason or ""), gone.reason
     assert _docs(engine) == [(1, "", "review"), (3, "", "published")]
+
+
+def test_a_unit_that_committed_part_of_its_work_still_compares_and_sets(
+    engine: sa.Engine, service: str
+) -> None:
+    """A unit that commits part of its work and goes on (its session's next transaction, which
+    its next flush begins: objects are not expired at commit): the flush does not take the
+    connection of the transaction that ended for its own; a row another client moved meanwhile
+    is a StaleTransitionError, the first part stays."""
+
+    def unit(session: Session) -> None:
+        first, second = session.get_one(Task, 1), session.get_one(Task, 2)
+        first.status = "doing"
+        session.commit()
+        other_client(engine, "UPDATE edge_tasks SET status = 'done' WHERE id = 2")
+        second.status = "doing"
+        session.flush()
+
+    factory = rdb.ResilientSession(engine, service=service, expire_on_commit=False)
+    with pytest.raises(rdb.StaleTransitionError, match="now holds 'done'") as stale:
+        factory.run(unit)
+    assert (stale.value.pk, stale.value.from_state) == (2, "todo")
+    assert rows(engine, "SELECT id, status FROM edge_tasks ORDER BY id") == [
+        (1, "doing"),
+        (2, "done"),
+        (3, "todo"),
+    ]
