@@ -78,6 +78,63 @@ _probe_here: contextvars.ContextVar[tuple[Any, str | None, int] | None] = contex
 _UNREPORTED_MAX = 10_000
 
 
+class _CachedStateStorage(_pb.CircuitBreakerStorage):
+    """The storage as pybreaker's own breaker sees it: the breaker's, every read and write
+    passed on, except the counters' resets that pybreaker's state setter makes as it builds
+    its state object (:meth:`Breaker._set_state` makes those of the breaker's own changes).
+
+    pybreaker's breaker here only caches the state and tells the listeners of each change,
+    the breaker's own and those noticed in a storage shared with other processes (see
+    :meth:`Breaker.noticed`). A change noticed is no new start: the process that made it reset
+    the counters then, and the failures (or the probes' successes) other processes counted in
+    the storage since are the fleet's, which a reset at each process noticing would throw
+    away (with processes failing in turn, one failure each, an opening delayed fleet-wide)."""
+
+    def __init__(self, storage: Any) -> None:
+        super().__init__(getattr(storage, "name", "storage"))
+        self._storage = storage
+
+    @property
+    def state(self) -> str:
+        state: str = self._storage.state
+        return state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._storage.state = state
+
+    def increment_counter(self) -> None:
+        self._storage.increment_counter()
+
+    def reset_counter(self) -> None:
+        pass  # (see the class's docstring)
+
+    def increment_success_counter(self) -> None:
+        self._storage.increment_success_counter()
+
+    def reset_success_counter(self) -> None:
+        pass
+
+    @property
+    def counter(self) -> int:
+        counter: int = self._storage.counter
+        return counter
+
+    @property
+    def success_counter(self) -> int:
+        counter: int = self._storage.success_counter
+        return counter
+
+    @property
+    def opened_at(self) -> datetime | None:
+        opened_at: datetime | None = self._storage.opened_at
+        return opened_at
+
+    @opened_at.setter
+    def opened_at(self, opened_at: datetime) -> None:
+        self._storage.opened_at = opened_at
+
+
 class _LogListener(_pb.CircuitBreakerListener):
     """Logs every state change with the ``[SELF-HEAL]`` prefix and counts openings.
 
@@ -244,7 +301,7 @@ class Breaker:
             fail_max=config.failure_threshold,
             reset_timeout=config.reset_timeout,
             success_threshold=config.half_open_probes,
-            state_storage=self._storage,
+            state_storage=_CachedStateStorage(self._storage),
             name=service,
         )
         self.storage_given = storage
@@ -294,8 +351,7 @@ class Breaker:
         if self._cb.current_state != CLOSED:
             # pybreaker's breaker took the storage's state as its own, telling nobody: it
             # starts closed, so that the state found is told as a change when noticed (telling
-            # no listener now: none is added yet). pybreaker resets the storage's failure
-            # count with it, which counts nothing while open or half-open
+            # no listener now: none is added yet)
             self._cb.state = CLOSED
         self._cb.add_listener(_LogListener(self))
         #: the listeners of the caller's (``breaker_listeners=``), told of each attempt's
@@ -624,8 +680,14 @@ class Breaker:
         (its storage written, its listeners not told yet)."""
         state: str = self._storage.state
         if state != self.known and state in _REPORTED_STATES:
+            if state == CLOSED and self._storage.counter >= self.config.failure_threshold:
+                # a count that reached the threshold while the storage says closed is the one
+                # that opened it, left by a closing that did not reset it (its state written
+                # by hand): started over. Any other count is the failures processes counted
+                # since the closing (one that counted up to the threshold opened it), kept
+                self._storage.reset_counter()
             # pybreaker's setter tells every listener (the old state: its cached one, which is
-            # this breaker's last), and resets the storage's counters as on any change
+            # this breaker's last); the counters are left as they are (see _CachedStateStorage)
             self._cb.state = state
         return state
 
@@ -1723,8 +1785,13 @@ class Breaker:
     def _set_state(self, state: str) -> None:
         self._entering(state)
         self._storage.state = state
-        # pybreaker's setter builds its state object and notifies the listeners; it resets the
-        # failure counter on closing and the success counter on opening / half-opening. The
+        # a new start, as pybreaker's own changes make it: the failures counted toward the
+        # next opening on closing, the probes' successes on opening and half-opening
+        if state == CLOSED:
+            self._storage.reset_counter()
+        else:
+            self._storage.reset_success_counter()
+        # pybreaker's setter builds its state object and notifies the listeners. The
         # listener tells this breaker's change from one noticed in its storage by the thread
         self.setting = threading.get_ident()
         try:

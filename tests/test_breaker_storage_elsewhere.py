@@ -10,6 +10,7 @@ silence: no line, no event, no listener told."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -104,9 +105,11 @@ def breaker_events(events: list[rdb.SelfHealEvent], service: str) -> list[tuple[
     ]
 
 
-#: the other process: its factory on the same storage (the same Redis keys) opens the breaker
-#: with one failed unit (the database refuses connections), then exits
-OTHER_PROCESS = textwrap.dedent(
+#: another process doing ``steps`` (comma-separated, in order) with its factory of ``service``
+#: on the same storage (``threshold``: its failure threshold): ``fail`` (a unit the database
+#: refuses) or ``close`` (``close_breaker``). It prints the storage's state and failure count as
+#: it exits
+OTHER_STEPS = textwrap.dedent(
     """
     import sys
 
@@ -116,31 +119,62 @@ OTHER_PROCESS = textwrap.dedent(
 
     import resilient_db as rdb
 
-    db_url, redis_url, namespace, service = sys.argv[1:]
+    db_url, redis_url, namespace, service, threshold, steps = sys.argv[1:]
     storage = pybreaker.CircuitRedisStorage(
         pybreaker.STATE_CLOSED, redis.Redis.from_url(redis_url), namespace=namespace
     )
+    config = rdb.Config(failure_threshold=int(threshold), max_retries=0, reset_timeout=600.0)
     Factory = rdb.ResilientSession(
-        sa.create_engine(db_url),
-        service=service,
-        breaker_storage=storage,
-        config=rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=600.0),
+        sa.create_engine(db_url), service=service, breaker_storage=storage, config=config
     )
-    try:
-        Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
-    except sa.exc.OperationalError:
-        pass
-    print(storage.state)
+    for step in steps.split(","):
+        if step == "fail":
+            try:
+                Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
+            except sa.exc.OperationalError:
+                pass
+            else:
+                raise SystemExit("the unit did not fail")
+        elif step == "close":
+            rdb.close_breaker(service)
+    print(storage.state, storage.counter)
     """
 )
+
+
+@pytest.fixture
+def other_process(
+    engine: sa.Engine, redis_server: RedisServer, fault_proxy: FaultProxy
+) -> Callable[..., str]:
+    """``run(namespace, service, steps, threshold=1)``: run ``steps`` in another process (see
+    OTHER_STEPS) on the database through ``fault_proxy``; what it printed (the storage's state
+    and failure count)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELF_HEALING_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    db_url = fault_proxy.url(engine.url.database)
+
+    def run(namespace: str, service: str, steps: str, threshold: int = 1) -> str:
+        args = [db_url, redis_server.url, namespace, service, str(threshold), steps]
+        other = subprocess.run(
+            [sys.executable, "-c", OTHER_STEPS, *args],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert other.returncode == 0, other.stderr
+        return other.stdout.strip()
+
+    return run
 
 
 def test_an_opening_another_process_made_in_the_shared_storage_is_said_and_told_once(
     *,
     engine: sa.Engine,
     service: str,
-    redis_server: RedisServer,
     redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
     fault_proxy: FaultProxy,
     caplog: pytest.LogCaptureFixture,
     events: list[rdb.SelfHealEvent],
@@ -152,18 +186,8 @@ def test_an_opening_another_process_made_in_the_shared_storage_is_said_and_told_
     Factory = sharing(engine, service, redis_storage(namespace), heard=heard)
     assert Factory.run(select_one) == 1
     fault_proxy.refuse()  # the database refuses the other process's connections
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SELF_HEALING_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    db_url = fault_proxy.url(engine.url.database)
-    other = subprocess.run(
-        [sys.executable, "-c", OTHER_PROCESS, db_url, redis_server.url, namespace, service],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert other.stdout.strip() == "open", other.stderr  # its failure opened the shared breaker
+    # its failure opened the shared breaker (its count stays, as pybreaker keeps it)
+    assert other_process(namespace, service, "fail") == "open 1"
     for _ in range(3):
         with pytest.raises(rdb.CircuitOpenError) as refused:
             Factory.run(select_one)
@@ -324,3 +348,87 @@ def test_a_process_started_while_the_shared_storage_is_open_says_so_when_it_noti
     assert "an opening found in its storage" in opened[0]
     assert breaker_events(events, service) == [("breaker_opened", False)]
     assert heard.changes == [("closed", "open")]
+
+
+def proxied_sharing(
+    fault_proxy: FaultProxy,
+    engine: sa.Engine,
+    service: str,
+    storage: Any,
+    *,
+    threshold: int,
+    heard: Heard | None = None,
+) -> tuple[rdb.ResilientSession, sa.Engine]:
+    """A factory as :func:`sharing` makes (``threshold`` its failure threshold) on the database
+    through ``fault_proxy``, and its engine (the caller disposes of it)."""
+    proxied = sa.create_engine(fault_proxy.url(engine.url.database))
+    extra: dict[str, Any] = {"breaker_listeners": [heard]} if heard is not None else {}
+    config = rdb.Config(failure_threshold=threshold, max_retries=0, reset_timeout=600.0)
+    factory = rdb.ResilientSession(
+        proxied, service=service, breaker_storage=storage, config=config, **extra
+    )
+    return factory, proxied
+
+
+def test_processes_failing_in_turn_open_it_at_the_threshold_after_a_closing_elsewhere(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
+    fault_proxy: FaultProxy,
+) -> None:
+    """The failures every process counts in the storage add up to one run: a process that
+    notices a closing made elsewhere does not start the count over (pybreaker's state setter,
+    which tells the listeners, resets the storage's counters), which would lose the failures
+    another process counted since the closing and delay the opening fleet-wide by one
+    failure per process noticing it."""
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    Factory, proxied = proxied_sharing(
+        fault_proxy, engine, service, redis_storage(namespace), threshold=3
+    )
+    try:
+        rdb.open_breaker(service)  # open here: the other process's closing is a change
+        fault_proxy.refuse()
+        # it closes the breaker, and its unit fails: the first failure
+        assert other_process(namespace, service, "close,fail", threshold=3) == "closed 1"
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(select_one)  # the closing noticed here; the second failure
+        assert (
+            other_process(namespace, service, "fail", threshold=3) == "open 3"
+        )  # the third opens it
+        with pytest.raises(rdb.CircuitOpenError):
+            Factory.run(select_one)
+    finally:
+        proxied.dispose()
+
+
+def test_a_count_left_over_by_a_closing_that_kept_it_starts_over_when_noticed(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_server: RedisServer,
+    redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
+    fault_proxy: FaultProxy,
+) -> None:
+    """A closing written into the storage without its count reset (an operator setting the
+    state key by hand) leaves the count that opened the breaker: a process that notices the
+    closing and finds the count at the threshold (its failures all counted before the closing:
+    any process counting up to it since opened the breaker) starts it over, as pybreaker's
+    setter does, instead of opening again at the next failure."""
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    storage = redis_storage(namespace)
+    Factory, proxied = proxied_sharing(fault_proxy, engine, service, storage, threshold=3)
+    try:
+        fault_proxy.refuse()
+        assert other_process(namespace, service, "fail,fail,fail", threshold=3) == "open 3"
+        with pytest.raises(rdb.CircuitOpenError):
+            Factory.run(select_one)
+        with contextlib.closing(redis_server.client()) as client:
+            client.set(f"{namespace}:pybreaker:state", pybreaker.STATE_CLOSED)  # by hand
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(select_one)  # the closing noticed: one failure counted, not four
+        assert (storage.state, storage.counter) == ("closed", 1)
+    finally:
+        proxied.dispose()
