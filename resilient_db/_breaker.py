@@ -157,7 +157,7 @@ class _LogListener(_pb.CircuitBreakerListener):
         # Breaker.noticed), or pybreaker's own ``CircuitBreaker.state`` read by anyone
         own = b.setting == threading.get_ident()
         if not own:
-            if new == b.known or b.setting is not None:
+            if (new == b.known and not b.reopening) or b.setting is not None:
                 # said already (pybreaker's cached state lags: a listener raised), or this
                 # breaker's own change under way in another thread (it tells it)
                 return
@@ -348,6 +348,13 @@ class Breaker:
         self.known = CLOSED
         #: the thread changing this breaker's state now (see :meth:`_set_state`), if any
         self.setting: int | None = None
+        #: the storage's ``opened_at`` of the opening this breaker is in (as read back after
+        #: stamping its own, or read as it noticed one made elsewhere): another one read while
+        #: the storage says open is a new opening made elsewhere (see :meth:`_open_left`)
+        self._open_seen: datetime | None = None
+        #: an opening made elsewhere after the one this breaker is in is being told (open to
+        #: open: see _notice_locked)
+        self.reopening = False
         if self._cb.current_state != CLOSED:
             # pybreaker's breaker took the storage's state as its own, telling nobody: it
             # starts closed, so that the state found is told as a change when noticed (telling
@@ -689,6 +696,14 @@ class Breaker:
             # pybreaker's setter tells every listener (the old state: its cached one, which is
             # this breaker's last); the counters are left as they are (see _CachedStateStorage)
             self._cb.state = state
+        elif state == OPEN == self.known and self._reopened(self._storage.opened_at):
+            # closed and opened again elsewhere since this breaker last read the storage: a
+            # new opening, told as open to open (as a shared breaker's opening made again is)
+            self.reopening = True
+            try:
+                self._cb.state = state
+            finally:
+                self.reopening = False
         return state
 
     def took_elsewhere(self, state: str) -> None:
@@ -701,6 +716,7 @@ class Breaker:
             # operator's as far as it knows; the time it has left is its opened_at's
             self.open_cause = None
             self._forget_hand()
+            self._open_seen = self._storage.opened_at
             self.open_left = max(0.0, self._remaining_open())
 
     # -- the protocol around one attempt ------------------------------------------------
@@ -757,7 +773,7 @@ class Breaker:
             if state != self.known:  # (inline: every drop-in block asks, the state unchanged)
                 state = self.noticed(state)
             if state == OPEN:
-                return max(0.0, self._remaining_open())
+                return max(0.0, self._open_left())
         except Exception:  # a store of yours that fails: the attempt asks before_call
             return 0.0
         return 0.0
@@ -814,7 +830,7 @@ class Breaker:
         if state == CLOSED:
             return False
         if state == OPEN:
-            remaining = self._remaining_open()
+            remaining = self._open_left()
             if remaining > 0:
                 raise self._reject(remaining, OPEN)
             with self._lock:
@@ -1816,12 +1832,44 @@ class Breaker:
         keeps the later of two)."""
         self._storage.opened_at = datetime.fromtimestamp(self._wall() - elapsed, _UTC)
         self._opened = (self._storage.opened_at, self._timer() - elapsed)
+        self._open_seen = self._opened[0]
+
+    def _open_left(self) -> float:
+        """:meth:`_remaining_open`, the storage read open as this breaker knows it: an opening
+        made after the one it is in (another process sharing a storage of the caller's closed
+        it and opened it again between two reads here: the state read is the one known, but
+        its ``opened_at`` is another) is noticed first, said and told as a change is (see
+        :meth:`noticed`). The ``opened_at`` read is the one the time left needs: nothing more
+        is read while the opening is the one known."""
+        opened_at = self._storage.opened_at
+        if self._reopened(opened_at):
+            with self._lock:
+                if self._notice_locked() != OPEN:
+                    return 0.0  # (half-open or closed since: the caller reads it again)
+            opened_at = self._storage.opened_at
+        return self._left_of(opened_at)
+
+    def _reopened(self, opened_at: datetime | None) -> bool:
+        """Whether ``opened_at``, read from a storage of the caller's while this breaker is
+        open, is another opening's than the one it is in. (None, a storage that could not read
+        it, is no new opening.)"""
+        seen = self._open_seen
+        return (
+            self.storage_given is not None
+            and self.known == OPEN
+            and opened_at is not None
+            and seen is not None
+            and opened_at != seen
+        )
 
     def _remaining_open(self) -> float:
-        """Seconds the opening in the storage has left. Timed by the monotonic timer when this
-        breaker stamped it; an opening stamped by another breaker sharing the storage (another
-        process's, through a storage of the caller's) is timed by its ``opened_at``."""
-        opened_at = self._storage.opened_at
+        """Seconds the opening in the storage has left (see :meth:`_left_of`)."""
+        return self._left_of(self._storage.opened_at)
+
+    def _left_of(self, opened_at: datetime | None) -> float:
+        """Seconds the opening stamped ``opened_at`` has left. Timed by the monotonic timer
+        when this breaker stamped it; an opening stamped by another breaker sharing the storage
+        (another process's, through a storage of the caller's) is timed by its ``opened_at``."""
         if opened_at is None:
             return 0.0
         mine = self._opened

@@ -432,3 +432,42 @@ def test_a_count_left_over_by_a_closing_that_kept_it_starts_over_when_noticed(
         assert (storage.state, storage.counter) == ("closed", 1)
     finally:
         proxied.dispose()
+
+
+def test_an_opening_closed_and_made_again_elsewhere_between_two_reads_is_said_again(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
+    fault_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The storage open here, another process closes it and opens it again before this one
+    reads it: the state read is the one known, but its ``opened_at`` is the new opening's. It
+    is said, told and counted as an opening followed, and its time left is the new one's."""
+    caplog.set_level(logging.INFO)
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    heard = Heard()
+    Factory, proxied = proxied_sharing(
+        fault_proxy, engine, service, redis_storage(namespace), threshold=1, heard=heard
+    )
+    try:
+        # opened here by hand, stamped 100 s ago (pybreaker's Redis storage keeps whole
+        # seconds: the other process's opening, stamped now, is a later one)
+        rdb.open_breaker(service, seconds=500)
+        fault_proxy.refuse()
+        assert other_process(namespace, service, "close,fail") == "open 1"  # closed, opened again
+        for _ in range(2):
+            with pytest.raises(rdb.CircuitOpenError) as refused:
+                Factory.run(select_one)
+            assert refused.value.retry_after > 550  # the new opening's time left
+    finally:
+        proxied.dispose()
+    opened = lines(caplog, service, "Circuit breaker opened")
+    assert len(opened) == 2, opened
+    assert "an opening found in its storage" in opened[1]
+    assert breaker_events(events, service) == [("breaker_opened", True), ("breaker_opened", False)]
+    assert heard.changes == [("closed", "open"), ("open", "open")]
+    assert rdb.health()["services"][service]["counters"]["breaker_opens"] == 1
