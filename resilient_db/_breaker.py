@@ -1238,6 +1238,11 @@ class Breaker:
                 "opens_followed": self.opens_followed,
                 "fleet_timelines": fleet.known_timelines(),
             }
+        elif self.storage_given is not None:
+            info["storage"] = {
+                "kind": type(self.storage_given).__name__,
+                "opens_followed": self.opens_followed,
+            }
         return info
 
     # -- the shared breaker ----------------------------------------------------------------

@@ -53,8 +53,9 @@ Also ``resilient_db_commits_verified_not_committed_total`` (counter: lost COMMIT
 as not committed; the unit may be run again).
 
 The retry budget series exist for services with ``SELF_HEALING_RETRY_BUDGET`` set; the
-``breaker_shared`` and ``breaker_opens_followed`` series for breakers with
-``SELF_HEALING_REDIS_URL`` set.
+``breaker_shared`` series for breakers with ``SELF_HEALING_REDIS_URL`` set, and the
+``breaker_opens_followed`` series for those and for breakers kept in a ``breaker_storage=`` of
+yours (openings found there that other processes sharing it made).
 
 A breaker shared through Redis opens once for the whole fleet: the opening counts in
 ``breaker_opens`` of the process whose failure (or ``open()``) opened it, and in
@@ -274,8 +275,9 @@ class HealthCollector:
         )
         followed = core.CounterMetricFamily(
             "resilient_db_breaker_opens_followed",
-            "Openings of a circuit breaker shared through Redis that other processes made and "
-            "this process followed (not in resilient_db_breaker_opens_total).",
+            "Openings of a circuit breaker shared through Redis (or a breaker_storage= of "
+            "yours) that other processes made and this process followed (not in "
+            "resilient_db_breaker_opens_total).",
             labels=["service"],
         )
         budget_shared = core.GaugeMetricFamily(
@@ -299,6 +301,9 @@ class HealthCollector:
                     up = breaker["shared"].get("connected")
                     shared.add_metric([service], 1.0 if up else 0.0)
                     n = breaker["shared"].get("opens_followed", 0)
+                    followed.add_metric([service], float(n))
+                elif breaker.get("storage") is not None:  # a breaker_storage= of yours
+                    n = breaker["storage"].get("opens_followed", 0)
                     followed.add_metric([service], float(n))
             budget = entry.get("budget")
             if budget is not None and "available" in budget:

@@ -36,6 +36,7 @@ __all__ = [
     "ServiceHealth",
     "ServiceStats",
     "SharedBreakerHealth",
+    "StorageBreakerHealth",
     "TransitionCounters",
     "UnavailableHealth",
     "add_hook",
@@ -509,6 +510,15 @@ class SharedBreakerHealth(TypedDict):
     fleet_timelines: dict[str, FleetTimelineHealth]
 
 
+class StorageBreakerHealth(TypedDict):
+    """A breaker kept in a ``breaker_storage=`` of yours: its ``storage`` entry."""
+
+    kind: str  # the storage's class name (``CircuitRedisStorage``)
+    #: openings found in the storage that other processes sharing it made, followed here (not
+    #: in ``counters.breaker_opens``), as a breaker shared through Redis counts them
+    opens_followed: int
+
+
 class _BreakerHealthKeys(TypedDict):
     state: Literal["closed", "open", "half-open", "off"]
     failures: int
@@ -520,10 +530,12 @@ class _BreakerHealthKeys(TypedDict):
 
 class BreakerHealth(_BreakerHealthKeys, total=False):
     """health()'s ``breaker`` of a service; ``retry_after`` only while ``open``, ``shared``
-    only for a breaker shared through Redis."""
+    only for a breaker shared through Redis, ``storage`` only for one kept in a
+    ``breaker_storage=`` of yours."""
 
     retry_after: float
     shared: SharedBreakerHealth
+    storage: StorageBreakerHealth
 
 
 @final
@@ -622,7 +634,9 @@ def health() -> HealthReport:
     caused, so that their sum over the fleet is ``fleet_opens``; and openings other processes
     made, followed here: ``counters.breaker_opens`` counts only those made here, including
     those made alone while Redis did not answer, so that a sum over the fleet counts each
-    opening once); ``budget`` is the retry budget
+    opening once); a breaker kept in a ``breaker_storage=`` of yours has a ``storage`` entry:
+    ``kind`` (the storage's class name) and ``opens_followed`` (openings found in the storage
+    that other processes sharing it made, as above); ``budget`` is the retry budget
     (``SELF_HEALING_RETRY_BUDGET``), None without one; configured to be shared, it has
     ``redis`` and ``problem`` too (its ``scope`` is "process" while that Redis can't be used).
     Nothing here talks to Redis: shared figures are the last ones this process heard.

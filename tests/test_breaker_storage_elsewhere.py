@@ -26,10 +26,12 @@ from typing import Any
 import pybreaker
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, generate_latest
 from scenarios import FakeClock, otel_points
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db.metrics import HealthCollector
 from resilient_db.testing import FaultProxy, RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -200,8 +202,16 @@ def test_an_opening_another_process_made_in_the_shared_storage_is_said_and_told_
     report = rdb.health()["services"][service]
     assert report["breaker"] is not None
     assert report["breaker"]["state"] == "open"
-    # the other process counted it (its breaker_opens): followed here, not counted again
+    # the other process counted it (its breaker_opens): followed here, not counted again,
+    # but in opens_followed, as a breaker shared through Redis shows it
     assert report["counters"]["breaker_opens"] == 0
+    breaker: Any = report["breaker"]
+    assert breaker["storage"] == {"kind": "CircuitRedisStorage", "opens_followed": 1}
+    assert "shared" not in breaker  # (the link to SELF_HEALING_REDIS_URL's)
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    followed = f'resilient_db_breaker_opens_followed_total{{service="{service}"}} 1.0'
+    assert followed in generate_latest(registry).decode().splitlines()
     transitions = otel_points(otel[2], "resilient_db.breaker.transitions")
     assert transitions == {(("opened_here", False), ("service", service), ("state", "open")): 1}, (
         transitions
@@ -470,4 +480,6 @@ def test_an_opening_closed_and_made_again_elsewhere_between_two_reads_is_said_ag
     assert "an opening found in its storage" in opened[1]
     assert breaker_events(events, service) == [("breaker_opened", True), ("breaker_opened", False)]
     assert heard.changes == [("closed", "open"), ("open", "open")]
+    breaker: Any = rdb.health()["services"][service]["breaker"]
+    assert breaker["storage"]["opens_followed"] == 1
     assert rdb.health()["services"][service]["counters"]["breaker_opens"] == 1

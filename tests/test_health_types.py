@@ -13,6 +13,7 @@ import contextlib
 import gc
 from typing import Any, get_args, get_type_hints
 
+import pybreaker
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
@@ -81,6 +82,10 @@ def test_every_key_of_a_real_health_report_is_declared_by_its_types(
     held.append(rdb.ResilientSession(tasks, service=f"{service}-down", config=down))
     wait_for(lambda: entry(f"{service}-down")["breaker"]["shared"]["problem"], "the problem")
 
+    # kept in a storage of the caller's (which other processes may share)
+    memory = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    held.append(rdb.ResilientSession(tasks, service=f"{service}-storage", breaker_storage=memory))
+
     # switched off, opted out, and a storage that fails
     off = rdb.Config(circuit_breaker=False)
     held.append(rdb.ResilientSession(tasks, service=f"{service}-off", config=off))
@@ -108,6 +113,7 @@ def test_every_key_of_a_real_health_report_is_declared_by_its_types(
         rdb.ServiceCounters,
         rdb.BreakerHealth,
         rdb.SharedBreakerHealth,
+        rdb.StorageBreakerHealth,
         rdb.FleetTimelineHealth,
         rdb.UnavailableHealth,
         rdb.BudgetHealth,
