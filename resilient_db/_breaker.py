@@ -485,7 +485,9 @@ class Breaker:
         starts over: calls ran meanwhile without it, unrecorded, so what it held (an opening,
         a run of failures) is stale, and an opening would reject healthy calls for the rest
         of its reset timeout. The local view starts closed with no failures counted; a shared
-        breaker's state in Redis is left alone (other processes keep it up to date) and read
+        breaker's state in Redis is left alone (other processes keep it up to date), as is a
+        ``breaker_storage=`` of the caller's that they may share (see
+        :attr:`storage_in_process`: its state is followed from the next admission), and read
         back into the view (when Redis does not answer, its background thread reads it on
         reconnecting); a state other than closed is logged. Kept on by another user
         meanwhile, its state is current and stays."""
@@ -514,6 +516,12 @@ class Breaker:
             self._fleet_failures = 0
             self._probes = 0
             self._last_failure = -math.inf
+            if not self.storage_in_process:
+                # a storage of the caller's that other processes may share: its state and
+                # counts are theirs too, kept up to date while this one was off (not stale),
+                # left as they are, as the state shared through Redis is (written closed, it
+                # would close every process's breaker); followed from its next admission
+                return
             self._storage.reset_counter()
         if taken:
             self._resumed_shared()
@@ -662,6 +670,15 @@ class Breaker:
         self._told = tuple(given for given, _ in self._given)
         for given in gone:
             self._cb.remove_listener(given)
+
+    @property
+    def storage_in_process(self) -> bool:
+        """Whether the storage can only be this process's: pybreaker's in-memory one, made
+        here or given (``breaker_storage=``). Any other storage given (pybreaker's
+        ``CircuitRedisStorage``, a storage of the caller's own) may be shared by processes."""
+        return self.storage_given is None or isinstance(
+            self.storage_given, _pb.CircuitMemoryStorage
+        )
 
     @property
     def switched_off(self) -> bool:
@@ -1169,12 +1186,17 @@ class Breaker:
     def reset(self) -> None:
         """Closed, with no failures counted (a test suite starting over). A shared breaker's
         state in Redis is left alone (other processes share it): this process's view of it
-        is read again at the next failure."""
+        is read again at the next failure. So is a ``breaker_storage=`` of the caller's that
+        other processes may share (see :attr:`storage_in_process`): written closed, it would
+        close the breaker of every process sharing it, the database perhaps still down, and
+        they would say it closed; a breaker made afterwards on it follows its state."""
         with self._lock:
             self._fleet_gen = -1
             self._fleet_state = CLOSED
             self._fleet_failures = 0
             self._probes = 0
+            if not self.storage_in_process:
+                return
             if self._storage.state != CLOSED:
                 # its line says so: the state was forgotten, nothing recovered
                 self._close_saying("reset by reset_state() (its state forgotten, not a recovery)")

@@ -178,11 +178,13 @@ def reset_state() -> None:
     cached policies are dropped, retry budgets are forgotten and the links to Redis closed (their
     background threads stop; a factory made afterwards opens a new one), and the dashboard's
     recent events and time series are cleared. State shared through
-    Redis is left as it is: other processes share it. Factories, their engines' hooks (the
-    transition guard's listeners included), flushes in progress and the configuration stay as
-    they are: they belong to objects that are still alive. A live factory takes its service's
-    new breaker, counters and budget at its next unit of work, as a factory made then would
-    (``health()`` shows what it does after the reset, not what it did before).
+    Redis is left as it is: other processes share it; so is a ``breaker_storage=`` that they
+    may share (any but pybreaker's in-process ``CircuitMemoryStorage``). Factories, their
+    engines' hooks (the transition guard's listeners included), flushes in progress and the
+    configuration stay as they are: they belong to objects that are still alive. A live
+    factory takes its service's new breaker, counters and budget at its next unit of work, as
+    a factory made then would (``health()`` shows what it does after the reset, not what it
+    did before).
     """
     from ._classify import debug_failure  # noqa: PLC0415 - _classify's imports reach this module
 

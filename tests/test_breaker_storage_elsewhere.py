@@ -483,3 +483,92 @@ def test_an_opening_closed_and_made_again_elsewhere_between_two_reads_is_said_ag
     breaker: Any = rdb.health()["services"][service]["breaker"]
     assert breaker["storage"]["opens_followed"] == 1
     assert rdb.health()["services"][service]["counters"]["breaker_opens"] == 1
+
+
+def test_reset_state_leaves_a_shared_storage_as_the_other_processes_left_it(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
+    fault_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``reset_state()`` starts this process over: a storage that may be shared (any but
+    pybreaker's in-process ``CircuitMemoryStorage``) keeps its state, as the state shared
+    through Redis does (writing it closed would close the breaker of every process sharing it,
+    the database still down); a breaker made afterwards says the opening when it notices it.
+    An in-process storage is closed with its breaker, as before."""
+    caplog.set_level(logging.INFO)
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    storage = redis_storage(namespace)
+    Factory = sharing(engine, service, storage)
+    memory = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    local = f"{service}-local"
+    Local = rdb.ResilientSession(engine, service=local, breaker_storage=memory, config=CONFIG)
+    rdb.open_breaker(local)
+    fault_proxy.refuse()
+    assert other_process(namespace, service, "fail") == "open 1"
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(select_one)
+    rdb.reset_state()
+    assert storage.state == "open"
+    assert memory.state == "closed"
+    assert Local.run(select_one) == 1
+    caplog.clear()
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(select_one)  # its new breaker: the opening found, said
+    assert len(lines(caplog, service, "Circuit breaker opened")) == 1
+
+
+def test_close_breaker_closes_a_shared_storage_for_every_process_sharing_it(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
+    fault_proxy: FaultProxy,
+) -> None:
+    """``close_breaker()`` is an operator's "it is back": made in the storage, it closes the
+    breaker of every process sharing it, as a closing through Redis does (it returns False:
+    nothing is shared through Redis, and whether a storage of yours is shared is not known)."""
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    storage = redis_storage(namespace)
+    Factory = sharing(engine, service, storage)
+    fault_proxy.refuse()
+    assert other_process(namespace, service, "fail") == "open 1"
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(select_one)
+    assert rdb.close_breaker(service) is False
+    assert (storage.state, storage.counter) == ("closed", 0)
+    assert Factory.run(select_one) == 1
+
+
+def test_switched_on_again_it_follows_a_shared_storage_as_the_other_processes_left_it(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
+    fault_proxy: FaultProxy,
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """A reload switching the breaker off and on again starts a breaker of its own over (what it
+    held is stale); the state of a storage that other processes may share is theirs, kept up
+    to date meanwhile: left as it is, not written closed for them all, and followed here."""
+    clean_env.setenv("SELF_HEALING_MAX_RETRIES", "0")
+    rdb.reload_config()
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    storage = redis_storage(namespace)
+    # (no config=: a reload's settings are its own)
+    Factory = rdb.ResilientSession(engine, service=service, breaker_storage=storage)
+    assert Factory.run(select_one) == 1
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+    fault_proxy.refuse()
+    assert other_process(namespace, service, "fail") == "open 1"  # opened meanwhile
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "true")
+    rdb.reload_config()
+    assert storage.state == "open"
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(select_one)
