@@ -108,9 +108,9 @@ def breaker_events(events: list[rdb.SelfHealEvent], service: str) -> list[tuple[
 
 
 #: another process doing ``steps`` (comma-separated, in order) with its factory of ``service``
-#: on the same storage (``threshold``: its failure threshold): ``fail`` (a unit the database
-#: refuses) or ``close`` (``close_breaker``). It prints the storage's state and failure count as
-#: it exits
+#: on the same storage (``threshold``: its failure threshold; ``probes``: its half-open probes):
+#: ``fail`` (a unit the database refuses), ``ok`` (a unit that succeeds) or ``close``
+#: (``close_breaker``). It prints the storage's state and failure count as it exits
 OTHER_STEPS = textwrap.dedent(
     """
     import sys
@@ -121,11 +121,16 @@ OTHER_STEPS = textwrap.dedent(
 
     import resilient_db as rdb
 
-    db_url, redis_url, namespace, service, threshold, steps = sys.argv[1:]
+    db_url, redis_url, namespace, service, threshold, probes, steps = sys.argv[1:]
     storage = pybreaker.CircuitRedisStorage(
         pybreaker.STATE_CLOSED, redis.Redis.from_url(redis_url), namespace=namespace
     )
-    config = rdb.Config(failure_threshold=int(threshold), max_retries=0, reset_timeout=600.0)
+    config = rdb.Config(
+        failure_threshold=int(threshold),
+        half_open_probes=int(probes),
+        max_retries=0,
+        reset_timeout=600.0,
+    )
     Factory = rdb.ResilientSession(
         sa.create_engine(db_url), service=service, breaker_storage=storage, config=config
     )
@@ -137,6 +142,8 @@ OTHER_STEPS = textwrap.dedent(
                 pass
             else:
                 raise SystemExit("the unit did not fail")
+        elif step == "ok":
+            Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
         elif step == "close":
             rdb.close_breaker(service)
     print(storage.state, storage.counter)
@@ -148,15 +155,16 @@ OTHER_STEPS = textwrap.dedent(
 def other_process(
     engine: sa.Engine, redis_server: RedisServer, fault_proxy: FaultProxy
 ) -> Callable[..., str]:
-    """``run(namespace, service, steps, threshold=1)``: run ``steps`` in another process (see
+    """``run(namespace, service, steps, threshold=1, probes=1)``: run ``steps`` in another
+    process (see
     OTHER_STEPS) on the database through ``fault_proxy``; what it printed (the storage's state
     and failure count)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELF_HEALING_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     db_url = fault_proxy.url(engine.url.database)
 
-    def run(namespace: str, service: str, steps: str, threshold: int = 1) -> str:
-        args = [db_url, redis_server.url, namespace, service, str(threshold), steps]
+    def run(namespace: str, service: str, steps: str, threshold: int = 1, probes: int = 1) -> str:
+        args = [db_url, redis_server.url, namespace, service, str(threshold), str(probes), steps]
         other = subprocess.run(
             [sys.executable, "-c", OTHER_STEPS, *args],
             check=False,
@@ -411,6 +419,30 @@ def test_processes_failing_in_turn_open_it_at_the_threshold_after_a_closing_else
             Factory.run(select_one)
     finally:
         proxied.dispose()
+
+
+def test_probes_succeeding_in_turn_close_it_at_the_count_after_a_half_open_elsewhere(
+    *,
+    engine: sa.Engine,
+    service: str,
+    redis_storage: Callable[[str], Any],
+    other_process: Callable[..., str],
+    fault_proxy: FaultProxy,
+) -> None:
+    """So with the probes' successes: another process takes the breaker half-open and its probe
+    succeeds, the first of two; this process notices the half-open state and its probe is the
+    second, which closes it (a reset as it noticed would have made it the first again)."""
+    namespace = f"elsewhere-{uuid.uuid4().hex}"
+    storage = redis_storage(namespace)
+    config = rdb.Config(failure_threshold=1, half_open_probes=2, max_retries=0, reset_timeout=600.0)
+    Factory = rdb.ResilientSession(engine, service=service, breaker_storage=storage, config=config)
+    # open here, stamped a whole reset timeout ago (pybreaker's Redis storage keeps whole
+    # seconds): its time over for the other process, which times it by that opened_at
+    rdb.open_breaker(service, seconds=0.001)
+    assert other_process(namespace, service, "ok", probes=2) == "half-open 0"
+    assert storage.success_counter == 1
+    assert Factory.run(select_one) == 1  # the half-open state noticed; the second probe
+    assert storage.state == "closed"
 
 
 def test_a_count_left_over_by_a_closing_that_kept_it_starts_over_when_noticed(
