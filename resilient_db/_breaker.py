@@ -392,6 +392,11 @@ class Breaker:
         self._opened_locally = False
         #: when (timer) this process made that opening (None: another's, followed; or closed)
         self._opened_alone_at: float | None = None
+        #: names the last opening this process made alone (drawn anew for each): Redis keeps
+        #: it with the opening when it is shared, so a sharing sent again (the answer of the
+        #: first lost) finds it its own; and a read of the shared state begun before it does
+        #: not replace it (see fleet_rejoin)
+        self.alone_id = ""
         #: the reservations of the probes this process let through and that have not ended yet,
         #: oldest first (None: a probe of its own state, Redis reserved nothing for it); each
         #: probe's end takes one (see _take_probe)
@@ -588,6 +593,7 @@ class Breaker:
                     self._opened_locally = False
                 elif self._storage.state == OPEN and self._remaining_open() > 0:
                     self._opened_locally = True
+                    self.alone_id = secrets.token_hex(8)
                 self._fleet_gen = -1
                 self._takes_at_attach = self._view_takes if off else None
         link = attach(config, breaker=self) if shared else None
@@ -1563,15 +1569,18 @@ class Breaker:
             open_for=round(max(0.0, remaining), 3),
         )
 
-    def fleet_sync(self, answer: tuple[str, float, int, int, str | None]) -> None:
+    def fleet_sync(
+        self, answer: tuple[str, float, int, int, str | None], *, alone: str | None = None
+    ) -> None:
         """The shared state as read on (re)connecting: it replaces the view whatever it was
-        (an opening made by hand, followed now, says so)."""
+        (an opening made by hand, followed now, says so); ``alone``: unless this process
+        made an opening alone since (see :meth:`fleet_rejoin`)."""
         state, remaining, gen, opens, hand = answer
         self.fleet_update(
-            state, remaining, gen, opens, answer=True, force=True, hand=hand, read=True
+            state, remaining, gen, opens, answer=True, force=True, hand=hand, read=True, alone=alone
         )
 
-    def fleet_rejoin(self, fleet: Any, *, background: bool = True) -> None:
+    def fleet_rejoin(self, fleet: Any, *, background: bool = True) -> str:
         """Redis answers again (the link's background thread; raises what the store raises),
         or this breaker was just attached to a link that is up (not ``background``: raises
         :class:`FleetDown`): read the shared state into the view, after sharing the opening
@@ -1582,8 +1591,16 @@ class Breaker:
         database that just failed. Redis takes it unless the shared breaker is open, or
         changed after it (the fleet's probes closed it since): then the fleet's state is
         followed. Without one, an opening of the fleet's that the view holds is written back
-        if Redis lost the state meanwhile (see :meth:`lost_view`)."""
+        if Redis lost the state meanwhile (see :meth:`lost_view`).
+
+        Returns the name of the last opening made alone it saw (:attr:`alone_id`). The link
+        is not up yet while its thread rejoins: a unit's failure (or an ``open()``) meanwhile
+        opens the breaker alone, and the answer, read or sent before, does not replace that
+        opening (it would close the breaker, said as the fleet's state, and the opening would
+        never be shared); the link's thread calls this again once up (see
+        ``FleetLink._rejoin``), sharing it."""
         with self._lock:
+            alone = self.alone_id
             opening = None
             if self._opened_locally and self._storage.state == OPEN:
                 remaining = self._remaining_open()
@@ -1603,8 +1620,9 @@ class Breaker:
             # (Redis lost the state while the view holds the fleet's opening, confirmed
             # shortly before the link went down: written back)
             view = self.lost_view(since=fleet.down_since)
-            self.fleet_sync(fleet.breaker_read(self.service, background=background, view=view))
-            return
+            answer = fleet.breaker_read(self.service, background=background, view=view)
+            self.fleet_sync(answer, alone=alone)
+            return alone
         state, remaining, gen, opens, by_me, hand = fleet.breaker_share_opening(
             self.service,
             round(opening[0], 3),
@@ -1617,8 +1635,18 @@ class Breaker:
             self._opened_here += 1
         # (shared, its own opening, by hand or not, read back: the same opening, not said again)
         self.fleet_update(
-            state, remaining, gen, opens, answer=True, force=True, mine=by_me, hand=hand, read=True
+            state,
+            remaining,
+            gen,
+            opens,
+            answer=True,
+            force=True,
+            mine=by_me,
+            hand=hand,
+            read=True,
+            alone=alone,
         )
+        return alone
 
     def fleet_update(
         self,
@@ -1634,6 +1662,7 @@ class Breaker:
         sent_gen: int | None = None,
         hand: str | None = None,
         read: bool = False,
+        alone: str | None = None,
     ) -> None:
         """Take a state of the shared breaker into the view (and the local storage, whose
         listeners log the change). Messages older than the view are ignored; a script's
@@ -1648,10 +1677,14 @@ class Breaker:
         none), by this process when ``mine``: said so by the lines and rejections; a change
         by hand is said even when the view was in that state already (an opening by hand
         made again, a closing by hand of a closed breaker), unless it is a ``read`` of the
-        state (the opening a read finds by hand is said so when it is new to the view)."""
+        state (the opening a read finds by hand is said so when it is new to the view).
+        ``alone``: the name of the last opening made alone when the script answering was sent
+        (see :meth:`fleet_rejoin`); the answer is not taken when one was made since."""
         if state not in (CLOSED, OPEN, HALF_OPEN):
             return
         with self._lock:
+            if alone is not None and alone != self.alone_id:
+                return
             if answer and gen == 0 and not force and sent_gen not in (None, self._fleet_gen):
                 return
             if not (force or gen > self._fleet_gen or (answer and gen == 0)):
@@ -1809,6 +1842,7 @@ class Breaker:
         self._set_state(OPEN)
         self._opened_locally = self._fleet is not None
         self._opened_alone_at = self._timer()
+        self.alone_id = secrets.token_hex(8)
 
     def _close_saying(self, reason: str, *, by_hand: bool = False) -> None:
         """Close, the line saying ``reason`` (not a recovery), ``by_hand`` an operator's."""

@@ -1708,14 +1708,24 @@ class FleetLink:
         if self._timelines_out:
             self._send_timelines()
         read = self._resync()
+        # a breaker that opened alone while the states were read (a unit's failure, an
+        # open(), the link not up yet) kept that opening (see Breaker.fleet_rejoin): shared
+        # before the link is up, or its units would be let through by the view the link
+        # follows, and the opening stay this process's alone until the next rejoin
+        for _ in range(3):
+            again = self._resync(read)
+            if not again:
+                break
+            read.update(again)
         self._mark_up()
         # a breaker attached while the states were read (after _resync listed the breakers,
         # before the link was up: another service's factory made meanwhile, or the next of
         # several a reload switches on) found the link down and read nothing itself: read now,
         # or its view stays closed while the fleet's breaker may be open, and its units go to
         # the database the fleet refuses until a later change's message. One attached from
-        # now on finds the link up and reads it itself (see sync_breaker)
-        self._resync(skip=read)
+        # now on finds the link up and reads it itself (see sync_breaker). So is one that
+        # opened alone in the moment before the link was up
+        self._resync(read)
 
     def _check_views(self, pubsub: Any) -> bool:
         """The background thread, the link up, every :data:`VIEW_CHECK_INTERVAL`: Redis
@@ -1801,22 +1811,26 @@ class FleetLink:
         for breaker in breakers:
             breaker.report_probes(self)
 
-    def _resync(self, skip: Iterable[Any] = ()) -> list[Any]:
+    def _resync(self, done: dict[int, str] | None = None) -> dict[int, str]:
         """Report the probe outcomes Redis missed, then read every attached breaker's shared
-        state (on connecting: messages may be lost), but for those in ``skip``. Returns the
-        breakers it handled."""
-        done = {id(breaker) for breaker in skip}
+        state (on connecting: messages may be lost), sharing an opening it made alone (see
+        ``Breaker.fleet_rejoin``), but for those ``done`` names (by id) that have made no
+        opening alone since (the name of their last, ``Breaker.alone_id``, unchanged).
+        Returns the breakers it handled, by id, with the name each had then."""
+        done = done or {}
         with self._lock:
-            breakers = [(s, b) for s, b in self.breakers.items() if id(b) not in done]
+            breakers = [(s, b) for s, b in self.breakers.items() if done.get(id(b)) != b.alone_id]
+        handled: dict[int, str] = {}
         for service, breaker in breakers:
+            handled[id(breaker)] = breaker.alone_id
             breaker.report_probes(self)
             try:
-                breaker.fleet_rejoin(self)
+                handled[id(breaker)] = breaker.fleet_rejoin(self)
             except self._redis.exceptions.RedisError:
                 raise
             except Exception as exc:  # (a listener's: see _listener_failed)
                 self._listener_failed(service, exc)
-        return [breaker for _, breaker in breakers]
+        return handled
 
     def _on_message(self, message: Any) -> None:
         if message.get("type") != "message":

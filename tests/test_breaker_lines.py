@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -581,19 +580,20 @@ def test_a_shared_breaker_switched_on_again_keeps_the_state_its_link_read_first(
     fleet_rejoin = Breaker.fleet_rejoin
     switch_on = Breaker.switch_on
 
-    def noted_rejoin(breaker: Breaker, link: FleetLink, *, background: bool = True) -> None:
-        fleet_rejoin(breaker, link, background=background)
+    def noted_rejoin(breaker: Breaker, link: FleetLink, *, background: bool = True) -> str:
+        alone = fleet_rejoin(breaker, link, background=background)
         if breaker.service == service and threading.current_thread() is not threading.main_thread():
             read.set()
+        return alone
 
-    def resync_once_attached(link: FleetLink, skip: Iterable[Any] = ()) -> list[Any]:
+    def resync_once_attached(link: FleetLink, done: dict[int, str] | None = None) -> dict[int, str]:
         # the link's first read waits for this breaker to be attached: the link may be made by
         # another test's factory, still alive and switched on again first, and be up before
         # this one is attached (then read at its attach, in the reload's thread: the
         # interleaving of this test never happens)
         if threading.current_thread() is not threading.main_thread() and link.url == url:
             wait_for(lambda: service in link.breakers, "the breaker attached", timeout=10.0)
-        return resync(link, skip)
+        return resync(link, done)
 
     def late_mark_up(link: FleetLink) -> None:
         if threading.current_thread() is not threading.main_thread() and read.is_set():

@@ -1,0 +1,102 @@
+"""Orderings between a fleet link's background thread and the threads of its process, forced:
+the thread is held at a chosen point (a threading.Event in a wrapper of one of its methods)
+while the test's thread does what a unit, an operator or a reload would do meanwhile, against
+a real Redis (killed and started again) and a real PostgreSQL (its gate: see ``fleet.Gate``).
+What is checked is what users see: the lines, the refusals, the state Redis keeps."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fleet import Gate, shared
+from processes import wait_for
+
+import resilient_db as rdb
+from resilient_db import _fleet
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+REASON = "database upgrade"
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str, service: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if text in r.getMessage() and f"service={service} " in r.getMessage()
+    ]
+
+
+def _gate_unit(session: sa.orm.Session) -> int:
+    return int(session.execute(sa.text("SELECT rdb_gate()")).scalar_one())
+
+
+def _down_then_back(redis_server: RedisServer, service: str) -> None:
+    """Redis killed, and the link seen down."""
+    wait_for(lambda: shared(service)["connected"], "the link", 20)
+    redis_server.kill()
+    wait_for(lambda: not shared(service)["connected"], "the link down", 10)
+
+
+def test_an_opening_made_alone_while_the_link_reads_the_shared_state_is_kept_and_shared(
+    redis_server: RedisServer,
+    pg_url: str,
+    gate: Gate,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis comes back: the link's thread looks for an opening its breaker made alone (none),
+    then reads the shared state. A unit failing in between, the link not up yet, opens the
+    breaker alone (this process's own state); the read, closed, then replaced it: the breaker
+    said "opened", then at once "closed" as if the database had recovered, the opening was
+    never shared, and the next units went to the database that had just failed. Forced here:
+    the thread's read waits until the unit has failed."""
+    from resilient_db._fleet import operator_records  # noqa: PLC0415
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "opened-while-read"
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=1, reset_timeout=600
+    )
+    Factory = rdb.ResilientSession(engine, service=service, config=config)
+    _down_then_back(redis_server, service)
+
+    reading, go_on = threading.Event(), threading.Event()
+    read = _fleet.FleetLink.breaker_read
+
+    def held_read(link: _fleet.FleetLink, name: str, **kwargs: Any) -> Any:
+        if threading.current_thread() is link._thread and not reading.is_set():
+            reading.set()
+            go_on.wait(10.0)
+        return read(link, name, **kwargs)
+
+    monkeypatch.setattr(_fleet.FleetLink, "breaker_read", held_read)
+    redis_server.start()
+    try:
+        assert reading.wait(10.0), "the link's thread did not read the shared state"
+        assert not shared(service)["connected"]
+        gate.set(down=True)
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(_gate_unit)
+        assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    finally:
+        go_on.set()
+    wait_for(lambda: shared(service)["connected"], "the link back", 20)
+
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    calls = gate.calls()
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(_gate_unit)
+    assert gate.calls() == calls  # refused without reaching the database
+    (record,) = operator_records(redis_server.client(), service)
+    assert record["state"] == "open"  # shared with the fleet
+    assert len(_lines(caplog, "Circuit breaker opened", service)) == 1
+    assert _lines(caplog, "Circuit breaker closed", service) == []
+    assert rdb.health()["services"][service]["breaker"]["shared"]["opened_here"] == 1
+    engine.dispose()
