@@ -1630,6 +1630,7 @@ class Breaker:
             background=background,
             opens=self._fleet_opens,
             hand=hand,
+            alone=alone,
         )
         if by_me:
             self._opened_here += 1

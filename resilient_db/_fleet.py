@@ -397,7 +397,7 @@ local function open_breaker(now, gen, opens, reset)
   opens = opens + 1
   redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'at', tostring(now),
              'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', ARGV[3],
-             'hand', '0', 'why', '', 'who', '')
+             'hand', '0', 'why', '', 'who', '', 'alone', '')
   redis.call('DEL', KEYS[2], KEYS[3])
   publish('open', reset, gen, opens)
   return gen, opens
@@ -650,23 +650,32 @@ return {want, tostring(reset), gstr(gen), opens, '1', hand}
 # seconds an opening this process made on its own (while Redis did not answer it) has left,
 # its age (s), then a view with nothing to write back, for the openings it had seen (see
 # open_breaker), then '1' when that opening was made by hand (else '0'), the operator's reason
-# ('' for none) and who made it. Shared when the breaker is not open and changed last before
+# ('' for none) and who made it, then the opening's name (drawn by the process when it made
+# it; '' for none). Shared when the breaker is not open and changed last before
 # that opening (gen 0: it never changed): this process's failures (or its operator) would have
 # opened it, had Redis heard them. Shared as what it is: an opening by hand keeps 'hand', 'why'
 # and 'who', and its message carries the reason (``h``, not ``f``: no change made now by hand,
 # the one made then), so that the other processes say it was by hand. Else only read: the
-# fleet's opening, or a change made since, is followed.
+# fleet's opening, or a change made since, is followed. The opening in force being the one
+# named (kept as 'alone' until the next opening), shared by an earlier call whose answer was
+# lost (Redis ran it, the link timed out), it is answered as opened by this call: the caller
+# never took it, and is not to follow it as another process's.
 # -> {state, remaining, gen, opens, opened by this call, then whether the state was set by hand
 # and why (see _hand_of)}
 _SHARE_OPENING = (
     _COMMON
     + """
 VIEW = 6
-local now, h, st, gen, opens = read_breaker('hand', 'why')
+local now, h, st, gen, opens = read_breaker('hand', 'why', 'alone')
+local name = ARGV[15] or ''
+if st == 'open' and name ~= '' and h[7] == name then
+  return {'open', remaining(h, now), gstr(gen), opens, 1, hand_fields(st, h, 5)}
+end
 if st ~= 'open' and gen / 1000000 < now - tonumber(ARGV[5]) then
   local by_hand = ARGV[12] == '1'
   if by_hand then hand = ARGV[13] or '' end
   gen, opens = open_breaker(now, gen, opens, tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[1], 'alone', name)
   if by_hand then
     redis.call('HSET', KEYS[1], 'hand', '1', 'why', hand, 'who', ARGV[14] or '')
     return {'open', ARGV[4], gstr(gen), opens, 1, '1', hand}
@@ -1372,6 +1381,7 @@ class FleetLink:
         background: bool = True,
         opens: int = 0,
         hand: str | None = None,
+        alone: str = "",
     ) -> tuple[str, float, int, int, bool, str | None]:
         """On rejoining, or attaching: share the opening this process made on its own while
         Redis did not answer it (or before it shared the breaker: ``remaining`` seconds left,
@@ -1381,7 +1391,9 @@ class FleetLink:
         (``open_breaker``), the operator's reason (``""``: none given); None: by failures. It
         is shared as such: the other processes say it was by hand, and why. ``background``:
         run by the background thread (it handles failures itself); else a failure marks the
-        link down and raises :class:`FleetDown`."""
+        link down and raises :class:`FleetDown`. ``alone``: the opening's name (see
+        ``Breaker.alone_id``): Redis keeps it with the opening, and a call sent again for it
+        (the answer of the first lost, though it ran) finds it opened by this process."""
         answer = self._call(
             "share_opening",
             _breaker_keys(service),
@@ -1395,6 +1407,7 @@ class FleetLink:
                 "0" if hand is None else "1",
                 hand or "",
                 "" if hand is None else changed_by(""),
+                alone,
             ],
             background=background,
         )

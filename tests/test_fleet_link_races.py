@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from fleet import Gate, shared
 from processes import wait_for
@@ -100,3 +101,52 @@ def test_an_opening_made_alone_while_the_link_reads_the_shared_state_is_kept_and
     assert _lines(caplog, "Circuit breaker closed", service) == []
     assert rdb.health()["services"][service]["breaker"]["shared"]["opened_here"] == 1
     engine.dispose()
+
+
+def test_an_opening_by_hand_shared_on_rejoining_whose_answer_was_lost_is_said_once(
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An opening by hand made while Redis was down is shared when the link rejoins. The
+    script sharing it ran, but its answer was lost (a Redis just started, slow past the Redis
+    timeout): the link went down again, and its next rejoin shared it again, finding the
+    shared breaker open, by hand, its own opening. That was taken as another process's
+    opening: the operator's process said "opened" a second time ("by hand in another
+    process"), counted it as followed, and not in ``opened_here``. Forced here: the first
+    sharing's answer is dropped after the script ran in Redis."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=600)
+    Session = rdb.ResilientSession(engine, service=service, config=config)
+    _down_then_back(redis_server, service)
+    assert rdb.open_breaker(service, reason=REASON, seconds=120) is False
+
+    share = _fleet.FleetLink.breaker_share_opening
+    lost: list[Any] = []
+
+    def answer_lost(link: _fleet.FleetLink, *args: Any, **kwargs: Any) -> Any:
+        answer = share(link, *args, **kwargs)  # (run by Redis)
+        if not lost:
+            lost.append(answer)
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        return answer
+
+    monkeypatch.setattr(_fleet.FleetLink, "breaker_share_opening", answer_lost)
+    redis_server.start()  # same port, no state
+    wait_for(lambda: shared(service)["connected"], "the link back", 20)
+    (first,) = lost
+    assert first[0] == "open"  # the first sharing opened it, its answer dropped
+
+    (own,) = _lines(caplog, "Circuit breaker opened", service)
+    assert f"by hand ({REASON}), in this process only (Redis does not answer)" in own
+    health = rdb.health()["services"][service]
+    breaker = health["breaker"]
+    assert (breaker["state"], breaker["by_hand"], breaker["reason"]) == ("open", True, REASON)
+    assert breaker["shared"]["opened_here"] == 1
+    assert breaker["shared"]["opens_followed"] == 0
+    assert health["counters"]["breaker_opens"] == 1
+    with pytest.raises(rdb.CircuitOpenError) as refused:
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
+    assert refused.value.cause == f"opened by hand: {REASON}"
