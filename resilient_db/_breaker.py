@@ -535,8 +535,10 @@ class Breaker:
         try:
             if fleet is not None and fleet.up:
                 with contextlib.suppress(FleetDown):
-                    # the fleet's state replaces the view, whatever it was
-                    self.fleet_sync(fleet.breaker_read(self.service))
+                    # the fleet's state replaces the view, whatever it was (unless the link's
+                    # thread took a change's message meanwhile: see fleet_update)
+                    takes = self._view_takes
+                    self.fleet_sync(fleet.breaker_read(self.service), takes=takes)
                     self._resumed_shared()
                     return
             with self._lock:
@@ -1570,14 +1572,28 @@ class Breaker:
         )
 
     def fleet_sync(
-        self, answer: tuple[str, float, int, int, str | None], *, alone: str | None = None
+        self,
+        answer: tuple[str, float, int, int, str | None],
+        *,
+        alone: str | None = None,
+        takes: int | None = None,
     ) -> None:
         """The shared state as read on (re)connecting: it replaces the view whatever it was
         (an opening made by hand, followed now, says so); ``alone``: unless this process
-        made an opening alone since (see :meth:`fleet_rejoin`)."""
+        made an opening alone since (see :meth:`fleet_rejoin`); ``takes``: unless the view
+        took a change since (see :meth:`fleet_update`)."""
         state, remaining, gen, opens, hand = answer
         self.fleet_update(
-            state, remaining, gen, opens, answer=True, force=True, hand=hand, read=True, alone=alone
+            state,
+            remaining,
+            gen,
+            opens,
+            answer=True,
+            force=True,
+            hand=hand,
+            read=True,
+            alone=alone,
+            takes=takes,
         )
 
     def fleet_rejoin(self, fleet: Any, *, background: bool = True) -> str:
@@ -1601,6 +1617,9 @@ class Breaker:
         ``FleetLink._rejoin``), sharing it."""
         with self._lock:
             alone = self.alone_id
+            # read in a caller's thread (the link up), the answer races the link's thread
+            # taking the messages of changes made meanwhile: it is not taken over a newer one
+            takes = None if background else self._view_takes
             opening = None
             if self._opened_locally and self._storage.state == OPEN:
                 remaining = self._remaining_open()
@@ -1621,7 +1640,7 @@ class Breaker:
             # shortly before the link went down: written back)
             view = self.lost_view(since=fleet.down_since)
             answer = fleet.breaker_read(self.service, background=background, view=view)
-            self.fleet_sync(answer, alone=alone)
+            self.fleet_sync(answer, alone=alone, takes=takes)
             return alone
         state, remaining, gen, opens, by_me, hand = fleet.breaker_share_opening(
             self.service,
@@ -1646,6 +1665,7 @@ class Breaker:
             hand=hand,
             read=True,
             alone=alone,
+            takes=takes,
         )
         return alone
 
@@ -1664,6 +1684,7 @@ class Breaker:
         hand: str | None = None,
         read: bool = False,
         alone: str | None = None,
+        takes: int | None = None,
     ) -> None:
         """Take a state of the shared breaker into the view (and the local storage, whose
         listeners log the change). Messages older than the view are ignored; a script's
@@ -1680,11 +1701,18 @@ class Breaker:
         made again, a closing by hand of a closed breaker), unless it is a ``read`` of the
         state (the opening a read finds by hand is said so when it is new to the view).
         ``alone``: the name of the last opening made alone when the script answering was sent
-        (see :meth:`fleet_rejoin`); the answer is not taken when one was made since."""
+        (see :meth:`fleet_rejoin`); the answer is not taken when one was made since.
+        ``takes``: the view's count of changes taken when the script answering was sent; the
+        answer of a ``force`` read sent by a caller's thread while the link is up is not taken
+        when the view took a change since (the link's thread took its message: the read may
+        have been answered before that change, and would replace it; every later change comes
+        by its message)."""
         if state not in (CLOSED, OPEN, HALF_OPEN):
             return
         with self._lock:
             if alone is not None and alone != self.alone_id:
+                return
+            if takes is not None and takes != self._view_takes:
                 return
             if answer and gen == 0 and not force and sent_gen not in (None, self._fleet_gen):
                 return

@@ -150,3 +150,46 @@ def test_an_opening_by_hand_shared_on_rejoining_whose_answer_was_lost_is_said_on
     with pytest.raises(rdb.CircuitOpenError) as refused:
         Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
     assert refused.value.cause == f"opened by hand: {REASON}"
+
+
+def test_a_breaker_attached_while_the_link_is_up_keeps_an_opening_heard_during_its_read(
+    redis_server: RedisServer, pg_url: str, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A factory made while the link is up reads its breaker's shared state itself, in its
+    own thread. Another process opening the breaker meanwhile: the link's thread takes the
+    opening's message, and then the read, answered before the opening, replaced it, whatever
+    the view held by then. The view said closed while the fleet's breaker was open, for as
+    long as it stayed open (no message was to come), and the process's units went to the
+    database the fleet refused. Forced here: the read returns once the opening is taken."""
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=60)
+    rdb.ResilientSession(engine, service="attached-first", config=config)
+    wait_for(lambda: shared("attached-first")["connected"], "the link", 20)
+
+    service = "attached-during-opening"
+    force = redis_server.client().register_script(_fleet._FORCE)
+    read = _fleet.FleetLink.breaker_read
+    held: list[str] = []
+
+    def opened_during_read(link: _fleet.FleetLink, name: str, **kwargs: Any) -> Any:
+        answer = read(link, name, **kwargs)
+        if name == service and threading.current_thread() is threading.main_thread():
+            held.append(answer[0])
+            force(  # another process opens it, after the read was answered
+                keys=_fleet._breaker_keys(service),
+                args=[_fleet.CHANNEL.format(db=0), service, "another-process", "open", 60],
+            )
+            breaker = link.breakers[service]
+            wait_for(lambda: breaker._fleet_state == "open", "the opening's message taken", 10)
+        return answer
+
+    monkeypatch.setattr(_fleet.FleetLink, "breaker_read", opened_during_read)
+    Factory = rdb.ResilientSession(engine, service=service, config=config)
+    assert held == ["closed"]  # its read, answered before the opening
+
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    calls = gate.calls()
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(_gate_unit)
+    assert gate.calls() == calls  # refused without reaching the database
+    engine.dispose()
