@@ -646,6 +646,10 @@ class Breaker:
         # the parent's probes and reports are the parent's: it ends and reports them
         self._held = []
         self._unreported = []
+        if self._opened_locally:
+            # an opening the parent made alone is the parent's: this copy, shared too, finds
+            # the parent's sharing another process's (not one more opening of its own)
+            self.alone_id = secrets.token_hex(8)
 
     def add_listener(self, listener: Any, user: object = None) -> None:
         """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op), for good,

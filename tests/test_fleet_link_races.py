@@ -7,13 +7,14 @@ What is checked is what users see: the lines, the refusals, the state Redis keep
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
-from fleet import Gate, shared
+from fleet import Forked, Gate, shared
 from processes import wait_for
 
 import resilient_db as rdb
@@ -193,3 +194,47 @@ def test_a_breaker_attached_while_the_link_is_up_keeps_an_opening_heard_during_i
         Factory.run(_gate_unit)
     assert gate.calls() == calls  # refused without reaching the database
     engine.dispose()
+
+
+def test_an_opening_made_alone_before_a_fork_counts_as_the_parents_only(
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process forks (gunicorn's workers) while its breaker holds an opening made alone,
+    Redis down: parent and child each share it when Redis answers again, a copy of one
+    opening. The parent sharing first, the child finds it the parent's (followed, not
+    counted in its ``opened_here``): summed over the fleet, ``opened_here`` counts the
+    opening once, as ``fleet_opens`` does. Forced here: the child's sharing waits until Redis
+    holds the parent's."""
+    config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=600)
+    rdb.ResilientSession(engine, service=service, config=config)
+    _down_then_back(redis_server, service)
+    assert rdb.open_breaker(service, reason=REASON, seconds=120) is False
+
+    parent = os.getpid()
+    key = _fleet._keys(service).breaker
+    share = _fleet.FleetLink.breaker_share_opening
+
+    def parent_first(link: _fleet.FleetLink, *args: Any, **kwargs: Any) -> Any:
+        if os.getpid() != parent:
+            client = redis_server.client()
+            wait_for(lambda: client.hget(key, "st") == b"open", "the parent's sharing", 10)
+        return share(link, *args, **kwargs)
+
+    monkeypatch.setattr(_fleet.FleetLink, "breaker_share_opening", parent_first)
+
+    def child() -> bool:
+        wait_for(lambda: shared(service)["connected"], "the child's link", 20)
+        entry = shared(service)
+        return bool(entry["opened_here"] == 0 and entry["opens_followed"] == 1)
+
+    forked = Forked(child)
+    try:
+        redis_server.start()
+        wait_for(lambda: shared(service)["connected"], "the link back", 20)
+        assert shared(service)["opened_here"] == 1
+        assert forked.result(30) is True
+    finally:
+        forked.close()
