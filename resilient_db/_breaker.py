@@ -609,6 +609,10 @@ class Breaker:
             detach(old, breaker=self)
         if link is None:
             return
+        pending: list[tuple[Any, Breaker]] | None = getattr(_READ_LATER, "pending", None)
+        if pending is not None:  # (breaker_for holds the registry's lock: read once it is free)
+            pending.append((link, self))
+            return
         link.sync_breaker(self)
 
     def _leave(self, fleet: Any) -> None:
@@ -2041,22 +2045,42 @@ def breaker_for(
 
     A service has one breaker and so one state storage: asking for it with another storage
     than the one it was made with is refused (ValueError), never silently ignored.
+
+    A breaker attached here to a Redis link that is up reads its shared state once the
+    registry's lock is released, not under it: the link's thread, taking a change of that
+    breaker meanwhile, tells its listeners under the breaker's lock, and a listener (or a
+    hook) asking for ``health()`` waits for the registry's lock; the read, taking the state
+    into the breaker under its lock, waited for the link's thread: both hung for good.
     """
-    with STATE.lock:
-        refused = storage_refused(service, storage)
-        if refused is not None:
-            raise ValueError(refused)
-        breaker: Breaker | None = STATE.breakers.get(service)
-        if breaker is None:
-            check_service_room(service, STATE.breakers)
-            breaker = Breaker(service, config, storage=storage, clock=clock)
-            STATE.breakers[service] = breaker
-        elif clock is not None:
-            breaker.set_clocks(clock)
-        for listener in listeners:
-            breaker.add_listener(listener, user)  # (for as long as a user giving it lives)
-        breaker.follow(config, user=user, explicit=explicit)
-        return breaker
+    outer: list[tuple[Any, Breaker]] | None = getattr(_READ_LATER, "pending", None)
+    pending: list[tuple[Any, Breaker]] = [] if outer is None else outer
+    _READ_LATER.pending = pending
+    try:
+        with STATE.lock:
+            refused = storage_refused(service, storage)
+            if refused is not None:
+                raise ValueError(refused)
+            breaker: Breaker | None = STATE.breakers.get(service)
+            if breaker is None:
+                check_service_room(service, STATE.breakers)
+                breaker = Breaker(service, config, storage=storage, clock=clock)
+                STATE.breakers[service] = breaker
+            elif clock is not None:
+                breaker.set_clocks(clock)
+            for listener in listeners:
+                breaker.add_listener(listener, user)  # (for as long as a user giving it lives)
+            breaker.follow(config, user=user, explicit=explicit)
+    finally:
+        if outer is None:  # (a call made inside another leaves the reads to the outer one)
+            _READ_LATER.pending = None
+            for link, attached in pending:
+                link.sync_breaker(attached)
+    return breaker
+
+
+#: the breakers attached to a link while :func:`breaker_for` holds the registry's lock, whose
+#: shared state it reads once that lock is released (``pending``: None outside)
+_READ_LATER = threading.local()
 
 
 def storage_refused(service: str, storage: Any) -> str | None:

@@ -11,6 +11,7 @@ import os
 import threading
 from typing import Any
 
+import pybreaker
 import pytest
 import redis
 import sqlalchemy as sa
@@ -238,3 +239,65 @@ def test_an_opening_made_alone_before_a_fork_counts_as_the_parents_only(
         assert forked.result(30) is True
     finally:
         forked.close()
+
+
+def test_a_factory_made_while_a_listener_of_its_breaker_asks_for_health_does_not_hang(
+    redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    """A factory made while the link is up reads its breaker's shared state in its own thread,
+    as the breaker is registered (here the second factory of its service, the first one's
+    configuration without Redis). Another process's change of that breaker, taken meanwhile
+    by the link's thread, tells the breaker's listeners, under the breaker's lock; a listener
+    asking for ``rdb.health()`` (or adding a hook) waits for the registry's lock. The factory
+    held that lock through its read, and then waited for the breaker's: both threads, and every
+    later factory, health() and reload of the process, hung for good. Forced here: the read
+    returns once the listener has been called."""
+    config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=60)
+    rdb.ResilientSession(engine, service="registered-first", config=config)
+    wait_for(lambda: shared("registered-first")["connected"], "the link", 20)
+
+    service = "listened-to"
+    told = threading.Event()
+
+    class AsksForHealth(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+        def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+            told.set()
+            rdb.health()
+
+    force = redis_server.client().register_script(_fleet._FORCE)
+    read = _fleet.FleetLink.breaker_read
+
+    def changed_during_read(link: _fleet.FleetLink, name: str, **kwargs: Any) -> Any:
+        answer = read(link, name, **kwargs)
+        if name == service and threading.current_thread() is not link._thread:
+            force(  # another process opens it, after the read was answered
+                keys=_fleet._breaker_keys(service),
+                args=[_fleet.CHANNEL.format(db=0), service, "another-process", "open", 60],
+            )
+            told.wait(10.0)
+        return answer
+
+    # its breaker made by a factory of its own first, not sharing it (a reload then gives
+    # it the Redis URL, or another factory does, as here)
+    alone = rdb.Config(retry=False, reset_timeout=60)
+    rdb.ResilientSession(
+        engine, service=service, config=alone, breaker_listeners=(AsksForHealth(),)
+    )
+    made: list[Any] = []
+
+    def make() -> None:
+        made.append(rdb.ResilientSession(engine, service=service, config=config))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fleet.FleetLink, "breaker_read", changed_during_read)
+        maker = threading.Thread(target=make, daemon=True)
+        maker.start()
+        maker.join(15.0)
+    assert not maker.is_alive(), "the factory's thread hangs"
+    assert told.is_set()
+    assert made
+    wait_for(
+        lambda: rdb.health()["services"][service]["breaker"]["state"] == "open",
+        "the other process's opening followed",
+        10,
+    )
