@@ -366,6 +366,8 @@ class Breaker:
         self._told: tuple[Any, ...] = ()
         #: each of them with the users that gave it (a weak set; None: kept for good)
         self._given: list[tuple[Any, weakref.WeakSet[Any] | None]] = []
+        #: held while those two are changed (see add_listener)
+        self._listeners_lock = threading.Lock()
         for listener in listeners:
             self.add_listener(listener)
         # the shared breaker (SELF_HEALING_REDIS_URL): the link and this process's view of it
@@ -646,6 +648,7 @@ class Breaker:
         held them while the parent forked, e.g. inside a listener; that thread does not exist
         here, and a lock it held would stay held for good."""
         self._lock = threading.Lock()
+        self._listeners_lock = threading.Lock()
         renew_pybreaker_lock(self._cb)
         # the parent's probes and reports are the parent's: it ends and reports them
         self._held = []
@@ -660,25 +663,32 @@ class Breaker:
         or while a ``user`` that gave it lives (a factory's policy). The listeners whose users
         are all gone are dropped first: a factory made per request or per tenant, each given a
         listener of its own, added one to its service's breaker for good (kept for the
-        process's life, told of every outcome; callers hold ``STATE.lock``)."""
-        self._drop_unheld()
-        for n, (given, users) in enumerate(self._given):
-            if given == listener:
-                if user is None:
-                    self._given[n] = (given, None)
-                elif users is not None:
-                    users.add(user)
-                return
-        users = None
-        if user is not None:
-            users = weakref.WeakSet()
-            users.add(user)
-        self._given.append((listener, users))
-        self._cb.add_listener(listener)
-        self._told = tuple(given for given, _ in self._given)
+        process's life, told of every outcome).
+
+        Never called under ``STATE.lock`` (see :func:`breaker_for`): pybreaker's lock, taken
+        here, is held while it tells the listeners of a change (the Redis link's thread
+        taking another process's), and a listener or hook asking for ``health()`` then waits
+        for ``STATE.lock``."""
+        with self._listeners_lock:
+            self._drop_unheld()
+            for n, (given, users) in enumerate(self._given):
+                if given == listener:
+                    if user is None:
+                        self._given[n] = (given, None)
+                    elif users is not None:
+                        users.add(user)
+                    return
+            users = None
+            if user is not None:
+                users = weakref.WeakSet()
+                users.add(user)
+            self._given.append((listener, users))
+            self._cb.add_listener(listener)
+            self._told = tuple(given for given, _ in self._given)
 
     def _drop_unheld(self) -> None:
-        """Forget the listeners that no live user gave (see :meth:`add_listener`)."""
+        """Forget the listeners that no live user gave (see :meth:`add_listener`; callers
+        hold ``self._listeners_lock``)."""
         gone = [given for given, users in self._given if users is not None and not users]
         if not gone:
             return
@@ -2055,27 +2065,37 @@ def breaker_for(
     outer: list[tuple[Any, Breaker]] | None = getattr(_READ_LATER, "pending", None)
     pending: list[tuple[Any, Breaker]] = [] if outer is None else outer
     _READ_LATER.pending = pending
+    listeners = tuple(listeners)
     try:
-        with STATE.lock:
-            refused = storage_refused(service, storage)
-            if refused is not None:
-                raise ValueError(refused)
-            breaker: Breaker | None = STATE.breakers.get(service)
-            if breaker is None:
-                check_service_room(service, STATE.breakers)
-                breaker = Breaker(service, config, storage=storage, clock=clock)
-                STATE.breakers[service] = breaker
-            elif clock is not None:
-                breaker.set_clocks(clock)
+        while True:
+            with STATE.lock:
+                refused = storage_refused(service, storage)
+                if refused is not None:
+                    raise ValueError(refused)
+                found: Breaker | None = STATE.breakers.get(service)
+                if found is None:
+                    check_service_room(service, STATE.breakers)
+                    found = Breaker(service, config, storage=storage, clock=clock)
+                    STATE.breakers[service] = found
+                elif clock is not None:
+                    found.set_clocks(clock)
+                breaker = found
+            # (for as long as a user giving it lives; outside the registry's lock, as the
+            # listeners are told of a change under pybreaker's lock: see add_listener), before
+            # the configuration is followed, so that they hear what following it changes
             for listener in listeners:
-                breaker.add_listener(listener, user)  # (for as long as a user giving it lives)
-            breaker.follow(config, user=user, explicit=explicit)
+                breaker.add_listener(listener, user)
+            with STATE.lock:
+                current: Breaker | None = STATE.breakers.get(service)
+                if current is not breaker:
+                    continue  # forgotten meanwhile (reset_state): the service's new one
+                breaker.follow(config, user=user, explicit=explicit)
+            return breaker
     finally:
         if outer is None:  # (a call made inside another leaves the reads to the outer one)
             _READ_LATER.pending = None
             for link, attached in pending:
                 link.sync_breaker(attached)
-    return breaker
 
 
 #: the breakers attached to a link while :func:`breaker_for` holds the registry's lock, whose

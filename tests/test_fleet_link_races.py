@@ -20,6 +20,7 @@ from processes import wait_for
 
 import resilient_db as rdb
 from resilient_db import _fleet
+from resilient_db._breaker import Breaker
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -301,3 +302,57 @@ def test_a_factory_made_while_a_listener_of_its_breaker_asks_for_health_does_not
         "the other process's opening followed",
         10,
     )
+
+
+def test_a_factory_given_listeners_while_the_link_tells_a_listener_does_not_hang(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link's thread takes another process's change of a breaker and tells its listeners
+    (under pybreaker's lock, as pybreaker does); one of them asks for ``rdb.health()``, which
+    waits for the registry's lock. A factory of that service made meanwhile with listeners of
+    its own registered them under the registry's lock, waiting for pybreaker's: both threads,
+    and every later factory, health() and reload of the process, hung for good. Forced here:
+    the listener asks for health() once the factory is registering its listener."""
+    service = "listeners-given"
+    config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=60)
+    told, registering = threading.Event(), threading.Event()
+
+    class AsksForHealth(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+        def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+            told.set()
+            registering.wait(10.0)
+            rdb.health()
+
+    rdb.ResilientSession(
+        engine, service=service, config=config, breaker_listeners=(AsksForHealth(),)
+    )
+    wait_for(lambda: shared(service)["connected"], "the link", 20)
+
+    add_listener = Breaker.add_listener
+
+    def noted_add(breaker: Breaker, listener: Any, user: object = None) -> None:
+        if told.is_set():
+            registering.set()
+        add_listener(breaker, listener, user)
+
+    monkeypatch.setattr(Breaker, "add_listener", noted_add)
+    redis_server.client().register_script(_fleet._FORCE)(  # another process opens it
+        keys=_fleet._breaker_keys(service),
+        args=[_fleet.CHANNEL.format(db=0), service, "another-process", "open", 60],
+    )
+    assert told.wait(10.0), "the listener was not told"
+
+    def make() -> None:
+        rdb.ResilientSession(
+            engine,
+            service=service,
+            config=config,
+            breaker_listeners=(pybreaker.CircuitBreakerListener(),),
+        )
+
+    maker = threading.Thread(target=make, daemon=True)
+    maker.start()
+    maker.join(15.0)
+    assert not maker.is_alive(), "the factory's thread hangs"
+    assert registering.is_set()
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
