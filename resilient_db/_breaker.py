@@ -1756,9 +1756,11 @@ class Breaker:
             self._opened_locally = False  # the view and the local breaker follow the fleet
             restarted, self._view_restarted = self._view_restarted, False
             self._fleet_opens = max(self._fleet_opens, opens) if not force else opens
-            self._fleet_state = state
             if state == OPEN:
+                # (the end first: admission reads the state, then the end, without the lock;
+                # a view read as OPEN always has its own opening's end)
                 self._fleet_until = time.monotonic() + max(0.0, remaining)
+            self._fleet_state = state
             if state != HALF_OPEN:
                 self._fleet_wait = 0.0
             if state != CLOSED:
