@@ -17,7 +17,10 @@ COMMIT, a real lock timeout), psycopg (sync and async) and asyncpg.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -720,6 +723,91 @@ def test_a_unit_whose_prepared_transaction_was_rolled_back_is_replayed(
     assert calls == [1, 1]
     assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
     assert pending_prepared(two_phase_server, two_phase_database) == 0
+
+
+#: a deferred trigger that makes a ledger row's transaction wait, as it prepares (or commits),
+#: for the ``prepare_gate`` row, which a test holds locked
+PREPARE_GATE = (
+    "CREATE TABLE prepare_gate (id int PRIMARY KEY); INSERT INTO prepare_gate VALUES (1); "
+    "CREATE FUNCTION pass_gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "PERFORM 1 FROM prepare_gate WHERE id = 1 FOR SHARE; RETURN NULL; END $$; "
+    "CREATE CONSTRAINT TRIGGER pass_gate AFTER INSERT ON ledger DEFERRABLE INITIALLY DEFERRED "
+    "FOR EACH ROW EXECUTE FUNCTION pass_gate()"
+)
+
+
+@contextlib.contextmanager
+def answer_lost_once_prepared(
+    server: EmbeddedPostgres, database: str, proxy: FaultProxy
+) -> Iterator[None]:
+    """Lose the answer of the PREPARE TRANSACTION sent in the block on ``database`` (which has
+    none prepared yet), once the server has prepared it: the prepare is held at the gate
+    (``PREPARE_GATE``) until the proxy holds back every answer, then let through; once the
+    server shows it prepared, the proxy resets the connection."""
+    prepared = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
+    gate = server.connect(database)
+    gate.execute("BEGIN")
+    gate.execute("SELECT 1 FROM prepare_gate WHERE id = 1 FOR UPDATE")
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query LIKE 'PREPARE TRANSACTION%%'"
+    )
+
+    def release_then_cut() -> None:
+        with server.connect(database) as watch:
+            for _ in range(3000):  # (bounded: each step comes within a few polls)
+                if watch.execute(waiting).fetchone()[0]:  # type: ignore[index]
+                    break
+                time.sleep(0.01)
+            proxy.latency(600)  # (the answer is held back far past the test)
+            gate.execute("COMMIT")
+            for _ in range(3000):
+                if watch.execute(prepared).fetchone()[0]:  # type: ignore[index]
+                    proxy.cut_all()
+                    return
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=release_then_cut, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=60)
+        proxy.restore()
+        gate.close()
+
+
+def test_a_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed(
+    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+) -> None:
+    """``tpc_prepare`` whose answer is lost once the server prepared: the transaction is
+    prepared (whoever ends it commits it), so the unit is not replayed, and its error is not
+    transient (a caller told to retry would write it twice)."""
+    two_phase_server.execute(PREPARE_GATE, database=two_phase_database)
+    with FaultProxy(two_phase_server) as proxy:
+        engine = sa.create_engine(proxy.url(two_phase_database))
+
+        def step(session: Session, unit: str, attempt: int) -> None:
+            raw = driver_connection(session)
+            raw.tpc_begin(raw.xid(1, f"{unit}-{attempt}", "b"))
+            raw.execute(INSERT_RAW, (unit,))
+            lost = answer_lost_once_prepared(two_phase_server, two_phase_database, proxy)
+            with lost if attempt == 1 else contextlib.nullcontext():
+                raw.tpc_prepare()
+            raw.tpc_commit()
+
+        try:
+            Sessions = rdb.ResilientSession(engine, service=service)
+            calls, unit, raised = run_counted(Sessions, step)
+            assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+        finally:
+            engine.dispose()
+    assert raised is not None, "a lost PREPARE TRANSACTION answer taken for a success"
+    assert calls == [1], "replayed after its transaction was prepared"
+    assert not rdb.is_transient(raised)
+    assert rdb.classify(raised) is rdb.Outcome.COMMIT_UNKNOWN
+    assert pending_prepared(two_phase_server, two_phase_database) == 1
+    assert ledger_rows(two_phase_server, two_phase_database, unit) == 0  # (prepared, not yet)
 
 
 def test_in_drop_in_use_a_lost_answer_of_tpc_commit_is_an_unknown_outcome(
