@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 
 import asyncpg
 import psycopg
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import resilient_db as rdb
-from resilient_db.testing import EmbeddedPostgres, PostgresServer, StandbyPair, free_port
+from resilient_db.testing import (
+    EmbeddedPostgres,
+    FaultProxy,
+    PostgresServer,
+    StandbyPair,
+    free_port,
+)
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -48,9 +57,9 @@ def down_hosts() -> Iterator[tuple[str, str]]:
         server.close()
 
 
-def multi_host_url(driver: str, hosts: tuple[str, str]) -> sa.URL:
+def multi_host_url(driver: str, hosts: tuple[str, str], attrs: str = "read-write") -> sa.URL:
     return sa.make_url(f"postgresql+{driver}://app@/app").update_query_dict(
-        {"host": list(hosts), "target_session_attrs": "read-write"}
+        {"host": list(hosts), "target_session_attrs": attrs}
     )
 
 
@@ -58,14 +67,18 @@ async def select_one(session: AsyncSession) -> None:
     await session.execute(sa.text("SELECT 1"))
 
 
+@pytest.mark.parametrize("attrs", ["read-write", "prefer-standby"])
 def test_asyncpg_names_every_host_tried_when_none_can_be_used(
     down_hosts: tuple[str, str],
     service: str,
     events: list[rdb.SelfHealEvent],
     caplog: pytest.LogCaptureFixture,
+    attrs: str,
 ) -> None:
+    """(``prefer-standby`` makes its one pass over the hosts its own way: the same said.)"""
+
     async def run() -> ConnectionRefusedError:
-        engine = create_async_engine(multi_host_url("asyncpg", down_hosts))
+        engine = create_async_engine(multi_host_url("asyncpg", down_hosts, attrs))
         factory = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
         try:
             # the driver's error, as asyncpg raises it (its type decides how it is handled)
@@ -204,3 +217,86 @@ def test_a_misspelled_host_choice_is_raised_at_once_not_retried_as_an_outage(
     state = rdb.health()["services"][service]
     assert state["counters"]["attempts"] == 1, state
     assert state["breaker"]["state"] == "closed", state
+
+
+def test_asyncpg_prefer_standby_passes_a_host_that_is_down_and_writes_once(
+    pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """``prefer-standby`` over a closed port, then a primary: the closed host is passed, no
+    standby is found, and the unit's write lands once on the primary it kept."""
+    with FaultProxy(pg_server) as primary:
+        url = sa.make_url(pg_server.url(pg_database, driver="asyncpg")).update_query_dict(
+            {
+                "host": [f"127.0.0.1:{free_port()}", f"{primary.host}:{primary.port}"],
+                "target_session_attrs": "prefer-standby",
+            }
+        )
+        calls = []
+
+        async def write(session: AsyncSession) -> None:
+            calls.append(1)
+            await session.execute(sa.text("INSERT INTO multi_host_writes VALUES (1)"))
+
+        async def run() -> None:
+            engine = create_async_engine(url)
+            try:
+                await rdb.AsyncResilientSession(engine, service=service, config=CONFIG).run(write)
+            finally:
+                await engine.dispose()
+
+        pg_server.execute("CREATE TABLE multi_host_writes (n int)", database=pg_database)
+        asyncio.run(run())
+        assert primary.connections_accepted == 1
+    assert calls == [1]
+    assert pg_server.execute("SELECT count(*) FROM multi_host_writes", database=pg_database) == [
+        (1,)
+    ]
+
+
+def test_asyncpg_prefer_standby_cancelled_on_a_later_host_closes_the_server_it_kept(
+    pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """``prefer-standby`` keeps the first primary reached while it looks for a standby on the
+    next hosts: a connect cancelled meanwhile (the caller's timeout) closes the kept one, no
+    connection left open on the server."""
+    with FaultProxy(pg_server) as primary, FaultProxy(pg_server) as silent:
+        silent.blackhole()  # (accepts, never answers: the connect waits there)
+        url = sa.make_url(pg_server.url(pg_database, driver="asyncpg")).update_query_dict(
+            {
+                "host": [f"{primary.host}:{primary.port}", f"{silent.host}:{silent.port}"],
+                "target_session_attrs": "prefer-standby",
+                # (no SSL request: asyncpg's future for its answer, cut off by the cancel,
+                # would be reported "never retrieved" when collected)
+                "ssl": "disable",
+            }
+        )
+
+        async def run() -> None:
+            engine = create_async_engine(url)
+            rdb.AsyncResilientSession(engine, service=service)  # (its connects are the library's)
+            try:
+                connecting = asyncio.ensure_future(engine.connect().start())
+                for _ in range(1000):  # (bounded: the connect reaches the second host at once)
+                    if silent.connections_accepted:
+                        break
+                    await asyncio.sleep(0.01)
+                assert primary.active_connections == 1
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always", ResourceWarning)
+                    connecting.cancel()
+                    cancelled = False
+                    try:
+                        await connecting
+                    except asyncio.CancelledError:
+                        cancelled = True
+                    del connecting  # (its error's frames hold what the connect made)
+                    gc.collect()  # (asyncpg's finalizer of a connection left open warns)
+                assert cancelled
+                assert not [w for w in seen if "unclosed connection" in str(w.message)]
+            finally:
+                await engine.dispose()
+
+        asyncio.run(run())
+        assert silent.connections_accepted == 1
+        # The proxy sees a client's close on its own thread, a moment after it is sent.
+        wait_for(lambda: primary.active_connections == 0, "the kept connection closed", 10)
