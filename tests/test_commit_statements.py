@@ -255,6 +255,29 @@ def test_a_psycopg_transaction_block_that_rolls_back_commits_nothing(
     assert ledger_rows(pg_server, database, unit) == 1
 
 
+def test_a_psycopg_transaction_block_left_by_a_real_conflict_is_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """An outermost ``transaction()`` left by the server's 40001 raised inside it: psycopg
+    rolls it back and raises the error on, which commits nothing: the unit is replayed, its row
+    written once."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        raw = driver_connection(session)
+        with raw.transaction():
+            raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
+            if len(calls) == 1:
+                raw.execute("SELECT serialization_failure()")
+
+    Sessions.run(work)
+    assert len(calls) == 2
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
 # -- async: asyncpg and psycopg -----------------------------------------------------------------
 async def _araw(session: AsyncSession) -> Any:
     return (await (await session.connection()).get_raw_connection()).driver_connection
@@ -393,6 +416,28 @@ async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothin
         await session.execute(INSERT, {"unit": unit})
         if len(calls) == 1:
             await session.execute(sa.text("SELECT serialization_failure()"))
+
+    await Sessions.run(work)
+    assert len(calls) == 2
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("async_engine", ["psycopg"], indirect=True)
+async def test_an_async_psycopg_transaction_block_left_by_a_real_conflict_is_replayed(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        raw = await _araw(session)
+        async with raw.transaction():
+            await raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
+            if len(calls) == 1:
+                await raw.execute("SELECT serialization_failure()")
 
     await Sessions.run(work)
     assert len(calls) == 2
