@@ -302,6 +302,53 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
     assert seen == {"first", "second"}  # both orders were met
 
 
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
+def test_a_lost_answer_of_the_part_that_only_read_leaves_the_write_done_once(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    second_proxy: FaultProxy,
+    service: str,
+    markers: bool,
+) -> None:
+    """A unit that writes an item (first database) and only reads entries (second): the
+    second database's COMMIT loses its answer. That COMMIT committed nothing: sent second,
+    the item's COMMIT was answered and the unit is done; sent first, the item's never went
+    out and the unit is replayed. Never unknown, never partly committed, the item written
+    once. (SQLAlchemy picks the order: rounds until both are met.)"""
+    first, _ = databases
+    if not markers:
+        for name in databases:
+            eng = sa.create_engine(pg_server.url(name))
+            try:
+                rdb.uninstall_commit_markers(eng)
+            finally:
+                eng.dispose()
+    Sessions = bound(*engines, service, config=PATIENT)
+    seen: set[str] = set()
+    for round_ in range(ROUNDS):
+        for engine in engines:  # new connections for both: no order carried over
+            engine.dispose()
+        calls: list[str] = []
+
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+            name = f"r{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.execute(sa.select(Entry.id).limit(1)).all()
+
+        second_proxy.lose_commit_answer()
+        Sessions.run(unit)
+        assert second_proxy.commits_lost == round_ + 1
+        written = [n for n in names(pg_server, first, "items") if n.startswith(f"r{round_}-")]
+        assert written == calls[-1:], (calls, written)
+        seen.add("second" if calls == [f"r{round_}-1"] else "first")
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # both orders were met
+
+
 def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
     pg_server: PostgresServer,
     databases: tuple[str, str],
