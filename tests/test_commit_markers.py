@@ -780,6 +780,119 @@ def test_claim_waits_for_the_original_still_committing(engine: sa.Engine) -> Non
     assert claim(engine, marker) == "committed"
 
 
+#: a deferred trigger that makes a counter's COMMIT wait for the ``commit_gate`` row, which a
+#: test holds locked: the transaction, its marker written, is still committing meanwhile
+COMMIT_GATE = [
+    "CREATE TABLE commit_gate (id int PRIMARY KEY)",
+    "INSERT INTO commit_gate VALUES (1)",
+    "CREATE FUNCTION pass_commit_gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "PERFORM 1 FROM commit_gate WHERE id = 1 FOR SHARE; RETURN NULL; END $$",
+    "CREATE CONSTRAINT TRIGGER pass_commit_gate AFTER UPDATE ON marker_counters "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pass_commit_gate()",
+]
+
+
+@contextlib.contextmanager
+def commit_outlasting_a_claim(
+    engine: sa.Engine, proxy: FaultProxy, database: str | None
+) -> Iterator[None]:
+    """The COMMIT of the counter sent through ``proxy`` in the block is held at the gate
+    (``COMMIT_GATE``), its connection cut meanwhile (the answer lost), and let through only
+    once a claim of it has waited, given up (55P03), and a claim waits again."""
+    with engine.begin() as conn:
+        for statement in COMMIT_GATE:
+            conn.exec_driver_sql(statement)
+    gate = engine.connect()
+    gate.execute(sa.text("SELECT 1 FROM commit_gate WHERE id = 1 FOR UPDATE"))
+    lock_waits = sa.text(
+        "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE datname = :db "
+        "AND wait_event_type = 'Lock' AND (query LIKE '%claim_commit%') = :claim"
+    )
+
+    def lose_then_release() -> None:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+
+            def until(claim: bool, waits: bool) -> None:
+                for _ in range(3000):  # (bounded: each comes within the claims' waits)
+                    found = watch.execute(lock_waits, {"db": database, "claim": claim})
+                    if (found.scalar_one() > 0) is waits:
+                        return
+                    time.sleep(0.01)
+
+            until(claim=False, waits=True)  # the COMMIT waits at the gate
+            proxy.cut_all()  # its answer lost: the unit checks
+            until(claim=True, waits=True)  # a claim waits for the original...
+            until(claim=True, waits=False)  # ...and gives up (55P03)
+            until(claim=True, waits=True)  # the check runs again
+            gate.commit()  # the original commits: that claim finds it
+
+    releaser = threading.Thread(target=lose_then_release, daemon=True)
+    releaser.start()
+    try:
+        yield
+    finally:
+        releaser.join(60)
+        gate.close()
+
+
+def test_a_lost_answer_whose_commit_outlasts_a_claims_wait_is_checked_again_and_done_once(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_url: str, service: str
+) -> None:
+    """A unit's COMMIT reached the server, which is still committing it (a deferred trigger
+    waits for a row lock) when the connection is lost. The check's claim waits for the
+    original and gives up after its wait (55P03): that is no verdict, the check runs again;
+    once the original commits, the next claim finds it committed. The unit is done once,
+    never fenced and replayed (a second write)."""
+    database = sa.make_url(pg_url).database
+    proxied = sa.create_engine(fault_proxy.url(database))
+    calls = []
+
+    def bump(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.update(Counter).values(value=Counter.value + 1))
+
+    try:
+        Sessions = rdb.ResilientSession(proxied, service=service)
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        with commit_outlasting_a_claim(engine, fault_proxy, database):
+            Sessions.run(bump)
+    finally:
+        proxied.dispose()
+    assert calls == [1], "replayed: its COMMIT, still running, was fenced"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar_one() == 1
+    assert [fence for _, fence in markers(engine)] == [False]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_a_lost_answer_whose_commit_outlasts_a_claims_wait_is_done_once(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_url: str, service: str, driver: str
+) -> None:
+    """:func:`test_a_lost_answer_whose_commit_outlasts_a_claims_wait_is_checked_again_and_done_once`
+    on the async drivers (asyncpg's claim is sent by asyncpg itself, with a timeout of its own
+    past the claim's wait)."""
+    database = sa.make_url(pg_url).database
+    proxied = create_async_engine(fault_proxy.url(database, driver=driver))
+    calls = []
+
+    async def bump(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(sa.update(Counter).values(value=Counter.value + 1))
+
+    try:
+        Sessions = rdb.AsyncResilientSession(proxied, service=service)
+        await Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        with commit_outlasting_a_claim(engine, fault_proxy, database):
+            await Sessions.run(bump)
+    finally:
+        await proxied.dispose()
+    assert calls == [1], "replayed: its COMMIT, still running, was fenced"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar_one() == 1
+    assert [fence for _, fence in markers(engine)] == [False]
+
+
 def _marker_at(ms: int, n: int = 12345) -> uuid.UUID:
     """A marker id whose time is ``ms`` (Unix milliseconds)."""
     return uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0x2 << 62) | n)
