@@ -376,6 +376,37 @@ async def test_asyncpg_a_hidden_write_is_not_replayed_after_a_lost_answer(
         assert conn.exec_driver_sql("SELECT count(*) FROM hidden_writes").scalar() == 1
 
 
+@pytest.mark.asyncio
+async def test_asyncpg_a_write_through_a_cursor_is_not_replayed_after_a_lost_answer(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    """asyncpg's ``cursor()`` on the driver connection sends its statement itself: a write
+    made through it (an UPDATE ... RETURNING read row by row) is noted all the same, so the
+    COMMIT whose answer is lost is verified, not taken for a read-only one and replayed."""
+    proxied = create_async_engine(fault_proxy.url(pg_database, driver="asyncpg"))
+    calls = []
+    try:
+        Sessions = rdb.AsyncResilientSession(proxied, service=service)
+
+        async def write(session: AsyncSession) -> None:
+            calls.append(1)
+            conn = await session.connection()
+            await conn.execute(sa.text("SELECT 1"))  # (SQLAlchemy's BEGIN goes out)
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            query = "UPDATE marker_counters SET value = value + 1 RETURNING value"
+            assert [row[0] async for row in raw.cursor(query)] == [1]
+
+        await Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        fault_proxy.lose_commit_answer()
+        await Sessions.run(write)
+        assert fault_proxy.commits_lost == 1
+    finally:
+        await proxied.dispose()
+    assert calls == [1]  # verified, not replayed
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar_one() == 1
+
+
 @pytest.mark.parametrize(
     "statement",
     [
