@@ -2680,6 +2680,37 @@ async def test_async_a_deallocate_prepares_the_statement_again_in_the_next_commi
             await aengine.dispose()
 
 
+@pytest.mark.asyncio
+async def test_asyncpg_an_own_commit_midway_whose_prepare_meets_the_statement_stands(
+    pg_async_url: str, engine: sa.Engine, service: str
+) -> None:
+    """A unit's own ``session.commit()`` midway on asyncpg, after a DISCARD PLANS (which
+    leaves the statement there): its message's PREPARE after the COMMIT meets the statement
+    (42P05), which asyncpg raises for the whole message. The COMMIT stands: the unit goes on,
+    runs once, and both its parts are written once."""
+    aengine = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service)
+        attempts: list[int] = []
+
+        async def unit(session: AsyncSession) -> int:
+            attempts.append(1)
+            await session.execute(sa.text("DISCARD PLANS"))
+            await _abump(session)
+            await session.commit()  # (its PREPARE meets the statement: 42P05)
+            return await _abump(session)
+
+        await Sessions.run(_abump)
+        before = len(markers(engine))
+        assert await Sessions.run(unit) == 3
+        assert attempts == [1]
+    finally:
+        await aengine.dispose()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar_one() == 3
+    assert len(markers(engine)) == before + 2
+
+
 def test_a_marker_statement_lost_out_of_sight_replays_the_unit_once(
     one_connection: sa.Engine,
     engine: sa.Engine,
