@@ -873,6 +873,40 @@ async def test_an_async_unit_that_committed_with_psycopgs_two_phase_api_is_not_r
 
 
 @pytest.mark.asyncio
+async def test_an_async_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed(
+    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+) -> None:
+    """:func:`test_a_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed` on psycopg's
+    async connection."""
+    two_phase_server.execute(PREPARE_GATE, database=two_phase_database)
+    with FaultProxy(two_phase_server) as proxy:
+        engine = create_async_engine(proxy.url(two_phase_database, driver="psycopg"))
+
+        async def step(session: AsyncSession, unit: str, attempt: int) -> None:
+            raw = (await (await session.connection()).get_raw_connection()).driver_connection
+            await raw.tpc_begin(raw.xid(1, f"{unit}-{attempt}", "b"))
+            await raw.execute(INSERT_RAW, (unit,))
+            lost = answer_lost_once_prepared(two_phase_server, two_phase_database, proxy)
+            with lost if attempt == 1 else contextlib.nullcontext():
+                await raw.tpc_prepare()
+            await raw.tpc_commit()
+
+        try:
+            Sessions = rdb.AsyncResilientSession(engine, service=service)
+            calls, unit, raised = await arun_counted(Sessions, step)
+            one = await Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+            assert one.scalar() == 1
+        finally:
+            await engine.dispose()
+    assert raised is not None, "a lost PREPARE TRANSACTION answer taken for a success"
+    assert calls == [1], "replayed after its transaction was prepared"
+    assert not rdb.is_transient(raised)
+    assert rdb.classify(raised) is rdb.Outcome.COMMIT_UNKNOWN
+    assert pending_prepared(two_phase_server, two_phase_database) == 1
+    assert ledger_rows(two_phase_server, two_phase_database, unit) == 0  # (prepared, not yet)
+
+
+@pytest.mark.asyncio
 async def test_asyncpgs_two_phase_statements_on_the_driver_connection_are_the_units_commit(
     two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
 ) -> None:
