@@ -349,6 +349,70 @@ def test_a_lost_answer_of_the_part_that_only_read_leaves_the_write_done_once(
     assert seen == {"first", "second"}  # both orders were met
 
 
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
+def test_a_part_whose_backend_was_terminated_before_its_commit_is_settled_part_by_part(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    service: str,
+    markers: bool,
+) -> None:
+    """A unit writing to both databases whose second database's backend is terminated
+    (pg_terminate_backend) after its writes, before the COMMITs: that part's COMMIT (or, in
+    the fallback, the read of its transaction id before it) fails, and nothing of it was
+    committed. Sent first, nothing is committed anywhere: replayed once. Sent second, the
+    item's COMMIT was answered: raised as partly committed, never replayed, never unknown.
+    (SQLAlchemy picks the order: rounds until both are met.)"""
+    first, second = databases
+    if not markers:
+        for name in databases:
+            eng = sa.create_engine(pg_server.url(name))
+            try:
+                rdb.uninstall_commit_markers(eng)
+            finally:
+                eng.dispose()
+    Sessions = bound(*engines, service, config=PATIENT)
+    seen: set[str] = set()
+    for round_ in range(ROUNDS):
+        for engine in engines:  # new connections for both: no order carried over
+            engine.dispose()
+        calls: list[str] = []
+
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+            name = f"r{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
+            session.flush()
+            if len(calls) == 1:
+                entries = session.connection(bind_arguments={"mapper": Entry})
+                pid = entries.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+                pg_server.execute("SELECT pg_terminate_backend(%s)", params=(pid,))
+
+        raised: sa.exc.DBAPIError | None = None
+        try:
+            Sessions.run(unit)
+        except sa.exc.DBAPIError as exc:
+            raised = exc
+        prefix = f"r{round_}-"
+        items = [n for n in names(pg_server, first, "items") if n.startswith(prefix)]
+        entries = [n for n in names(pg_server, second, "entries") if n.startswith(prefix)]
+        if raised is None:
+            assert calls == [f"{prefix}1", f"{prefix}2"]
+            assert (items, entries) == ([f"{prefix}2"], [f"{prefix}2"])
+            seen.add("first")
+        else:
+            assert not isinstance(raised, rdb.CommitOutcomeUnknownError), raised
+            assert partly_committed(raised)
+            assert calls == [f"{prefix}1"]  # not replayed: the item is committed
+            assert (items, entries) == ([f"{prefix}1"], [])
+            seen.add("second")
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # both orders were met
+
+
 def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
     pg_server: PostgresServer,
     databases: tuple[str, str],
