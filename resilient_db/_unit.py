@@ -1312,11 +1312,12 @@ class CommitReferee:
         own code committed its work before (``session.commit()`` midway, answered, or a
         statement in autocommit: the attempt can't be replayed), the final COMMIT lost its
         answer (or never went out: the connection was lost), and the transaction it ended
-        wrote nothing (every COMMIT of it read-only: held no xid) in an isolation level known
-        not to be SERIALIZABLE (see
-        :func:`isolation_of`). Committed or rolled back, that transaction changed nothing,
-        and its reads stand either way (a read-only transaction can fail at COMMIT only under
-        SERIALIZABLE, whose reads are then unproven): every write of the unit is committed.
+        wrote nothing (every COMMIT of it read-only: held no xid; a connection whose COMMIT
+        SQLAlchemy never sent after the failed one, one that may not have written) in an
+        isolation level known not to be SERIALIZABLE (see :func:`isolation_of`). Committed or
+        rolled back, that transaction changed nothing, and its reads stand either way (a
+        read-only transaction can fail at COMMIT only under SERIALIZABLE, whose reads are
+        then unproven): every write of the unit is committed.
         Said (as a verified lost answer) and counted; False otherwise, and nothing said."""
         attempt = request.attempt
         if (
@@ -1331,12 +1332,22 @@ class CommitReferee:
             return False
         drivers = request.drivers()
         tickets = request.tickets
-        # every connection's COMMIT went out (SQLAlchemy stops at a failing one: one after it
-        # that wrote would have lost its writes), none of a transaction that wrote
-        if not drivers or len(tickets) != len(drivers):
+        # none of the COMMITs that went out ended a transaction that wrote; the connections
+        # whose COMMIT never went out (SQLAlchemy stops at a failing one) rolled back, which
+        # loses nothing only where their transaction may not have written either (a ticket
+        # that names no driver is a read-only one: its flag says so too)
+        if not drivers or len(tickets) > len(drivers):
             return False
         if any(not t.sent or t.wrote for t in tickets):
             return False
+        if len(tickets) < len(drivers):
+            ticketed = {id(t.driver) for t in tickets if t.driver is not None}
+            if any(
+                getattr(driver, "_rdb_may_write", True)
+                for _, driver in drivers
+                if id(driver) not in ticketed
+            ):
+                return False
         levels = {isolation_of(connection, driver) for connection, driver in drivers}
         if None in levels or "SERIALIZABLE" in levels:
             return False

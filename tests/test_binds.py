@@ -23,6 +23,7 @@ from scenarios import (
     async_connect_args,
     held_and_released,
 )
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -411,6 +412,127 @@ def test_a_part_whose_backend_was_terminated_before_its_commit_is_settled_part_b
         if len(seen) == 2:
             break
     assert seen == {"first", "second"}  # both orders were met
+
+
+@pytest.mark.parametrize("end", ["reads", "writes-an-item"])
+def test_a_unit_committed_midway_whose_read_only_end_loses_an_answer_is_done(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    second_proxy: FaultProxy,
+    service: str,
+    end: str,
+) -> None:
+    """A unit writes to both databases and commits them itself (``session.commit()``), then
+    only reads in both: the second database's final COMMIT loses its answer. Every write was
+    committed by the answered COMMITs midway, and the final transaction wrote nothing on
+    either connection, whether the first database's final COMMIT went out (sent second) or
+    never did (sent first: SQLAlchemy stopped at the lost one): the unit is done, not an
+    error. (SQLAlchemy picks the order: rounds until both are met.) When its end writes an
+    item in the first database instead, that item is lost where its COMMIT never went out:
+    raised as partly committed, never done."""
+    first, second = databases
+    Sessions = bound(*engines, service, config=PATIENT)
+    committing: list[sa.Engine] = []  # the engines whose final COMMIT was begun, in order
+
+    def heard(conn: sa.Connection) -> None:
+        committing.append(conn.engine)
+
+    for engine in engines:
+        event.listen(engine, "commit", heard)
+    seen: set[str] = set()
+    for round_ in range(ROUNDS):
+        for engine in engines:  # new connections for both: no order carried over
+            engine.dispose()
+        calls: list[str] = []
+
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+            name = f"r{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
+            session.commit()
+            second_proxy.lose_commit_answer()  # (the final one: its transaction only reads)
+            committing.clear()
+            session.execute(sa.select(Item.id)).all()
+            session.execute(sa.select(Entry.id)).all()
+            if end == "writes-an-item":
+                session.add(Item(name=f"{name}-end"))
+
+        raised: sa.exc.DBAPIError | None = None
+        try:
+            Sessions.run(unit)
+        except sa.exc.DBAPIError as exc:
+            raised = exc
+        assert calls == [f"r{round_}-1"]
+        prefix = f"r{round_}-"
+        items = [n for n in names(pg_server, first, "items") if n.startswith(prefix)]
+        assert [n for n in names(pg_server, second, "entries") if n.startswith(prefix)] == calls
+        order = "first" if committing[0] is engines[1] else "second"
+        seen.add(order)
+        if end == "reads":
+            assert raised is None, raised
+            assert items == calls
+        elif order == "first":  # the item's COMMIT never went out: lost
+            assert raised is not None
+            assert partly_committed(raised)
+            assert items == calls
+        else:
+            assert raised is None, raised
+            assert items == [*calls, f"{calls[0]}-end"]
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # the lost COMMIT went out first, and second
+
+
+@pytest.mark.asyncio
+async def test_async_a_unit_committed_midway_whose_read_only_end_loses_an_answer_is_done(
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    async_engines: tuple[AsyncEngine, AsyncEngine],
+    second_proxy: FaultProxy,
+    service: str,
+) -> None:
+    """The async twin of the ``reads`` case of
+    :func:`test_a_unit_committed_midway_whose_read_only_end_loses_an_answer_is_done`."""
+    first, second = databases
+    Sessions = bound(*async_engines, service, rdb.AsyncResilientSession, config=PATIENT)
+    committing: list[sa.Engine] = []
+
+    def heard(conn: sa.Connection) -> None:
+        committing.append(conn.engine)
+
+    for engine in async_engines:
+        event.listen(engine.sync_engine, "commit", heard)
+    seen: set[str] = set()
+    for round_ in range(ROUNDS):
+        for engine in async_engines:  # new connections for both: no order carried over
+            await engine.dispose()
+        calls: list[str] = []
+
+        async def unit(
+            session: AsyncSession, calls: list[str] = calls, round_: int = round_
+        ) -> None:
+            name = f"a{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
+            await session.commit()
+            second_proxy.lose_commit_answer()
+            committing.clear()
+            (await session.execute(sa.select(Item.id))).all()
+            (await session.execute(sa.select(Entry.id))).all()
+
+        await Sessions.run(unit)
+        assert calls == [f"a{round_}-1"]
+        prefix = f"a{round_}-"
+        assert [n for n in names(pg_server, first, "items") if n.startswith(prefix)] == calls
+        assert [n for n in names(pg_server, second, "entries") if n.startswith(prefix)] == calls
+        seen.add("first" if committing[0] is async_engines[1].sync_engine else "second")
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # the lost COMMIT went out first, and second
 
 
 def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
