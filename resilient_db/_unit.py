@@ -1163,9 +1163,13 @@ class CommitReferee:
         itself waits for ever there; nothing the client does can prove a commit no standby
         has, so this only names the setting, for the operator."""
         names = ticket.unserved_standby_names
-        if names is None or self._standby_warned:
+        if names is None:
             return
-        self._standby_warned = True
+        # looked at and marked at once: two units' checks ending together say it once
+        with STATE.lock:
+            if self._standby_warned:
+                return
+            self._standby_warned = True
         policy = self.policy
         emit(
             policy.config,

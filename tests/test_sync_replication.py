@@ -702,6 +702,69 @@ def test_a_promoted_standby_still_naming_its_old_primary_is_reported(
     assert "'old_primary'" in warned[0]
 
 
+def test_no_standby_connected_is_said_once_by_two_units_at_once(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two threads' units of one factory lose their COMMIT answers on a server that waits for
+    a standby none is connected to, and their checks end together: the WARNING naming the
+    setting is said once by the factory, not once by each. The threads are made to meet
+    where a look at "said yet?" and its mark could be split: each looks once both threads
+    have come in with what their checks found."""
+    engine = sa.create_engine(pg_url)
+    factory = rdb.ResilientSession(engine, service="no-standby-twice", config=CONFIG)
+    referee = factory._referee
+    came_in = [threading.Event(), threading.Event()]
+
+    class Found:
+        """What one thread's check found: no standby for ``synchronous_standby_names``."""
+
+        def __init__(self, thread: int) -> None:
+            self.thread = thread
+
+        @property
+        def unserved_standby_names(self) -> str:
+            came_in[self.thread].set()
+            return "standby_a"
+
+    class Meeting(type(referee)):  # type: ignore[misc]
+        """The factory's referee, whose "said yet?" is looked at once both threads came in."""
+
+        @property
+        def _standby_warned(self) -> bool:
+            said = bool(self.__dict__.get("said", False))
+            assert all(event.wait(10) for event in came_in)
+            return said
+
+        @_standby_warned.setter
+        def _standby_warned(self, value: bool) -> None:
+            self.__dict__["said"] = value
+
+    referee.__class__ = Meeting
+    errors: list[BaseException] = []
+
+    def check_ends(thread: int) -> None:
+        try:
+            referee.no_standby_connected(Found(thread))
+        except BaseException as exc:  # (said by the test's thread)
+            errors.append(exc)
+
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        threads = [threading.Thread(target=check_ends, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "'standby_a'" in r.getMessage()
+    ]
+    assert len(warned) == 1, warned
+    assert "Synchronous replication without a standby: service=no-standby-twice" in warned[0]
+    engine.dispose()
+
+
 @pytest.mark.parametrize(("driver", "mode"), WARNED_CASES)
 def test_another_warning_at_commit_costs_a_check_never_a_wrong_outcome(
     pg_url: str, pg_async_url: str, caplog: pytest.LogCaptureFixture, driver: str, mode: str
