@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -237,6 +237,35 @@ async def test_bypass_transitions_async_refuses_what_is_not_async_session_or_con
             await rdb.bypass_transitions_async(async_engine, reason="repair")  # type: ignore[arg-type]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("reason", [5, None, b"ticket 4711", ["ticket 4711"]])
+def test_a_bypass_reason_that_is_not_a_str_is_a_type_error_naming_it(reason: Any) -> None:
+    """A reason of the wrong type is a ``TypeError`` naming ``reason`` and the type given (it
+    was the ``ValueError`` of a missing reason); a blank one stays a ``ValueError``."""
+    engine = sa.create_engine(_NOWHERE)
+    try:
+        with Session(engine) as session:
+            said = (
+                rf"^bypass_transitions\(\) takes reason= as a str .*, got {type(reason).__name__}$"
+            )
+            with pytest.raises(TypeError, match=said):
+                rdb.bypass_transitions(session, reason=reason)
+            with pytest.raises(ValueError, match=r"needs a reason="):
+                rdb.bypass_transitions(session, reason=" ")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_an_async_bypass_reason_that_is_not_a_str_is_a_type_error_naming_it(
+    async_engine: AsyncEngine,
+) -> None:
+    async with AsyncSession(async_engine) as session:
+        with pytest.raises(
+            TypeError, match=r"^bypass_transitions_async\(\) takes reason= as a str .*, got int"
+        ):
+            await rdb.bypass_transitions_async(session, reason=5)  # type: ignore[arg-type]
 
 
 def test_installs_given_an_async_engine_name_the_call_to_make_on_its_connection(

@@ -105,6 +105,15 @@ def _on_bypassed_connection(session: Session, bypasses: Any) -> bool:
     return False
 
 
+def _check_reason_type(reason: object, where: str) -> None:
+    """Refuse a ``reason`` that is no ``str`` (a ticket number given as an int, ``None``): the
+    caller's mistake of type, told apart from a blank reason (``ValueError``)."""
+    if not isinstance(reason, str):
+        raise TypeError(
+            f"{where}() takes reason= as a str (logged for the audit), got {type(reason).__name__}"
+        )
+
+
 def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     """Switch the transition guards off for the rest of the current transaction, audited.
 
@@ -131,11 +140,13 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     session guards are off too until the transaction ends. Any other session's stay on.
 
     Raises :class:`~resilient_db.BypassRefusedError` when the role may not bypass (nothing is
-    bypassed or counted; the refusal is logged), ``ValueError`` without a reason or for one with
+    bypassed or counted; the refusal is logged), ``TypeError`` for a ``reason`` that is no
+    ``str``, ``ValueError`` for a blank reason or for one with
     a NUL or another control character, or one that is no UTF-8 text, in AUTOCOMMIT mode, or
     for a ``Connection`` to a hot standby.
     """
-    if not isinstance(reason, str) or not reason.strip():
+    _check_reason_type(reason, "bypass_transitions")
+    if not reason.strip():
         raise ValueError("bypass_transitions() needs a reason=, which is logged for the audit")
     if "\x00" in reason:
         # PostgreSQL text can't hold it: psycopg refused the bypass's statement with a
@@ -381,6 +392,7 @@ def _refuse(
 async def bypass_transitions_async(target: AsyncSession | AsyncConnection, *, reason: str) -> None:
     """:func:`bypass_transitions` for an ``AsyncSession`` or ``AsyncConnection`` (anything else
     is refused with ``TypeError``)."""
+    _check_reason_type(reason, "bypass_transitions_async")  # (before run_sync connects)
     if not isinstance(target, (AsyncSession, AsyncConnection)):
         raise TypeError(
             "bypass_transitions_async() takes an AsyncSession or an AsyncConnection (for a "
