@@ -311,6 +311,9 @@ def test_rules_are_frozen_hashable_data() -> None:
         ({"transitions": {"pending": {"d\udcffne"}}}, "no UTF-8 text"),
         ({"transitions": [("pending", "done")]}, "transitions must be a mapping"),
         ({"column": ""}, "column must be the name"),
+        # no moves at all, most likely a table that came out empty: said, and the spelling of
+        # a status set once at insert given (the rules of each state, empty)
+        ({"transitions": {}}, r"transitions is empty.*\{'pending': set\(\)\}"),
     ],
 )
 def test_rules_reject_malformed_declarations(kwargs: dict[str, Any], message: str) -> None:
@@ -373,6 +376,9 @@ def _configure_model(**columns_and_rules: Any) -> None:
 @pytest.mark.parametrize(
     ("rules", "extra", "message"),
     [
+        # an empty sequence declares no rules: the model's writes were left unguarded
+        ([], {}, r"^Widget\.__transitions__ is an empty sequence"),
+        ((), {}, r"^Widget\.__transitions__ is an empty sequence"),
         (
             TransitionRules(column="state", transitions={"a": {"b"}}, initial={"a"}),
             {},
@@ -728,6 +734,42 @@ def test_legal_chain_commits(engine: sa.Engine, sessions: sessionmaker[_S]) -> N
             s.commit()
             assert _db_status(engine, task.id) == step
         assert allowed_transitions(task) == set()
+
+
+@pytest.mark.parametrize("state", ["pending", "completed"])
+def test_keeping_the_state_is_let_through_on_every_path(
+    engine: sa.Engine, sessions: sessionmaker[_S], state: str
+) -> None:
+    """No rule says ``state -> state`` (``completed`` has no moves out at all): writing the
+    state a row holds is no transition, let through by the flush, a bulk UPDATE and the
+    trigger alike (as the docs say), and the rules' next states never list it."""
+    task_id = _add_task(engine, state)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        assert state not in allowed_transitions(task)
+        task.status = state
+        task.title = "kept"
+        s.commit()
+        moved = s.execute(
+            sa.update(Task).where(Task.id == task_id).values(status=state),
+            execution_options={"synchronize_session": False},
+        )
+        assert moved.rowcount == 1
+        s.commit()
+    with engine.begin() as conn:
+        table = _table(Task)
+        kept = conn.execute(
+            table.update().where(table.c.id == task_id).values(status=table.c.status)
+        )
+        assert kept.rowcount == 1
+    assert _db_status(engine, task_id) == state
+    # and declared, a self-loop changes nothing
+    looped = TransitionRules(
+        column="status", transitions={"a": {"a", "b"}, "b": {"b"}}, initial={"a"}
+    )
+    assert looped.next_states("a") == {"b"}
+    assert looped.next_states("b") == frozenset()
 
 
 ILLEGAL = [

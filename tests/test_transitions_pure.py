@@ -813,7 +813,7 @@ def test_enum_states_are_written_as_the_database_stores_them(mapped: Mapper) -> 
 
 
 def test_a_machine_without_moves_allows_no_update(mapped: Mapper) -> None:
-    sql = transition_trigger_sql(mapped(_rules({}, {"only"})))
+    sql = transition_trigger_sql(mapped(_rules({"only": set()}, {"only"})))
     assert "IF false THEN" in sql
 
 

@@ -178,7 +178,9 @@ class TransitionRules:
 
     Instances are immutable and hashable. A model may guard several columns by setting
     ``__transitions__`` to a sequence of rules. Setting a column to the value it already holds
-    is never a transition.
+    is never a transition: it is let through on every path, so a self-loop
+    (``{"a": {"a"}}``) is accepted and changes nothing. Empty ``transitions`` are refused: a
+    status set once at insert is declared state by state (``{"filed": set()}``).
     """
 
     column: str
@@ -212,6 +214,16 @@ class TransitionRules:
             raise TransitionRulesError(
                 f"TransitionRules(column={column!r}): initial is empty, so no row could ever be "
                 "inserted; name the state(s) new rows start in"
+            )
+        if not table:
+            # most likely a table that came out empty (built from configuration, say): every
+            # UPDATE of the column refused, found at the first one. A status set once at insert
+            # is said state by state, as deliberately as any other rule.
+            example = ", ".join(f"{state!r}: set()" for state in sorted(init, key=sort_key))
+            raise TransitionRulesError(
+                f"TransitionRules(column={column!r}): transitions is empty, so no row could "
+                "ever change state; declare the moves, or, for a status set once at insert "
+                f"and never changed, say so: transitions={{{example}}}"
             )
         declared = None if states is None else _state_set(states, where="states", column=column)
         _check_bools(
@@ -276,6 +288,11 @@ def _normalize_rules(value: object, owner: str) -> tuple[TransitionRules, ...]:
         return (value,)
     if isinstance(value, Sequence) and not isinstance(value, str):
         rules = tuple(value)
+        if not rules:
+            raise TransitionRulesError(
+                f"{owner}.__transitions__ is an empty sequence: it declares no rules, so "
+                f"nothing of {owner} would be guarded; give it TransitionRules, or remove it"
+            )
         for item in rules:
             if not isinstance(item, TransitionRules):
                 raise TransitionRulesError(
