@@ -158,12 +158,14 @@ from ._classify import failure_detail, log_quietly
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
 from ._observability import (
+    MAX_VALUE_CHARS,
     FleetTimelineHealth,
     LineLimit,
     emit,
     emit_line,
     log_breaker,
     more_since,
+    truncated,
 )
 from ._state import STATE, renew_after_fork
 
@@ -1165,7 +1167,7 @@ class FleetLink:
         self.commands += 1
         found = self._client.hgetall(TIMELINES_KEY)
         for system, value in list(found.items())[:MAX_TIMELINES]:
-            self._learn_entry(_s(system), _s(value))
+            self._learn_entry(_shown(system), _s(value))
         if found:
             return
         with self._lock:
@@ -1855,7 +1857,8 @@ class FleetLink:
             if "tl" in data and "s" not in data:  # a cluster's timeline raised (_TIMELINE)
                 # (an earlier release's script sends no time: ``since`` unknown)
                 since = int(data["us"]) / 1_000_000 if "us" in data else None
-                self._learn_timeline(str(data["tl"]), int(data["t"]), str(data["at"]), since)
+                system, server = _shown(data["tl"]), _shown(data["at"])
+                self._learn_timeline(system, int(data["t"]), server, since)
                 return
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
@@ -1867,7 +1870,7 @@ class FleetLink:
             # (see restore_view), or shared on rejoining (see _SHARE_OPENING), the half-open
             # state after one (see _ADMIT)
             forced = bool(data.get("f"))
-            hand = _s(data.get("h") or "") if forced or "h" in data else None
+            hand = _shown(data.get("h") or "") if forced or "h" in data else None
             read = hand is not None and not forced
             restored = bool(data.get("w"))  # written back into a Redis that lost it
         except (KeyError, TypeError, ValueError):
@@ -2017,12 +2020,22 @@ def _hand_of(answer: Any, at: int) -> str | None:
     ``answer[at + 1]`` the operator's reason (``""``: none given), returned; None when it was
     not (failures opened it, a probe closed it), or the answer says nothing of it."""
     if len(answer) > at + 1 and _s(answer[at]) == "1":
-        return _s(answer[at + 1])
+        return _shown(answer[at + 1])
     return None
 
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _shown(value: Any) -> str:
+    """Text read from Redis that this process shows (``health()``, the dashboard, ``resilient-db
+    breaker status``, log lines, errors): an operator's reason, who made a change, a service
+    name, a cluster's key and server. Anything with access to the Redis may have written it,
+    of any length: cut to :data:`MAX_VALUE_CHARS`, marked with how many characters were left
+    off, so that a huge value does not make every answer as large. (What the library writes
+    is far shorter: a reason has at most 200 characters, a host name 100.)"""
+    return truncated(_s(value), MAX_VALUE_CHARS)
 
 
 class _Attached(Protocol):
@@ -2256,9 +2269,9 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
         raw = client.hmget(_keys(name).breaker, *fields)
         st, until, gen, opens, hand, why, hclose, who = (None if v is None else _s(v) for v in raw)
         record: dict[str, Any] = {
-            "service": name,
+            "service": _shown(name),
             "recorded": gen is not None,
-            "state": st or "closed",
+            "state": _shown(st or "closed"),
             "since": None if gen is None else int(gen) / 1_000_000,
             "open_until": None,
             "seconds_left": None,
@@ -2279,8 +2292,8 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
         closed = record["state"] == "closed"
         if (hand == "1" and not closed) or (closed and hclose is not None and hclose == gen):
             record["by_hand"] = True
-            record["reason"] = why or None
-            record["by"] = who or None
+            record["reason"] = _shown(why) if why else None
+            record["by"] = _shown(who) if who else None
         records.append(record)
     return records
 
@@ -2292,7 +2305,8 @@ def operator_timelines(client: Any) -> list[dict[str, Any]]:
     ``since`` (Redis time it was recorded, seconds since the epoch). An entry not of this
     library's making is left out."""
     timelines = []
-    for system, value in sorted((_s(k), _s(v)) for k, v in client.hgetall(TIMELINES_KEY).items()):
+    found = client.hgetall(TIMELINES_KEY).items()
+    for system, value in sorted((_shown(k), _s(v)) for k, v in found):
         entry = _timeline_entry(value)
         if entry is not None:
             timeline, since, server = entry
@@ -2313,9 +2327,10 @@ def _timeline_entry(value: str) -> tuple[int, float, str] | None:
     server it was seen at (``""``: not said); None for a value not of this library's making."""
     timeline, _, rest = value.partition(" ")
     micros, _, server = rest.partition(" ")
-    if not (timeline.isdigit() and micros.isdigit()):
+    # (a number of thousands of digits is none of ours, and int() refuses it: ValueError)
+    if not (timeline.isdigit() and micros.isdigit()) or len(timeline) + len(micros) > 40:
         return None
-    return int(timeline), int(micros) / 1_000_000, server
+    return int(timeline), int(micros) / 1_000_000, _shown(server)
 
 
 #: a bounded table's value (see ``_bounded_put``)
