@@ -1037,6 +1037,13 @@ class CommitReferee:
             return None  # the server answered with an error: it did not commit
         if elsewhere is not None:
             ticket.engine = elsewhere
+        elif ticket.engine is None:
+            # kept by the ticket: a configure(bind=...) while the checks back off moves the
+            # factory, not the database this COMMIT went to (each check looked the factory's
+            # engine up again, and the next ones went to the new one, where the unit never
+            # ran: its marker or transaction id judged there)
+            connections = request.connections() if request.committing else []
+            ticket.engine = connections[0][0].engine if connections else self.engine
         return ticket
 
     def _spread(
