@@ -106,7 +106,7 @@ from ._internals import (
     sa_await,
 )
 from ._observability import LineLimit, emit, log_session, more_since, stats_for
-from ._services import query_list
+from ._services import query_list, say_operation_database
 from ._state import STATE, hooks_of, renew_after_fork
 from ._statements import (
     SAFE_CALL_NAMES,
@@ -2461,6 +2461,15 @@ class AttemptRecord:
         return self._policy.config, self._policy.service
 
     @property
+    def operation_left_to_the_default(self) -> Config | None:
+        """The configuration of the operation running the attempt when it is one of
+        ``with_self_healing`` left to the default service name (the databases its work begins
+        transactions on are looked at: see ``_services``); else None."""
+        if getattr(self._policy, "service_defaulted", False):
+            return self._policy.config
+        return None
+
+    @property
     def service(self) -> str:
         """The service of the operation running the attempt."""
         return self._policy.service
@@ -2577,6 +2586,13 @@ class AttemptRecord:
             began.append(entry)
         # else: heard twice (a session class listening and a base of it, see
         # install_connect_retry): one connection, recorded once
+        attempt: AttemptRecord | None = self
+        while attempt is not None:  # (this one, and those running it: a unit in an operation)
+            config = attempt.operation_left_to_the_default
+            if config is not None:  # (a set lookup once the engine is known)
+                say_operation_database(connection.engine, config)
+                break
+            attempt = attempt.enclosing
 
     def keeps(self, driver: Any) -> None:
         """A statement sent on ``driver`` in the attempt leaves its session holding what a

@@ -920,7 +920,7 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
             for key in [k for k, p in cached.items() if p.config == old and not k[4]]:
                 policy = cached.pop(key)
                 if old.breaker_on != config.breaker_on or old.redis_url == config.redis_url:
-                    moved.append(((*key[:3], config, False), policy))
+                    moved.append(((*key[:3], config, False, *key[5:]), policy))
     for user in users:
         user._apply_config(config)
     for key, policy in moved:

@@ -229,6 +229,9 @@ class Policy:
     #: whether its attempts say their own lines of a COMMIT of their code whose outcome is
     #: unknown (False: part of an enclosing attempt, which says them)
     says_its_lines = True
+    #: an operation's policy (``with_self_healing``) left to the default service name: the
+    #: databases its work begins transactions on are looked at (see ``_services``)
+    service_defaulted = False
 
     def __init__(
         self,

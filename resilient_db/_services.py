@@ -10,7 +10,10 @@ Factories given ``service=`` are never looked at, the same name on two URLs incl
 PgBouncer URL and a direct one to one database sharing a breaker on purpose.
 
 Looked at when a factory takes an engine (made on one, ``configure(bind=...)``, an engine its
-session class routes to, the first time), never on a unit's path.
+session class routes to, the first time), never on a unit's path. ``with_self_healing`` left to
+the default is service ``"database"`` as well: the work it wraps (the units and sessions of
+factories, whatever their own names) is looked at when it first begins a transaction on an
+engine (then one set lookup per transaction), and its databases paired as a factory's are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ._config import mask_url
 from ._observability import emit, log_breaker
 from ._state import STATE
 
-__all__ = ["DEFAULT_SERVICE", "query_list", "say_databases_sharing"]
+__all__ = ["DEFAULT_SERVICE", "query_list", "say_databases_sharing", "say_operation_database"]
 
 
 class _DefaultService(str):
@@ -96,18 +99,25 @@ def _shown(engine: Any) -> str:
 
 
 def _pairs_to_say(factory: Any) -> list[tuple[Any, Any, frozenset[_Database]]]:
-    """The engines of ``factory`` (one left to the default service) and of other live such
-    factories on another database, a pair not said yet: (its engine, the other's, the pair)."""
+    """The engines of ``factory`` (one left to the default service, or an engine
+    ``with_self_healing``'s work left to it began on: see :func:`say_operation_database`) and
+    of other live such factories, or such work, on another database, a pair not said yet: (its
+    engine, the other's, the pair)."""
     found = []
     with STATE.lock:
         mine: list[Any] = []
         others: dict[Any, None] = {}  # (an engine of several such factories looked at once)
+        for engine in list(STATE.operation_engines):
+            if engine is factory:
+                mine.append(engine)
+            else:
+                others[engine] = None
         for engine, hooks in list(STATE.engine_hooks.items()):
             for other in list(hooks.factories):
                 if other is factory:
                     mine.append(engine)
                 elif (
-                    getattr(other, "_service_defaulted", False) and other.service == factory.service
+                    getattr(other, "_service_defaulted", False) and other.service == DEFAULT_SERVICE
                 ):
                     others[engine] = None
         for engine in mine:
@@ -120,12 +130,31 @@ def _pairs_to_say(factory: Any) -> list[tuple[Any, Any, frozenset[_Database]]]:
     return found
 
 
+def say_operation_database(engine: Any, config: Any) -> None:
+    """The work of a ``with_self_healing`` operation left to the default service (of
+    configuration ``config``) began a transaction on ``engine``: the first time, said as a
+    factory left to it is (see :func:`say_databases_sharing`), paired with the databases of
+    such factories and of such work elsewhere."""
+    if engine in STATE.operation_engines:
+        return
+    with STATE.lock:
+        STATE.operation_engines.add(engine)
+    _say_pairs(engine, "with_self_healing", config)
+
+
 def say_databases_sharing(factory: Any) -> None:
     """Log the WARNING of the module for each database ``factory`` (made without ``service=``)
     is on and another factory made without it is not, once per pair of databases per process.
     Two threads making such factories at once say a pair once: it is marked under the lock."""
     if not getattr(factory, "_service_defaulted", False):
         return
+    _say_pairs(factory, type(factory).__name__, factory.config)
+
+
+def _say_pairs(factory: Any, made_by: str, config: Any) -> None:
+    """:func:`say_databases_sharing` of ``factory`` (or of an engine of an operation's work:
+    ``made_by`` is ``"with_self_healing"`` then, else the factory's class name), said under
+    ``config``."""
     found = _pairs_to_say(factory)
     if not found:
         return
@@ -141,22 +170,28 @@ def say_databases_sharing(factory: Any) -> None:
             if pair not in STATE.databases_said:
                 STATE.databases_said.add(pair)
                 said.append((_shown(engine), _shown(elsewhere)))
-    service = factory.service
+    service = str(DEFAULT_SERVICE)
+    operation = made_by == "with_self_healing"
     for here, there in said:
         emit(
-            factory.config,
+            config,
             log_breaker,
             logging.WARNING,
-            "Databases sharing a service: factories made without service= on two databases, "
-            "%s and %s, are both service=%s: one circuit breaker and one retry budget for both "
-            "(one set of Redis keys when shared), so an outage of either fails the other's "
-            'units fast and spends its retries. Give each database its own: service="..." on '
-            'each factory, e.g. %s(orders_engine, service="orders-db") (said once per pair of '
-            "databases)",
+            "Databases sharing a service: %s on two databases, %s and %s, are both "
+            "service=%s: one circuit breaker and one retry budget for both (one set of Redis "
+            "keys when shared), so an outage of either fails the other's units fast and spends "
+            'its retries. Give each database its own: service="..." on each %s, e.g. %s (said '
+            "once per pair of databases)",
+            "with_self_healing() without service= (or a factory made without it)"
+            if operation
+            else "factories made without service=",
             here,
             there,
             service,
-            type(factory).__name__,
+            "operation and factory" if operation else "factory",
+            'with_self_healing(fn, service="orders-db")'
+            if operation
+            else f'{made_by}(orders_engine, service="orders-db")',
             service=service,
             event="databases_sharing_service",
             database=here,

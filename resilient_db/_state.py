@@ -95,7 +95,8 @@ class State:
         #: how many ``reload_config`` calls applied a configuration: a factory made while one
         #: ran compares it with the count when it read its own (see ``register_default_user``)
         self.reloads = 0
-        #: ``with_self_healing``'s policies, by (service, use_retry, use_circuit_breaker, config)
+        #: ``with_self_healing``'s policies, by (service, use_retry, use_circuit_breaker, config,
+        #: explicit config, service left to the default)
         self.wrapper_policies: dict[tuple[Any, ...], Any] = {}
         #: the retry budget of each service name (``SELF_HEALING_RETRY_BUDGET``)
         self.budgets: dict[str, Any] = {}
@@ -104,6 +105,9 @@ class State:
         #: the pairs of databases said to share the default service name (see ``_services``;
         #: once per process, kept by ``reset_state``)
         self.databases_said: set[frozenset[Any]] = set()
+        #: the engines the work of ``with_self_healing`` operations left to the default
+        #: service name began transactions on (see ``_services``)
+        self.operation_engines: weakref.WeakSet[Any] = weakref.WeakSet()
         #: what else keeps figures of this process and forgets them in :func:`reset_state`
         #: (the dashboard's recorder, of the optional web extra, which this module can't import)
         self.clear_on_reset: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -42,6 +42,7 @@ from ._config import Config, env_config
 from ._internals import flask_after_request_functions
 from ._observability import log_retry
 from ._retry import Policy
+from ._services import DEFAULT_SERVICE
 from ._state import STATE
 from ._unit import (
     admitted_by,
@@ -249,17 +250,19 @@ def _cached_policy(
     environment's configuration takes a reload that switches its breaker off or on again, or
     keeps its Redis, as a factory does (see ``_config._reload``): off, its breaker says
     ``off``; on again, it starts over; its breaker and budget have the reload's numbers."""
-    key = (service, use_retry, use_circuit_breaker, config, explicit)
+    defaulted = service is DEFAULT_SERVICE  # (no service= given: see _services)
+    key = (service, use_retry, use_circuit_breaker, config, explicit, defaulted)
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)
     if policy is None:
         made = Policy(
-            service,
+            str(service),
             config,
             use_retry=use_retry,
             use_circuit_breaker=use_circuit_breaker,
             explicit_config=explicit,
         )
+        made.service_defaulted = defaulted
         # under the lock: a reload_config() goes through them under it (it failed half-way,
         # "dictionary changed size during iteration", when an operation added one meanwhile)
         with STATE.lock:
@@ -329,7 +332,7 @@ def with_self_healing(
 def with_self_healing(
     fn: Callable[[], Any] | None = None,
     *,
-    service: str = "database",
+    service: str = DEFAULT_SERVICE,
     use_retry: bool = True,
     use_circuit_breaker: bool = True,
     config: Config | None = None,

@@ -277,3 +277,68 @@ def test_two_factories_made_at_once_say_a_pair_once(
         assert len(held) == 2
     for i in range(rounds):
         assert len(said(caplog, f"t_{tag}_{i}_a", f"t_{tag}_{i}_b")) == 1, i
+
+
+def test_with_self_healing_left_to_the_default_on_two_databases_is_said(
+    engines: tuple[sa.Engine, sa.Engine], pair_said: Callable[[], list[logging.LogRecord]]
+) -> None:
+    """``with_self_healing()`` without ``service=`` is service "database" too: wrapping the
+    work of factories on two databases (named ones here: each its own breaker), its breaker
+    and budget span both, and an outage of either refuses the other's operations. Said as for
+    factories left to the default, once per pair, when its work first begins a transaction on
+    the second database; nothing for a ``service=`` given to it."""
+    orders = rdb.ResilientSession(engines[0], service="orders-db")
+    analytics = rdb.ResilientSession(engines[1], service="analytics-db")
+    assert rdb.with_self_healing(lambda: orders.run(select_one)) == 1
+    assert not pair_said()  # one database so far
+    given = rdb.with_self_healing(lambda: analytics.run(select_one), service="database")
+    assert given == 1
+    assert not pair_said()  # the name given: a breaker shared on purpose
+    assert rdb.with_self_healing(lambda: analytics.run(select_one)) == 1
+    [record] = pair_said()
+    line = record.getMessage()
+    assert line.startswith("[SELF-HEAL] Databases sharing a service: with_self_healing()")
+    assert record.levelno == logging.WARNING
+    assert "service=database" in line
+    assert "one circuit breaker and one retry budget for both" in line
+    assert 'with_self_healing(fn, service="orders-db")' in line
+
+    @rdb.with_self_healing()
+    def both() -> int:
+        with orders() as s:
+            first = select_one(s)
+        return first + analytics.run(select_one)
+
+    assert both() == 2
+    assert len(pair_said()) == 1  # (once per pair)
+
+
+def test_with_self_healing_and_a_factory_left_to_the_default_on_two_databases_is_said(
+    engines: tuple[sa.Engine, sa.Engine], pair_said: Callable[[], list[logging.LogRecord]]
+) -> None:
+    """A factory made without ``service=`` on one database, the work of ``with_self_healing()``
+    without it on the other (a factory given a name, its unit run inside): one breaker."""
+    orders = rdb.ResilientSession(engines[0])
+    analytics = rdb.ResilientSession(engines[1], service="analytics-db")
+    assert orders.run(select_one) == 1
+    assert not pair_said()
+    assert rdb.with_self_healing(lambda: analytics.run(select_one)) == 1
+    [record] = pair_said()
+    assert "service=database" in record.getMessage()
+
+
+@pytest.mark.asyncio
+async def test_async_with_self_healing_left_to_the_default_on_two_databases_is_said(
+    async_engines: tuple[AsyncEngine, AsyncEngine],
+    pair_said: Callable[[], list[logging.LogRecord]],
+) -> None:
+    orders = rdb.AsyncResilientSession(async_engines[0], service="orders-db")
+    analytics = rdb.AsyncResilientSession(async_engines[1], service="analytics-db")
+
+    async def one(session: AsyncSession) -> int:
+        return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+
+    assert await rdb.with_self_healing(lambda: orders.run(one)) == 1
+    assert not pair_said()
+    assert await rdb.with_self_healing(lambda: analytics.run(one)) == 1
+    assert len(pair_said()) == 1
