@@ -2285,9 +2285,41 @@ def _on_after_begin(session: Session, transaction: Any, connection: Any) -> None
     One call per connection a transaction begins on (a savepoint begins on its root's)."""
     if transaction.nested:
         return
+    if hooks_of(connection.engine) is None:
+        _hook_engine_met(session, connection)
     attempt = current_attempt.get()
     if attempt is not None:
         attempt.began_on(transaction, connection)
+
+
+def _hook_engine_met(session: Session, connection: Connection) -> None:
+    """A session of a resilient factory began its transaction on ``connection``, of an engine
+    without the factory's hooks: one the factory was never given, which the session picked by
+    itself (``bind_mapper()``, ``bind_table()``, a ``get_bind`` set on the factory's own
+    class). Its COMMIT went out unmarked, so every lost answer there was
+    raised as CommitOutcomeUnknownError, even one that never reached the server; its errors
+    were not classified by its hooks nor its dead pooled connections replaced at checkout.
+    The engine gets the factory's hooks now, as an engine of one session's ``binds`` does
+    (``register=False``: see :func:`hooks_for`), and the connection is prepared for the commit
+    protocol before the transaction sends anything (the driver's transaction begins with the
+    first statement; a connection inside its caller's transaction is left unmarked, its
+    outcome unknown). Here, not at ``get_bind``: SQLAlchemy has no event before the session
+    connects, and this one costs a dictionary lookup per transaction begun; the connection
+    taken before the hooks is prepared as one made before a factory is (the engine's later
+    checkouts are the factory's). A session of no resilient factory is left alone."""
+    factory = factory_of(session)
+    if not isinstance(factory, FactoryCore):
+        return
+    hooks = hooks_for(connection.engine, factory, register=False)
+    if not hooks.config.enabled or connection.invalidated:
+        return
+    dbapi_connection = connection.connection.dbapi_connection
+    in_transaction = getattr(
+        getattr(dbapi_connection, "driver_connection", None), "is_in_transaction", None
+    )
+    if in_transaction is not None and in_transaction():
+        return  # (asyncpg) its caller's transaction: left unmarked (psycopg's prepare looks)
+    hooks.commit.prepare(dbapi_connection)
 
 
 def _on_after_commit(session: Session) -> None:
@@ -3076,7 +3108,8 @@ class FactoryCore:
         by the factory for a new session when the class's ``get_bind`` is not the one it saw
         last (an identity check, on the same line as the one for the session's own
         keywords). A ``get_bind`` set on the factory's class itself (``Session.class_``), not
-        on yours, is left as it is: it routes, its engines without the factory's hooks."""
+        on yours, is left as it is: it routes, its engines hooked when a transaction first
+        begins there (see :func:`_hook_engine_met`)."""
         holder = self.class_  # type: ignore[attr-defined]
         if "get_bind" not in vars(holder):
             self._route_engines(holder)

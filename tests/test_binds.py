@@ -816,6 +816,178 @@ async def test_async_a_lost_answer_on_another_engine_is_settled_in_that_engines_
     assert names(pg_server, first, "items") == []
 
 
+# -- engines the factory did not hook: bound by the session itself, or routed by its class ----
+
+#: how a unit's entries come to be written through the second engine, which the factory was
+#: not given: the session binds the model or its table itself, or the factory's own session
+#: class (``Session.class_``) is given a ``get_bind`` that picks it
+UNKNOWN_BINDS = ["bind_mapper", "bind_table", "class_get_bind"]
+
+
+def unknown_bind(Sessions: Any, how: str, second: sa.Engine) -> Callable[[Session], None]:
+    """What binds ``Entry`` to ``second`` in a unit's session, ``how`` (:data:`UNKNOWN_BINDS`),
+    to call first in the unit (the factory's class is routed at once)."""
+    if how == "class_get_bind":
+        holder = Sessions.class_
+        own = holder.get_bind
+
+        def get_bind(session: Session, mapper: Any = None, **kw: Any) -> Any:
+            if mapper is not None and mapper.class_ is Entry:
+                return second
+            return own(session, mapper=mapper, **kw)
+
+        holder.get_bind = get_bind
+        return lambda session: None
+    if how == "bind_table":
+        return lambda session: session.bind_table(Entry.__table__, second)
+    return lambda session: session.bind_mapper(Entry, second)
+
+
+@pytest.mark.parametrize("fault", ["lost", "swallowed"])
+@pytest.mark.parametrize("how", UNKNOWN_BINDS)
+def test_a_lost_answer_on_an_engine_the_factory_was_not_given_is_settled_there(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    second_proxy: FaultProxy,
+    service: str,
+    fault: str,
+    how: str,
+) -> None:
+    """A unit whose entry goes to the second engine, which the factory was never given (the
+    session binds it, or the factory's own class routes to it): that engine gets the factory's
+    hooks the first time a unit's transaction begins there, before it sends anything, so its
+    COMMIT is marked and a lost answer settled in its database, as for an engine of
+    ``binds=``. It was unmarked: every lost answer raised CommitOutcomeUnknownError, a
+    COMMIT that never reached the server too. Now an answer lost after the COMMIT committed is
+    done once; a COMMIT swallowed before the server is replayed once, its late arrival
+    refused."""
+    Sessions = rdb.ResilientSession(engines[0], service=service)
+    bind = unknown_bind(Sessions, how, engines[1])
+    calls: list[int] = []
+
+    def entry_only(session: Session) -> None:
+        bind(session)
+        calls.append(1)
+        session.add(Entry(name=f"e-{len(calls)}"))
+
+    Sessions.run(entry_only)
+    if fault == "lost":
+        second_proxy.lose_commit_answer()
+        Sessions.run(entry_only)
+        assert second_proxy.commits_lost == 1
+        assert len(calls) == 2  # done, not replayed
+        assert names(pg_server, databases[1], "entries") == ["e-1", "e-2"]
+    else:
+        second_proxy.swallow_commit()
+        releaser = held_and_released(second_proxy, keep_server=True)
+        Sessions.run(entry_only)
+        releaser.join(15)
+        assert second_proxy.commits_swallowed == 1
+        assert second_proxy.deliver_late_commits() == 1  # refused: the claim fenced it
+        assert len(calls) == 3  # replayed once
+        assert names(pg_server, databases[1], "entries") == ["e-1", "e-3"]
+    assert names(pg_server, databases[0], "items") == []
+
+
+@pytest.mark.parametrize("fault", ["lost", "swallowed"])
+def test_a_unit_writing_through_an_engine_it_bound_itself_is_settled_part_by_part(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    fault_proxy: FaultProxy,
+    second_proxy: FaultProxy,
+    service: str,
+    engines: tuple[sa.Engine, sa.Engine],
+    fault: str,
+) -> None:
+    """As ``test_a_lost_commit_across_two_databases_is_settled_part_by_part``, with the
+    entries' engine bound by the unit's session (``bind_mapper``), not given to the factory:
+    each unit is done, replayed once or raised as partly committed as the databases agree,
+    both orders of SQLAlchemy's COMMITs met. The second engine's COMMIT was unmarked: every
+    such unit raised CommitOutcomeUnknownError, one that had committed nothing too."""
+    Sessions = rdb.ResilientSession(engines[0], service=service, config=PATIENT)
+    seen: set[str] = set()
+    for round_ in range(ROUNDS):
+        held = ("first", "second")[round_ % 2]
+        for engine in engines:  # new connections for both: no order carried over
+            engine.dispose()
+        proxy = fault_proxy if held == "first" else second_proxy
+        calls: list[str] = []
+
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+            session.bind_mapper(Entry, engines[1])
+            name = f"b{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
+
+        releaser = armed(proxy, fault)
+        raised: BaseException | None = None
+        try:
+            Sessions.run(unit)
+        except sa.exc.DBAPIError as exc:
+            raised = exc
+        if releaser is not None:
+            releaser.join(15)
+        order = settled(
+            pg_server,
+            databases,
+            held=held,
+            fault=fault,
+            prefix=f"b{round_}-",
+            calls=calls,
+            raised=raised,
+        )
+        seen.add(order)
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # both orders were met
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fault", ["lost", "swallowed"])
+async def test_async_a_lost_answer_on_an_engine_the_session_bound_itself_is_settled_there(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    second_proxy: FaultProxy,
+    async_engines: tuple[AsyncEngine, AsyncEngine],
+    service: str,
+    fault: str,
+) -> None:
+    """The async twin: the session binds the entries to the second engine itself
+    (``sync_session.bind_mapper``); a lost answer there is done once, a swallowed COMMIT
+    replayed once (CommitOutcomeUnknownError both, before)."""
+    first, second = databases
+    Sessions = rdb.AsyncResilientSession(async_engines[0], service=service)
+    calls: list[int] = []
+
+    async def entry_only(session: AsyncSession) -> None:
+        session.sync_session.bind_mapper(Entry, async_engines[1].sync_engine)
+        calls.append(1)
+        session.add(Entry(name=f"a-{len(calls)}"))
+
+    await Sessions.run(entry_only)
+    if fault == "lost":
+        second_proxy.lose_commit_answer()
+        await Sessions.run(entry_only)
+        assert second_proxy.commits_lost == 1
+        assert len(calls) == 2  # done, not replayed
+        assert names(pg_server, second, "entries") == ["a-1", "a-2"]
+    else:
+        second_proxy.swallow_commit()
+        releaser = held_and_released(second_proxy, keep_server=True)
+        await Sessions.run(entry_only)
+        await asyncio.to_thread(releaser.join, 15)
+        assert second_proxy.commits_swallowed == 1
+        assert second_proxy.deliver_late_commits() == 1  # refused: the claim fenced it
+        assert len(calls) == 3  # replayed once
+        assert names(pg_server, second, "entries") == ["a-1", "a-3"]
+    assert names(pg_server, first, "items") == []
+
+
 # -- the transition guard with models bound to two databases ----------------------------------
 
 
