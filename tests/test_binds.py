@@ -891,6 +891,43 @@ def test_a_lost_answer_on_an_engine_the_factory_was_not_given_is_settled_there(
     assert names(pg_server, databases[0], "items") == []
 
 
+@pytest.mark.parametrize("how", UNKNOWN_BINDS)
+def test_a_dead_connection_of_an_engine_the_factory_was_not_given_is_replaced_at_checkout(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    service: str,
+    how: str,
+) -> None:
+    """The second engine's pooled connection dies (its backend killed, as a restart does)
+    between two units that write through it, the factory never given that engine. Hooked at
+    its first transaction, the engine's checkout finds the dead connection and the pool
+    replaces it: the unit runs once, as on the factory's own engine. Unhooked, the unit's
+    first statement failed on it, a failed attempt counted against the service (replayed)."""
+    Sessions = rdb.ResilientSession(engines[0], service=service)
+    # straight to the server, not through a proxy: the killed backend's goodbye is on the
+    # client's socket once terminate_backends returns (a proxy relays it a moment later, on
+    # its own thread)
+    second = sa.create_engine(pg_server.url(databases[1]))
+    bind = unknown_bind(Sessions, how, second)
+    calls: list[int] = []
+
+    def entry_only(session: Session) -> None:
+        bind(session)
+        calls.append(1)
+        session.add(Entry(name=f"k-{len(calls)}"))
+
+    try:
+        Sessions.run(entry_only)
+        assert pg_server.terminate_backends(database=databases[1]) >= 1
+        Sessions.run(entry_only)
+    finally:
+        second.dispose()
+    assert len(calls) == 2  # one attempt each
+    assert names(pg_server, databases[1], "entries") == ["k-1", "k-2"]
+
+
 @pytest.mark.parametrize("fault", ["lost", "swallowed"])
 def test_a_unit_writing_through_an_engine_it_bound_itself_is_settled_part_by_part(
     *,
