@@ -1115,6 +1115,37 @@ def test_a_bulk_update_by_key_of_a_subclass_is_checked_where_its_base_is_written
     assert zoo_state(second, "zoo_animals") == "done"  # where SQLAlchemy did not write
 
 
+def test_the_trigger_refusing_a_move_on_an_engine_the_session_bound_itself_is_named(
+    zoos: tuple[sa.Engine, sa.Engine], service: str
+) -> None:
+    """A statement of the unit that the database's transition trigger refuses, on an engine
+    the factory was never given (the session binds ``Keeper`` to it): the refusal is
+    IllegalTransitionError naming the row and the move, not retried, as on the factory's own
+    engines. The engine had none of the factory's hooks, so SQLAlchemy's DatabaseError came
+    out as it was."""
+    first, second = zoos
+    Sessions = rdb.ResilientSession(first, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        session.bind_mapper(Keeper, second)
+        calls.append(1)
+        session.execute(
+            sa.text("UPDATE zoo_keepers SET status = 'pending' WHERE id = 1"),
+            bind_arguments={"mapper": sa.inspect(Keeper)},
+        )
+
+    with pytest.raises(rdb.IllegalTransitionError, match="'done' -> 'pending'") as raised:
+        Sessions.run(unit)
+    assert (raised.value.pk, raised.value.from_state, raised.value.to_state) == (
+        1,
+        "done",
+        "pending",
+    )
+    assert calls == [1]
+    assert zoo_state(second, "zoo_keepers") == "done"
+
+
 def repair(session: Session) -> None:
     """Bypass, then make an illegal move in each database: animal 1 pending -> done (the
     first), keeper 1 done -> pending (the second)."""
