@@ -454,3 +454,76 @@ async def test_an_async_commit_statement_of_a_failed_transaction_outside_units_i
         await session.execute(INSERT, {"u": unit, "n": "second"})
         await session.commit()
     assert notes(pg_server, database, unit) == ["second"]
+
+
+# -- a failed transaction that wrote nothing, without markers --------------------------------------
+#: the unit's own COMMIT of a transaction that sent nothing judged to write asks the server
+#: first whether it holds a transaction id (see ``_commit._XID_ASSIGNED_SQL``); without the
+#: markers no ticket settles it. In a failed transaction that question fails itself
+#: (asyncpg's InFailedSQLTransactionError) or is not asked (psycopg's status): either way the
+#: COMMIT, answered ROLLBACK, raises 25P02 and nothing the transaction did is kept
+READ = sa.text("SELECT count(*) FROM ledger")
+
+
+@pytest.mark.parametrize("way", ["session-commit", "raw-commit"])
+def test_a_units_own_commit_of_a_failed_reading_transaction_without_markers_is_refused(
+    pg_server: PostgresServer, pg_database: str, service: str, way: str
+) -> None:
+    database = create_ledger(pg_server, pg_database, markers=False)
+    engine = sa.create_engine(pg_server.url(database), pool_size=1, max_overflow=0)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    def work(session: Session) -> str:
+        calls.append(1)
+        session.execute(READ)
+        swallow_a_failure(session)
+        SYNC_COMMIT_STATEMENTS[way](session)
+        session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    try:
+        with pytest.raises(REFUSED) as raised:
+            Sessions.run(work)
+        assert_refused(raised.value, raw=way.startswith("raw"))
+        assert calls == [1]
+        assert notes(pg_server, database, unit) == []
+        assert Sessions.run(lambda s: s.execute(sa.text("SELECT 7")).scalar_one()) == 7
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", ["session-commit", "raw-commit"])
+async def test_an_async_units_own_commit_of_a_failed_reading_transaction_without_markers(
+    pg_server: PostgresServer, pg_database: str, async_driver: str, service: str, way: str
+) -> None:
+    database = create_ledger(pg_server, pg_database, markers=False)
+    engine = create_async_engine(
+        pg_server.url(database, driver=async_driver), pool_size=1, max_overflow=0
+    )
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    async def work(session: AsyncSession) -> str:
+        calls.append(1)
+        await session.execute(READ)
+        await aswallow_a_failure(session)
+        await ASYNC_COMMIT_STATEMENTS[way](session)
+        await session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    async def read(session: AsyncSession) -> Any:
+        return (await session.execute(sa.text("SELECT 7"))).scalar_one()
+
+    try:
+        with pytest.raises(REFUSED) as raised:
+            await Sessions.run(work)
+        assert_refused(raised.value, raw=way.startswith("raw"))
+        assert calls == [1]
+        assert notes(pg_server, database, unit) == []
+        assert await Sessions.run(read) == 7
+    finally:
+        await engine.dispose()
