@@ -10,7 +10,8 @@ a new connection. So does a plain ``COMMIT`` psycopg sends as a statement (the c
 connection's ``commit()``. What carries none stays an unknown outcome when its answer is lost:
 a ``COMMIT AND CHAIN`` (or any COMMIT with more than the word), and on asyncpg a
 ``text("COMMIT")`` through SQLAlchemy (a prepared statement, not the connection's ``execute``).
-As docs/units-of-work.md says.
+Two lost answers in one attempt (two ``session.commit()`` midway, or one and the final COMMIT)
+never make a replay: each part is written once. As docs/units-of-work.md says.
 """
 
 from __future__ import annotations
@@ -228,3 +229,161 @@ def test_a_warning_at_the_drivers_own_commit_midway_is_proven_and_the_unit_goes_
     assert "a WARNING with SQLSTATE 01000" in verified[0].message  # (not its text)
     assert written(direct, "warned_notes", "first") == 1
     assert written(direct, "driver_notes", "second") == 1
+
+
+# -- two lost answers in one attempt -----------------------------------------------------------
+#: what follows a first ``session.commit()`` midway whose answer was lost, the unit's code
+#: catching the error and going on: a second one lost the same way (``midway``), the unit's
+#: final COMMIT's answer lost (``final``), or its final COMMIT failing with a serialization
+#: failure, transient had nothing committed (``conflict``)
+AFTER_A_LOST_MIDWAY = ["midway", "final", "conflict"]
+
+#: a deferred trigger that fails the COMMIT of a row ``fails`` of ``twice_notes`` with 40001
+TWICE = (
+    "CREATE TABLE twice_notes (who text NOT NULL)",
+    "CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$BEGIN RAISE EXCEPTION 'at commit' USING ERRCODE = '40001'; RETURN NULL; END$$",
+    "CREATE CONSTRAINT TRIGGER fails AFTER INSERT ON twice_notes DEFERRABLE INITIALLY DEFERRED "
+    "FOR EACH ROW WHEN (NEW.who = 'fails') EXECUTE FUNCTION fail_at_commit()",
+)
+
+
+def run_twice_lost(
+    driver: str, url: str, service: str, *, then: str, lose: FaultProxy
+) -> tuple[list[int], list[BaseException], object]:
+    """A unit that writes ``first``, commits it midway (``session.commit()``) with the answer
+    lost, catches the error, rolls back and writes ``second``; then ``then`` (see
+    :data:`AFTER_A_LOST_MIDWAY`). Its calls, the errors its code caught, and its result (or
+    the error it raised)."""
+    calls: list[int] = []
+    caught: list[BaseException] = []
+    first = sa.text("INSERT INTO twice_notes VALUES ('first')")
+    second = sa.text("INSERT INTO twice_notes VALUES ('second')")
+    fails = sa.text("INSERT INTO twice_notes VALUES ('fails')")
+    if driver == "psycopg":
+        engine = sa.create_engine(url)
+        Sessions = rdb.ResilientSession(engine, service=service)
+
+        def commit_lost(session: Session) -> None:
+            lose.lose_commit_answer()
+            try:
+                session.commit()
+            except sa.exc.DBAPIError as exc:
+                caught.append(exc)
+                session.rollback()
+
+        def unit(session: Session) -> int:
+            calls.append(1)
+            session.execute(first)
+            commit_lost(session)
+            session.execute(second)
+            if then == "midway":
+                commit_lost(session)
+                session.execute(sa.text("SELECT 1"))
+            elif then == "final":
+                lose.lose_commit_answer()
+            else:
+                session.execute(fails)
+            return 7
+
+        try:
+            return calls, caught, Sessions.run(unit)
+        except Exception as exc:
+            return calls, caught, exc
+        finally:
+            engine.dispose()
+
+    async def main() -> object:
+        engine = create_async_engine(url)
+        Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+        async def commit_lost(session: AsyncSession) -> None:
+            lose.lose_commit_answer()
+            try:
+                await session.commit()
+            except sa.exc.DBAPIError as exc:
+                caught.append(exc)
+                await session.rollback()
+
+        async def unit(session: AsyncSession) -> int:
+            calls.append(1)
+            await session.execute(first)
+            await commit_lost(session)
+            await session.execute(second)
+            if then == "midway":
+                await commit_lost(session)
+                await session.execute(sa.text("SELECT 1"))
+            elif then == "final":
+                lose.lose_commit_answer()
+            else:
+                await session.execute(fails)
+            return 7
+
+        try:
+            return await Sessions.run(unit)
+        except Exception as exc:
+            return exc
+        finally:
+            await engine.dispose()
+
+    return calls, caught, asyncio.run(main())
+
+
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "no-markers"])
+@pytest.mark.parametrize("then", AFTER_A_LOST_MIDWAY)
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_two_lost_commit_answers_in_one_attempt_never_write_twice(
+    *,
+    pg_url: str,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    service: str,
+    driver: str,
+    then: str,
+    markers: bool,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Two COMMITs of one attempt lose their answers (both the code's own, midway, or one of
+    them and the final one; the server committed each), or the final one fails after a lost
+    one midway: the unit is never replayed (each part written once). With the markers each
+    lost answer is proven committed; without them one midway stays unknown (an ERROR
+    ``commit_unknown`` line each, said when the attempt ends), the final one proven by its
+    transaction id. A final failure after it is raised, partly committed, not transient."""
+    direct = sa.create_engine(pg_url)
+    try:
+        with direct.begin() as conn:
+            for statement in TWICE:
+                conn.execute(sa.text(statement))
+        if markers:
+            rdb.install_commit_markers(direct)
+        url = url_of(fault_proxy, pg_database, driver)
+        calls, caught, result = run_twice_lost(driver, url, service, then=then, lose=fault_proxy)
+        assert calls == [1]  # never replayed
+        assert fault_proxy.commits_lost == (1 if then == "conflict" else 2)
+        midway = rdb.Outcome.DISCONNECT if markers else rdb.Outcome.COMMIT_UNKNOWN
+        assert [rdb.classify(exc) for exc in caught] == [midway] * (2 if then == "midway" else 1)
+        said = [e.name for e in events if e.name != "commit_markers_missing"]
+        unknown = rdb.health()["services"][service]["counters"]["unknown_commits"]
+        if then == "conflict":
+            assert isinstance(result, sa.exc.DBAPIError), result
+            assert rdb.sqlstate_of(result) == "40001"
+            assert not rdb.is_transient(result)
+            problem = problem_details(result)
+            assert problem is not None
+            assert problem.body["type"] == "urn:resilient-db:problem:partly-committed"
+            assert written(direct, "twice_notes", "second") == 0
+        else:
+            assert result == 7
+            assert written(direct, "twice_notes", "second") == 1
+        if markers:
+            assert unknown == 0
+            verified = 1 if then == "conflict" else 2
+            assert said.count("commit_verified") == verified, said
+            assert "commit_unknown" not in said
+        else:
+            assert unknown == len(caught)
+            assert said.count("commit_unknown") == len(caught), said
+            assert said.count("commit_verified") == (1 if then == "final" else 0), said
+        assert written(direct, "twice_notes", "first") == 1
+    finally:
+        direct.dispose()
