@@ -822,7 +822,7 @@ def test_another_warning_at_commit_costs_a_check_never_a_wrong_outcome(
         engine.dispose()
 
 
-@pytest.mark.parametrize("second_commit", ["committed", "refused-40001"])
+@pytest.mark.parametrize("second_commit", ["committed", "refused-40001", "warned"])
 def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_settled_never_replayed(
     pg_server: PostgresServer, pg_database: str, second_commit: str
 ) -> None:
@@ -832,7 +832,9 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_settled_never_rep
     unit is committed on each, and the warned COMMIT is checked in its own database (no
     replication here: the check proves it): done, once, never replayed. When the other
     database refuses its COMMIT (40001), the warned one counts as committed: the unit is not
-    replayed (it was, writing the first database's row twice)."""
+    replayed (it was, writing the first database's row twice). When both COMMITs are answered
+    with a warning, a check proves one: the outcome is unknown (as docs/failover.md says),
+    committed on each database, never replayed."""
     other = f"{pg_database}_b"
     pg_server.create_database(other)
     first = sa.create_engine(pg_server.url(pg_database))
@@ -841,7 +843,10 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_settled_never_rep
         with first.begin() as conn:
             create_a_warning_ledger(conn)
         with second.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+            if second_commit == "warned":
+                create_a_warning_ledger(conn)
+            else:
+                conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
             if second_commit == "refused-40001":
                 conn.execute(
                     sa.text(
@@ -890,6 +895,13 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_settled_never_rep
         if second_commit == "committed":
             factory.run(write)  # done: the warned COMMIT proven where it went
             assert calls == [1], "replayed after a COMMIT that was applied"
+            for engine in (first, second):
+                with engine.connect() as conn:
+                    assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
+        elif second_commit == "warned":
+            with pytest.raises(rdb.CommitOutcomeUnknownError):
+                factory.run(write)
+            assert calls == [1], "replayed after COMMITs that were applied"
             for engine in (first, second):
                 with engine.connect() as conn:
                     assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
