@@ -918,6 +918,120 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_settled_never_rep
         pg_server.drop_database(other)
 
 
+OTHER_DATABASE = "app_b"
+
+
+def cancel_each_waiting_commit(pair: StandbyPair, *, times: int) -> Callable[[StandbyPair], None]:
+    """Cancel the waits of ``times`` COMMITs for the standby, one after the other, in either
+    database (a unit on two databases: SQLAlchemy sends the second COMMIT once the first is
+    answered); a backend once cancelled is not looked at again."""
+
+    def cancel(_pair: StandbyPair) -> None:
+        cancelled: list[int] = []
+        deadline = time.monotonic() + 20
+        while len(cancelled) < times:
+            rows = pair.primary.execute(
+                "SELECT pid, pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
+                "WHERE datname IN (%s, %s) AND wait_event = 'SyncRep' AND pid <> ALL(%s)",
+                params=(DATABASE, OTHER_DATABASE, cancelled),
+            )
+            cancelled.extend(int(pid) for pid, _ in rows)
+            assert time.monotonic() < deadline, f"{len(cancelled)} COMMITs waited, not {times}"
+            time.sleep(0.02)
+
+    return cancel
+
+
+@pytest.mark.parametrize("other", ["read", "written"])
+def test_a_cancelled_wait_at_the_commit_of_a_unit_on_two_databases(
+    pg_standby_factory: Callable[..., StandbyPair], other: str
+) -> None:
+    """Synchronous replication, the standby down; a unit spanning two databases of the
+    primary (``binds=``) writes the first and reads (``read``) or writes (``written``) the
+    second; each COMMIT that waits for the standby has its wait cancelled, answered with the
+    warning. One COMMIT so answered (the read one waits for nothing) is checked in its own
+    database: done once the standby, started at the first backoff, confirms the check, and the
+    failover keeps it. Two so answered: a check proves one, the outcome is unknown, committed
+    once on each database on the primary, never replayed."""
+    pair = pg_standby_factory(synchronous=True)
+    pair.create_database(OTHER_DATABASE)
+    other_engine = sa.create_engine(pair.primary.url(OTHER_DATABASE))
+    try:
+        with other_engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+        rdb.install_commit_markers(other_engine)
+    finally:
+        other_engine.dispose()
+    prepare(pair, MARKERS)
+
+    class First(DeclarativeBase):
+        pass
+
+    class FirstRow(First):
+        __tablename__ = "ledger"
+        key: Mapped[str] = mapped_column(primary_key=True)
+
+    class Second(DeclarativeBase):
+        pass
+
+    class SecondRow(Second):
+        __tablename__ = "ledger"
+        key: Mapped[str] = mapped_column(primary_key=True)
+
+    first = sa.create_engine(pair.url(DATABASE))
+    second = sa.create_engine(pair.url(OTHER_DATABASE))
+    start_the_standby = AtTheFirstBackoff(pair.start)
+    factory = rdb.ResilientSession(
+        first,
+        service=f"syncrep-{next(_services)}",
+        config=CONFIG,
+        sleep=start_the_standby if other == "read" else no_sleep,
+        binds={FirstRow: first, SecondRow: second},
+    )
+    calls: list[int] = []
+
+    def write(session: Any) -> None:
+        calls.append(1)
+        session.add(FirstRow(key="a"))
+        session.flush()
+        if other == "written":
+            session.add(SecondRow(key="b"))
+            session.flush()
+        else:
+            session.execute(sa.select(SecondRow)).all()
+
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            factory.run(write)
+        except Exception as exc:
+            error.append(exc)
+
+    cancel = cancel_each_waiting_commit(pair, times=2 if other == "written" else 1)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        cancel(pair)
+        thread.join(60)
+        assert not thread.is_alive(), "the unit did not end within 60 s"
+    finally:
+        first.dispose()
+        second.dispose()
+    assert calls == [1], "replayed after a COMMIT that was applied on the primary"
+    if other == "read":
+        assert not error, error
+        assert start_the_standby.backoffs, "done on the COMMIT's own answer"
+        fail_over(pair)
+        assert ledger(pair) == {"a": 1}
+        return
+    (raised,) = error
+    assert isinstance(raised, rdb.CommitOutcomeUnknownError), raised
+    assert ledger(pair) == {"a": 1}
+    rows = pair.execute("SELECT key FROM ledger", database=OTHER_DATABASE)
+    assert [str(key) for (key,) in rows] == ["b"]
+
+
 def test_a_unit_that_waits_for_no_standby_is_not_held_by_the_markers_prune(
     pg_standby_factory: Callable[..., StandbyPair],
 ) -> None:
