@@ -2506,6 +2506,18 @@ class AttemptRecord:
             return None
         return own[1]()
 
+    def own_commit_unproven(self, ticket: CommitTicket) -> None:
+        """An own COMMIT midway answered with a WARNING on a connection of the other kind (a
+        sync session's in an async factory's unit, or the reverse), which no check of the
+        factory can run from: its outcome is unknown, raised and counted by the factory's
+        referee as one of its own (``CommitOutcomeUnknownError``; ``UnprovenCommit`` when the
+        factory is gone)."""
+        own = self._policy.own_commits
+        unproven = None if own is None else own[2]()
+        if unproven is None:
+            raise UnprovenCommit(str(ticket.warned))
+        unproven(ticket)
+
     def __enter__(self) -> AttemptRecord:
         self.enclosing = current_attempt.get()
         self._token = current_attempt.set(self)
@@ -4356,14 +4368,15 @@ def _lost_own_answer(
 
 def _warned_own_answer(attempt: AttemptRecord, ticket: CommitTicket, *, is_async: bool) -> Any:
     """An own COMMIT midway answered: None when plainly (done), else the factory's
-    ``_settle_own_commit`` for its answer with a WARNING; ``UnprovenCommit`` raised when none
-    can settle it (a sync connection's COMMIT in an async factory's unit)."""
+    ``_settle_own_commit`` for its answer with a WARNING; when none can settle it (a sync
+    connection's COMMIT in an async factory's unit) its outcome is unknown, raised (see
+    ``AttemptRecord.own_commit_unproven``)."""
     if ticket.warned is None:
         ticket.done = True
         return None
     settle = attempt.own_commit_settler(is_async=is_async)
     if settle is None:
-        raise UnprovenCommit(ticket.warned)
+        attempt.own_commit_unproven(ticket)  # (raises)
     return settle
 
 

@@ -200,7 +200,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         # the class is this factory's own (made above): its sessions name us
         register_class(self.class_, self)
         # how its units' own COMMITs midway are settled (weakly, as the async one's)
-        self.policy.own_commits = (False, weakref.WeakMethod(self._settle_own_commit))
+        self.policy.own_commits = (
+            False,
+            weakref.WeakMethod(self._settle_own_commit),
+            weakref.WeakMethod(self._own_commit_unproven),
+        )
         # and its drop-in ``with`` blocks note what they commit (see there)
         _note_with_blocks(self.class_)
         # and its listeners are filed before any unit's session is made (see there)
@@ -843,6 +847,22 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         if not committed_before:  # nothing of the attempt is committed where it runs now
             attempt.committed = False
         raise exc
+
+    def _own_commit_unproven(self, ticket: CommitTicket) -> None:
+        """A COMMIT the unit's own code sent midway on a connection of the other kind (a sync
+        session's in an async unit, or the reverse) was answered with a WARNING: this
+        factory's checks can't run from that connection, so it can't be proven. Unknown, as a
+        ticket without a marker is: ``CommitOutcomeUnknownError``, counted and said (never
+        replayed)."""
+        request = CommitRequest()
+        request.tickets.append(ticket)
+        request.committing = True
+        ticket.unknown_why = (
+            "no check runs from a connection of another kind than the unit's (a sync session's "
+            "COMMIT in an async unit, or the reverse)"
+        )
+        exc = UnprovenCommit(str(ticket.warned))
+        self._referee.settle(ticket, CommitVerdict.UNKNOWN, exc, request)  # (raises)
 
     def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""

@@ -387,3 +387,58 @@ def test_two_lost_commit_answers_in_one_attempt_never_write_twice(
         assert written(direct, "twice_notes", "first") == 1
     finally:
         direct.dispose()
+
+
+# -- a warned COMMIT on a connection of the other kind -----------------------------------------
+def test_a_warning_at_a_sync_sessions_commit_inside_an_async_unit_is_an_unknown_outcome(
+    *,
+    direct: sa.Engine,
+    pg_server: Any,
+    pg_database: str,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """An async unit whose code commits through a session of a sync factory (its engine
+    hooked, its COMMIT marked) answered with a WARNING (a deferred trigger's here; a cancelled
+    wait for the synchronous standby answers so): the check that would prove it is the async
+    factory's, which can't run from a sync connection. Its outcome is unknown, as
+    docs/failover.md says of a warned COMMIT midway that can't be proven:
+    CommitOutcomeUnknownError, counted and said once, never replayed (it was an
+    ``UnprovenCommit``, a 500 ``partly-committed`` counted nowhere as an unknown outcome)."""
+    sync_engine = sa.create_engine(url_of(pg_server, pg_database, "psycopg"))
+    SyncSessions = rdb.ResilientSession(sync_engine, service=f"{service}-sync")
+    calls: list[int] = []
+
+    async def main() -> object:
+        engine = create_async_engine(url_of(pg_server, pg_database, "asyncpg"))
+        Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+        async def unit(session: AsyncSession) -> int:
+            calls.append(1)
+            await session.execute(sa.select(NOTES))
+            with SyncSessions() as other:
+                other.execute(sa.text("INSERT INTO warned_notes VALUES ('first')"))
+                other.commit()
+            return 7
+
+        try:
+            return await Sessions.run(unit)
+        except Exception as exc:
+            return exc
+        finally:
+            await engine.dispose()
+
+    try:
+        error = asyncio.run(main())
+    finally:
+        sync_engine.dispose()
+    assert calls == [1]  # never replayed
+    assert isinstance(error, rdb.CommitOutcomeUnknownError), error
+    assert "no check runs from a connection of another kind" in str(error)
+    assert not rdb.is_transient(error)
+    problem = problem_details(error)
+    assert problem is not None
+    assert problem.body["type"] == "urn:resilient-db:problem:commit-outcome-unknown"
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 1
+    assert [e.name for e in events].count("commit_unknown") == 1, events
+    assert written(direct, "warned_notes", "first") == 1
