@@ -187,6 +187,61 @@ def test_a_lost_answer_the_code_caught_is_said_and_counted_once_everywhere(
     assert line.startswith(f"[SELF-HEAL] Commit outcome unknown: service={service} "), line
 
 
+def test_two_lost_answers_the_code_caught_in_one_attempt_are_each_said_and_counted_once(
+    ledger: sa.Engine,
+    *,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+    otel: Otel,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two drop-in blocks of one operation attempt each lose their COMMIT's answer, the code
+    catching both: two unknown outcomes, each said (``commit_unknown``) and counted once in
+    every channel when the attempt ends; the operation is never called again, each row
+    written once."""
+    _, _, reader = otel
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service)
+    def operation() -> int:
+        calls.append(1)
+        for note in ("one", "two"):
+            try:
+                with Sessions.begin() as session:
+                    session.execute(sa.text("INSERT INTO ledger (note) VALUES (:n)"), {"n": note})
+                    fault_proxy.lose_commit_answer()
+            except sa.exc.OperationalError:
+                pass
+        return 7
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    try:
+        assert operation() == 7
+    finally:
+        proxied.dispose()
+    assert (calls, fault_proxy.commits_lost) == ([1], 2)
+    assert unknown_everywhere(service, reader, recorder) == {
+        "health": 2,
+        "prometheus": 2.0,
+        "otel": 2,
+        "dashboard": 2,
+    }
+    lines = error_lines(caplog)
+    assert len(lines) == 2, lines
+    assert all(
+        x.startswith(f"[SELF-HEAL] Commit outcome unknown: service={service} ") for x in lines
+    )
+    with ledger.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT note, count(*) FROM ledger GROUP BY note ORDER BY note")
+        )
+        assert [tuple(row) for row in rows] == [("one", 1), ("two", 1)]
+
+
 @pytest.mark.asyncio
 async def test_an_async_operations_caught_lost_answer_is_said_and_counted_once(
     ledger: sa.Engine,
