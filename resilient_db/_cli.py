@@ -756,12 +756,21 @@ def _record_text(record: Mapping[str, Any]) -> str:
         text += " by hand" + (f" ({record['reason']})" if record["reason"] else "")
     if not record["recorded"]:
         return text + " (no record: no process has shared a change of it)"
-    text += f" since {_utc(record['since'])}"
+    if record["since"] is not None:
+        text += f" since {_utc(record['since'])}"
     if record["open_until"] is not None:
         text += f", until {_utc(record['open_until'])} ({record['seconds_left']:.1f} s left)"
     if record.get("by"):
         text += f"; by {record['by']}"
-    return text + f"; {record['fleet_opens']} opening(s) fleet-wide"
+    if record["fleet_opens"] is not None:
+        text += f"; {record['fleet_opens']} opening(s) fleet-wide"
+    unreadable = record.get("unreadable")
+    if unreadable:
+        # (written by another client: the fleet reads them as missing, its next change
+        # writes the record anew)
+        said = ", ".join(f"{field} {value!r}" for field, value in unreadable.items())
+        text += f"; unreadable, none of the library's: {said}"
+    return text
 
 
 def _timeline_text(entry: Mapping[str, Any]) -> str:
@@ -779,5 +788,8 @@ def _timeline_text(entry: Mapping[str, Any]) -> str:
 def _utc(seconds: float) -> str:
     from datetime import datetime, timezone  # noqa: PLC0415
 
-    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    try:
+        moment = datetime.fromtimestamp(seconds, timezone.utc)
+    except (OverflowError, OSError, ValueError):  # (a time past year 9999 read from Redis)
+        return f"{seconds:.0f} s after the epoch"
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

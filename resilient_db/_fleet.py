@@ -299,6 +299,23 @@ local function next_gen(now, old)
   return g
 end
 local function gstr(g) return string.format('%.0f', g) end
+-- a number of a record as the scripts write it (Redis times, generations, counts): finite, not
+-- negative, below 2^53 (exact in a double, where a generation of µs stays for centuries).
+-- Anything with write access to the Redis may leave another (thousands of digits: inf to
+-- tonumber; nan; inf; negative; no number at all): read as missing, as if Redis had lost it,
+-- and the next change writes it anew. Taken as it was, an end of inf opened the breaker for
+-- good, a generation of inf answered "inf" (no integer), a count of -1000 let 1000 probes in
+local function num(v)
+  local x = tonumber(v)
+  if x == nil or x ~= x or x < 0 or x >= 9007199254740992 then return nil end
+  return x
+end
+-- a count (an integer num) that INCR and HINCRBY take
+local function count(v)
+  local x = num(v)
+  if x == nil or x ~= math.floor(x) then return nil end
+  return x
+end
 -- 1 in a script that forces the state (open() or close(), see _FORCE): its message says so
 local forced = nil
 -- the operator's reason for a change made by hand ('' for none; see _FORCE): its message says it
@@ -370,17 +387,17 @@ end
 local function read_breaker(...)
   local now = now_s()
   local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
-  if (tonumber(h[3]) or 0) == 0 and restore_view(now) then
+  if (num(h[3]) or 0) == 0 and restore_view(now) then
     h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
   end
-  return now, h, h[1] or 'closed', tonumber(h[3]) or 0, tonumber(h[4]) or 0
+  return now, h, h[1] or 'closed', num(h[3]) or 0, count(h[4]) or 0
 end
 -- when an open breaker read by read_breaker half-opens (Redis time). Its opening began at
 -- 'at': a clock now before that stepped back since (NTP correcting the Redis host), and
 -- would lengthen the opening by the step; it ends its whole reset timeout from now then
 local function opening_end(h, now)
-  local untl = tonumber(h[2]) or now
-  local at = tonumber(redis.call('HGET', KEYS[1], 'at'))
+  local untl = num(h[2]) or now
+  local at = num(redis.call('HGET', KEYS[1], 'at'))
   if at ~= nil and now < at then
     untl = now + (untl - at)
     redis.call('HSET', KEYS[1], 'until', tostring(untl), 'at', tostring(now))
@@ -472,17 +489,20 @@ if rid ~= '' then
     redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[10]) * 2000))
   end
   if st == 'half-open' and held == '1' then return open() end
-  return unchanged(tonumber(redis.call('GET', KEYS[2])) or 0)
+  return unchanged(count(redis.call('GET', KEYS[2])) or 0)
 end
 if age >= 0 then
-  local last = tonumber(h[5])
+  local last = num(h[5])
   -- (a last failure ahead of the clock: it stepped back since, and the window is not known)
   if last ~= nil and last <= now and now - age < last and now - last < tonumber(ARGV[8]) then
-    return unchanged(tonumber(redis.call('GET', KEYS[2])) or 0)
+    return unchanged(count(redis.call('GET', KEYS[2])) or 0)
   end
   redis.call('HSET', KEYS[1], 'lastfail', string.format('%.6f', now))
 end
 if st == 'half-open' then return open() end
+-- (a count that is none of ours: INCR would refuse it, at every failure)
+local counted = redis.call('GET', KEYS[2])
+if counted and count(counted) == nil then redis.call('DEL', KEYS[2]) end
 local n = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 if n == 1 then
@@ -542,8 +562,8 @@ if st == 'open' then
   return {'probe', '0', gstr(gen), opens, 0, hand_fields('half-open', h, 8)}
 end
 if released then return {'full', '0', gstr(gen), opens, 0, hand_fields(st, h, 8)} end
-local probes = tonumber(h[5]) or 0
-local hos = tonumber(h[6]) or now
+local probes = count(h[5]) or 0
+local hos = num(h[6]) or now
 if now < hos then
   -- the clock stepped back since the breaker half-opened: the lease runs from now
   redis.call('HSET', KEYS[1], 'hos', tostring(now))
@@ -588,9 +608,9 @@ if st ~= 'half-open' then
   return {st, st == 'open' and remaining(h, now) or '0', gstr(gen), opens, hand_fields(st, h, 7)}
 end
 if held ~= '1' then return {st, '0', gstr(gen), opens, hand_fields(st, h, 7)} end
-local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
+local probes = math.max(0, (count(h[5]) or 0) - 1)
 if ARGV[5] == '1' then
-  local ok = (tonumber(h[6]) or 0) + 1
+  local ok = (count(h[6]) or 0) + 1
   if ok >= tonumber(ARGV[4]) then
     gen = next_gen(now, gen)
     redis.call('HSET', KEYS[1], 'st', 'closed', 'probes', 0, 'ok', 0, 'gen', gstr(gen))
@@ -702,12 +722,19 @@ local now = now_s()
 local sec = math.floor(now)
 local window = tonumber(ARGV[3])
 local alone_end = 5 + 2 * tonumber(ARGV[5])
+-- add n to field f: a value there that is none of ours (HINCRBY would refuse it, at every
+-- call) goes first
+local function add(f, n)
+  local was = redis.call('HGET', KEYS[1], f)
+  if was and count(was) == nil then redis.call('HDEL', KEYS[1], f) end
+  redis.call('HINCRBY', KEYS[1], f, n)
+end
 for i = 6, #ARGV - 1, 2 do
   local age, amount = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   if age >= 0 and age < window and amount > 0 then
     local kind = 'd'
     if i < alone_end then kind = 'w' end
-    redis.call('HINCRBY', KEYS[1], kind .. (sec - age), ARGV[i + 1])
+    add(kind .. (sec - age), ARGV[i + 1])
   end
 end
 local all = redis.call('HGETALL', KEYS[1])
@@ -715,13 +742,14 @@ local deposits, spent, tokens, ts = 0, 0, nil, nil
 for i = 1, #all, 2 do
   local f, v = all[i], all[i + 1]
   local kind = string.sub(f, 1, 1)
-  if f == 'ft' then tokens = tonumber(v)
-  elseif f == 'fts' then ts = tonumber(v)
+  if f == 'ft' then tokens = num(v)
+  elseif f == 'fts' then ts = num(v)
   elseif kind == 'd' or kind == 'w' then
-    local s = tonumber(string.sub(f, 2))
-    if s == nil or s <= sec - window then redis.call('HDEL', KEYS[1], f)
-    elseif kind == 'd' then deposits = deposits + tonumber(v)
-    else spent = spent + tonumber(v) end
+    -- (a second, or a count, that is none of ours goes: see num)
+    local s, n = num(string.sub(f, 2)), count(v)
+    if s == nil or s <= sec - window or n == nil then redis.call('HDEL', KEYS[1], f)
+    elseif kind == 'd' then deposits = deposits + n
+    else spent = spent + n end
   end
 end
 local floor = tonumber(ARGV[2])
@@ -730,7 +758,7 @@ tokens = math.min(floor, tokens + math.max(0, now - ts) * floor)
 local paid = ''
 if ARGV[4] == '1' then
   if tonumber(ARGV[1]) * deposits - spent >= 1 then
-    redis.call('HINCRBY', KEYS[1], 'w' .. sec, 1)
+    add('w' .. sec, 1)
     spent = spent + 1
     paid = 'ratio'
   elseif tokens >= 1 then
@@ -777,7 +805,9 @@ return 1
 # neighbours holding one); a floor-paid one goes back into the bucket. Nothing when what it was
 # spent in has expired, or Redis lost the hash (flushed: the budget starts over anyway).
 # -> 1 given back, 0 nothing to give back
-_BUDGET_REFUND = """
+_BUDGET_REFUND = (
+    _COMMON
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local sec = math.floor(now)
@@ -787,7 +817,8 @@ if ARGV[1] == 'ratio' then
   for _, s in ipairs({paid, paid + 1, paid - 1}) do
     if s > sec - window and s <= sec then
       local f = 'w' .. s
-      local n = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
+      -- (a count that is none of ours: left for the budget's script, which drops it)
+      local n = count(redis.call('HGET', KEYS[1], f)) or 0
       if n > 1 then
         redis.call('HINCRBY', KEYS[1], f, -1)
         return 1
@@ -799,7 +830,7 @@ if ARGV[1] == 'ratio' then
   end
 elseif ARGV[1] == 'floor' then
   local h = redis.call('HMGET', KEYS[1], 'ft', 'fts')
-  local tokens, ts, floor = tonumber(h[1]), tonumber(h[2]), tonumber(ARGV[3])
+  local tokens, ts, floor = num(h[1]), num(h[2]), tonumber(ARGV[3])
   if tokens ~= nil and ts ~= nil then
     tokens = math.min(floor, tokens + math.max(0, now - ts) * floor + 1)
     redis.call('HSET', KEYS[1], 'ft', tostring(tokens), 'fts', tostring(now))
@@ -808,6 +839,7 @@ elseif ARGV[1] == 'floor' then
 end
 return 0
 """
+)
 
 
 # KEYS: the timelines hash (TIMELINES_KEY). ARGV: channel, token, a cluster's system identifier,
@@ -2249,7 +2281,11 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
     ``seconds_left`` (while open), ``by_hand``, ``reason`` and ``by`` (the state in force was
     set by hand: an opening, the half-open state after it, or a closing; why, and who made
     the change: the command or a process, its pid and host; False, None and None when
-    failures opened it or probes closed it) and ``fleet_opens``."""
+    failures opened it or probes closed it) and ``fleet_opens``. A number of the record that
+    no process of the fleet writes (see :func:`_record_number`) is read as the scripts read it,
+    as missing (an end: the opening is over; a generation: no ``since``; openings: None), and
+    named, with its value (cut), in ``unreadable``; a record that is no hash (another client's
+    value under its key) is ``state`` ``unreadable``, why in ``unreadable``."""
     if service is None:
         head, tail = f"{PREFIX}:{{", "}:breaker"
         names = sorted(
@@ -2266,22 +2302,41 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
     records = []
     for name in names:
         fields = ("st", "until", "gen", "opens", "hand", "why", "hclose", "who")
-        raw = client.hmget(_keys(name).breaker, *fields)
+        try:
+            raw = client.hmget(_keys(name).breaker, *fields)
+        except Exception as exc:
+            if not _wrong_type(exc):
+                raise
+            records.append(_unreadable_record(name))
+            continue
         st, until, gen, opens, hand, why, hclose, who = (None if v is None else _s(v) for v in raw)
+        unreadable: dict[str, str] = {}
+        numbers: dict[str, float | None] = {}
+        for field, text, integer in (
+            ("gen", gen, True),
+            ("opens", opens, True),
+            ("until", until, False),
+        ):
+            numbers[field] = _record_number(text, integer=integer)
+            if text is not None and numbers[field] is None:
+                unreadable[field] = _shown_number(text)
+        generation, fleet_opens, end_at = numbers["gen"], numbers["opens"], numbers["until"]
         record: dict[str, Any] = {
             "service": _shown(name),
             "recorded": gen is not None,
             "state": _shown(st or "closed"),
-            "since": None if gen is None else int(gen) / 1_000_000,
+            "since": None if generation is None else generation / 1_000_000,
             "open_until": None,
             "seconds_left": None,
             "by_hand": False,
             "reason": None,
             "by": None,
-            "fleet_opens": int(opens or 0),
+            "fleet_opens": None if "opens" in unreadable else int(fleet_opens or 0),
         }
+        if unreadable:
+            record["unreadable"] = unreadable
         if record["state"] == "open":
-            end = float(until or now)
+            end = now if end_at is None else end_at
             if end > now:
                 record["open_until"] = end
                 record["seconds_left"] = round(end - now, 3)
@@ -2296,6 +2351,56 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
             record["by"] = _shown(who) if who else None
         records.append(record)
     return records
+
+
+#: Redis times, generations and counts of a breaker's record are below this (2^53: exact in
+#: a double); the scripts read any other value as missing (see ``num`` in the scripts)
+_NUMBER_MAX = 2**53
+
+
+def _record_number(text: str | None, *, integer: bool) -> float | None:
+    """A number of a breaker's record as the scripts read it (``num``, ``count``): None when
+    missing, or not one a process of the fleet writes (thousands of digits, negative, nan,
+    inf, not an integer where a count is, no number at all)."""
+    if text is None or len(text) > 40:  # (float() takes thousands of digits: inf)
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not (0 <= value < _NUMBER_MAX) or (integer and not value.is_integer()):
+        return None
+    return int(value) if integer else value
+
+
+def _shown_number(text: str) -> str:
+    """A number none of ours, as ``unreadable`` shows it: its first characters."""
+    return truncated(text, 40)
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    """Whether Redis refused a command on a key that holds another type of value than the
+    command's (a string where a hash is, say): written by another client."""
+    return "WRONGTYPE" in str(exc)
+
+
+def _unreadable_record(name: str) -> dict[str, Any]:
+    """``resilient-db breaker status``'s record of a breaker whose key holds no hash."""
+    return {
+        "service": _shown(name),
+        "recorded": True,
+        "state": "unreadable",
+        "since": None,
+        "open_until": None,
+        "seconds_left": None,
+        "by_hand": False,
+        "reason": None,
+        "by": None,
+        "fleet_opens": None,
+        "unreadable": {
+            "key": "holds another type of value than a hash (WRONGTYPE): not this library's"
+        },
+    }
 
 
 def operator_timelines(client: Any) -> list[dict[str, Any]]:

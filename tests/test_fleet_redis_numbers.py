@@ -1,0 +1,197 @@
+"""Numbers read back from Redis that no process of the fleet wrote: a breaker's record (its
+generation, openings, the end of its opening, its probes, the failures counted) or a retry
+budget's counters holding a number of thousands of digits, a negative one, nan, inf or no
+number at all (anything with write access to the Redis may leave one: another service's bug,
+an operator's typo, the restore of an old dump). Units run on, the link stays up, the fleet's
+next change writes the record anew, and ``resilient-db breaker status`` shows such a value as
+unreadable instead of failing.
+
+Real Redis (the suite's), real PostgreSQL, real failures (a unit's backend terminated).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from processes import wait_for
+
+import resilient_db as rdb
+from resilient_db import _fleet
+from resilient_db._cli import main
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+#: values of a number no process of the fleet writes
+BAD = {
+    "digits": "9" * 5000,
+    "negative": "-7",
+    "nan": "nan",
+    "inf": "inf",
+    "words": "not a number",
+}
+
+
+@pytest.fixture
+def engine(pg_url: str, clean_env: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
+    made = sa.create_engine(pg_url)
+    yield made
+    made.dispose()
+
+
+def breaker_of(service: str) -> dict[str, Any]:
+    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]
+    return entry
+
+
+def kill_own_backend(session: Any) -> None:
+    session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+def status(url: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["breaker", "status", "--redis-url", url, "--json"]) == 0
+    payload: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return payload
+
+
+def troubles(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The lines saying the link went down, or a part of the machinery failed."""
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    return [line for line in said if "Shared state unavailable" in line or " failed" in line]
+
+
+@pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
+def test_bad_numbers_in_a_breakers_record_keep_units_and_the_link_running(
+    bad: str,
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    value = BAD[bad]
+    service = f"nums-{bad}"
+    keys = _fleet._keys(service)
+    client = redis_server.client()
+    # an opening whose every number is unreadable: its end, its start, its generation, its
+    # openings, its probes; and a failure count that is no count
+    numbers = ("until", "at", "gen", "opens", "probes", "ok", "hos", "lastfail")
+    client.hset(keys.breaker, mapping={"st": "open", **dict.fromkeys(numbers, value)})
+    client.set(keys.failures, value)
+
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=1, reset_timeout=600
+    )
+    factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: breaker_of(service)["shared"]["connected"], "the link")
+    # an opening of unreadable end is over: a probe is let through, and closes the breaker
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert breaker_of(service)["state"] == "closed"
+    # a failure is counted fleet-wide, and opens it (threshold 1): the record written anew
+    with pytest.raises(sa.exc.DBAPIError):
+        factory.run(kill_own_backend)
+    assert breaker_of(service)["state"] == "open"
+    with pytest.raises(rdb.CircuitOpenError):
+        factory.run(lambda s: s.execute(sa.text("SELECT 1")))
+    shared = breaker_of(service)["shared"]
+    assert shared["connected"] is True
+    assert shared["fleet_opens"] == 1
+    [record] = status(redis_server.url, capsys)["breakers"]
+    assert record["state"] == "open"
+    assert record["fleet_opens"] == 1
+    assert "unreadable" not in record
+    assert 590 < record["seconds_left"] <= 600
+    assert int(client.hget(keys.breaker, "gen") or 0) > 0
+    assert troubles(caplog) == [], troubles(caplog)
+
+
+@pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
+def test_bad_numbers_in_a_budget_keep_retries_and_the_link_running(
+    bad: str,
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    value = BAD[bad]
+    service = f"budget-{bad}"
+    client = redis_server.client()
+    seconds, _ = client.time()
+    key = _fleet._keys(service).budget
+    fields = {f"d{seconds}": value, f"w{seconds}": value, "ft": value, "fts": value}
+    client.hset(key, mapping={**fields, f"d{value[:50]}": "3"})
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        retry_budget=0.2,
+        initial_delay=0.001,
+        max_delay=0.001,
+        circuit_breaker=False,
+    )
+    factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: rdb.health()["services"][service]["budget"], "the budget")
+    link = next(iter(_fleet.links().values()))
+    wait_for(lambda: link.up, "the link")
+    attempts = []
+
+    def once_killed(session: Any) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            kill_own_backend(session)
+        return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    assert factory.run(once_killed) == 1
+    assert len(attempts) == 2  # a retry, paid by the fleet's budget
+    budget = rdb.health()["services"][service]["budget"]
+    assert budget["scope"] == "fleet"
+    fleet = budget["fleet"]
+    assert all(
+        math.isfinite(v) and v >= 0
+        for v in json.loads(json.dumps(fleet)).values()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ), fleet
+    assert link.up, link.problem
+    assert troubles(caplog) == [], troubles(caplog)
+
+
+def test_breaker_status_shows_bad_numbers_and_keys_as_unreadable(
+    redis_server: RedisServer, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``resilient-db breaker status`` lists every record: one with a number none of the
+    library's names it unreadable (read as the scripts read it, as missing: an opening whose
+    end is unreadable is over), one whose key holds no hash says so; it failed ("Redis ...
+    did not answer: ValueError"), or raised (an end past the year 9999)."""
+    client = redis_server.client()
+    for bad, value in BAD.items():
+        client.hset(
+            _fleet._keys(f"cli-{bad}").breaker,
+            mapping={"st": "open", "gen": value, "opens": value, "until": value},
+        )
+    client.set(_fleet._keys("cli-string").breaker, "a string where a hash is")
+    # an opening until the year 200,000 or so: the library's (a --seconds that large is taken)
+    client.hset(_fleet._keys("cli-far").breaker, mapping={"st": "open", "gen": 5, "until": 6e12})
+    by_name = {r["service"]: r for r in status(redis_server.url, capsys)["breakers"]}
+    for bad, value in BAD.items():
+        record = by_name[f"cli-{bad}"]
+        assert record["state"] == "half-open", record
+        assert record["unreadable"] == dict.fromkeys(
+            ("gen", "opens", "until"),
+            value[:40] + (f"…(+{len(value) - 40} characters)" if len(value) > 40 else ""),
+        )
+        assert (record["since"], record["fleet_opens"], record["open_until"]) == (None,) * 3
+    assert by_name["cli-string"]["state"] == "unreadable"
+    assert "WRONGTYPE" in by_name["cli-string"]["unreadable"]["key"]
+    assert by_name["cli-far"]["state"] == "open"
+    assert by_name["cli-far"]["open_until"] == 6e12
+    assert main(["breaker", "status", "--redis-url", redis_server.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = {line.partition(":")[0]: line for line in lines}
+    assert "unreadable, none of the library's: gen 'inf'" in said["cli-inf"]
+    assert said["cli-string"].startswith("cli-string: unreadable; unreadable")
+    assert "until 6000000000000 s after the epoch" in said["cli-far"]
