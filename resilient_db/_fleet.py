@@ -256,6 +256,8 @@ _REFUSALS = (
 #: an error reply that only the URL can fix: the database number it names does not exist
 _DB_OUT_OF_RANGE = re.compile(r"DB index is out of range", re.IGNORECASE)
 _BAD_DB = "no such database number (SELECT refused)"
+#: a key of the library's holding another type of value (see ``_wrong_type_text``)
+_WRONG_TYPE = "a key of the wrong type"
 #: the ACL refusals that carry no NOPERM code: a command refused inside a script, in Redis
 #: 6.2's words ("The user executing the script can't run this command or subcommand", "...
 #: can't publish to the channel ...", "... can't access at least one of the keys ...")
@@ -1181,9 +1183,10 @@ class FleetLink:
             out = list(self._timelines_out.items())
         for system, (timeline, server) in out:
             self.commands += 1
-            answer = self._scripts["timeline"](
-                keys=[TIMELINES_KEY],
-                args=[self.channel, self.token, system, timeline, server, MAX_TIMELINES],
+            answer = self._run_script(
+                "timeline",
+                [TIMELINES_KEY],
+                [self.channel, self.token, system, timeline, server, MAX_TIMELINES],
             )
             with self._lock:
                 if self._timelines_out.get(system) == (timeline, server):
@@ -1197,7 +1200,12 @@ class FleetLink:
         from now on would not refuse an old primary the running ones refuse. A healthy
         fleet's links know none: nothing is written."""
         self.commands += 1
-        found = self._client.hgetall(TIMELINES_KEY)
+        try:
+            found = self._client.hgetall(TIMELINES_KEY)
+        except self._redis.exceptions.ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raise type(exc)(_wrong_type_text([TIMELINES_KEY])) from exc
         for system, value in list(found.items())[:MAX_TIMELINES]:
             self._learn_entry(_shown(system), _s(value))
         if found:
@@ -1238,15 +1246,26 @@ class FleetLink:
     ) -> Any:
         if background:  # the background thread handles failures itself
             self.commands += 1
-            return self._scripts[name](keys=keys, args=args)
+            return self._run_script(name, keys, args)
         if not self.up:
             raise FleetDown(self.masked_url)
         try:
             self.commands += 1
-            return self._scripts[name](keys=keys, args=args)
+            return self._run_script(name, keys, args)
         except Exception as exc:  # any failure of the store: this process decides alone
             self.mark_down(exc)
             raise FleetDown(self.masked_url, sent=self._may_have_run(exc)) from exc
+
+    def _run_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run script ``name``. Refused for a key that holds another type of value than the
+        script's commands take (WRONGTYPE: a string where a hash is, written by another
+        client), the error names the keys, as Redis's answer does not."""
+        try:
+            return self._scripts[name](keys=keys, args=args)
+        except self._redis.exceptions.ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raise type(exc)(_wrong_type_text(keys)) from exc
 
     def _may_have_run(self, exc: BaseException) -> bool:
         """Whether a command that failed with ``exc`` may run in Redis all the same: it was
@@ -1554,6 +1573,8 @@ class FleetLink:
             return _acl_refusal(text)
         if _DB_OUT_OF_RANGE.search(text):
             return _BAD_DB
+        if _wrong_type(exc):
+            return _WRONG_TYPE
         return "an error reply"
 
     def mark_down(self, exc: BaseException) -> None:
@@ -1583,6 +1604,8 @@ class FleetLink:
                 if refusal.startswith(_ACL_REFUSED)
                 else "SELF_HEALING_REDIS_URL names a database it has"
                 if refusal == _BAD_DB
+                else "the key is deleted"
+                if refusal == _WRONG_TYPE
                 else "it takes writes again"
             )
         else:
@@ -2382,6 +2405,15 @@ def _wrong_type(exc: BaseException) -> bool:
     """Whether Redis refused a command on a key that holds another type of value than the
     command's (a string where a hash is, say): written by another client."""
     return "WRONGTYPE" in str(exc)
+
+
+def _wrong_type_text(keys: list[str]) -> str:
+    """What a link says of a command refused with WRONGTYPE on one of ``keys`` (Redis's
+    answer does not say which; TYPE is no command the library's ACL needs)."""
+    named = ", ".join(keys)
+    which = f"key {named}" if len(keys) == 1 else f"one of the keys {named}"
+    # (keys first: the problem's text is cut to a few hundred characters, see client_says)
+    return f"WRONGTYPE: {which} holds a value of another type than the library's"
 
 
 def _unreadable_record(name: str) -> dict[str, Any]:

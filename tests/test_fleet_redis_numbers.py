@@ -195,3 +195,51 @@ def test_breaker_status_shows_bad_numbers_and_keys_as_unreadable(
     assert "unreadable, none of the library's: gen 'inf'" in said["cli-inf"]
     assert said["cli-string"].startswith("cli-string: unreadable; unreadable")
     assert "until 6000000000000 s after the epoch" in said["cli-far"]
+
+
+def test_a_breaker_key_of_another_type_keeps_the_link_down_saying_which(
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A string where a breaker's hash is (WRONGTYPE): the process runs on its own breaker,
+    with one warning naming the keys and what is wrong (it said "an error reply" of a script,
+    no key), health() and breaker status answer; deleted, the link comes up and the fleet's
+    next change writes the record."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "typed"
+    keys = _fleet._keys(service)
+    client = redis_server.client()
+    client.set(keys.breaker, "a string where a hash is")
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=1, reset_timeout=600
+    )
+    factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: breaker_of(service)["shared"]["problem"], "the link's first attempt")
+    shared = breaker_of(service)["shared"]
+    assert shared["connected"] is False
+    assert shared["problem"].startswith("a key of the wrong type (ResponseError: WRONGTYPE")
+    assert keys.breaker in shared["problem"]
+    down = [r.getMessage() for r in caplog.records if "Shared state unavailable" in r.getMessage()]
+    assert len(down) == 1, down
+    assert keys.breaker in down[0]
+    assert "until the key is deleted" in down[0]
+    # units run on this process's own breaker
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    with pytest.raises(sa.exc.DBAPIError):
+        factory.run(kill_own_backend)
+    assert breaker_of(service)["state"] == "open"
+    [record] = status(redis_server.url, capsys)["breakers"]
+    assert record["state"] == "unreadable"
+
+    client.delete(keys.breaker)
+    wait_for(lambda: breaker_of(service)["shared"]["connected"], "the link, the key deleted")
+    # (the opening this process made alone is shared on rejoining)
+    [record] = status(redis_server.url, capsys)["breakers"]
+    assert record["state"] == "open"
+    assert "unreadable" not in record
+    restored = [r.getMessage() for r in caplog.records if "Shared state restored" in r.getMessage()]
+    assert len(restored) == 1
+    down = [r.getMessage() for r in caplog.records if "Shared state unavailable" in r.getMessage()]
+    assert len(down) == 1, down
