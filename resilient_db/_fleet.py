@@ -1916,7 +1916,12 @@ class FleetLink:
                 self._learn_timeline(system, int(data["t"]), server, since)
                 return
             service = str(data["s"])
-            update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
+            update = (
+                str(data["st"]),
+                _message_number(data["r"], least=-_NUMBER_MAX),
+                int(_message_number(data["g"], integer=True)),
+                int(_message_number(data["o"], integer=True)),
+            )
             mine = data.get("b") == self.token
             # the state was set by hand: the operator's reason. A change made by hand now
             # (``f``: open_breaker, close_breaker; see _FORCE) is said even when the view
@@ -2394,6 +2399,18 @@ def _record_number(text: str | None, *, integer: bool) -> float | None:
     if not (0 <= value < _NUMBER_MAX) or (integer and not value.is_integer()):
         return None
     return int(value) if integer else value
+
+
+def _message_number(value: Any, *, integer: bool = False, least: float = 0) -> float:
+    """A number of a breaker's message (see ``publish`` in the scripts): as the scripts write
+    them, finite, from ``least`` (0: not negative) to 2^53. Raises ValueError for another (a
+    message of another client's: a generation of 30 digits, taken, made every later change
+    of the breaker look older and ignored; a time left of inf opened it for good)."""
+    text = str(value)
+    number = float(text) if len(text) <= 40 else math.inf
+    if not (least <= number < _NUMBER_MAX) or (integer and not number.is_integer()):
+        raise ValueError(f"not a number of the library's: {truncated(text, 40)!r}")
+    return number
 
 
 def _shown_number(text: str) -> str:

@@ -243,3 +243,37 @@ def test_a_breaker_key_of_another_type_keeps_the_link_down_saying_which(
     assert len(restored) == 1
     down = [r.getMessage() for r in caplog.records if "Shared state unavailable" in r.getMessage()]
     assert len(down) == 1, down
+
+
+@pytest.mark.parametrize(
+    ("gen", "left"),
+    [("9" * 30, "5"), ("1", "inf"), ("1", "nan"), ("-3", "5"), ("1.5", "5"), ("9" * 5000, "5")],
+)
+def test_a_message_with_numbers_none_of_ours_is_ignored(
+    gen: str, left: str, redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    """A message on the channel (anything with access may publish one) of an opening whose
+    generation or time left no script writes is ignored as not the library's. Taken, a
+    generation of 30 digits made every later change of the breaker look older (the view kept
+    that opening for good), a time left of inf opened the breaker for good."""
+    service = "told"
+    client = redis_server.client()
+    config = rdb.Config(redis_url=redis_server.url, retry=False)
+    factory = rdb.ResilientSession(engine, service=service, config=config)
+    rdb.ResilientSession(engine, service="told-after", config=config)
+    wait_for(lambda: breaker_of(service)["shared"]["connected"], "the link")
+    channel = _fleet.CHANNEL.format(db=0)
+    message = {"s": service, "b": "someone", "st": "open", "r": left, "g": gen, "o": 1}
+    assert client.publish(channel, json.dumps(message)) == 1
+    # a change of another breaker's, whose message comes after: once it is taken, so was that
+    _fleet.operator_force(client, "told-after", state="open", seconds=600, reason="", token="x")
+    wait_for(lambda: breaker_of("told-after")["state"] == "open", "the later message")
+    assert breaker_of(service)["state"] == "closed"
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    # and the fleet's changes are followed: an opening by hand, closed by hand
+    _fleet.operator_force(client, service, state="open", seconds=600, reason="", token="x")
+    wait_for(lambda: breaker_of(service)["state"] == "open", "the opening by hand")
+    _fleet.operator_force(client, service, state="closed", seconds=0, reason="", token="x")
+    wait_for(lambda: breaker_of(service)["state"] == "closed", "the closing by hand")
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert breaker_of(service)["shared"]["connected"] is True
