@@ -853,8 +853,11 @@ return 0
 _TIMELINE = """
 local old = redis.call('HGET', KEYS[1], ARGV[3])
 if old then
-  local seen = tonumber(string.match(old, '^(%d+) '))
-  if seen ~= nil and seen >= tonumber(ARGV[4]) then return old end
+  -- (an entry none of ours, as _timeline_entry reads it, is written over: a timeline of
+  -- thousands of digits, inf to tonumber, kept the cluster's real one from the fleet)
+  local tl, us = string.match(old, '^(%d+) (%d+)')
+  local seen = tl and #tl + #us <= 40 and tonumber(tl)
+  if seen and seen >= tonumber(ARGV[4]) then return old end
 end
 local t = redis.call('TIME')
 local us = t[1] .. string.format('%06d', tonumber(t[2]))

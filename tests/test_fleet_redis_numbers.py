@@ -277,3 +277,21 @@ def test_a_message_with_numbers_none_of_ours_is_ignored(
     wait_for(lambda: breaker_of(service)["state"] == "closed", "the closing by hand")
     assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
     assert breaker_of(service)["shared"]["connected"] is True
+
+
+def test_a_timeline_entry_none_of_ours_is_raised_over(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cluster's entry in the timelines whose timeline has thousands of digits (left out
+    when read) is written over by the next process sharing that cluster's timeline: the
+    script took it for a timeline as high (tonumber: inf), and the fleet never learnt the
+    cluster's real one (its old primary not refused by the processes that missed the
+    failover)."""
+    client = redis_server.client()
+    client.hset(_fleet.TIMELINES_KEY, "7312", "9" * 5000 + " 1 x")
+    share = client.register_script(_fleet._TIMELINE)
+    channel = _fleet.CHANNEL.format(db=0)
+    share(keys=[_fleet.TIMELINES_KEY], args=[channel, "someone", "7312", 3, "db-2:5432", 64])
+    [entry] = status(redis_server.url, capsys)["timelines"]
+    assert (entry["system_identifier"], entry["timeline"]) == ("7312", 3)
+    assert entry["server"] == "db-2:5432"
