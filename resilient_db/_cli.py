@@ -777,6 +777,8 @@ def _timeline_text(entry: Mapping[str, Any]) -> str:
     """A cluster's timeline as the fleet records it, in one line: ``cluster
     7312345678901234567: timeline 2 since 2025-05-01T10:00:00Z, seen at 10.0.0.8:5432; a
     primary of it on a lower timeline is refused (an old primary back after a failover)``."""
+    if entry.get("unreadable"):
+        return f"timelines unreadable: {entry['unreadable']['key']}"
     where = f", seen at {entry['server']}" if entry["server"] else ""
     return (
         f"cluster {entry['system_identifier']}: timeline {entry['timeline']} since "

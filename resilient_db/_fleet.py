@@ -2460,9 +2460,23 @@ def operator_timelines(client: Any) -> list[dict[str, Any]]:
     by cluster: ``system_identifier``, ``timeline`` (a primary of that cluster on a lower
     one is refused by the fleet's processes), ``server`` (where a process saw it) and
     ``since`` (Redis time it was recorded, seconds since the epoch). An entry not of this
-    library's making is left out."""
+    library's making is left out; a key that holds no hash is one entry of None values but
+    ``unreadable``, why."""
     timelines = []
-    found = client.hgetall(TIMELINES_KEY).items()
+    try:
+        found = client.hgetall(TIMELINES_KEY).items()
+    except Exception as exc:
+        if not _wrong_type(exc):
+            raise
+        return [
+            {
+                "system_identifier": None,
+                "timeline": None,
+                "server": None,
+                "since": None,
+                "unreadable": {"key": _wrong_type_text([TIMELINES_KEY])},
+            }
+        ]
     for system, value in sorted((_shown(k), _s(v)) for k, v in found):
         entry = _timeline_entry(value)
         if entry is not None:

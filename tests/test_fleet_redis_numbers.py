@@ -196,6 +196,15 @@ def test_breaker_status_shows_bad_numbers_and_keys_as_unreadable(
     assert said["cli-string"].startswith("cli-string: unreadable; unreadable")
     assert "until 6000000000000 s after the epoch" in said["cli-far"]
 
+    # the timelines' key holding no hash
+    client.set(_fleet.TIMELINES_KEY, "a string where a hash is")
+    [entry] = status(redis_server.url, capsys)["timelines"]
+    assert entry["system_identifier"] is None
+    assert _fleet.TIMELINES_KEY in entry["unreadable"]["key"]
+    assert main(["breaker", "status", "--redis-url", redis_server.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith(f"timelines unreadable: WRONGTYPE: key {_fleet.TIMELINES_KEY}")
+
 
 def test_a_breaker_key_of_another_type_keeps_the_link_down_saying_which(
     redis_server: RedisServer,
