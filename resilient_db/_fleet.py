@@ -318,6 +318,14 @@ local function count(v)
   if x == nil or x ~= math.floor(x) then return nil end
   return x
 end
+-- key k, of counts only (a breaker's failures, its probe reservations, a budget's), holding
+-- another type of value than the scripts write there (WRONGTYPE: another client's) is
+-- dropped, as when it expires: every script using it was refused, and the link went down at
+-- every failure. ``cmd`` reads it as the scripts do (GET, HEXISTS: commands the ACL allows)
+local function drop_wrong_type(k, cmd, ...)
+  local r = redis.pcall(cmd, k, ...)
+  if type(r) == 'table' and r.err then redis.call('DEL', k) end
+end
 -- 1 in a script that forces the state (open() or close(), see _FORCE): its message says so
 local forced = nil
 -- the operator's reason for a change made by hand ('' for none; see _FORCE): its message says it
@@ -388,6 +396,8 @@ end
 -- while the caller's view holds an opening is written back first (see restore_view)
 local function read_breaker(...)
   local now = now_s()
+  drop_wrong_type(KEYS[2], 'GET')
+  drop_wrong_type(KEYS[3], 'HEXISTS', '')
   local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
   if (num(h[3]) or 0) == 0 and restore_view(now) then
     h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
@@ -721,6 +731,7 @@ _BUDGET = (
     _COMMON
     + """
 local now = now_s()
+drop_wrong_type(KEYS[1], 'HEXISTS', '')
 local sec = math.floor(now)
 local window = tonumber(ARGV[3])
 local alone_end = 5 + 2 * tonumber(ARGV[5])
@@ -813,6 +824,7 @@ _BUDGET_REFUND = (
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local sec = math.floor(now)
+drop_wrong_type(KEYS[1], 'HEXISTS', '')
 if ARGV[1] == 'ratio' then
   local paid = math.floor(now - tonumber(ARGV[2]))
   local window = tonumber(ARGV[4])

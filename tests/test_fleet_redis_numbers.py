@@ -60,10 +60,15 @@ def status(url: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     return payload
 
 
+def downs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "Shared state unavailable" in r.getMessage()]
+
+
 def troubles(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The lines saying the link went down, or a part of the machinery failed."""
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    return [line for line in said if "Shared state unavailable" in line or " failed" in line]
+    words = ("Shared state unavailable", "listener failed", "failed for service")
+    return [line for line in said if any(word in line for word in words)]
 
 
 @pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
@@ -225,12 +230,13 @@ def test_a_breaker_key_of_another_type_keeps_the_link_down_saying_which(
         redis_url=redis_server.url, retry=False, failure_threshold=1, reset_timeout=600
     )
     factory = rdb.ResilientSession(engine, service=service, config=config)
-    wait_for(lambda: breaker_of(service)["shared"]["problem"], "the link's first attempt")
+    # (the warning is written after ``problem`` is set: waited for, not the problem)
+    wait_for(lambda: downs(caplog), "the link's warning")
     shared = breaker_of(service)["shared"]
     assert shared["connected"] is False
     assert shared["problem"].startswith("a key of the wrong type (ResponseError: WRONGTYPE")
     assert keys.breaker in shared["problem"]
-    down = [r.getMessage() for r in caplog.records if "Shared state unavailable" in r.getMessage()]
+    down = downs(caplog)
     assert len(down) == 1, down
     assert keys.breaker in down[0]
     assert "until the key is deleted" in down[0]
@@ -250,8 +256,7 @@ def test_a_breaker_key_of_another_type_keeps_the_link_down_saying_which(
     assert "unreadable" not in record
     restored = [r.getMessage() for r in caplog.records if "Shared state restored" in r.getMessage()]
     assert len(restored) == 1
-    down = [r.getMessage() for r in caplog.records if "Shared state unavailable" in r.getMessage()]
-    assert len(down) == 1, down
+    assert len(downs(caplog)) == 1, downs(caplog)
 
 
 @pytest.mark.parametrize(
@@ -304,3 +309,50 @@ def test_a_timeline_entry_none_of_ours_is_raised_over(
     [entry] = status(redis_server.url, capsys)["timelines"]
     assert (entry["system_identifier"], entry["timeline"]) == ("7312", 3)
     assert entry["server"] == "db-2:5432"
+
+
+@pytest.mark.parametrize("key", ["failures", "probes", "budget"])
+def test_a_counts_key_of_another_type_is_dropped(
+    key: str,
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A key of counts only (a breaker's failures, its probe reservations, a budget's) that
+    holds another type of value (WRONGTYPE) is dropped by the next script, as when it
+    expires: the link stays up. Every script using it was refused, the link went down at
+    each failure, and came back, a warning each time."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = f"dropped-{key}"
+    keys = _fleet._keys(service)
+    client = redis_server.client()
+    wrong = getattr(keys, key)
+    if key == "failures":
+        client.hset(wrong, "a", "hash where a counter is")
+    else:
+        client.set(wrong, "a string where a hash is")
+    if key == "probes":  # an opening that is over: the first unit is a probe, reserved there
+        client.hset(keys.breaker, mapping={"st": "open", "until": 1, "gen": 5, "opens": 1})
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        failure_threshold=2,
+        reset_timeout=600,
+        retry_budget=0.2,
+        initial_delay=0.001,
+        max_delay=0.001,
+        max_retries=1,
+    )
+    factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: breaker_of(service)["shared"]["connected"], "the link")
+    # a failed attempt (counted fleet-wide), then its retry (paid by the fleet's budget),
+    # failing too: two failures open the breaker (a failed probe, at once: its retry refused)
+    with pytest.raises((sa.exc.DBAPIError, rdb.CircuitOpenError)):
+        factory.run(kill_own_backend)
+    assert breaker_of(service)["state"] == "open"
+    assert breaker_of(service)["shared"]["connected"] is True
+    [record] = status(redis_server.url, capsys)["breakers"]
+    assert record["state"] == "open"
+    assert client.type(wrong) in (b"none", b"string" if key == "failures" else b"hash")
+    assert rdb.health()["services"][service]["budget"]["scope"] == "fleet"
+    assert troubles(caplog) == [], troubles(caplog)
