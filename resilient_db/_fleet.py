@@ -1926,9 +1926,12 @@ class FleetLink:
                 return  # a link's alive check (see _ALIVE)
             if "tl" in data and "s" not in data:  # a cluster's timeline raised (_TIMELINE)
                 # (an earlier release's script sends no time: ``since`` unknown)
-                since = int(data["us"]) / 1_000_000 if "us" in data else None
+                # (numbers none of ours: see _timeline_number, _message_number)
+                since = (
+                    _message_number(data["us"], integer=True) / 1_000_000 if "us" in data else None
+                )
                 system, server = _shown(data["tl"]), _shown(data["at"])
-                self._learn_timeline(system, int(data["t"]), server, since)
+                self._learn_timeline(system, _timeline_number(data["t"]), server, since)
                 return
             service = str(data["s"])
             update = (
@@ -2513,7 +2516,25 @@ def _timeline_entry(value: str) -> tuple[int, float, str] | None:
     # (a number of thousands of digits is none of ours, and int() refuses it: ValueError)
     if not (timeline.isdigit() and micros.isdigit()) or len(timeline) + len(micros) > 40:
         return None
-    return int(timeline), int(micros) / 1_000_000, _shown(server)
+    try:
+        return _timeline_number(timeline), int(micros) / 1_000_000, _shown(server)
+    except ValueError:
+        return None
+
+
+#: the highest timeline of a PostgreSQL cluster (``TimeLineID`` is 32-bit)
+_MAX_TIMELINE = 2**32 - 1
+
+
+def _timeline_number(value: Any) -> int:
+    """A cluster's timeline read from Redis (an entry, a message): ValueError for one no
+    PostgreSQL has (past 32 bits, thousands of digits: none of ours). Taken, every engine
+    reaching that cluster refused its primary as an old one, on a lower timeline."""
+    text = str(value)
+    timeline = int(text) if len(text) <= 10 and text.isdigit() else 0
+    if not 1 <= timeline <= _MAX_TIMELINE:
+        raise ValueError(f"no timeline of PostgreSQL's: {truncated(text, 40)!r}")
+    return timeline
 
 
 #: a bounded table's value (see ``_bounded_put``)

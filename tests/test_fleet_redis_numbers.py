@@ -356,3 +356,42 @@ def test_a_counts_key_of_another_type_is_dropped(
     assert client.type(wrong) in (b"none", b"string" if key == "failures" else b"hash")
     assert rdb.health()["services"][service]["budget"]["scope"] == "fleet"
     assert troubles(caplog) == [], troubles(caplog)
+
+
+@pytest.mark.parametrize(
+    "told",
+    [
+        {"t": "3", "us": "9" * 4000},  # (a time int() takes, too large for a float)
+        {"t": "9" * 4000, "us": "1"},
+        {"t": str(2**32), "us": "1"},  # (no PostgreSQL timeline: they are 32-bit)
+    ],
+    ids=["time", "digits", "past-32-bits"],
+)
+def test_a_timeline_message_none_of_ours_is_ignored(
+    told: dict[str, str],
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A timeline's message on the channel with numbers no process sends is ignored: a
+    time of 4000 digits raised OverflowError out of the link's thread (the link taken
+    down: "did not answer (OverflowError)"); a timeline of 4000 digits, or past 32 bits,
+    was taken as the cluster's, and every engine reaching that cluster refused its primary
+    as an old one."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    client = redis_server.client()
+    config = rdb.Config(redis_url=redis_server.url)
+    factory = rdb.ResilientSession(engine, service="timed", config=config)
+    wait_for(lambda: breaker_of("timed")["shared"]["connected"], "the link")
+    channel = _fleet.CHANNEL.format(db=0)
+    message = {"tl": "7312", "at": "db-9:5432", "b": "someone", **told}
+    assert client.publish(channel, json.dumps(message)) == 1
+    # a message of the library's script, after it: once it is taken, so was that
+    share = client.register_script(_fleet._TIMELINE)
+    share(keys=[_fleet.TIMELINES_KEY], args=[channel, "someone", "8000", 2, "db-2:5432", 64])
+    wait_for(lambda: "8000" in breaker_of("timed")["shared"]["fleet_timelines"], "the later one")
+    assert list(breaker_of("timed")["shared"]["fleet_timelines"]) == ["8000"]
+    assert breaker_of("timed")["shared"]["connected"] is True
+    assert json.dumps(rdb.health())
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert troubles(caplog) == [], troubles(caplog)
