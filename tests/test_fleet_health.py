@@ -86,8 +86,14 @@ def test_openings_made_alone_count_in_breaker_opens_and_only_shared_ones_in_open
     fleet's openings (``fleet_opens``) this process caused. Two openings made alone, then one
     through Redis: 3 and 1, fleet_opens 1."""
     reset = 0.3
+    # (Redis's answers awaited up to 5 s: with the default 0.1 s a loaded machine's link gave up
+    # on the failure script after the restart, and the opening stayed this process's own)
     config = rdb.Config(
-        redis_url=redis_server.url, retry=False, failure_threshold=2, reset_timeout=reset
+        redis_url=redis_server.url,
+        retry=False,
+        failure_threshold=2,
+        reset_timeout=reset,
+        redis_timeout=5.0,
     )
     Factory = rdb.ResilientSession(engine, service="alone", config=config)
     wait_for(lambda: _entry("alone", "breaker")["shared"]["connected"], "the link")
