@@ -236,6 +236,71 @@ FAULTED_TABLE = {"first": "items", "second": "entries"}
 OTHER_TABLE = {"first": "entries", "second": "items"}
 
 
+def without_markers(pg_server: PostgresServer, databases: tuple[str, ...]) -> None:
+    """The commit markers uninstalled from ``databases``: units verify by transaction id."""
+    for name in databases:
+        eng = sa.create_engine(pg_server.url(name))
+        try:
+            rdb.uninstall_commit_markers(eng)
+        finally:
+            eng.dispose()
+
+
+def both_orders_settled(
+    Sessions: Any,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    proxies: tuple[FaultProxy, FaultProxy],
+    *,
+    fault: str,
+    prefix: str,
+    bind: Callable[[Session], None] | None = None,
+) -> None:
+    """Rounds of a unit of ``Sessions`` writing an item and an entry (each named
+    ``{prefix}{round}-{call}``; ``bind`` called first on its session), ``fault`` armed on the
+    COMMIT of the first database's proxy, then the second's, in turn, each round's outcome
+    checked against the databases (:func:`settled`), until both orders of SQLAlchemy's
+    COMMITs were met (the faulted database's went out first, and second)."""
+    seen: set[str] = set()
+    for round_ in range(ROUNDS):
+        held = ("first", "second")[round_ % 2]
+        for engine in engines:  # new connections for both: no order carried over
+            engine.dispose()
+        proxy = proxies[0] if held == "first" else proxies[1]
+        calls: list[str] = []
+
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+            if bind is not None:
+                bind(session)
+            name = f"{prefix}{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
+
+        releaser = armed(proxy, fault)
+        raised: BaseException | None = None
+        try:
+            Sessions.run(unit)
+        except sa.exc.DBAPIError as exc:
+            raised = exc
+        if releaser is not None:
+            releaser.join(15)
+        order = settled(
+            pg_server,
+            databases,
+            held=held,
+            fault=fault,
+            prefix=f"{prefix}{round_}-",
+            calls=calls,
+            raised=raised,
+        )
+        seen.add(order)
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # both orders were met
+
+
 @pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
 @pytest.mark.parametrize("fault", ["lost", "swallowed"])
 def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
@@ -259,48 +324,17 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
     fallback: each writing COMMIT's transaction id read before it, its status asked after a
     lost answer, in the database it went to)."""
     if not markers:
-        for name in databases:
-            eng = sa.create_engine(pg_server.url(name))
-            try:
-                rdb.uninstall_commit_markers(eng)
-            finally:
-                eng.dispose()
+        without_markers(pg_server, databases)
     Sessions = bound(*engines, service, config=PATIENT)
-    seen: set[str] = set()  # the faulted database's COMMIT went out first, or second
-    for round_ in range(ROUNDS):
-        held = ("first", "second")[round_ % 2]
-        for engine in engines:  # new connections for both: no order carried over
-            engine.dispose()
-        proxy = fault_proxy if held == "first" else second_proxy
-        calls: list[str] = []
-
-        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
-            name = f"r{round_}-{len(calls) + 1}"
-            calls.append(name)
-            session.add(Item(name=name))
-            session.add(Entry(name=name))
-
-        releaser = armed(proxy, fault)
-        raised: BaseException | None = None
-        try:
-            Sessions.run(unit)
-        except sa.exc.DBAPIError as exc:
-            raised = exc
-        if releaser is not None:
-            releaser.join(15)
-        order = settled(
-            pg_server,
-            databases,
-            held=held,
-            fault=fault,
-            prefix=f"r{round_}-",
-            calls=calls,
-            raised=raised,
-        )
-        seen.add(order)
-        if len(seen) == 2:
-            break
-    assert seen == {"first", "second"}  # both orders were met
+    both_orders_settled(
+        Sessions,
+        pg_server,
+        databases,
+        engines,
+        (fault_proxy, second_proxy),
+        fault=fault,
+        prefix="r",
+    )
 
 
 @pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
@@ -320,12 +354,7 @@ def test_a_lost_answer_of_the_part_that_only_read_leaves_the_write_done_once(
     once. (SQLAlchemy picks the order: rounds until both are met.)"""
     first, _ = databases
     if not markers:
-        for name in databases:
-            eng = sa.create_engine(pg_server.url(name))
-            try:
-                rdb.uninstall_commit_markers(eng)
-            finally:
-                eng.dispose()
+        without_markers(pg_server, databases)
     Sessions = bound(*engines, service, config=PATIENT)
     seen: set[str] = set()
     for round_ in range(ROUNDS):
@@ -367,12 +396,7 @@ def test_a_part_whose_backend_was_terminated_before_its_commit_is_settled_part_b
     (SQLAlchemy picks the order: rounds until both are met.)"""
     first, second = databases
     if not markers:
-        for name in databases:
-            eng = sa.create_engine(pg_server.url(name))
-            try:
-                rdb.uninstall_commit_markers(eng)
-            finally:
-                eng.dispose()
+        without_markers(pg_server, databases)
     Sessions = bound(*engines, service, config=PATIENT)
     seen: set[str] = set()
     for round_ in range(ROUNDS):
@@ -945,42 +969,16 @@ def test_a_unit_writing_through_an_engine_it_bound_itself_is_settled_part_by_par
     both orders of SQLAlchemy's COMMITs met. The second engine's COMMIT was unmarked: every
     such unit raised CommitOutcomeUnknownError, one that had committed nothing too."""
     Sessions = rdb.ResilientSession(engines[0], service=service, config=PATIENT)
-    seen: set[str] = set()
-    for round_ in range(ROUNDS):
-        held = ("first", "second")[round_ % 2]
-        for engine in engines:  # new connections for both: no order carried over
-            engine.dispose()
-        proxy = fault_proxy if held == "first" else second_proxy
-        calls: list[str] = []
-
-        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
-            session.bind_mapper(Entry, engines[1])
-            name = f"b{round_}-{len(calls) + 1}"
-            calls.append(name)
-            session.add(Item(name=name))
-            session.add(Entry(name=name))
-
-        releaser = armed(proxy, fault)
-        raised: BaseException | None = None
-        try:
-            Sessions.run(unit)
-        except sa.exc.DBAPIError as exc:
-            raised = exc
-        if releaser is not None:
-            releaser.join(15)
-        order = settled(
-            pg_server,
-            databases,
-            held=held,
-            fault=fault,
-            prefix=f"b{round_}-",
-            calls=calls,
-            raised=raised,
-        )
-        seen.add(order)
-        if len(seen) == 2:
-            break
-    assert seen == {"first", "second"}  # both orders were met
+    both_orders_settled(
+        Sessions,
+        pg_server,
+        databases,
+        engines,
+        (fault_proxy, second_proxy),
+        fault=fault,
+        prefix="b",
+        bind=lambda session: session.bind_mapper(Entry, engines[1]),
+    )
 
 
 @pytest.mark.asyncio
