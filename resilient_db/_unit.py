@@ -2285,7 +2285,10 @@ def _on_after_begin(session: Session, transaction: Any, connection: Any) -> None
     One call per connection a transaction begins on (a savepoint begins on its root's)."""
     if transaction.nested:
         return
-    if hooks_of(connection.engine) is None:
+    engine = connection.engine
+    # (an engine the factory hooked is a key itself: one lookup; a copy made by
+    # ``execution_options()`` is looked up through its engine)
+    if STATE.engine_hooks.get(engine) is None and hooks_of(engine) is None:
         _hook_engine_met(session, connection)
     attempt = current_attempt.get()
     if attempt is not None:
