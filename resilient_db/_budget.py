@@ -320,14 +320,20 @@ class RetryBudget:
         of the parent's first attempts. Those the parent had not yet added to the fleet's
         count (pending), and those made since its last look at its counters (the child
         inherits the counters), are the parent's: it sends them itself, and the child sending
-        its copy would count them twice fleet-wide. The child counts from here."""
+        its copy would count them twice fleet-wide. The child counts from here, as a process
+        started now: the recent first attempts (and retries) of its own figures are the
+        parent's too, and kept, every child forked could spend their ratio once more on its
+        own, the parent still spending it."""
         self._lock = threading.Lock()
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, self._clock)
         self._last_line = None
         self._pending = {}
         self._alone = {}
         snap = self._counters
-        self._local.observe(snap.attempts - snap.retries, self._clock(), reset=True)
+        local = self._local
+        self._local = LocalBudget(
+            local.ratio, local.floor, self._clock(), snap.attempts - snap.retries
+        )
 
     # -- the first attempts ------------------------------------------------------------------
     def _observe(self, now: float) -> int:

@@ -6,8 +6,10 @@ through a real Redis; Redis paused or flushed under the shared breaker and budge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet
+from fleet import Gate, fleet, forked
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
@@ -543,3 +545,36 @@ def test_a_budget_asked_for_in_code_while_a_reload_removes_the_environments_stay
     assert lost == []
     twin = rdb.ResilientSession(engine, service=made[0].policy.service, config=config)
     assert twin.policy.budget is made[0].policy.budget  # the service's one budget
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_spend_the_ratio_of_its_parents_first_attempts(
+    engine: sa.Engine,
+) -> None:
+    """A child forked from a process that made units (a preloaded app, a worker forking on its
+    own) is a new process: its budget counts its own first attempts from the fork on, not its
+    parent's, which the parent's budget pays the ratio of. Kept, every child forked could
+    spend the ratio of the parent's recent first attempts once more, on its own."""
+    config = budget_config(retry_budget=0.5)
+    Session = rdb.ResilientSession(engine, service="forkedlocal", config=config)
+    for _ in range(20):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    # the parent's budget: 0.5 x 20 first attempts
+    assert rdb.health()["services"]["forkedlocal"]["budget"]["first_attempts"] == 20
+
+    def child() -> bool:
+        engine.dispose(close=False)  # the parent's connections are the parent's
+        before = rdb.health()["services"]["forkedlocal"]
+        with contextlib.suppress(sa.exc.OperationalError):
+            Session.run(unavailable)  # its one first attempt pays for no retry (0.5 x 1)
+        after = rdb.health()["services"]["forkedlocal"]
+        return bool(
+            after["counters"]["retries"] == before["counters"]["retries"]
+            and after["budget"]["exhausted"] == before["budget"]["exhausted"] + 1
+            and after["budget"]["first_attempts"] == 1
+        )
+
+    with forked(child) as proc:
+        assert proc.result(timeout=60) is True, "the child spent its parent's budget"
+    # the parent's own is as it was
+    assert rdb.health()["services"]["forkedlocal"]["budget"]["first_attempts"] == 20
