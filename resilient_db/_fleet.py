@@ -758,9 +758,13 @@ for i = 1, #all, 2 do
   if f == 'ft' then tokens = num(v)
   elseif f == 'fts' then ts = num(v)
   elseif kind == 'd' or kind == 'w' then
-    -- (a second, or a count, that is none of ours goes: see num)
+    -- (a second, or a count, that is none of ours goes: see num). So does a second past
+    -- Redis's now: its clock was set back since (NTP, a VM restored, a failover to a replica
+    -- whose clock lags), and kept it would stay within the window until the clock reached it
+    -- again (set back an hour: first attempts paying, or retries refusing, for an hour). The
+    -- budget starts over, as when Redis loses the hash
     local s, n = num(string.sub(f, 2)), count(v)
-    if s == nil or s <= sec - window or n == nil then redis.call('HDEL', KEYS[1], f)
+    if s == nil or s <= sec - window or s > sec or n == nil then redis.call('HDEL', KEYS[1], f)
     elseif kind == 'd' then deposits = deposits + n
     else spent = spent + n end
   end

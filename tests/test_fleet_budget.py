@@ -257,3 +257,43 @@ def test_first_attempts_of_a_budget_script_redis_refused_are_sent_once_it_takes_
         lambda: _fleet_deposits(redis_server, "readonly") == made,
         "the fleet to count every first attempt once",
     )
+
+
+@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.parametrize("kind", ["d", "w"])
+def test_counts_of_seconds_past_redis_time_are_dropped(
+    kind: str, redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    """A Redis whose clock was set back (NTP stepping it, a VM restored, a Sentinel failover
+    to a replica whose clock lags) holds counts of seconds past its time now: kept, they stayed
+    within the window until its clock reached them again (set back an hour: an hour), first
+    attempts ("d") paying for retries, or retries spent ("w") refusing them, all that time.
+    They go, as counts Redis lost: the budget starts over. Here 1,000 of the one or the other
+    in the second an hour from now, as such a Redis holds them."""
+    service = f"clockback-{kind}"
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        redis_timeout=5.0,  # (a slow answer on a loaded machine: decided alone, not this test)
+        retry_budget=0.2,
+        retry_budget_floor=0,
+        circuit_breaker=False,
+        max_retries=2,
+    )
+    Session = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: _budget_entry(service)["scope"] == "fleet", "the budget to be shared")
+    client = redis_server.client()
+    key = f"resilient_db:{{{service}}}:budget"
+    now = int(client.time()[0])
+    client.hset(key, f"{kind}{now + 3600}", 1000)
+    if kind == "w":  # recent first attempts that pay for the unit's retries
+        client.hset(key, f"d{now}", 100)
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(lambda s: s.execute(UNAVAILABLE))
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["attempts"] - counters["retries"] == 1
+    # "d": its one first attempt pays for none (0.2 x 1); "w": 0.2 x 101 pay for both
+    assert counters["retries"] == (0 if kind == "d" else 2)
+    assert _budget_entry(service)["scope"] == "fleet"  # (decided by the fleet)
+    seconds = [int(f[1:]) for f in client.hkeys(key) if f[:1] in (b"d", b"w")]
+    assert seconds
+    assert max(seconds) <= int(client.time()[0])
