@@ -255,6 +255,8 @@ class RetryBudget:
         self._fleet: Any = None  # the FleetLink while shared through Redis
         #: the fleet's figures as Redis last reported them, and when (this budget's clock)
         self._fleet_view: tuple[float, FleetBudgetHealth | None] = (-math.inf, None)
+        #: Redis's time when it ran the script whose answer those figures are
+        self._fleet_view_ran = -math.inf
         # the live users whose config= of the code decides the settings (see follow)
         self._users = ConfigUsers()
         self._attach(config)
@@ -412,9 +414,24 @@ class RetryBudget:
             for age, amount in pending:
                 self._pending[second - age] = self._pending.get(second - age, 0.0) + float(amount)
 
-    def fleet_figures(self, figures: FleetBudgetHealth) -> None:
-        """The fleet's totals as Redis last reported them (for ``health()``)."""
-        self._fleet_view = (self._clock(), figures)
+    def now(self) -> float:
+        """This budget's clock."""
+        return self._clock()
+
+    def fleet_figures(self, figures: FleetBudgetHealth, *, sent: float, ran: float) -> None:
+        """The fleet's totals as Redis reported them (for ``health()``): ``ran`` is Redis's
+        time when the script ran, ``sent`` this budget's clock when it was sent. Two threads'
+        scripts sent together: the answer taken last may be the one Redis ran first (its
+        thread preempted), and the figures shown were then those of a script older than
+        Redis's count, until the next script (after an outage: for up to the window). Kept
+        unless Redis ran it before those shown; one sent after those shown were taken ran
+        after them, whatever Redis's clock says (set back meanwhile)."""
+        with self._lock:
+            taken, _ = self._fleet_view
+            if sent < taken and ran < self._fleet_view_ran:
+                return
+            self._fleet_view = (self._clock(), figures)
+            self._fleet_view_ran = ran
 
     # -- spending ----------------------------------------------------------------------------
     def withdraw(self) -> Withdrawal | None:

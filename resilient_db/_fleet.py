@@ -726,7 +726,8 @@ return {st, left, gstr(gen), opens, 0, hand_fields(st, h, 5)}
 # seconds, count) of ratio-paid retries the process spent alone while Redis did not answer,
 # then new first attempts as pairs (age, count): each is added to its own second of Redis
 # time, those past the window not at all.
-# -> {paid by ('ratio' | 'floor' | ''), first attempts in window, retries in window, floor tokens}
+# -> {paid by ('ratio' | 'floor' | ''), first attempts in window, retries in window, floor tokens,
+#     Redis's time (s)}
 _BUDGET = (
     _COMMON
     + """
@@ -785,7 +786,7 @@ if ARGV[4] == '1' then
 end
 redis.call('HSET', KEYS[1], 'ft', tostring(tokens), 'fts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], (window + 60) * 1000)
-return {paid, tostring(deposits), spent, tostring(tokens)}
+return {paid, tostring(deposits), spent, tostring(tokens), string.format('%.6f', now)}
 """
 )
 
@@ -1541,6 +1542,7 @@ class FleetLink:
         # attempts are among the deposits): the fleet counts them spent
         alone = budget.take_alone()
         alone_args = [x for age, count in alone for x in (age, count)]
+        sent = budget.now()
         try:
             answer = self._call(
                 "budget",
@@ -1567,7 +1569,9 @@ class FleetLink:
                 "retries": spent,
                 "floor_tokens": round(tokens, 1),
                 "available": round(max(0.0, ratio * deposits - spent) + tokens, 1),
-            }
+            },
+            sent=sent,
+            ran=float(answer[4]),
         )
         return answer
 

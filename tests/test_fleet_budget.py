@@ -4,6 +4,7 @@ the window (the window is shortened here so the tests run in seconds)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -297,3 +298,46 @@ def test_counts_of_seconds_past_redis_time_are_dropped(
     seconds = [int(f[1:]) for f in client.hkeys(key) if f[:1] in (b"d", b"w")]
     assert seconds
     assert max(seconds) <= int(client.time()[0])
+
+
+def test_health_shows_the_fleets_latest_answer_not_a_concurrent_earlier_one(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads spend a retry of the fleet's budget at once: Redis runs one script, then the
+    other, but the first one's answer is taken last (its thread was preempted). ``health()``
+    (and the Prometheus gauge read from it) showed that earlier answer, one retry fewer spent
+    than Redis counts, until the next script's answer: after an outage, for up to the window.
+    The figures of the script Redis ran last are kept."""
+    monkeypatch.setattr(_fleet, "FLUSH_INTERVAL", 60.0)  # only this test's scripts
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        redis_timeout=5.0,
+        retry_budget=1.0,
+        retry_budget_floor=0,
+        circuit_breaker=False,
+    )
+    Session = rdb.ResilientSession(engine, service="latest", config=config)
+    budget = _budget.budgets()["latest"]
+    wait_for(lambda: _budget_entry("latest")["scope"] == "fleet", "the budget to be shared")
+    for _ in range(10):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    answered, later_taken = threading.Event(), threading.Event()
+    taken = RetryBudget.fleet_figures
+    earlier = threading.Thread(target=budget.withdraw)
+
+    def held_back(self: RetryBudget, *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is earlier:
+            answered.set()  # Redis ran this thread's script first
+            assert later_taken.wait(10)
+        taken(self, *args, **kwargs)
+
+    monkeypatch.setattr(RetryBudget, "fleet_figures", held_back)
+    earlier.start()
+    assert answered.wait(10)
+    assert budget.withdraw() is not None  # Redis's second script: 2 retries spent of 10
+    later_taken.set()
+    earlier.join(10)
+    assert not earlier.is_alive()
+    fleet = _budget_entry("latest")["fleet"]
+    assert (fleet["first_attempts"], fleet["retries"]) == (10, 2)
+    assert fleet["available"] == 8
