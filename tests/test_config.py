@@ -356,6 +356,11 @@ def test_redis_url_and_retry_budget() -> None:
         ("SELF_HEALING_RETRY_BUDGET", "20%", "not a ratio"),
         ("SELF_HEALING_RETRY_BUDGET", "-0.2", "must not be negative"),
         ("SELF_HEALING_RETRY_BUDGET", "11", "too large; at most 10"),
+        ("SELF_HEALING_RETRY_BUDGET", "-1", "must not be negative"),
+        ("SELF_HEALING_RETRY_BUDGET", "nan", "not a ratio"),
+        ("SELF_HEALING_RETRY_BUDGET", "inf", "not a ratio"),
+        ("SELF_HEALING_RETRY_BUDGET", "", "not a ratio"),
+        ("SELF_HEALING_RETRY_BUDGET", "1e-1", "not a ratio"),
         ("SELF_HEALING_RETRY_BUDGET_FLOOR", "1001", "too large; at most 1000"),
         ("SELF_HEALING_REDIS_TIMEOUT", "0", "must be at least 1"),
         ("SELF_HEALING_REDIS_TIMEOUT", "10001", "too large"),
@@ -370,6 +375,14 @@ def test_bad_redis_and_budget_settings_are_named_and_secrets_masked(
     assert name in text
     assert reason in text
     assert "s3cret" not in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "ratio"), [("0", 0.0), ("1", 1.0), ("5", 5.0), ("0.2 ", 0.2), (".5", 0.5), ("10", 10.0)]
+)
+def test_retry_budget_ratios_taken(raw: str, ratio: float) -> None:
+    """0 is a budget of the floor alone (unset is none); spaces at the ends are the shell's."""
+    assert rdb.load_config({"SELF_HEALING_RETRY_BUDGET": raw}).retry_budget == ratio
 
 
 def test_redis_url_in_code_is_checked_and_masked() -> None:

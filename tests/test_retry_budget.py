@@ -19,13 +19,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fleet import Gate, fleet, forked
+from processes import wait_for
+from scenarios import held_and_released
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db._budget import WINDOW, LocalBudget, RetryBudget
+from resilient_db._budget import WINDOW, LocalBudget, RetryBudget, budgets
 from resilient_db.metrics import HealthCollector
-from resilient_db.testing import RedisServer
+from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -273,6 +275,190 @@ def test_async_units_give_up_at_once_too(pg_async_url: str, engine: sa.Engine) -
     entry = rdb.health()["services"]["abudget"]
     assert entry["counters"]["retries"] == 0
     assert entry["budget"]["exhausted"] == 2
+
+
+# -- every retry charged once, every unit one first attempt ---------------------------------------
+def _killed_once(tries: list[int]) -> Any:
+    """A unit whose first try loses its connection (its backend terminated): one retry."""
+
+    def unit(session: Session) -> int:
+        tries.append(1)
+        if len(tries) == 1:
+            session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    return unit
+
+
+def _run_path(
+    path: str, urls: tuple[str, str], proxy: FaultProxy, database: str, config: rdb.Config
+) -> int:
+    """Run one unit (or a drop-in session's connect) of ``path`` whose first try fails once,
+    retried; returns the first attempts the service made. ``urls``: the database's, sync and
+    async."""
+    url, async_url = urls
+    service = "charged"
+    if path in ("unit", "nested", "operation"):
+        engine = sa.create_engine(url)
+        Session = rdb.ResilientSession(engine, service=service, config=config)
+        tries: list[int] = []
+        if path == "unit":
+            Session.run(_killed_once(tries))
+        elif path == "nested":  # run once inside the outer unit, which replays
+            Session.run(lambda _: Session.run(_killed_once(tries)))
+        else:
+
+            def operation() -> int:
+                with Session.begin() as session:
+                    return int(_killed_once(tries)(session))
+
+            rdb.with_self_healing(operation, service=service, config=config)
+        engine.dispose()
+        return 1
+    if path == "async unit":
+
+        async def main() -> None:
+            aengine = create_async_engine(async_url)
+            ASession = rdb.AsyncResilientSession(aengine, service=service, config=config)
+            tries: list[int] = []
+
+            async def unit(session: Any) -> None:
+                tries.append(1)
+                if len(tries) == 1:
+                    await session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+            try:
+                await ASession.run(unit)
+            finally:
+                await aengine.dispose()
+
+        asyncio.run(main())
+        return 1
+    engine = sa.create_engine(proxy.url(database))
+    Session = rdb.ResilientSession(engine, service=service, config=config)
+    try:
+        if path == "drop-in connect":  # refused once, then the proxy lets it through
+            proxy.refuse()
+
+            def let_through(event: rdb.SelfHealEvent) -> None:
+                if event.name == "retry":  # (its attempt about to start)
+                    proxy.restore()
+
+            rdb.add_hook(let_through)
+            try:
+                with Session() as session:
+                    session.execute(sa.text("SELECT 1"))
+            finally:
+                rdb.remove_hook(let_through)
+            return 1
+        # a COMMIT that never reaches the server, its connection reset: verified not
+        # committed, and the unit replayed
+        rdb.install_commit_markers(engine)
+        Session.run(lambda s: s.execute(sa.text("CREATE TABLE IF NOT EXISTS once (n int)")))
+        proxy.swallow_commit()
+        released = held_and_released(proxy)
+        Session.run(lambda s: s.execute(sa.text("INSERT INTO once VALUES (1)")))
+        released.join(15)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM once")).scalar_one() == 1
+        return 2  # (the table's unit, the insert's)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("path", "shared"),
+    [
+        ("unit", False),
+        ("unit", True),
+        ("async unit", False),
+        ("async unit", True),
+        ("operation", False),
+        ("nested", False),
+        ("drop-in connect", False),
+        ("lost commit", False),
+    ],
+)
+def test_every_retry_is_charged_once_and_every_unit_is_one_first_attempt(
+    *,
+    path: str,
+    shared: bool,
+    pg_server: PostgresServer,
+    pg_database: str,
+    pg_async_url: str,
+    redis_server: RedisServer,
+) -> None:
+    """Whatever retries it (a unit, sync or async, an operation, a unit run once inside
+    another, a drop-in session's connect, a unit replayed once its lost COMMIT is verified
+    not committed), a retry that ran is paid once by the budget, in this process and in the
+    fleet's count, and the unit is one first attempt, not one per try."""
+    config = budget_config(
+        retry_budget=1.0,
+        **({"redis_url": redis_server.url, "redis_timeout": 5.0} if shared else {}),
+    )
+    early = sa.create_engine(pg_server.url(pg_database))
+    if shared:  # on the fleet's budget before the unit (not deciding alone meanwhile)
+        rdb.ResilientSession(early, service="charged", config=config)
+        wait_for(lambda: budgets()["charged"].shared, "the budget shared")
+    with FaultProxy(pg_server) as proxy:
+        urls = (pg_server.url(pg_database), pg_async_url)
+        made = _run_path(path, urls, proxy, pg_database, config)
+    early.dispose()
+    entry = rdb.health()["services"]["charged"]
+    counters, budget = entry["counters"], entry["budget"]
+    assert budget is not None
+    assert "available" in budget
+    assert counters["attempts"] - counters["retries"] == made
+    assert counters["retries"] == counters["retries_by_class"]["disconnect"] == 1
+    assert (budget["granted"], budget["retries"], budget["first_attempts"]) == (1, 1, made)
+    assert budget["scope"] == ("fleet" if shared else "process")
+    if shared:
+        fields = redis_server.client().hgetall("resilient_db:{charged}:budget")
+        assert sum(int(v) for k, v in fields.items() if k.startswith(b"w")) == 1
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_threads_spending_the_last_retries_at_once_never_overspend(
+    shared: bool, engine: sa.Engine, redis_server: RedisServer
+) -> None:
+    """24 threads ask a budget holding 0.5 x 10 first attempts and a floor of 2 for a retry at
+    the same moment: 5 paid by the ratio, 2 (3 if the floor refilled meanwhile) by the floor,
+    the rest refused, in this process (one lock) and through Redis (one script)."""
+    shared_settings = {"redis_url": redis_server.url, "redis_timeout": 5.0} if shared else {}
+    config = budget_config(retry_budget=0.5, retry_budget_floor=2, **shared_settings)
+    Session = rdb.ResilientSession(engine, service="lasttokens", config=config)
+    budget = budgets()["lasttokens"]
+    if shared:
+        wait_for(lambda: budget.shared, "the budget shared")
+    for _ in range(10):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    if shared:  # the first attempts in Redis first: else the scripts of the threads that ran
+        # before the one carrying them found none to pay the ratio with
+        link = budget._fleet
+        assert link is not None
+        link._flush_budgets()  # what the background thread sends about once a second
+        wait_for(
+            lambda: (budget.describe().get("fleet") or {}).get("first_attempts") == 10,
+            "the fleet to count the 10 first attempts",
+        )
+    threads = 24
+    together = threading.Barrier(threads)
+    paid: list[str | None] = []
+
+    def spend() -> None:
+        together.wait(10)
+        withdrawal = budget.withdraw()
+        paid.append(None if withdrawal is None else withdrawal.paid_by)
+
+    spenders = [threading.Thread(target=spend) for _ in range(threads)]
+    for spender in spenders:
+        spender.start()
+    for spender in spenders:
+        spender.join(30)
+    assert len(paid) == threads
+    assert paid.count("ratio") == 5
+    assert paid.count("floor") in (2, 3)
+    assert budget.shared is shared  # (decided where it was meant to be)
 
 
 @pytest.mark.slow
