@@ -55,6 +55,7 @@ __all__ = [
     "budgets",
     "recent",
     "spread",
+    "whole_retries",
 ]
 
 #: seconds a first attempt counts as "recent" (Finagle's default ttl)
@@ -194,8 +195,17 @@ class LocalBudget:
             self._tokens = max(0.0, self.floor_tokens(now) - 1.0)
 
     def available(self, now: float) -> float:
+        """The retries :meth:`try_withdraw` would pay for now."""
         deposits, spent = self.totals(now)
-        return max(0.0, self.ratio * deposits - spent) + self.floor_tokens(now)
+        return whole_retries(self.ratio * deposits - spent, self.floor_tokens(now))
+
+
+def whole_retries(ratio_left: float, floor_tokens: float) -> float:
+    """The retries a budget pays for with ``ratio_left`` (the ratio of its first attempts less
+    what the ratio paid) and ``floor_tokens``: each pays whole retries only (a retry needs one
+    whole left of either), so 0.5 and 0.9 pay for none, where their sum read as 1.4 retries
+    available while every failing unit gave up, the budget spent."""
+    return float(math.floor(max(0.0, ratio_left)) + math.floor(max(0.0, floor_tokens)))
 
 
 def _count(buckets: dict[int, int], at: float) -> None:

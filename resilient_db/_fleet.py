@@ -1535,7 +1535,7 @@ class FleetLink:
     def _budget_call(self, budget: Any, pending: list[tuple[int, int]], *, spend: bool) -> Any:
         key = _keys(budget.service).budget
         cfg = budget.config
-        from ._budget import WINDOW  # noqa: PLC0415 - the budget module imports this one
+        from ._budget import WINDOW, whole_retries  # noqa: PLC0415 - it imports this module
 
         deposit_args = [x for age, amount in pending for x in (age, amount)]
         # the retries this process paid for alone while Redis did not answer (their first
@@ -1568,7 +1568,7 @@ class FleetLink:
                 "first_attempts": round(deposits),
                 "retries": spent,
                 "floor_tokens": round(tokens, 1),
-                "available": round(max(0.0, ratio * deposits - spent) + tokens, 1),
+                "available": whole_retries(ratio * deposits - spent, tokens),
             },
             sent=sent,
             ran=float(answer[4]),

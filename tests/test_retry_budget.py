@@ -240,6 +240,45 @@ def test_recent_retries_count_what_the_floor_paid_and_not_what_was_given_back() 
     assert budget.retries(100.0 + WINDOW + 1) == 0  # past the window
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_available_is_the_whole_retries_the_budget_would_pay_for(
+    shared: bool, engine: sa.Engine, redis_server: RedisServer
+) -> None:
+    """A ratio of 0.5 over 3 first attempts pays for one retry, not 1.5: ``available`` (and
+    the Prometheus gauge read from it, "retries the budget would pay for now") said 1.5, then
+    0.5 while every failing unit gave up at once, the budget spent."""
+    pytest.importorskip("prometheus_client")
+    shared_settings = {"redis_url": redis_server.url, "redis_timeout": 5.0} if shared else {}
+    config = budget_config(retry_budget=0.5, **shared_settings)
+    Session = rdb.ResilientSession(engine, service="whole", config=config)
+    budget = budgets()["whole"]
+    if shared:
+        wait_for(lambda: budget.shared, "the budget shared")
+    for _ in range(3):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    if shared:
+        link = budget._fleet
+        assert link is not None
+        link._flush_budgets()  # what the background thread sends about once a second
+        wait_for(
+            lambda: (budget.describe().get("fleet") or {}).get("first_attempts") == 3,
+            "the fleet to count the 3 first attempts",
+        )
+    assert rdb.health()["services"]["whole"]["budget"]["available"] == 1
+    assert budget.withdraw() is not None
+    entry = rdb.health()["services"]["whole"]["budget"]
+    assert entry["available"] == 0
+    assert entry["scope"] == ("fleet" if shared else "process")
+    gauge = {
+        s.labels.get("service"): s.value
+        for family in HealthCollector().collect()
+        for s in family.samples
+        if s.name == "resilient_db_retry_budget_available"
+    }
+    assert gauge["whole"] == 0.0
+    assert budget.withdraw() is None  # (what it said: nothing left)
+
+
 def test_metrics_show_the_budget(engine: sa.Engine) -> None:
     pytest.importorskip("prometheus_client")
     Session = rdb.ResilientSession(engine, service="metered", config=budget_config())
