@@ -48,6 +48,9 @@ SYNC_POOLS: dict[str, dict[str, Any]] = {
     "queue-of-one": {"pool_size": 1, "max_overflow": 0, "pool_timeout": 5},
     "unbounded-overflow": {"pool_size": 1, "max_overflow": -1},
     "lifo": {"pool_use_lifo": True},
+    # recycled at every checkout (older than 0 s): each unit, check and prune on a new
+    # connection, the one it replaces closed as it is checked out
+    "recycle": {"pool_recycle": 0},
     "reset-none": {"pool_reset_on_return": None},
     "reset-commit": {"pool_reset_on_return": "commit"},
     "pre-ping": {"pool_pre_ping": True},
