@@ -659,11 +659,12 @@ def engine_of_options(engine: Any) -> Any:
     are the engine's (SQLAlchemy files them on the shared pool and dialect, and the copy's
     dispatch joins the engine's): hooks installed per engine are installed on this one.
 
-    Private: ``OptionEngine._proxied`` (verified 2.1.9; set by ``OptionEngineMixin.__init__``
-    since 1.4). Taken only when it is an engine with the same dialect. Gone: ``engine``
-    itself (degrading is safe as far as it goes: each copy gets hooks of its own, as before,
-    heard twice on the shared pool and dialect; the canary fails). Public alternative: none
-    (the copy's ``pool`` and ``dialect`` are its engine's, but nothing names the engine)."""
+    Private: ``OptionEngine._proxied`` (verified 2.0.52, 2.1.9; set by
+    ``OptionEngineMixin.__init__`` since 1.4). Taken only when it is an engine with the same
+    dialect. Gone: ``engine`` itself (degrading is safe as far as it goes: each copy gets
+    hooks of its own, as before, heard twice on the shared pool and dialect; the canary
+    fails). Public alternative: none (the copy's ``pool`` and ``dialect`` are its engine's,
+    but nothing names the engine)."""
     while isinstance(engine, sa.engine.Engine):
         proxied = getattr(engine, "_proxied", None)
         if not isinstance(proxied, sa.engine.Engine) or proxied.dialect is not engine.dialect:

@@ -1118,6 +1118,25 @@ def test_psycopg_simple_query_runs_every_statement_and_fails_as_psycopg(
         )
 
 
+@pytest.mark.asyncio
+async def test_psycopg_simple_query_async_runs_every_statement(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """The async twin reads the same names on ``AsyncConnection``, a class of its own (its
+    ``lock`` an ``asyncio.Lock``, its ``wait()`` a coroutine): canaried there too."""
+    message = _says(
+        "psycopg",
+        "psycopg.generators.execute / AsyncConnection.lock / AsyncConnection.wait()",
+        "psycopg_simple_query_async",
+        "the marked COMMIT of every unit on psycopg's async connections fails",
+    )
+    async with await psycopg.AsyncConnection.connect(pg_server.conninfo(pg_database)) as conn:
+        await conn.execute("SELECT 1")  # a transaction open, as a unit's
+        results = await _internals.psycopg_simple_query_async(conn, b"SELECT 1; COMMIT")
+        assert [r.command_status for r in results] == [b"SELECT 1", b"COMMIT"], message
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, message
+
+
 def test_psycopg_on_deallocate_all_is_told_when_psycopg_drops_its_statements(
     pg_server: PostgresServer, pg_database: str
 ) -> None:
