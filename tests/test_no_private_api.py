@@ -214,3 +214,22 @@ def test_internals_imports_nothing_private_unguarded() -> None:
             if private:
                 unguarded.append(f"line {node.lineno}: from {node.module} import ...")
     assert not unguarded, unguarded
+
+
+def test_every_function_of_internals_reading_a_private_name_has_a_canary() -> None:
+    """Each public function of ``_internals.py`` whose docstring names a private API it reads
+    is called by name in ``tests/test_internals.py``, its canary (as the README says each has):
+    ``psycopg_simple_query_async``, whose names are ``AsyncConnection``'s, not those of the
+    sync twin's ``Connection``, had none."""
+    canaries = (Path(__file__).resolve().parent / "test_internals.py").read_text()
+    tree = ast.parse(INTERNALS.read_text(), str(INTERNALS))
+    functions = {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and not node.name.startswith("_")
+        and "private" in (ast.get_docstring(node) or "").lower()
+    }
+    assert len(functions) > 30
+    called = {name for name in functions if f"_internals.{name}(" in canaries}
+    assert sorted(functions - called) == []
