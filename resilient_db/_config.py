@@ -635,6 +635,13 @@ def role_problem(name: object) -> str | None:
         return f"has spaces at its ends ({name!r}); give the role's name without them"
     if "\x00" in name:
         return "a role name can't hold a NUL character"
+    if "://" in name:
+        # a Redis or database URL set here by mistake (the one setting of free text): taken
+        # for a role name, it was printed by check-config, password and all, and sent in SQL
+        return (
+            "looks like a URL, not a role name (a Redis or database URL set in the wrong "
+            "variable?); give the name of the role that owns the commit markers"
+        )
     if len(name.encode()) > _MAX_NAME_BYTES:
         return f"too long for a PostgreSQL role name (at most {_MAX_NAME_BYTES} bytes)"
     return None

@@ -543,6 +543,30 @@ def test_a_url_set_in_the_wrong_setting_is_shown_masked(secret: str) -> None:
     assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "secret",
+    ["redis://:hunter2@cache.internal:6379/0", "postgresql://app:hunter2@db.internal/app"],
+)
+def test_a_url_set_as_the_markers_owner_is_refused_masked(
+    secret: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``SELF_HEALING_MARKERS_OWNER``, the one setting of free text, took a URL set there by
+    mistake for a role name: ``resilient-db check-config`` printed it, password and all, as did
+    ``repr(Config)`` and ``as_env(masked=True)``, and its SQL sent it to the server. A URL is
+    no role name anyone made: refused, shown masked, as in every other setting."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_MARKERS_OWNER": secret})
+    assert "hunter2" not in str(info.value)
+    assert "***@" in info.value.problems["SELF_HEALING_MARKERS_OWNER"]
+    assert "URL" in info.value.problems["SELF_HEALING_MARKERS_OWNER"]
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(markers_owner=secret)
+    assert "hunter2" not in str(info.value)
+    assert "URL" in info.value.problems["markers_owner"]
+    # a role name with a colon or a slash, quoted as PostgreSQL takes it, is still a role name
+    assert rdb.Config(markers_owner="team/migrations:v2").markers_owner == "team/migrations:v2"
+
+
 def test_a_reload_refused_for_a_missing_redis_package_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
