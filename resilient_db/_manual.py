@@ -72,7 +72,9 @@ def check_change(
     if service is not None:
         check_service_name(service, where)
         assert isinstance(service, str)
-    return service, _checked_reason(reason, where), _checked_seconds(seconds, where)
+    # (the command requires --reason: an empty one is not told it may be left out)
+    checked = _checked_reason(reason, where, optional=False)
+    return service, checked, _checked_seconds(seconds, where)
 
 
 def _breaker_of(service: str, where: str) -> Breaker:
@@ -108,9 +110,10 @@ def _breaker_of(service: str, where: str) -> Breaker:
     )
 
 
-def _checked_reason(reason: object, where: str) -> str | None:
+def _checked_reason(reason: object, where: str, *, optional: bool = True) -> str | None:
     """``reason`` if it can be one (it goes into log lines, errors and Redis, as a service
-    name does), else a ``TypeError``/``ValueError`` naming it."""
+    name does), else a ``TypeError``/``ValueError`` naming it (``optional``: the caller may
+    leave it out, which an empty one's error suggests)."""
     if reason is None:
         return None
     if not isinstance(reason, str):
@@ -118,7 +121,7 @@ def _checked_reason(reason: object, where: str) -> str | None:
     if not reason.strip():
         raise ValueError(
             f"{where}: reason is {'empty' if not reason else 'blank'}: give a short text "
-            "such as 'database upgrade', or leave it out"
+            "such as 'database upgrade'" + (", or leave it out" if optional else "")
         )
     problem = unfit_label(reason, MAX_REASON)
     if problem is not None:

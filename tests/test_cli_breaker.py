@@ -262,10 +262,26 @@ def test_bad_input_is_refused_with_the_librarys_own_words(
         rdb.open_breaker(service, **({"reason": REASON} | library))
     said = str(raised.value).removeprefix("open_breaker(): ")
     said = said.replace("open_breaker()", f"resilient-db breaker {argv[0]}")
+    # (the command's --reason is required: it does not offer leaving it out)
+    said = said.replace(", or leave it out", "")
     assert main(["breaker", *argv]) == 2
     err = capsys.readouterr().err
     assert err == f"resilient-db breaker {argv[0]}: error: {said}\n"
     assert redis_server.client().keys("resilient_db:{*") == []  # (no breaker's key)
+
+
+@pytest.mark.parametrize("reason", ["", "  "])
+def test_an_empty_reason_is_not_told_to_be_left_out(
+    reason: str, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command requires --reason: an empty one is refused without the library's advice to
+    leave it out (which open_breaker() takes, and which the command refuses as a usage error)."""
+    clean_env.setenv("SELF_HEALING_REDIS_URL", "redis://127.0.0.1:1/0")  # (never reached)
+    assert main(["breaker", "open", "orders", "--reason", reason]) == 2
+    err = capsys.readouterr().err
+    assert "reason is" in err
+    assert "leave it out" not in err
+    assert "give a short text such as 'database upgrade'" in err
 
 
 def test_a_seconds_that_is_no_number_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
