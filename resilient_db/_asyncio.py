@@ -21,7 +21,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import (
@@ -159,7 +159,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,
-        breaker_listeners: tuple[Any, ...] = ...,
+        breaker_listeners: Iterable[Any] = ...,
         asleep: Callable[[float], Awaitable[None]] = ...,
         clock: Callable[[], float] = ...,
         wall_clock: Callable[[], float] | None = ...,
@@ -174,7 +174,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,
-        breaker_listeners: tuple[Any, ...] = ...,
+        breaker_listeners: Iterable[Any] = ...,
         asleep: Callable[[float], Awaitable[None]] = ...,
         clock: Callable[[], float] = ...,
         wall_clock: Callable[[], float] | None = ...,
@@ -188,7 +188,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         config: Config | None = None,
         classifier: Classifier | None = None,
         breaker_storage: Any = None,
-        breaker_listeners: tuple[Any, ...] = (),
+        breaker_listeners: Iterable[Any] = (),
         asleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] | None = None,

@@ -22,7 +22,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import (
@@ -142,7 +142,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,
-        breaker_listeners: tuple[Any, ...] = ...,
+        breaker_listeners: Iterable[Any] = ...,
         sleep: Callable[[float], None] = ...,
         clock: Callable[[], float] = ...,
         wall_clock: Callable[[], float] | None = ...,
@@ -157,7 +157,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,
-        breaker_listeners: tuple[Any, ...] = ...,
+        breaker_listeners: Iterable[Any] = ...,
         sleep: Callable[[float], None] = ...,
         clock: Callable[[], float] = ...,
         wall_clock: Callable[[], float] | None = ...,
@@ -171,7 +171,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         config: Config | None = None,
         classifier: Classifier | None = None,
         breaker_storage: Any = None,
-        breaker_listeners: tuple[Any, ...] = (),
+        breaker_listeners: Iterable[Any] = (),
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] | None = None,

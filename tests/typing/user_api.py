@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Coroutine, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
+import pybreaker
 import redis
 import sqlalchemy as sa
 from alembic import op
@@ -255,6 +256,18 @@ classifier = rdb.Classifier().with_codes({"55006": rdb.Outcome.CONFLICT}).withou
 assert_type(classifier, rdb.Classifier)
 assert_type(rdb.is_transient(ValueError(), classifier=classifier), bool)
 FactoryWithCodes = rdb.ResilientSession(engine, classifier=classifier, config=config)
+
+
+class OpeningsHeard(pybreaker.CircuitBreakerListener):
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        pass
+
+
+# listeners as docs/circuit-breaker.md gives them, a list (any iterable is taken)
+Listened = rdb.ResilientSession(engine, service="listened", breaker_listeners=[OpeningsHeard()])
+AsyncListened = rdb.AsyncResilientSession(
+    aengine, service="listened", breaker_listeners=[OpeningsHeard()]
+)
 
 try:
     start(1)
