@@ -433,6 +433,38 @@ def test_rules_set_after_the_class_was_mapped_are_refused(engine: sa.Engine) -> 
         reg.dispose()
 
 
+def test_rules_set_after_the_mappers_were_configured_are_refused(engine: sa.Engine) -> None:
+    """``Later.__transitions__ = ...`` once the mappers were configured (a query ran first), in
+    a process where classes with rules were mapped (this module's): the class, configured
+    without rules, had its guards compiled as none, and rules set on it afterwards were never
+    looked at: its flush and its bulk UPDATEs went through unjudged (an illegal status
+    committed) and the trigger's install said it declared no __transitions__. Refused, as the
+    rules set before configuration are, by every write of it."""
+    reg = registry()
+    try:
+
+        class Later(reg.generate_base()):  # type: ignore[misc]
+            __tablename__ = "shape_accounts"
+            id = sa.Column(sa.Integer, primary_key=True)
+            status = sa.Column(sa.String(20), default="pending")
+
+        reg.configure()
+        sa.inspect(Later).local_table  # noqa: B018 - (configured, its guards compiled: none)
+        Later.__transitions__ = _rules()
+        with pytest.raises(TransitionRulesError, match="was set after Later was mapped"):
+            rdb.transition_trigger_sql(Later)
+        with _factory(engine)() as s:
+            s.add(Later(id=1, status="done"))
+            with pytest.raises(TransitionRulesError, match="after Later"):
+                s.flush()
+        _run(engine, "INSERT INTO shape_accounts VALUES (2, 'pending')")
+        with _factory(engine)() as s, pytest.raises(TransitionRulesError, match="after Later"):
+            s.execute(sa.update(Later).where(Later.id == 2).values(status="done"))
+        assert _statuses(engine, "shape_accounts") == [(2, "pending")]
+    finally:
+        reg.dispose()
+
+
 @dataclasses.dataclass
 class _Phase:
     status: str

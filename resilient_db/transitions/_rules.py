@@ -800,6 +800,11 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
     """The compiled guards of ``mapper`` (compiled and validated on first use)."""
     found = _compiled.get(mapper)
     if found is not None:
+        if not found or found[0].lender is not None:
+            # compiled without rules of its own (its own guards come first): rules set on the
+            # class since (after the mappers were configured, which compiled it) are refused,
+            # as those set before are, not left unseen by every write of it
+            _refuse_rules_set_late(mapper)
         return found
     declared = getattr(mapper.class_, "__transitions__", None)
     if abstract_concrete(mapper):
@@ -807,14 +812,7 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
     guards: tuple[Guard, ...] = ()
     if declared is not None:
         owner = mapper.class_.__name__
-        if mapper.class_ not in _declared_when_mapped:
-            raise TransitionRulesError(
-                f"{owner}.__transitions__ was set after {owner} was mapped: the guard of bulk "
-                "UPDATEs and the flush's listeners are set up as a class with rules is mapped, "
-                "so rules added later would leave writes of it unjudged; declare "
-                f"__transitions__ in the body of {owner} (or of a mixin or base class it "
-                "inherits it from, or on the class before registry.map_imperatively())"
-            )
+        _refuse_rules_set_late(mapper)
         rules = _normalize_rules(declared, owner)
         guards = tuple(_compile(mapper, r) for r in rules)
         columns = [g.column for g in guards]
@@ -835,6 +833,26 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
             refs[:] = [r for r in refs if r() is not None]
             refs.append(weakref.ref(g))
     return guards + lent
+
+
+def _refuse_rules_set_late(mapper: Mapper[Any]) -> None:
+    """Raise if ``mapper``'s class has ``__transitions__`` that it did not have when it was
+    mapped (see :func:`declared_when_mapped`)."""
+    class_ = mapper.class_
+    if (
+        getattr(class_, "__transitions__", None) is None
+        or class_ in _declared_when_mapped
+        or abstract_concrete(mapper)
+    ):
+        return
+    owner = class_.__name__
+    raise TransitionRulesError(
+        f"{owner}.__transitions__ was set after {owner} was mapped: the guard of bulk "
+        "UPDATEs and the flush's listeners are set up as a class with rules is mapped, "
+        "so rules added later would leave writes of it unjudged; declare "
+        f"__transitions__ in the body of {owner} (or of a mixin or base class it "
+        "inherits it from, or on the class before registry.map_imperatively())"
+    )
 
 
 #: The classes that had ``__transitions__`` (their own or inherited) when they were mapped
