@@ -800,10 +800,12 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
     """The compiled guards of ``mapper`` (compiled and validated on first use)."""
     found = _compiled.get(mapper)
     if found is not None:
-        if not found or found[0].lender is not None:
-            # compiled without rules of its own (its own guards come first): rules set on the
-            # class since (after the mappers were configured, which compiled it) are refused,
-            # as those set before are, not left unseen by every write of it
+        # compiled without rules of its own (its own guards come first): rules set on the
+        # class since (after the mappers were configured, which compiled it) are refused, as
+        # those set before are, not left unseen by every write of it (looked at inline: every
+        # flush of every class passes here)
+        late = getattr(mapper.class_, "__transitions__", None)
+        if late is not None and (not found or found[0].lender is not None):
             _refuse_rules_set_late(mapper)
         return found
     declared = getattr(mapper.class_, "__transitions__", None)
