@@ -20,7 +20,8 @@ Run it (a few minutes; it is not part of ``make test``)::
 the schemas ``test_schema`` and ``test_schema_2``); ``--through-only`` skips the plain run;
 ``--keep DIR`` keeps the two runs' JUnit XML files there. Each test that passes plainly and not
 through resilient_db is listed with its judgement from :data:`KNOWN_DIFFERENCES` (see
-docs/sqlalchemy-suite.md); the exit status is 1 when one of them is new, else 0.
+docs/sqlalchemy-suite.md), which names the test and what its failure says; the exit status
+is 1 when one of them is new (a judged test failing with another message is new too), else 0.
 
 How the sessions are routed (pytest plugin ``sqlalchemy_suite``, on when
 ``RDB_SQLA_SUITE_ROUTE=1``): SQLAlchemy's ``fixture_session()`` and, in every collected test
@@ -59,49 +60,66 @@ DEFAULT_MODULES = (
     "test/orm/test_unitofworkv2.py",
 )
 
-#: The differences seen and judged (docs/sqlalchemy-suite.md): ``Class::test`` patterns (the
-#: class without SQLAlchemy's backend suffix, the test without its parameters) -> why the
-#: test differs through resilient_db without a defect of the drop-in. A difference matching
-#: none of these is new: the run says so and exits with 1.
-KNOWN_DIFFERENCES: dict[str, str] = {
-    "GetBindTest::test_bind_*": "a Mock given as a bind in binds=: refused (TypeError), no engine",
+#: The differences seen and judged (docs/sqlalchemy-suite.md): ``Class::test`` pattern (the
+#: class without SQLAlchemy's backend suffix, the test without its parameters) -> (text the
+#: failure's message holds, why the test differs through resilient_db without a defect of the
+#: drop-in). A difference matching no pattern, or failing with another message (the same test
+#: failing for a new reason), is new: the run says so and exits with 1.
+_MOCK = "takes an Engine, got Mock"
+_ASYNC_ENGINE = "ResilientSession takes an Engine, got AsyncEngine"
+_IDENTITY = "_MySession'> is not <class"
+KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
+    "GetBindTest::test_bind_*": (
+        _MOCK,
+        "a Mock given as a bind in binds=: refused (TypeError), no engine",
+    ),
     "GetBindTest::test_clause_extracts_orm_plugin_subject": (
-        "a Mock given as a bind in binds=: refused (TypeError), no engine"
+        _MOCK,
+        "a Mock given as a bind in binds=: refused (TypeError), no engine",
     ),
     "SessionTransactionTest::test_execution_options_*": (
-        "a Mock given as the bind: refused (TypeError), no engine"
+        _MOCK,
+        "a Mock given as the bind: refused (TypeError), no engine",
     ),
     "AsyncScopedSessionTest::test_attributes": (
+        _ASYNC_ENGINE,
         "sessionmaker(async_engine, class_=AsyncSession): an AsyncEngine is refused by "
-        "ResilientSession (TypeError naming AsyncResilientSession)"
+        "ResilientSession (TypeError naming AsyncResilientSession)",
     ),
     "AsyncSessionTransactionTest::test_orm_sessionmaker_block_*": (
+        _ASYNC_ENGINE,
         "sessionmaker(async_engine, class_=AsyncSession): an AsyncEngine is refused by "
-        "ResilientSession (TypeError naming AsyncResilientSession)"
+        "ResilientSession (TypeError naming AsyncResilientSession)",
     ),
     "OverrideSyncSession::test_init_orm_sessionmaker": (
+        _ASYNC_ENGINE,
         "sessionmaker(async_engine, class_=AsyncSession): an AsyncEngine is refused by "
-        "ResilientSession (TypeError naming AsyncResilientSession)"
+        "ResilientSession (TypeError naming AsyncResilientSession)",
     ),
     "AsyncProxyTest::test_inspect_session_no_asyncio_*": (
+        "takes a sync Engine, got one whose driver",
         "Session(engine) on a sync Engine with an async driver (asyncpg, psycopg async): "
-        "refused (TypeError), its statements run only inside SQLAlchemy's greenlet"
+        "refused (TypeError), its statements run only inside SQLAlchemy's greenlet",
     ),
     "AsyncSessionTest::test_requires_async_engine": (
+        "AsyncResilientSession takes an AsyncEngine, got Engine",
         "AsyncSession(bind=sync Engine): refused by the factory with a TypeError, where "
-        "SQLAlchemy raises ArgumentError at the session"
+        "SQLAlchemy raises ArgumentError at the session",
     ),
     "OverrideSyncSession::test_init_class": (
+        _IDENTITY,
         "sync_session_class is the factory's subclass of the class given (isinstance holds, "
-        "identity does not)"
+        "identity does not)",
     ),
     "OverrideSyncSession::test_init_asyncio_sessionmaker": (
+        _IDENTITY,
         "sync_session_class is the factory's subclass of the class given (isinstance holds, "
-        "identity does not)"
+        "identity does not)",
     ),
     "OverrideSyncSession::test_default": (
+        "is not <class 'sqlalchemy_suite.Session'>",
         "the routing's own: the test compares a class with the name Session, which the "
-        "routing replaced"
+        "routing replaced",
     ),
 }
 
@@ -253,20 +271,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 # -- the driver ------------------------------------------------------------------------------
 
 
-def _outcomes(xml_path: Path) -> dict[str, str]:
-    """test id -> passed / failed / error / skipped, from a JUnit XML file."""
-    result: dict[str, str] = {}
+def _outcomes(xml_path: Path) -> dict[str, tuple[str, str]]:
+    """test id -> (passed / failed / error / skipped, the failure's message), from a JUnit
+    XML file."""
+    result: dict[str, tuple[str, str]] = {}
     if not xml_path.exists():
         return result
     for case in ET.parse(xml_path).iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        outcome = "passed"
+        outcome, message = "passed", ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                message = child.get("message") or ""
                 if outcome != "skipped":
                     break
-        result[name] = outcome
+        result[name] = (outcome, message)
     return result
 
 
@@ -349,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     return _report(plain, routed, through_only=args.through_only)
 
 
-def _report(plain: dict[str, str], routed: dict[str, str], *, through_only: bool) -> int:
-    def count(outcomes: dict[str, str], what: str) -> int:
-        return sum(1 for o in outcomes.values() if o == what)
+def _report(
+    plain: dict[str, tuple[str, str]], routed: dict[str, tuple[str, str]], *, through_only: bool
+) -> int:
+    def count(outcomes: dict[str, tuple[str, str]], what: str) -> int:
+        return sum(1 for o, _ in outcomes.values() if o == what)
 
     if not through_only:
         print(
@@ -363,26 +385,39 @@ def _report(plain: dict[str, str], routed: dict[str, str], *, through_only: bool
         f" failed, {count(routed, 'error')} errors, {count(routed, 'skipped')} skipped"
     )
     if through_only:
-        differences = sorted(t for t, o in routed.items() if o in ("failed", "error"))
+        differences = sorted(t for t, (o, _) in routed.items() if o in ("failed", "error"))
     else:
         differences = sorted(
-            t for t, o in plain.items() if o == "passed" and routed.get(t, "missing") != "passed"
+            t
+            for t, (o, _) in plain.items()
+            if o == "passed" and routed.get(t, ("missing", ""))[0] != "passed"
         )
     new = 0
     for test in differences:
-        why = known_difference(test)
+        outcome, message = routed.get(test, ("missing", ""))
+        why = known_difference(test, message)
         new += why is None
-        print(f"  {routed.get(test, 'missing'):8} {test}: {why or 'NEW, not judged yet'}")
+        print(f"  {outcome:8} {test}: {why or 'NEW, not judged yet'}")
+        if why is None:
+            print(f"           {message.splitlines()[0] if message else '(no message)'}")
     print(f"{len(differences)} difference(s), {new} of them new")
     return 1 if new else 0
 
 
-def known_difference(test: str) -> str | None:
-    """Why ``test`` (``module.Class::name``, as JUnit names it) is a known difference."""
+def known_difference(test: str, message: str) -> str | None:
+    """Why ``test`` (``module.Class::name``, as JUnit names it), failing with ``message``, is
+    a known difference."""
     classname, _, name = test.rpartition("::")
     cls = classname.rsplit(".", 1)[-1].split("_postgresql", 1)[0]
     key = f"{cls}::{name.split('[', 1)[0]}"
-    return next((why for p, why in KNOWN_DIFFERENCES.items() if fnmatch.fnmatchcase(key, p)), None)
+    return next(
+        (
+            why
+            for pattern, (says, why) in KNOWN_DIFFERENCES.items()
+            if fnmatch.fnmatchcase(key, pattern) and says in message
+        ),
+        None,
+    )
 
 
 if __name__ == "__main__":
