@@ -6,7 +6,8 @@ suite (the ``test/`` directory of its source distribution, for the version insta
 the chosen modules twice against a throwaway PostgreSQL (the project's embedded server), once
 plainly and once with this file loaded as a pytest plugin, which makes every session those tests
 make come from resilient_db's factories with their default configuration (retries, breaker,
-transition guard on; commit markers not installed), and reports each test whose outcome differs.
+transition guard on; commit markers not installed unless ``--markers``), and reports each
+test whose outcome differs.
 
 Run it (a few minutes; it is not part of ``make test``)::
 
@@ -18,6 +19,8 @@ Run it (a few minutes; it is not part of ``make test``)::
 
 ``--url URL`` uses an existing server instead (a database the suite may fill with tables and
 the schemas ``test_schema`` and ``test_schema_2``); ``--through-only`` skips the plain run;
+``--markers`` installs the commit markers before the run through resilient_db (without it,
+its units verify a lost COMMIT answer by transaction id);
 ``--keep DIR`` keeps the two runs' JUnit XML files there. Each test that passes plainly and not
 through resilient_db is listed with its judgement from :data:`KNOWN_DIFFERENCES` (see
 docs/sqlalchemy-suite.md), which names the test and what its failure says; the exit status
@@ -331,6 +334,18 @@ def _prepare(url: str) -> None:
     engine.dispose()
 
 
+def _install_markers(url: str) -> None:
+    """The commit markers, for the run through resilient_db only (the plain run's database
+    stays as SQLAlchemy's suite expects it)."""
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    import resilient_db as rdb  # noqa: PLC0415
+
+    engine = sa.create_engine(url)
+    rdb.install_commit_markers(engine)
+    engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, type=Path, help="SQLAlchemy's unpacked sdist")
@@ -339,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         "--driver", default="psycopg", choices=("psycopg", "asyncpg", "psycopg_async")
     )
     parser.add_argument("--through-only", action="store_true")
+    parser.add_argument(
+        "--markers",
+        action="store_true",
+        help="install the commit markers before the run through resilient_db",
+    )
     parser.add_argument("--keep", type=Path, help="keep the JUnit XML files in this directory")
     parser.add_argument("modules", nargs="*", default=list(DEFAULT_MODULES))
     args, extra = parser.parse_known_args(argv)
@@ -364,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         plain_xml, routed_xml = out / "plain.xml", out / "routed.xml"
         if not args.through_only:
             _run(args.source, dburi_text, args.modules, plain_xml, route=False, extra=extra)
+        if args.markers:
+            _install_markers(url)
         _run(args.source, dburi_text, args.modules, routed_xml, route=True, extra=extra)
         plain, routed = _outcomes(plain_xml), _outcomes(routed_xml)
     return _report(plain, routed, through_only=args.through_only)
