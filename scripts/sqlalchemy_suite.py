@@ -20,7 +20,9 @@ Run it (a few minutes; it is not part of ``make test``)::
 ``--url URL`` uses an existing server instead (a database the suite may fill with tables and
 the schemas ``test_schema`` and ``test_schema_2``); ``--through-only`` skips the plain run;
 ``--markers`` installs the commit markers before the run through resilient_db (without it,
-its units verify a lost COMMIT answer by transaction id);
+its units verify a lost COMMIT answer by transaction id); ``--guarded-model`` maps a model
+with transition rules there, which puts the guard's ``do_orm_execute`` listener on every
+session (without one no model has rules, and it is not registered);
 ``--keep DIR`` keeps the two runs' JUnit XML files there. Each test that passes plainly and not
 through resilient_db is listed with its judgement from :data:`KNOWN_DIFFERENCES` (see
 docs/sqlalchemy-suite.md), which names the test and what its failure says; the exit status
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 ROUTE_ENV = "RDB_SQLA_SUITE_ROUTE"
+GUARDED_ENV = "RDB_SQLA_SUITE_GUARDED"
 
 DEFAULT_MODULES = (
     "test/orm/test_transaction.py",
@@ -216,6 +219,30 @@ def _routing() -> bool:
     return os.environ.get(ROUTE_ENV) == "1"
 
 
+def _declare_guarded_model() -> None:
+    """A model with transition rules, mapped before the tests run (and never used by them):
+    the transition guard's ``do_orm_execute`` listener is then on every factory's sessions
+    and every mapper the tests configure is looked at for a guarded table, as in an
+    application with rules (without one, neither runs)."""
+    import sqlalchemy as sa  # noqa: PLC0415
+    from sqlalchemy import orm  # noqa: PLC0415
+
+    import resilient_db as rdb  # noqa: PLC0415
+
+    class Base(orm.DeclarativeBase):
+        pass
+
+    class SuiteGuarded(Base):
+        __tablename__ = "rdb_suite_guarded"
+        id = sa.Column(sa.Integer, primary_key=True)
+        status = sa.Column(sa.String(20), nullable=False)
+        __transitions__ = rdb.TransitionRules(
+            column="status", transitions={"new": {"done"}}, initial={"new"}
+        )
+
+    _ROUTED["guarded model"] = (SuiteGuarded, SuiteGuarded)  # (kept, named by no module)
+
+
 def _route_fixture_session() -> None:
     """SQLAlchemy's ``fixture_session()``: a session from a factory (imported only now:
     SQLAlchemy's plugin sets its testing package up first)."""
@@ -246,6 +273,8 @@ def pytest_collection_modifyitems(session: Any, config: Any, items: list[Any]) -
         return
     if not _ROUTED:
         _route_fixture_session()
+        if os.environ.get(GUARDED_ENV) == "1":
+            _declare_guarded_model()
     seen: set[int] = set()
     for item in items:
         module = getattr(item, "module", None)
@@ -294,10 +323,18 @@ def _outcomes(xml_path: Path) -> dict[str, tuple[str, str]]:
 
 
 def _run(
-    source: Path, url: str, modules: list[str], xml_path: Path, *, route: bool, extra: list[str]
+    source: Path,
+    url: str,
+    modules: list[str],
+    xml_path: Path,
+    *,
+    route: bool,
+    extra: list[str],
+    guarded: bool = False,
 ) -> int:
     env = dict(os.environ)
     env[ROUTE_ENV] = "1" if route else "0"
+    env[GUARDED_ENV] = "1" if route and guarded else "0"
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(__file__).resolve().parent), env.get("PYTHONPATH")) if p
     )
@@ -359,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="install the commit markers before the run through resilient_db",
     )
+    parser.add_argument(
+        "--guarded-model",
+        action="store_true",
+        help="map a model with transition rules in the run through resilient_db",
+    )
     parser.add_argument("--keep", type=Path, help="keep the JUnit XML files in this directory")
     parser.add_argument("modules", nargs="*", default=list(DEFAULT_MODULES))
     args, extra = parser.parse_known_args(argv)
@@ -386,7 +428,15 @@ def main(argv: list[str] | None = None) -> int:
             _run(args.source, dburi_text, args.modules, plain_xml, route=False, extra=extra)
         if args.markers:
             _install_markers(url)
-        _run(args.source, dburi_text, args.modules, routed_xml, route=True, extra=extra)
+        _run(
+            args.source,
+            dburi_text,
+            args.modules,
+            routed_xml,
+            route=True,
+            extra=extra,
+            guarded=args.guarded_model,
+        )
         plain, routed = _outcomes(plain_xml), _outcomes(routed_xml)
     return _report(plain, routed, through_only=args.through_only)
 
