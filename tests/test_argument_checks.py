@@ -216,21 +216,6 @@ def test_the_token_auth_factory_itself_is_refused_as_a_check() -> None:
     assert callable(dashboard(auth=token_auth("s" * 32)).auth)
 
 
-def test_dashboard_events_of_the_wrong_type_is_a_type_error() -> None:
-    """``events=`` of another type is a ``TypeError`` naming the type, as every other argument
-    of the wrong type is (it was a ``ValueError``); a negative count a ``ValueError``."""
-    pytest.importorskip("starlette")
-    from resilient_db.web import dashboard, token_auth  # noqa: PLC0415 - optional extra
-
-    auth = token_auth("e" * 16)
-    for wrong, name in ((1.5, "float"), (True, "bool"), ("100", "str")):
-        with pytest.raises(TypeError, match=rf"^dashboard\(events=...\) must be .*, got {name}$"):
-            dashboard(auth=auth, events=wrong)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^dashboard\(events=...\) must be .*, got -1$"):
-        dashboard(auth=auth, events=-1)
-    assert dashboard(auth=auth, events=0) is not None
-
-
 # -- bypass_transitions_async -----------------------------------------------------------------
 @pytest.fixture
 def async_engine() -> Iterator[AsyncEngine]:

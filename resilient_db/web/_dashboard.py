@@ -160,11 +160,7 @@ class Dashboard:
                 f"dashboard(title=...) must be UTF-8 text, got {title[:40]!r} (a byte of "
                 "another encoding?)"
             )
-        if isinstance(events, bool) or not isinstance(events, int):
-            raise TypeError(
-                f"dashboard(events=...) must be a whole number >= 0, got {type(events).__name__}"
-            )
-        if events < 0:
+        if isinstance(events, bool) or not isinstance(events, int) or events < 0:
             raise ValueError(f"dashboard(events=...) must be a whole number >= 0, got {events!r}")
         if not callable(health):
             raise TypeError(f"dashboard(health=...) needs a callable, got {type(health).__name__}")
