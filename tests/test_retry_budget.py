@@ -124,6 +124,20 @@ def budget_config(**changes: Any) -> rdb.Config:
     return rdb.Config(**base)
 
 
+def budget_session(
+    engine: sa.Engine, redis: RedisServer | None, service: str, **changes: Any
+) -> tuple[rdb.ResilientSession, RetryBudget]:
+    """A factory of ``service`` with a retry budget of 0.5 (``changes`` besides), shared
+    through ``redis`` when given (its link up before it returns), and its budget."""
+    shared = {"redis_url": redis.url, "redis_timeout": 5.0} if redis is not None else {}
+    config = budget_config(retry_budget=0.5, **shared, **changes)
+    Session = rdb.ResilientSession(engine, service=service, config=config)
+    budget = budgets()[service]
+    if redis is not None:
+        wait_for(lambda: budget.shared, "the budget shared")
+    return Session, budget
+
+
 def unavailable(session: Session) -> None:
     session.execute(sa.text("SELECT raise_code('57P03')"))
 
@@ -248,12 +262,7 @@ def test_available_is_the_whole_retries_the_budget_would_pay_for(
     the Prometheus gauge read from it, "retries the budget would pay for now") said 1.5, then
     0.5 while every failing unit gave up at once, the budget spent."""
     pytest.importorskip("prometheus_client")
-    shared_settings = {"redis_url": redis_server.url, "redis_timeout": 5.0} if shared else {}
-    config = budget_config(retry_budget=0.5, **shared_settings)
-    Session = rdb.ResilientSession(engine, service="whole", config=config)
-    budget = budgets()["whole"]
-    if shared:
-        wait_for(lambda: budget.shared, "the budget shared")
+    Session, budget = budget_session(engine, redis_server if shared else None, "whole")
     for _ in range(3):
         Session.run(lambda s: s.execute(sa.text("SELECT 1")))
     if shared:
@@ -463,12 +472,9 @@ def test_threads_spending_the_last_retries_at_once_never_overspend(
     """24 threads ask a budget holding 0.5 x 10 first attempts and a floor of 2 for a retry at
     the same moment: 5 paid by the ratio, 2 (3 if the floor refilled meanwhile) by the floor,
     the rest refused, in this process (one lock) and through Redis (one script)."""
-    shared_settings = {"redis_url": redis_server.url, "redis_timeout": 5.0} if shared else {}
-    config = budget_config(retry_budget=0.5, retry_budget_floor=2, **shared_settings)
-    Session = rdb.ResilientSession(engine, service="lasttokens", config=config)
-    budget = budgets()["lasttokens"]
-    if shared:
-        wait_for(lambda: budget.shared, "the budget shared")
+    Session, budget = budget_session(
+        engine, redis_server if shared else None, "lasttokens", retry_budget_floor=2
+    )
     for _ in range(10):
         Session.run(lambda s: s.execute(sa.text("SELECT 1")))
     if shared:  # the first attempts in Redis first: else the scripts of the threads that ran
