@@ -85,8 +85,10 @@ def test_a_child_forked_while_a_listener_runs_in_the_background_thread_does_not_
         "the link",
     )
     # another process of the fleet opens the shared breaker: its message reaches this
-    # process's background thread, which applies it and runs the listener
-    other = FleetLink(config)
+    # process's background thread, which applies it and runs the listener (its commands wait
+    # up to 5 s for Redis's answers: the default 0.1 s timed out on a loaded machine, and this
+    # is the test's tool, not the link under test)
+    other = FleetLink(config.replace(redis_timeout=5.0))
     try:
         other.breaker_force("forklock", "open", reset, background=True)
         wait_for(inside.is_set, "the background thread inside the listener", timeout=10)
