@@ -467,7 +467,14 @@ def test_a_closed_breaker_follows_an_opening_another_process_wrote_back(
     view = ["open", 20, 3, 1_700_000_000_000_000]  # state, seconds left, openings, gen
     args = [breaker._fleet.channel, service, "other-1", "", 0, *view]
     assert force(keys=_fleet._breaker_keys(service), args=args)[0] == b"open"
-    wait_for(lambda: breaker.state == "open", "the opening followed")
+    # (the link's thread sets the state, then its listeners log: wait for the line too)
+    wait_for(
+        lambda: (
+            breaker.state == "open"
+            and any("Circuit breaker opened" in r.getMessage() for r in caplog.records)
+        ),
+        "the opening followed and logged",
+    )
     (opened,) = [
         r.getMessage() for r in caplog.records if "Circuit breaker opened" in r.getMessage()
     ]
