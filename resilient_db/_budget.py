@@ -263,10 +263,13 @@ class RetryBudget:
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, clock)  # the "exhausted" line's rate
         self._last_line: float | None = None  # when the last "exhausted" line was logged
         self._fleet: Any = None  # the FleetLink while shared through Redis
-        #: the fleet's figures as Redis last reported them, and when (this budget's clock)
-        self._fleet_view: tuple[float, FleetBudgetHealth | None] = (-math.inf, None)
-        #: Redis's time when it ran the script whose answer those figures are
-        self._fleet_view_ran = -math.inf
+        #: the fleet's figures as Redis last reported them, when (this budget's clock), and
+        #: Redis's time when it ran the script whose answer they are
+        self._fleet_view: tuple[float, FleetBudgetHealth | None, float] = (
+            -math.inf,
+            None,
+            -math.inf,
+        )
         # the live users whose config= of the code decides the settings (see follow)
         self._users = ConfigUsers()
         self._attach(config)
@@ -437,11 +440,10 @@ class RetryBudget:
         unless Redis ran it before those shown; one sent after those shown were taken ran
         after them, whatever Redis's clock says (set back meanwhile)."""
         with self._lock:
-            taken, _ = self._fleet_view
-            if sent < taken and ran < self._fleet_view_ran:
+            taken, _, shown_ran = self._fleet_view
+            if sent < taken and ran < shown_ran:
                 return
-            self._fleet_view = (self._clock(), figures)
-            self._fleet_view_ran = ran
+            self._fleet_view = (self._clock(), figures, ran)
 
     # -- spending ----------------------------------------------------------------------------
     def withdraw(self) -> Withdrawal | None:
@@ -565,7 +567,7 @@ class RetryBudget:
         # the fleet's figures while they are recent (Redis answers only on the failure path and
         # when there are new first attempts): past the window, what they counted has expired
         # and the local figures say more
-        taken, fleet = self._fleet_view
+        taken, fleet, _ = self._fleet_view
         if self.shared and fleet is not None and now - taken < WINDOW:
             info["fleet"] = fleet.copy()
             info["available"] = fleet["available"]

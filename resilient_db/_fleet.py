@@ -2375,18 +2375,13 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
             if text is not None and numbers[field] is None:
                 unreadable[field] = _shown_number(text)
         generation, fleet_opens, end_at = numbers["gen"], numbers["opens"], numbers["until"]
-        record: dict[str, Any] = {
-            "service": _shown(name),
-            "recorded": gen is not None,
-            "state": _shown(st or "closed"),
-            "since": None if generation is None else generation / 1_000_000,
-            "open_until": None,
-            "seconds_left": None,
-            "by_hand": False,
-            "reason": None,
-            "by": None,
-            "fleet_opens": None if "opens" in unreadable else int(fleet_opens or 0),
-        }
+        record = _operator_record(
+            name,
+            recorded=gen is not None,
+            state=_shown(st or "closed"),
+            since=None if generation is None else generation / 1_000_000,
+            fleet_opens=None if "opens" in unreadable else int(fleet_opens or 0),
+        )
         if unreadable:
             record["unreadable"] = unreadable
         if record["state"] == "open":
@@ -2416,13 +2411,11 @@ def _record_number(text: str | None, *, integer: bool) -> float | None:
     """A number of a breaker's record as the scripts read it (``num``, ``count``): None when
     missing, or not one a process of the fleet writes (thousands of digits, negative, nan,
     inf, not an integer where a count is, no number at all)."""
-    if text is None or len(text) > 40:  # (float() takes thousands of digits: inf)
+    if text is None:
         return None
     try:
-        value = float(text)
+        value = _message_number(text, integer=integer)
     except ValueError:
-        return None
-    if not (0 <= value < _NUMBER_MAX) or (integer and not value.is_integer()):
         return None
     return int(value) if integer else value
 
@@ -2433,7 +2426,7 @@ def _message_number(value: Any, *, integer: bool = False, least: float = 0) -> f
     message of another client's: a generation of 30 digits, taken, made every later change
     of the breaker look older and ignored; a time left of inf opened it for good)."""
     text = str(value)
-    number = float(text) if len(text) <= 40 else math.inf
+    number = float(text) if len(text) <= 40 else math.inf  # (float() takes thousands of digits)
     if not (least <= number < _NUMBER_MAX) or (integer and not number.is_integer()):
         raise ValueError(f"not a number of the library's: {truncated(text, 40)!r}")
     return number
@@ -2459,23 +2452,31 @@ def _wrong_type_text(keys: list[str]) -> str:
     return f"WRONGTYPE: {which} holds a value of another type than the library's"
 
 
-def _unreadable_record(name: str) -> dict[str, Any]:
-    """``resilient-db breaker status``'s record of a breaker whose key holds no hash."""
+def _operator_record(
+    name: str, *, recorded: bool, state: str, since: float | None, fleet_opens: int | None
+) -> dict[str, Any]:
+    """A record of :func:`operator_records`, neither open until a time nor set by hand."""
     return {
         "service": _shown(name),
-        "recorded": True,
-        "state": "unreadable",
-        "since": None,
+        "recorded": recorded,
+        "state": state,
+        "since": since,
         "open_until": None,
         "seconds_left": None,
         "by_hand": False,
         "reason": None,
         "by": None,
-        "fleet_opens": None,
-        "unreadable": {
-            "key": "holds another type of value than a hash (WRONGTYPE): not this library's"
-        },
+        "fleet_opens": fleet_opens,
     }
+
+
+def _unreadable_record(name: str) -> dict[str, Any]:
+    """``resilient-db breaker status``'s record of a breaker whose key holds no hash."""
+    record = _operator_record(name, recorded=True, state="unreadable", since=None, fleet_opens=None)
+    record["unreadable"] = {
+        "key": "holds another type of value than a hash (WRONGTYPE): not this library's"
+    }
+    return record
 
 
 def operator_timelines(client: Any) -> list[dict[str, Any]]:
