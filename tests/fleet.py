@@ -231,9 +231,15 @@ def open_the_fleets_breaker(opener: WorkerProcess) -> None:
     assert opener.ask("wait", what="open", timeout=10)["ok"], opener.log()
 
 
+def breaker_of(service: str) -> dict[str, Any]:
+    """``health()``'s entry of ``service``'s breaker."""
+    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]
+    return entry
+
+
 def shared(service: str) -> dict[str, Any]:
     """``health()``'s entry of ``service``'s breaker shared through Redis."""
-    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]
+    entry: dict[str, Any] = breaker_of(service)["shared"]
     return entry
 
 

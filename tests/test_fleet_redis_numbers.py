@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fleet import breaker_of
 from processes import wait_for
 
 import resilient_db as rdb
@@ -43,11 +44,6 @@ def engine(pg_url: str, clean_env: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
     made = sa.create_engine(pg_url)
     yield made
     made.dispose()
-
-
-def breaker_of(service: str) -> dict[str, Any]:
-    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]
-    return entry
 
 
 def kill_own_backend(session: Any) -> None:

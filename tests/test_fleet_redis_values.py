@@ -14,11 +14,11 @@ by plain commands where there is none.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fleet import breaker_of
 from processes import wait_for
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -45,18 +45,6 @@ def bounded(value: Any, letter: str) -> None:
         value[:80],
         len(value),
     )
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    made = sa.create_engine(pg_url)
-    yield made
-    made.dispose()
-
-
-def breaker_of(service: str) -> dict[str, Any]:
-    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]
-    return entry
 
 
 def test_huge_values_in_redis_are_shown_bounded(

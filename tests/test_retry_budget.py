@@ -138,6 +138,18 @@ def budget_session(
     return Session, budget
 
 
+def counted_by_the_fleet(budget: RetryBudget, first_attempts: int) -> None:
+    """Send ``budget``'s first attempts to Redis now (what the link's thread does about once a
+    second) and wait until the fleet's figures count ``first_attempts``."""
+    link = budget._fleet
+    assert link is not None
+    link._flush_budgets()
+    wait_for(
+        lambda: (budget.describe().get("fleet") or {}).get("first_attempts") == first_attempts,
+        f"the fleet to count the {first_attempts} first attempts",
+    )
+
+
 def unavailable(session: Session) -> None:
     session.execute(sa.text("SELECT raise_code('57P03')"))
 
@@ -266,13 +278,7 @@ def test_available_is_the_whole_retries_the_budget_would_pay_for(
     for _ in range(3):
         Session.run(lambda s: s.execute(sa.text("SELECT 1")))
     if shared:
-        link = budget._fleet
-        assert link is not None
-        link._flush_budgets()  # what the background thread sends about once a second
-        wait_for(
-            lambda: (budget.describe().get("fleet") or {}).get("first_attempts") == 3,
-            "the fleet to count the 3 first attempts",
-        )
+        counted_by_the_fleet(budget, 3)
     assert rdb.health()["services"]["whole"]["budget"]["available"] == 1
     assert budget.withdraw() is not None
     entry = rdb.health()["services"]["whole"]["budget"]
@@ -479,13 +485,7 @@ def test_threads_spending_the_last_retries_at_once_never_overspend(
         Session.run(lambda s: s.execute(sa.text("SELECT 1")))
     if shared:  # the first attempts in Redis first: else the scripts of the threads that ran
         # before the one carrying them found none to pay the ratio with
-        link = budget._fleet
-        assert link is not None
-        link._flush_budgets()  # what the background thread sends about once a second
-        wait_for(
-            lambda: (budget.describe().get("fleet") or {}).get("first_attempts") == 10,
-            "the fleet to count the 10 first attempts",
-        )
+        counted_by_the_fleet(budget, 10)
     threads = 24
     together = threading.Barrier(threads)
     paid: list[str | None] = []

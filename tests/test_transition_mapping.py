@@ -323,27 +323,26 @@ def test_bool_states_and_boolean_columns_go_together(
 def test_zero_and_one_are_a_boolean_columns_false_and_true(mapped: Mapper) -> None:
     """0 and 1 are Python's False and True (equal, and one key in a dict or set): declared for a
     Boolean column they are taken as them, as docs/transition-guard.md says; 2 is refused."""
-    model = mapped(
-        "Flag",
-        "flags",
-        None,
-        id=mapped_column(sa.Integer, primary_key=True),
-        ok=mapped_column(sa.Boolean),
-        __transitions__=rdb.TransitionRules(column="ok", transitions={0: {1}}, initial={0}),
-    )
-    (guard,) = guards_of(model)
-    assert guard.initial == {"false"}
-    assert dict(guard.next) == {"false": {"true"}, "true": set()}
-    assert rdb.allowed_transitions(model(ok=False)) == {False}  # a new row's: initial
-    with pytest.raises(rdb.TransitionRulesError, match=r"state 2 is no value of the Boolean"):
-        mapped(
+
+    def flag(state: int) -> Any:
+        return mapped(
             "Flag",
             "flags",
             None,
             id=mapped_column(sa.Integer, primary_key=True),
             ok=mapped_column(sa.Boolean),
-            __transitions__=rdb.TransitionRules(column="ok", transitions={2: {1}}, initial={2}),
+            __transitions__=rdb.TransitionRules(
+                column="ok", transitions={state: {1}}, initial={state}
+            ),
         )
+
+    model = flag(0)
+    (guard,) = guards_of(model)
+    assert guard.initial == {"false"}
+    assert dict(guard.next) == {"false": {"true"}, "true": set()}
+    assert rdb.allowed_transitions(model(ok=False)) == {False}  # a new row's: initial
+    with pytest.raises(rdb.TransitionRulesError, match=r"state 2 is no value of the Boolean"):
+        flag(2)
 
 
 def test_bool_states_mixed_with_others_arerefused_by_trigger() -> None:
