@@ -751,6 +751,8 @@ def _record_text(record: Mapping[str, Any]) -> str:
     2025-05-01T10:00:00Z, until 2025-05-01T10:10:00Z (599.9 s left); by resilient-db breaker,
     pid 4242 on admin-1; 3 opening(s) fleet-wide`` (``by``: who set by hand the state in force,
     an opening or a closing, when Redis records it)."""
+    from ._observability import controls_escaped  # noqa: PLC0415
+
     text = f"{record['service']}: {record['state']}"
     if record["by_hand"]:
         text += " by hand" + (f" ({record['reason']})" if record["reason"] else "")
@@ -770,17 +772,21 @@ def _record_text(record: Mapping[str, Any]) -> str:
         # writes the record anew)
         said = ", ".join(f"{field} {value!r}" for field, value in unreadable.items())
         text += f"; unreadable, none of the library's: {said}"
-    return text
+    # (every text of it read from Redis, which any of its clients may have written: a line
+    # break there made a line of its own, a terminal's escape sequence ran in the terminal)
+    return controls_escaped(text)
 
 
 def _timeline_text(entry: Mapping[str, Any]) -> str:
     """A cluster's timeline as the fleet records it, in one line: ``cluster
     7312345678901234567: timeline 2 since 2025-05-01T10:00:00Z, seen at 10.0.0.8:5432; a
     primary of it on a lower timeline is refused (an old primary back after a failover)``."""
+    from ._observability import controls_escaped  # noqa: PLC0415
+
     if entry.get("unreadable"):
         return f"timelines unreadable: {entry['unreadable']['key']}"
     where = f", seen at {entry['server']}" if entry["server"] else ""
-    return (
+    return controls_escaped(  # (read from Redis, as a record: see _record_text)
         f"cluster {entry['system_identifier']}: timeline {entry['timeline']} since "
         f"{_utc(entry['since'])}{where}; a primary of it on a lower timeline is refused (an "
         "old primary back after a failover)"

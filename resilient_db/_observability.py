@@ -352,8 +352,15 @@ def _escaped(value: Any) -> Any:
     """``value`` cut to :data:`MAX_VALUE_CHARS` (marked) and with control characters (line
     breaks included) escaped, if it is text."""
     if isinstance(value, str):
-        return truncated(value, MAX_VALUE_CHARS).translate(_CONTROL)
+        return controls_escaped(truncated(value, MAX_VALUE_CHARS))
     return value
+
+
+def controls_escaped(text: str) -> str:
+    """``text`` with its control characters (line breaks, a terminal's escape) written as
+    ``\\n``, ``\\x1b``, ... as log lines have them: for a line put together from values from
+    outside (another client's in Redis), which could otherwise start a line of its own."""
+    return text.translate(_CONTROL)
 
 
 def sqlstate_label(exc: BaseException | None) -> str:

@@ -135,3 +135,38 @@ def test_a_timeline_of_a_million_digits_keeps_no_process_from_the_fleet(
     assert list(timelines) == ["7312"]
     assert (timelines["7312"]["timeline"], timelines["7312"]["server"]) == (3, "db-2:5432")
     assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+
+
+def test_breaker_status_escapes_control_characters_of_values_from_redis(
+    redis_server: RedisServer, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What another client of the Redis wrote (a service's key, the reason and maker of an
+    opening, a cluster's key and server) is printed by ``resilient-db breaker status`` with its
+    control characters escaped, as log lines have them: a line break in a reason printed as
+    it was made a line of its own (``orders: closed ...`` under an open breaker), and a
+    terminal's escape sequence ran in the operator's terminal (one erasing the line)."""
+    client = redis_server.client()
+    _fleet.operator_force(
+        client, "orders", state="open", seconds=600, reason="upgrade", token="someone"
+    )
+    fake = "orders: closed since 2025-05-01T10:00:00Z"
+    client.hset(
+        _fleet._keys("orders").breaker,
+        mapping={"why": f"upgrade\n{fake}", "who": "ops\x1b[2K\r\u2028x"},
+    )
+    client.hset(_fleet._keys("evil\nbilling: closed").breaker, mapping={"st": "closed", "gen": 1})
+    share = client.register_script(_fleet._TIMELINE)
+    channel = _fleet.CHANNEL.format(db=0)
+    share(keys=[_fleet.TIMELINES_KEY], args=[channel, "someone", "73\r12", 3, "db\n2", 64])
+    assert main(["breaker", "status", "--redis-url", redis_server.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "evil\\nbilling",
+        "orders",
+        "cluster 73\\r12",
+    ], lines
+    assert lines[0].startswith("evil\\nbilling: closed: closed since ")
+    assert lines[1].startswith(f"orders: open by hand (upgrade\\n{fake}) since ")
+    assert "; by ops\\x1b[2K\\r\\u2028x; " in lines[1]
+    assert ", seen at db\\n2; " in lines[2]
+    assert all(c.isprintable() for line in lines for c in line)
