@@ -339,13 +339,13 @@ _RELIED_ON: Final = (
         f"function {SCHEMA}.mark_commit(uuid)",
         "pg_proc",
         "proowner",
-        f"to_regprocedure('{SCHEMA}.mark_commit(uuid)')",
+        f"to_regprocedure('{SCHEMA}.mark_commit(pg_catalog.uuid)')",
     ),
     (
         f"function {SCHEMA}.claim_commit(uuid, integer)",
         "pg_proc",
         "proowner",
-        f"to_regprocedure('{SCHEMA}.claim_commit(uuid,integer)')",
+        f"to_regprocedure('{SCHEMA}.claim_commit(pg_catalog.uuid,integer)')",
     ),
     (
         f"function {SCHEMA}.prune_commit_markers(integer)",
@@ -441,8 +441,9 @@ def _install_statements() -> list[str]:
         # row-level-security setups do) that has no rights on the markers; the role that
         # logged in (session_user, which SET ROLE leaves alone) must have them, as for the
         # prepared INSERT, so this lends nobody a right they had not.
-        f"""CREATE OR REPLACE FUNCTION {s}.mark_commit(marker uuid) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $rdb$
+        f"""CREATE OR REPLACE FUNCTION {s}.mark_commit(marker pg_catalog.uuid)
+RETURNS pg_catalog.void LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $rdb$
 BEGIN
     -- only a transaction that wrote has an xid: read-only ones leave nothing behind. A
     -- transaction declared read-only can hold one only from writing temporary tables, which
@@ -459,16 +460,16 @@ END
 $rdb$""",
         # any role a unit switches to reaches the function (it checks the login role itself)
         f"GRANT USAGE ON SCHEMA {s} TO PUBLIC",
-        f"GRANT EXECUTE ON FUNCTION {s}.mark_commit(uuid) TO PUBLIC",
+        f"GRANT EXECUTE ON FUNCTION {s}.mark_commit(pg_catalog.uuid) TO PUBLIC",
         # the first version took no wait (a fixed lock_timeout): replaced, not overloaded
-        f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
+        f"DROP FUNCTION IF EXISTS {s}.claim_commit(pg_catalog.uuid)",
         # search_path pinned (as for every function here): the caller's would let a role that
         # may create objects in a schema on it (public, on many databases) shadow an operator
         # the function uses (``numeric * integer`` has no exact built-in match, so a
         # user-defined one wins) and run its code with the caller's rights: an operator's
         # ``claim_commit`` made as a superuser, or the claim's answer made up
-        f"""CREATE OR REPLACE FUNCTION {s}.claim_commit(marker uuid, wait_ms integer)
-RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $rdb$
+        f"""CREATE OR REPLACE FUNCTION {s}.claim_commit(marker pg_catalog.uuid, wait_ms integer)
+RETURNS pg_catalog.text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $rdb$
 DECLARE
     was_fence boolean;
 BEGIN
@@ -594,10 +595,11 @@ END $rdb$"""
 _MARKERS_STATE = (
     f"SELECT pg_catalog.obj_description("
     f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'),"
-    f" pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)') IS NOT NULL"
-    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid, integer)') IS NOT NULL"
+    f" pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(pg_catalog.uuid)') IS NOT NULL"
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(pg_catalog.uuid, integer)')"
+    " IS NOT NULL"
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.prune_commit_markers(integer)') IS NOT NULL"
-    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL"
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(pg_catalog.uuid)') IS NULL"
     f" AND {_SHAPE_SQL},"
     " {untrusted} IS NULL,"
     " pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'),"
@@ -612,9 +614,9 @@ def _uninstall_statements() -> list[str]:
         _REFUSE_STANDBY_SQL.replace("{what}", "uninstall"),
         f"DO $rdb$ BEGIN IF pg_catalog.to_regnamespace('{s}') IS NOT NULL THEN "
         f"REVOKE USAGE ON SCHEMA {s} FROM PUBLIC; END IF; END $rdb$",
-        f"DROP FUNCTION IF EXISTS {s}.mark_commit(uuid)",
-        f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid, integer)",
-        f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
+        f"DROP FUNCTION IF EXISTS {s}.mark_commit(pg_catalog.uuid)",
+        f"DROP FUNCTION IF EXISTS {s}.claim_commit(pg_catalog.uuid, integer)",
+        f"DROP FUNCTION IF EXISTS {s}.claim_commit(pg_catalog.uuid)",
         f"DROP FUNCTION IF EXISTS {s}.prune_commit_markers(integer)",
         f"DROP TABLE IF EXISTS {s}.commit_markers",
         f"DROP TABLE IF EXISTS {s}.commit_markers_born",
@@ -1089,9 +1091,9 @@ _SYSTEM_SQL = "SELECT s.system_identifier::text FROM pg_catalog.pg_control_syste
 _CHECK_SQL = f"""SELECT COALESCE(
   pg_catalog.has_schema_privilege(pg_catalog.to_regnamespace('{SCHEMA}'), 'USAGE')
   AND pg_catalog.has_function_privilege(
-    pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid,integer)'), 'EXECUTE')
+    pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(pg_catalog.uuid,integer)'), 'EXECUTE')
   AND pg_catalog.has_function_privilege(
-    pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)'), 'EXECUTE')
+    pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(pg_catalog.uuid)'), 'EXECUTE')
   AND pg_catalog.has_table_privilege(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT')
   AND pg_catalog.has_table_privilege(
@@ -1170,16 +1172,16 @@ _MISSING_SQL = """SELECT CASE
     THEN pg_catalog.format('role %s lacks USAGE on schema {s}', current_user)
   WHEN pg_catalog.to_regclass('{s}.commit_markers') IS NULL THEN NULL
   ELSE NULLIF(pg_catalog.concat_ws(', ',
-    CASE WHEN pg_catalog.to_regprocedure('{s}.claim_commit(uuid,integer)') IS NULL
+    CASE WHEN pg_catalog.to_regprocedure('{s}.claim_commit(pg_catalog.uuid,integer)') IS NULL
       THEN 'function {s}.claim_commit(uuid, integer) is missing (installed by an earlier release)'
       WHEN NOT pg_catalog.has_function_privilege(
-        pg_catalog.to_regprocedure('{s}.claim_commit(uuid,integer)'), 'EXECUTE')
+        pg_catalog.to_regprocedure('{s}.claim_commit(pg_catalog.uuid,integer)'), 'EXECUTE')
       THEN pg_catalog.format('role %s lacks EXECUTE on {s}.claim_commit(uuid, integer)',
         current_user) END,
-    CASE WHEN pg_catalog.to_regprocedure('{s}.mark_commit(uuid)') IS NULL
+    CASE WHEN pg_catalog.to_regprocedure('{s}.mark_commit(pg_catalog.uuid)') IS NULL
       THEN 'function {s}.mark_commit(uuid) is missing'
       WHEN NOT pg_catalog.has_function_privilege(
-        pg_catalog.to_regprocedure('{s}.mark_commit(uuid)'), 'EXECUTE')
+        pg_catalog.to_regprocedure('{s}.mark_commit(pg_catalog.uuid)'), 'EXECUTE')
       THEN pg_catalog.format('role %s lacks EXECUTE on {s}.mark_commit(uuid)', current_user)
       END,
     CASE WHEN NOT pg_catalog.has_table_privilege(
@@ -1297,11 +1299,13 @@ XID_STATUS_ALONE_SQL = text(_XID_STATUS.format(incarnation="NULL::text"))
 READ_WRITE_SQL = text("SET TRANSACTION READ WRITE")
 CLAIM_WAIT_MS: Final = 2000  # a claim waits this long for an original still committing
 CLAIM_SQL = text(
-    f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid), {CLAIM_WAIT_MS})"
+    f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS pg_catalog.text) AS pg_catalog.uuid), "
+    f"{CLAIM_WAIT_MS})"
 )
 #: :data:`CLAIM_SQL` as asyncpg takes it (sent by asyncpg itself: see :func:`claim`)
 CLAIM_SQL_ASYNCPG: Final = (
-    f"SELECT {SCHEMA}.claim_commit(CAST(CAST($1 AS text) AS uuid), {CLAIM_WAIT_MS})"
+    f"SELECT {SCHEMA}.claim_commit(CAST(CAST($1 AS pg_catalog.text) AS pg_catalog.uuid), "
+    f"{CLAIM_WAIT_MS})"
 )
 #: the time a claim is given on the server: its wait, and a second for the rest
 CLAIM_TIMEOUT_MS: Final = CLAIM_WAIT_MS + 1000

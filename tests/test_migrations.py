@@ -287,7 +287,7 @@ def test_offline_sql_includes_the_tables_and_the_trigger() -> None:
     assert 'CREATE TRIGGER "rdb_transition_status_upd" AFTER UPDATE ON "tasks"' in sql
     assert "ERRCODE = 'RDB01'" in sql
     assert "CREATE TABLE IF NOT EXISTS resilient_db.commit_markers" in sql
-    assert "FUNCTION resilient_db.claim_commit(marker uuid, wait_ms integer)" in sql
+    assert "FUNCTION resilient_db.claim_commit(marker pg_catalog.uuid, wait_ms integer)" in sql
 
 
 def _statements(script: str) -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import resilient_db as rdb
+from resilient_db import _commit
 from resilient_db.examples.tasks import Base, Task
 from resilient_db.transitions._rules import guards_of
 from resilient_db.transitions._sql import trigger_names
@@ -191,3 +192,64 @@ def test_a_collation_c_planted_on_the_path_is_not_bound_by_the_trigger(
         assert all('COLLATE pg_catalog."C"' in d for d in bound)
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, Task) is None
+
+
+#: types a role that may create in a schema plants there under built-in names: domains whose
+#: CHECK runs its function with the rights of whoever casts a value to them (noting who did),
+#: and a ``void`` of its own
+PLANTED_TYPES = (
+    "CREATE FUNCTION planted.noted(v pg_catalog.text) RETURNS boolean LANGUAGE plpgsql AS $$ "
+    "BEGIN INSERT INTO public.rdb_planted_ran VALUES (current_user, v); RETURN true; END $$",
+    "CREATE DOMAIN planted.uuid AS pg_catalog.uuid CHECK (planted.noted(VALUE::pg_catalog.text))",
+    "CREATE DOMAIN planted.text AS pg_catalog.text CHECK (planted.noted(VALUE))",
+    "CREATE TYPE planted.void AS ENUM ('planted')",
+)
+
+
+def test_the_commit_markers_functions_are_bound_to_the_built_in_types(
+    engine: sa.Engine, pg_url: str
+) -> None:
+    """The markers installed with a schema listed before ``pg_catalog`` on the installer's path
+    (``planted, pg_catalog``), where another role planted types named ``uuid``, ``text`` and
+    ``void``: the functions were made with those types as their parameters and results
+    (``mark_commit(planted.uuid)``, ``claim_commit(...) RETURNS planted.text``), so a unit's
+    claim cast its marker to the planted domain and ran its CHECK with the caller's rights,
+    ``mark_commit`` returned the planted ``void`` (and failed), and to a caller with the
+    usual path the markers looked missing. Bound to the built-ins, and called through them:
+    nothing planted runs, and the markers are found whatever the caller's path."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA planted"))
+        conn.execute(sa.text("CREATE TABLE public.rdb_planted_ran (who text, what text)"))
+        conn.execute(sa.text("GRANT INSERT ON public.rdb_planted_ran TO PUBLIC"))
+        for statement in PLANTED_TYPES:
+            conn.execute(sa.text(statement))
+    on_path = sa.create_engine(pg_url, connect_args={"options": "-csearch_path=planted,pg_catalog"})
+    try:
+        rdb.install_commit_markers(on_path)
+        with engine.connect() as conn:
+            made = conn.execute(
+                sa.text(
+                    "SELECT p.oid::regprocedure::text, pg_get_function_result(p.oid) "
+                    "FROM pg_proc p WHERE p.pronamespace = 'resilient_db'::regnamespace"
+                )
+            ).all()
+        assert sorted(made) == [
+            ("resilient_db.claim_commit(uuid,integer)", "text"),
+            ("resilient_db.mark_commit(uuid)", "void"),
+            ("resilient_db.prune_commit_markers(integer)", "integer"),
+        ]
+        marker = str(uuid.uuid4())
+        with on_path.begin() as conn:
+            assert conn.execute(_commit.CLAIM_SQL, {"marker": marker}).scalar_one() == "fenced"
+        with on_path.begin() as conn:
+            conn.execute(sa.text("CREATE TEMPORARY TABLE written (x int)"))
+            conn.execute(sa.text("INSERT INTO written VALUES (1)"))
+            conn.execute(sa.text(f"{_commit._FUNCTION_MARK}('{uuid.uuid4()}')"))
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT * FROM public.rdb_planted_ran")).all() == []
+            for path in ("planted, pg_catalog", "public"):
+                conn.execute(sa.text(f"SET search_path = {path}"))
+                state = conn.execute(sa.text(_commit._MARKERS_STATE.format(untrusted="NULL")))
+                assert state.one()[1] is True, path  # every function found
+    finally:
+        on_path.dispose()
