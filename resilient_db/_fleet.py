@@ -239,6 +239,14 @@ TIMELINES_KEY = PREFIX + ":timelines"
 #: the one raised longest ago is forgotten (a fleet reaches a few clusters over its life)
 MAX_TIMELINES = 64
 
+#: the longest an opening of the fleet lasts from its start, in seconds: one by hand
+#: (``_manual.MAX_OPEN_SECONDS``, a day; one by failures lasts the reset timeout, at most an
+#: hour), with a second for rounding. A record's end (or a message's time left) further off is
+#: none of the fleet's (milliseconds written for seconds, a year): read as missing, the opening
+#: over, as an end that is no number (see ``opening_end`` in the scripts). Taken, one such
+#: value kept every process's units of the service refused for ages
+OPENING_MAX: Final = 86_401.0
+
 _log = logging.getLogger("resilient_db.fleet")
 
 #: a Redis that answered the connection's login with a refusal (redis-py raises its
@@ -414,6 +422,8 @@ local function opening_end(h, now)
     untl = now + (untl - at)
     redis.call('HSET', KEYS[1], 'until', tostring(untl), 'at', tostring(now))
   end
+  -- further off than any opening of the fleet lasts (OPENING_MAX): none of the fleet's, over
+  if untl > now + @OPENING_MAX@ then untl = now end
   return untl
 end
 -- seconds until an open breaker read by read_breaker half-opens
@@ -433,7 +443,7 @@ local function open_breaker(now, gen, opens, reset)
   publish('open', reset, gen, opens)
   return gen, opens
 end
-"""
+""".replace("@OPENING_MAX@", f"{OPENING_MAX:.0f}")
 
 # The probe reservations (KEYS[3] of every breaker script): a hash of reservation id -> '1' (it
 # holds a probe slot) or '0' (it ended, or was released before its admit ran). Every admit
@@ -1944,7 +1954,7 @@ class FleetLink:
             service = str(data["s"])
             update = (
                 str(data["st"]),
-                _message_number(data["r"], least=-_NUMBER_MAX),
+                _message_number(data["r"], least=-_NUMBER_MAX, most=OPENING_MAX),
                 int(_message_number(data["g"], integer=True)),
                 int(_message_number(data["o"], integer=True)),
             )
@@ -2375,6 +2385,10 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
             if text is not None and numbers[field] is None:
                 unreadable[field] = _shown_number(text)
         generation, fleet_opens, end_at = numbers["gen"], numbers["opens"], numbers["until"]
+        if end_at is not None and until is not None and end_at > now + OPENING_MAX:
+            # (further off than any opening lasts: read as missing, see opening_end)
+            end_at = None
+            unreadable["until"] = _shown_number(until)
         record = _operator_record(
             name,
             recorded=gen is not None,
@@ -2420,14 +2434,21 @@ def _record_number(text: str | None, *, integer: bool) -> float | None:
     return int(value) if integer else value
 
 
-def _message_number(value: Any, *, integer: bool = False, least: float = 0) -> float:
+def _message_number(
+    value: Any, *, integer: bool = False, least: float = 0, most: float = _NUMBER_MAX
+) -> float:
     """A number of a breaker's message (see ``publish`` in the scripts): as the scripts write
-    them, finite, from ``least`` (0: not negative) to 2^53. Raises ValueError for another (a
-    message of another client's: a generation of 30 digits, taken, made every later change
-    of the breaker look older and ignored; a time left of inf opened it for good)."""
+    them, finite, from ``least`` (0: not negative) to 2^53 (or to ``most``: a time left, to
+    :data:`OPENING_MAX`). Raises ValueError for another (a message of another client's: a
+    generation of 30 digits, taken, made every later change of the breaker look older and
+    ignored; a time left of inf, or of 10^12 s, opened it for good)."""
     text = str(value)
     number = float(text) if len(text) <= 40 else math.inf  # (float() takes thousands of digits)
-    if not (least <= number < _NUMBER_MAX) or (integer and not number.is_integer()):
+    if (
+        not (least <= number < _NUMBER_MAX)
+        or number > most
+        or (integer and not number.is_integer())
+    ):
         raise ValueError(f"not a number of the library's: {truncated(text, 40)!r}")
     return number
 

@@ -175,8 +175,10 @@ def test_breaker_status_shows_bad_numbers_and_keys_as_unreadable(
             mapping={"st": "open", "gen": value, "opens": value, "until": value},
         )
     client.set(_fleet._keys("cli-string").breaker, "a string where a hash is")
-    # an opening until the year 200,000 or so: the library's (a --seconds that large is taken)
+    # an opening until the year 200,000 or so: a number the scripts take, but further off than
+    # any opening of the fleet lasts (a day by hand): read as missing too
     client.hset(_fleet._keys("cli-far").breaker, mapping={"st": "open", "gen": 5, "until": 6e12})
+    far = _fleet._s(client.hget(_fleet._keys("cli-far").breaker, "until"))
     by_name = {r["service"]: r for r in status(redis_server.url, capsys)["breakers"]}
     for bad, value in BAD.items():
         record = by_name[f"cli-{bad}"]
@@ -188,14 +190,15 @@ def test_breaker_status_shows_bad_numbers_and_keys_as_unreadable(
         assert (record["since"], record["fleet_opens"], record["open_until"]) == (None,) * 3
     assert by_name["cli-string"]["state"] == "unreadable"
     assert "WRONGTYPE" in by_name["cli-string"]["unreadable"]["key"]
-    assert by_name["cli-far"]["state"] == "open"
-    assert by_name["cli-far"]["open_until"] == 6e12
+    assert by_name["cli-far"]["state"] == "half-open"
+    assert by_name["cli-far"]["unreadable"] == {"until": far}
+    assert by_name["cli-far"]["open_until"] is None
     assert main(["breaker", "status", "--redis-url", redis_server.url]) == 0
     lines = capsys.readouterr().out.splitlines()
     said = {line.partition(":")[0]: line for line in lines}
     assert "unreadable, none of the library's: gen 'inf'" in said["cli-inf"]
     assert said["cli-string"].startswith("cli-string: unreadable; unreadable")
-    assert "until 6000000000000 s after the epoch" in said["cli-far"]
+    assert f"unreadable, none of the library's: until {far!r}" in said["cli-far"]
 
     # the timelines' key holding no hash
     client.set(_fleet.TIMELINES_KEY, "a string where a hash is")
@@ -257,7 +260,17 @@ def test_a_breaker_key_of_another_type_keeps_the_link_down_saying_which(
 
 @pytest.mark.parametrize(
     ("gen", "left"),
-    [("9" * 30, "5"), ("1", "inf"), ("1", "nan"), ("-3", "5"), ("1.5", "5"), ("9" * 5000, "5")],
+    [
+        ("9" * 30, "5"),
+        ("1", "inf"),
+        ("1", "nan"),
+        ("-3", "5"),
+        ("1.5", "5"),
+        ("9" * 5000, "5"),
+        # longer than any opening of the fleet (a day by hand, an hour by failures)
+        ("1", "1e12"),
+        ("1", str(_fleet.OPENING_MAX + 60)),
+    ],
 )
 def test_a_message_with_numbers_none_of_ours_is_ignored(
     gen: str, left: str, redis_server: RedisServer, engine: sa.Engine
@@ -265,8 +278,8 @@ def test_a_message_with_numbers_none_of_ours_is_ignored(
     """A message on the channel (anything with access may publish one) of an opening whose
     generation or time left no script writes is ignored as not the library's. Taken, a
     generation of 30 digits made every later change of the breaker look older (the view kept
-    that opening for good), a time left of inf opened the breaker for good."""
-    service = "told"
+    that opening for good), a time left of inf, or of 10^12 s, opened the breaker for good."""
+    service = f"told-{len(left)}"
     client = redis_server.client()
     config = rdb.Config(redis_url=redis_server.url, retry=False)
     factory = rdb.ResilientSession(engine, service=service, config=config)
@@ -287,6 +300,48 @@ def test_a_message_with_numbers_none_of_ours_is_ignored(
     wait_for(lambda: breaker_of(service)["state"] == "closed", "the closing by hand")
     assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
     assert breaker_of(service)["shared"]["connected"] is True
+
+
+def test_an_opening_whose_end_is_past_any_opening_of_the_fleet_is_over(
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A breaker's record open until a time further from Redis's than any opening of the fleet
+    lasts (a day by hand, at most an hour by failures): here Redis's time in milliseconds, as
+    a client writing milliseconds for seconds would leave it, some 56,000 years away. It is a
+    number the scripts read (below 2^53): every unit of the service was refused ("retry in
+    1794858770573 s") until someone deleted the key. Read as an end that is no number: the
+    opening is over, a probe is let through and closes the breaker, and ``resilient-db
+    breaker status`` names the end as unreadable."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "far-end"
+    keys = _fleet._keys(service)
+    client = redis_server.client()
+    seconds, _ = client.time()
+    client.hset(
+        keys.breaker,
+        mapping={
+            "st": "open",
+            "until": seconds * 1000,
+            "at": seconds,
+            "gen": seconds * 1_000_000,
+            "opens": 1,
+        },
+    )
+    [record] = status(redis_server.url, capsys)["breakers"]
+    assert record["state"] == "half-open"
+    assert record["unreadable"] == {"until": str(seconds * 1000)}
+    config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=600)
+    factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: breaker_of(service)["shared"]["connected"], "the link")
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert breaker_of(service)["state"] == "closed"
+    [record] = status(redis_server.url, capsys)["breakers"]
+    assert record["state"] == "closed"
+    assert breaker_of(service)["shared"]["connected"] is True
+    assert troubles(caplog) == [], troubles(caplog)
 
 
 def test_a_timeline_entry_none_of_ours_is_raised_over(
