@@ -42,8 +42,14 @@ _NOT_A_URL = "<not a URL>"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,19}", re.ASCII)
 _PLAIN_HOST = re.compile(r"(?:\[[0-9A-Za-z:.%]*\]|[A-Za-z0-9._~%-]*)(?::[0-9]*)?", re.ASCII)
 _PLAIN_USER = re.compile(r"[A-Za-z0-9._~-]{1,64}", re.ASCII)
-#: a password in the query (``password=``, ``ssl_password=``): its value runs to ``&`` or ``#``
-_PASSWORD_VALUE = re.compile(r"(password=)([^&#]*)", re.IGNORECASE)
+#: a password in the query (``password=``, ``ssl_password=``): its value runs to ``&`` or ``#``.
+#: Each letter of the key also percent-encoded (``pass%77ord=``): the redis client (and
+#: libpq) decode a query's keys, so that too is the password
+_PASSWORD_VALUE = re.compile(
+    "(" + "".join(f"(?:{c}|%{ord(c):02x}|%{ord(c.upper()):02x})" for c in "password") + "=)"
+    "([^&#]*)",
+    re.IGNORECASE,
+)
 _ENCODE = "percent-encode / ? # @ [ ] in a password (/ is %2F, ? %3F, # %23, @ %40, [ %5B, ] %5D)"
 #: at most this many characters of a redis client's objection are quoted
 _CLIENT_TEXT = 200

@@ -43,6 +43,8 @@ def _shapes() -> Iterator[tuple[str, str]]:
     yield "no scheme at all", f"{LEFT}{RIGHT}"
     yield "another scheme", f"http://:{password}@127.0.0.1/"
     yield "bad port", f"redis://:{password}@127.0.0.1:99999/0"
+    # (the client decodes the query's keys: this is its password)
+    yield "query, key encoded", f"redis://127.0.0.1:{PORT}/0?pass%77ord={LEFT}{RIGHT}"
 
 
 SHAPES = dict(_shapes())
@@ -96,6 +98,9 @@ def test_a_redis_password_is_never_shown(
         ("redis://10.0.0.1/0?password=p@w&db=1#x", "redis://10.0.0.1/0?password=***&db=1"),
         ("redis://10.0.0.1/0?ssl_password=pw", "redis://10.0.0.1/0?ssl_password=***"),
         ("redis://10.0.0.1/0?password=p&w", "redis://10.0.0.1/0?password=***&***"),
+        # a key's letters percent-encoded: the client decodes the key, and takes the password
+        ("redis://10.0.0.1/0?pass%77ord=pw", "redis://10.0.0.1/0?pass%77ord=***"),
+        ("redis://10.0.0.1/0?%50ASSWORD=pw&db=1", "redis://10.0.0.1/0?%50ASSWORD=***&db=1"),
         ("unix://:pw@/run/redis.sock?db=1", "unix://***@/run/redis.sock?db=1"),
         ("redis://10.0.0.1:6379/0#pw", "redis://10.0.0.1:6379/0"),
         ("redis://:p/w", "redis://***"),  # no @host: the host part is the password's
