@@ -331,6 +331,16 @@ _SESSION_STATE = re.compile(
     r"|set_config\s*\(\s*'(?:role|(?:default_)?transaction_read_only)'",
     re.IGNORECASE | re.DOTALL,
 )
+# The same in a text whose comments can't be taken out surely (see ``_judge``): a comment may
+# stand where a statement starts (``/* a /* b */ */ SET ROLE x``) or between its words, so
+# any of those words after a ``SET``, ``RESET``, ``BEGIN`` or ``START`` anywhere counts, and
+# any ``set_config``. One taken by mistake costs the connection its prepared marker statement.
+_SESSION_STATE_UNSURE = re.compile(
+    f"(?<!{_NAME})(?:SET|RESET|BEGIN|START)(?!{_NAME}).*?"
+    f"(?:(?<!{_NAME})(?:READ|ROLE|AUTHORIZATION)(?!{_NAME})|transaction_read_only)"
+    f"|(?<!{_NAME})set_config(?!{_NAME})",
+    re.IGNORECASE | re.DOTALL,
+)
 # Verdicts, cached per statement: a truthy one means "may write". STOPS_PREPARED: after it, the
 # connection's COMMITs call the marker function instead of the prepared statement: in a
 # read-only transaction its INSERT can't even start (the server refuses it before its condition
@@ -586,6 +596,13 @@ def _judge(statement: str) -> int:
         bare = _uncommented(statement)
         if bare is None:
             verdict = _judge_bare(statement)
+            kind = verdict & _KIND
+            # (a comment may stand where a statement starts, or between its words: see
+            # _SESSION_STATE_UNSURE; a notification is taken first, as in _judge_kind)
+            if kind != NOTIFIES and _SESSION_STATE_UNSURE.search(statement):
+                return verdict & ~_KIND | STOPS_PREPARED
+            if kind in (READ_ONLY, MAY_WRITE) and _DEALLOCATE_WORD.search(statement):
+                return verdict & ~_KIND | DEALLOCATES
             return MAY_WRITE if verdict == READ_ONLY else verdict
         statement = bare
     return _judge_bare(statement)
@@ -620,7 +637,11 @@ def _judge_bare(statement: str) -> int:
 # ``TRANSACTION``, ``AND``), not a block's ``END IF``, ``END $$``. One found in a string costs
 # the unit its replay, one missed would have the unit replayed after it committed part of its
 # work (written twice). A ``--`` comment ends at a line feed or a carriage return.
-_COMMIT_HINT = re.compile("COMMIT|END|PREPARE", re.IGNORECASE)
+# A ``ROLLBACK`` (``ABORT``) with more statements after it in the text commits too: they run in
+# a transaction of their own, which the server commits at the text's end (one sent as a simple
+# query), before the unit's COMMIT: taken as a COMMIT midway (a ``ROLLBACK TO`` savepoint, or
+# one ``AND CHAIN``, too where the scan is unsure: a replay lost, nothing written twice).
+_COMMIT_HINT = re.compile("COMMIT|END|PREPARE|ROLLBACK|ABORT", re.IGNORECASE)
 _TAG_START = _names(string.ascii_letters + "_")  # a dollar quote's tag: a name without "$"
 _TAG_CHAR = _names(string.ascii_letters + string.digits + "_")
 _DOLLAR_QUOTE = f"(?<!{_NAME})\\$(?:{_TAG_START}{_TAG_CHAR}*)?\\$"
@@ -638,6 +659,12 @@ _OPEN_DOLLAR_QUOTE = re.compile(_DOLLAR_QUOTE)
 _COMMITTING = re.compile(
     f"{_SPACE}*(?:COMMIT|END|PREPARE{_SPACE}+TRANSACTION)(?!{_NAME})", re.IGNORECASE
 )
+_ROLLING_BACK = re.compile(
+    f"{_SPACE}*(?:ROLLBACK|ABORT)(?!{_NAME})"
+    f"(?!(?:{_SPACE}+(?:WORK|TRANSACTION))?{_SPACE}+(?:TO|PREPARED)(?!{_NAME}))",
+    re.IGNORECASE,
+)
+_ROLLBACK_WORD = re.compile(f"(?<!{_NAME})(?:ROLLBACK|ABORT)(?!{_NAME})", re.IGNORECASE)
 _ATOMIC = re.compile(f"(?<!{_NAME})ATOMIC(?!{_NAME})", re.IGNORECASE)
 # (a number with its dot, ``1.``, is one word; any other sign is one too, so that the word
 # before a ``CASE`` or ``END`` is the one right before it: ``t.*, CASE``)
@@ -649,6 +676,8 @@ _COMMITTING_ANYWHERE = re.compile(
     re.IGNORECASE,
 )
 _END_WORD = re.compile(f"(?<!{_NAME})END(?!{_NAME})", re.IGNORECASE)
+_PREPARE_WORD = re.compile(f"(?<!{_NAME})PREPARE(?!{_NAME})", re.IGNORECASE)
+_TRANSACTION_WORD = re.compile(f"TRANSACTION(?!{_NAME})", re.IGNORECASE)
 _END_GOES_ON = re.compile(f"(?:WORK|TRANSACTION|AND)(?!{_NAME})", re.IGNORECASE)
 _COMMENT_MARK = re.compile(r"/\*|\*/")
 _LINE_END = re.compile(r"[\n\r]")
@@ -673,6 +702,8 @@ def _commits(statement: str) -> int:
     for at, part in enumerate(parts):
         if _COMMITTING.match(part):
             return COMMITS | COMMITS_MIDWAY if at < len(parts) - 1 else COMMITS
+        if at < len(parts) - 1 and _ROLLING_BACK.match(part):
+            return COMMITS | COMMITS_MIDWAY  # (what follows is committed at the text's end)
     if atomic is not None:
         found = _COMMITTING_ANYWHERE.search(bare, atomic.end())
         if found is not None:
@@ -799,8 +830,17 @@ def _commits_unsure(statement: str) -> int:
     committing word on, any further statement makes it ``COMMITS_MIDWAY``."""
     # (a ``--`` comment ends at a line feed or a carriage return: one kind of line end)
     statement = statement.replace("\r", "\n")
+    for rollback in _ROLLBACK_WORD.finditer(statement):
+        if _commit_flags(statement, rollback.end()) & COMMITS_MIDWAY:
+            return COMMITS | COMMITS_MIDWAY  # (anywhere: a comment may hide where it stands)
     found = _COMMITTING_ANYWHERE.search(statement)
     first = found.end() if found else len(statement) + 1
+    for prepare in _PREPARE_WORD.finditer(statement, 0, first):
+        after = _after_gap(statement, prepare.end())  # (comments between its two words)
+        transaction = _TRANSACTION_WORD.match(statement, after)
+        if transaction is not None:
+            found, first = transaction, transaction.end()
+            break
     scanned = 0
     for match in _END_WORD.finditer(statement, 0, first):
         if match.start() < scanned:
@@ -871,6 +911,13 @@ def _after_gap(text: str, at: int) -> int:
     return end
 
 
+# a DISCARD or DEALLOCATE that is not the text's first statement (after a ``;``, or a quote's
+# or a comment's ``;`` taken for one: the connection's next COMMIT prepares its marker again)
+_DEALLOCATING = re.compile(f";{_SPACE}*(?:DISCARD|DEALLOCATE)(?!{_NAME})", re.IGNORECASE)
+# (a text whose comments can't be taken out surely: anywhere)
+_DEALLOCATE_WORD = re.compile(f"(?<!{_NAME})(?:DISCARD|DEALLOCATE)(?!{_NAME})", re.IGNORECASE)
+
+
 def _judge_kind(statement: str) -> int:
     head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
     if (
@@ -884,7 +931,7 @@ def _judge_kind(statement: str) -> int:
     # a role switch asks for needs nothing prepared)
     if _notifies(statement):
         return NOTIFIES | _writes(head, statement)
-    if head in ("DISCAR", "DEALLO"):
+    if head in ("DISCAR", "DEALLO") or (";" in statement and _DEALLOCATING.search(statement)):
         if _SESSION_STATE.search(statement):
             return STOPS_PREPARED | _writes(head, statement)
         return DEALLOCATES | _writes(head, statement)

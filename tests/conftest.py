@@ -110,6 +110,7 @@ FILE_SECONDS: dict[str, float] = {
     "test_startup_installs.py": 18,
     "test_fleet_probe.py": 17,
     "test_breaker_settings.py": 16,
+    "test_statement_judge_fuzz.py": 16,
     "test_transaction_timeout.py": 16,
     "test_cli.py": 15,
     "test_classify_driver_errors.py": 15,
