@@ -327,8 +327,11 @@ _INTO = re.compile(f"(?<!{_names(string.ascii_letters + '_$')})INTO(?!{_NAME})",
 _SESSION_STATE = re.compile(
     # (where a statement starts, the text's or one after a ";": its words up to the next ";")
     r"(?:\A|;)\s*(?:SET|RESET|BEGIN|START)\b[^;]*?"
-    r"(?:\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only|\bROLE\b|\bAUTHORIZATION\b)"
-    r"|set_config\s*\(\s*'(?:role|(?:default_)?transaction_read_only)'",
+    r"(?:\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only|\bROLE\b|AUTHORIZATION\b)"
+    # (``session_authorization`` too; a set_config() of a name that is no plain string, which
+    # may spell any: ``'ro' || 'le'``, ``E'role'``, a column)
+    r"|set_config\"?\s*\(\s*"
+    r"(?:'(?:role|session_authorization|(?:default_)?transaction_read_only)'|(?!'(?:[^']|'')*'\s*,))",
     re.IGNORECASE | re.DOTALL,
 )
 # The same in a text whose comments can't be taken out surely (see ``_judge``): a comment may
@@ -337,7 +340,7 @@ _SESSION_STATE = re.compile(
 # any ``set_config``. One taken by mistake costs the connection its prepared marker statement.
 _SESSION_STATE_UNSURE = re.compile(
     f"(?<!{_NAME})(?:SET|RESET|BEGIN|START)(?!{_NAME}).*?"
-    f"(?:(?<!{_NAME})(?:READ|ROLE|AUTHORIZATION)(?!{_NAME})|transaction_read_only)"
+    f"(?:(?<!{_NAME})(?:READ|ROLE)(?!{_NAME})|AUTHORIZATION|transaction_read_only)"
     f"|(?<!{_NAME})set_config(?!{_NAME})",
     re.IGNORECASE | re.DOTALL,
 )

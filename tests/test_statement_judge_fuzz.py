@@ -112,12 +112,14 @@ SELECT concat_ws(' | ',
         WHERE pronamespace = 'fz'::regnamespace),
     (SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM fz.t AS t))
 """
-#: what the transaction and the session hold after a text, asked in the same transaction
+#: what the transaction and the session hold after a text, asked in the same transaction (a
+#: transaction read-only by default is not the judge's to see: the server reports the default
+#: to the client, which reads it at COMMIT)
 STATE = """
 SELECT current_setting('fz.probe', true) IS NOT DISTINCT FROM 'on',
     pg_current_xact_id_if_assigned() IS NOT NULL,
     current_setting('transaction_read_only') = 'on'
-        OR current_setting('default_transaction_read_only') = 'on',
+        AND current_setting('default_transaction_read_only') = 'off',
     current_user::text <> %s,
     current_setting('transaction_isolation') <> 'read committed'
         OR current_setting('default_transaction_isolation') <> 'read committed',
@@ -214,6 +216,8 @@ READS = [
     "VALUES ( {e} )",
     "SHOW search_path",
     "SELECT {e} FROM t FOR UPDATE",
+    "SELECT {e} FROM t FOR NO KEY UPDATE SKIP LOCKED",
+    "SELECT {e} FROM t WHERE a IN ( SELECT {e} )",
     "WITH w AS ( SELECT {e} AS x ) SELECT * FROM w",
     "SELECT count ( * ) FILTER ( WHERE a > 0 ) OVER ( ) FROM t",
     "SELECT CASE {c} WHEN {s} THEN 1 ELSE 0 END AS end_date FROM t",
@@ -238,6 +242,8 @@ WRITES_ = [
     "CREATE TEMP TABLE tt ( x int )",
     "SELECT {w}",
     "SELECT * FROM f_write ( {n} )",
+    "TRUNCATE t",
+    "INSERT INTO t ( a ) VALUES ( {n} ) ON CONFLICT DO NOTHING",
     "SELECT * FROM t , LATERAL f_write ( a ) x",
     "SELECT * FROM ROWS FROM ( f_write ( {n} ) )",
     "EXPLAIN ANALYZE INSERT INTO t ( a ) VALUES ( {n} )",
@@ -289,6 +295,17 @@ SESSION = [
     "SET LOCAL ROLE pg_monitor",
     "SET SESSION AUTHORIZATION pg_monitor",
     "SELECT set_config ( 'role' , 'pg_monitor' , false )",
+    "SELECT set_config ( E'role' , 'pg_monitor' , false )",
+    "SELECT set_config ( 'ro' || 'le' , 'pg_monitor' , false )",
+    "SELECT set_config ( $$transaction_read_only$$ , 'on' , true )",
+    "SELECT set_config ( 'default_transaction_isolation' , 'serializable' , false )",
+    "SET transaction_read_only = on",
+    "SET LOCAL transaction_read_only TO on",
+    "SET SESSION ROLE pg_monitor",
+    "SET role = pg_monitor",
+    "SET session_authorization = 'pg_monitor'",
+    "SELECT set_config ( 'session_authorization' , 'pg_monitor' , false )",
+    "UPDATE pg_settings SET setting = 'on' WHERE name = 'default_transaction_read_only'",
     "RESET ROLE",
     "SET SESSION AUTHORIZATION DEFAULT",
     "DEALLOCATE q",
@@ -323,6 +340,8 @@ CONTROL = [
     "RELEASE s",
     "ROLLBACK TO SAVEPOINT s",
     "ROLLBACK TO s",
+    "ROLLBACK TRANSACTION TO SAVEPOINT s",
+    "ABORT WORK",
     "PREPARE TRANSACTION {gid}",
     "COMMIT PREPARED {gid}",
     "ROLLBACK PREPARED {gid}",
@@ -353,6 +372,7 @@ GIDS = ["'g1'", "'COMMIT'", "'g''x'"]
 JUNK = ["'", '"', "$$", "/*", "(", ")", ";", "END", "E'\\", "--", "*/", "COMMIT"]
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$.]*\Z")
 _SLOT = re.compile(r"\{(\w+)\}")
+_TEMPLATE_WORD = re.compile(r"'(?:[^']|'')*'|\S+")  # (a string is one word, spaces and all)
 _NAME_END = re.compile(r"[\w$]\Z")
 _NAME_START = re.compile(r"[\w$]")
 
@@ -371,10 +391,10 @@ def cased(draw: st.DrawFn, word: str) -> str:
 
 @st.composite
 def phrase(draw: st.DrawFn, template: str, depth: int = 0) -> str:
-    """``template``'s words (split at single spaces) in any case, joined by gaps, its slots
-    filled."""
+    """``template``'s words (split at spaces, a string whole) in any case, joined by gaps,
+    its slots filled."""
     out: list[str] = []
-    for word in template.split(" "):
+    for word in _TEMPLATE_WORD.findall(template):
         gap = draw(st.sampled_from(GAPS)) if out else ""
         slot = _SLOT.fullmatch(word)
         token = word
@@ -413,7 +433,7 @@ def filling(draw: st.DrawFn, slot: str, depth: int) -> str:
 @st.composite
 def statement(draw: st.DrawFn) -> str:
     kind = draw(st.sampled_from([READS, WRITES_, CONTROL, READS, WRITES_, CONTROL, SESSION]))
-    if kind is SESSION and draw(st.integers(0, 3)) == 0:
+    if kind is SESSION and draw(st.sampled_from(range(4))) == 3:
         kind = ERRORS
     return draw(phrase(draw(st.sampled_from(kind))))
 
@@ -426,12 +446,12 @@ def texts(draw: st.DrawFn) -> str:
     for at, part in enumerate(parts):
         if at:
             text += draw(st.sampled_from(["", *GAPS])) + ";" + draw(st.sampled_from(GAPS))
-            if draw(st.integers(0, 9)) == 0:
+            if draw(st.sampled_from(range(10))) == 9:
                 text += ";"  # (an empty statement)
         text += part
     text += draw(st.sampled_from(["", ";", " ;", "; -- done", ";\n"]))
-    if draw(st.integers(0, 9)) == 0:  # one the server refuses, or reads otherwise
-        at = draw(st.integers(0, len(text)))
+    if draw(st.sampled_from(range(10))) == 9:  # one the server refuses, or reads otherwise
+        at = draw(st.sampled_from(range(len(text) + 1)))
         if draw(st.booleans()):
             text = text[:at]
         else:
@@ -468,7 +488,10 @@ class Oracle:
     """Sends texts on a connection of their own, and looks at what they left from another."""
 
     def __init__(self, server: PostgresServer, database: str) -> None:
-        self.conn = psycopg.connect(server.conninfo(database, options=OPTIONS))
+        # (nothing prepared by psycopg itself: a text's DEALLOCATE ALL would drop it)
+        self.conn = psycopg.connect(
+            server.conninfo(database, options=OPTIONS), prepare_threshold=None
+        )
         self.watch = psycopg.connect(server.conninfo(database, options=OPTIONS), autocommit=True)
         self.notified: list[psycopg.Notify] = []
         self.conn.add_notify_handler(self.notified.append)
@@ -606,6 +629,10 @@ conservative: collections.Counter[str] = collections.Counter()
 
 def count_conservative(verdict: int, seen: Seen) -> None:
     conservative["texts"] += 1
+    if (seen.error or "").startswith("42601"):  # (a syntax error: nothing of the text ran)
+        conservative["texts the server refused whole"] += 1
+        if verdict & COMMITS_MIDWAY:
+            conservative["refused whole, judged to commit midway (not replayed)"] += 1
     if seen.w_ended or seen.w_error is not None:
         return
     conservative["texts the server ran whole in a transaction"] += 1
@@ -683,8 +710,8 @@ ONCE_WRONG: dict[str, tuple[str, str]] = {
         "/* a /* END; */ b */ SET TRANSACTION READ ONLY",
         "w_read_only",
     ),
-    "read-only-default-after-a-comment-with-a-dollar": (
-        "SELECT 1; /* $$ */ SET default_transaction_read_only = on",
+    "read-only-after-a-comment-with-a-dollar": (
+        "SELECT 1; /* $$ */ SET TRANSACTION READ ONLY",
         "w_read_only",
     ),
     "begin-read-only-with-a-nested-comment-between": (
@@ -701,6 +728,19 @@ ONCE_WRONG: dict[str, tuple[str, str]] = {
     "deallocate-behind-a-nested-comment": (
         "/* a /* END; */ b */ DEALLOCATE PREPARE fz_probe",
         "w_deallocated",
+    ),
+    # the role switched by a setting's name the judge did not read as one
+    "session-authorization-set-as-a-setting": (
+        "SET session_authorization = 'pg_monitor'",
+        "w_role",
+    ),
+    "session-authorization-by-set-config": (
+        "SELECT set_config('session_authorization', 'pg_monitor', false)",
+        "w_role",
+    ),
+    "role-by-set-config-of-a-name-put-together": (
+        "SELECT set_config('ro' || 'le', 'pg_monitor', false)",
+        "w_role",
     ),
 }
 
