@@ -38,12 +38,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import asyncpg
 import psycopg
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scenarios import assert_committed_once, create_ledger, driver_connection, ledger_rows
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -793,6 +795,38 @@ def test_a_unit_whose_text_committed_after_a_rollback_is_not_replayed(
         service,
         lambda session, unit: driver_connection(session).execute(text.format(unit=unit)),
     )
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("text", COMMITTED_AFTER_A_ROLLBACK[:2])
+@pytest.mark.usefixtures("ledger_engine")
+async def test_an_async_unit_whose_text_committed_after_a_rollback_is_not_replayed(
+    pg_server: PostgresServer, pg_database: str, service: str, driver: str, text: str
+) -> None:
+    """The same on the async drivers' own connections (asyncpg's ``execute`` sends a text
+    without arguments as one simple query)."""
+    engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(sa.text("SELECT 1"))  # (SQLAlchemy's BEGIN goes out)
+        raw = (await (await session.connection()).get_raw_connection()).driver_connection
+        await raw.execute(text.format(unit=unit))  # type: ignore[union-attr]
+        await session.execute(sa.text("SELECT serialization_failure()"))
+
+    try:
+        with pytest.raises((sa.exc.DBAPIError, asyncpg.PostgresError, psycopg.Error)) as raised:
+            await Sessions.run(work)
+    finally:
+        await engine.dispose()
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, pg_database, unit) == 1
 
 
 #: texts whose write the judge must see through their comments, quotes and dollar quotes
