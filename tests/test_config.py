@@ -453,6 +453,14 @@ def test_an_environment_of_other_types_or_lower_case_names_is_a_config_error() -
         assert why in info.value.problems[name]
 
 
+def test_every_documented_log_level_is_taken() -> None:
+    """The README's levels for ``SELF_HEALING_LOG_LEVEL``, ``warning`` beside ``warn``: each
+    one taken from the environment (any case) and in code, none refused."""
+    for level in ("debug", "info", "warn", "warning", "error"):
+        assert rdb.load_config({"SELF_HEALING_LOG_LEVEL": level.upper()}).log_level == level
+        assert rdb.Config(log_level=level).log_level == level
+
+
 def test_choices_in_code_take_any_case_as_the_environment_does() -> None:
     cfg = rdb.Config(log_level="INFO", bulk_update="Raise")
     assert (cfg.log_level, cfg.bulk_update) == ("info", "raise")

@@ -146,6 +146,7 @@ def _brackets_refused() -> bool:
         ("redis://10.0.0.1:99999/0", "the port is not a number from 1 to 65535"),
         ("redis://10.0.0.1:0/0", "the port is not a number from 1 to 65535"),
         ("redis://10.0.0.1/zero", "the database (the path after the host) is not a number"),
+        ("unix://", "unix:// needs a socket path, e.g. unix:///run/redis.sock"),
         ("REDIS://10.0.0.1/0", "scheme REDIS: is not one of redis://, rediss://, unix:// (in"),
         (LEFT, "is invalid (not shown: it may be a secret in the wrong variable): not a URL"),
         # a byte of another encoding (os.environ's lone surrogate) in the password: taken, and
@@ -164,6 +165,13 @@ def test_url_problems_are_fixed_texts(url: str, reason: str) -> None:
     assert reason in text
     assert LEFT not in text
     assert RIGHT not in text
+
+
+def test_a_unix_socket_url_is_taken_without_a_host() -> None:
+    """``unix://`` names a socket path, not a host: no host or database number is asked of
+    it (the checks of a TCP URL would refuse every socket URL)."""
+    for url in ("unix:///run/redis.sock", "unix:///run/redis.sock?db=2"):
+        assert rdb.load_config({"SELF_HEALING_REDIS_URL": url}).redis_url == url
 
 
 def test_what_the_client_quotes_of_a_credential_is_taken_out() -> None:
