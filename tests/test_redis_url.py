@@ -183,6 +183,24 @@ def test_what_the_client_quotes_of_a_credential_is_taken_out() -> None:
         assert text == "the redis client does not accept it (ValueError: bad flag: ***!)"
 
 
+def test_what_the_client_quotes_is_masked_as_the_url_is() -> None:
+    """A user name the masked URL shows stays in the client's words (the short one ``u`` would
+    be masked in every word), one it hides is masked there too; a secret that holds a shorter
+    one is masked whole, not left with its tail; a long message is cut."""
+    said = "invalid username-password pair"
+    assert client_problem(ValueError(said), "redis://u:pw@h/0") == (
+        f"the redis client does not accept it (ValueError: {said})"
+    )
+    assert client_problem(ValueError("no user a+b"), "redis://a+b:pw@h/0") == (
+        "the redis client does not accept it (ValueError: no user ***)"
+    )
+    assert client_problem(ValueError("bad abcdef"), "redis://:ab@h/0?password=abcdef") == (
+        "the redis client does not accept it (ValueError: bad ***)"
+    )
+    long = client_problem(ValueError("x" * 300), "redis://h/0")
+    assert long == f"the redis client does not accept it (ValueError: {'x' * 200}...)"
+
+
 @pytest.mark.parametrize("raw", ["", "  "])
 def test_an_empty_redis_url_is_an_error_that_says_how_to_go_without(raw: str) -> None:
     """Docker Compose's ``SELF_HEALING_REDIS_URL=``: refused (a process silently out of the
