@@ -147,10 +147,10 @@ def test_config_in_code_refuses_what_the_environment_would() -> None:
     assert "too large" in problems["initial_delay"]
 
 
-def test_seconds_in_code_that_are_no_number_are_named_and_minus_zero_is_zero() -> None:
-    """A duration given in code that is no number (a string read from elsewhere, None, a bool)
-    is a ConfigError naming its field, not a TypeError of the range checks after it; -0.0 is
-    kept as 0.0 (as the retry budget's ratio is)."""
+def test_numbers_in_code_that_are_no_number_are_named_and_minus_zero_is_zero() -> None:
+    """A duration or the budget's ratio given in code that is no number (a string read from
+    elsewhere, None, a bool) is a ConfigError naming its field, not a TypeError of the range
+    checks after it; a duration of -0.0 is kept as 0.0 (as the retry budget's ratio is)."""
     for value, shown in (("0.5", "'0.5'"), (None, "None"), (True, "True")):
         with pytest.raises(rdb.ConfigError) as info:
             rdb.Config(conflict_delay=value)  # type: ignore[arg-type]
@@ -158,6 +158,12 @@ def test_seconds_in_code_that_are_no_number_are_named_and_minus_zero_is_zero() -
             "conflict_delay": f"must be a number of seconds, got {shown}"
         }
     assert math.copysign(1.0, rdb.Config(conflict_delay=-0.0).conflict_delay) == 1.0
+    for ratio, shown in (("0.2", "'0.2'"), (True, "True")):
+        with pytest.raises(rdb.ConfigError) as info:
+            rdb.Config(retry_budget=ratio)  # type: ignore[arg-type]
+        assert info.value.problems == {
+            "retry_budget": f"must be a ratio such as 0.2 or None, got {shown}"
+        }
 
 
 def test_leading_zeros_are_no_size_and_a_negative_ratio_says_so() -> None:

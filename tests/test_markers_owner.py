@@ -494,6 +494,17 @@ def test_a_markers_owner_that_cannot_be_a_role_name_is_refused(bad: str) -> None
         assert "is not UTF-8 text" in str(info.value)
 
 
+def test_a_markers_owner_of_the_longest_role_name_is_taken() -> None:
+    """PostgreSQL keeps 63 bytes of a name (NAMEDATALEN - 1): a name that long is taken, one
+    byte more is refused; bytes of UTF-8 are counted, not characters."""
+    for name in ("x" * 63, "\u00e9" * 31 + "x"):
+        assert rdb.load_config({"SELF_HEALING_MARKERS_OWNER": name}).markers_owner == name
+        assert rdb.Config(markers_owner=name).markers_owner == name
+    for name in ("\u00e9" * 32, "x" * 63 + "\u00e9"):
+        with pytest.raises(rdb.ConfigError, match="too long for a PostgreSQL role name"):
+            rdb.Config(markers_owner=name)
+
+
 @pytest.mark.parametrize("spaced", [" admin", "admin ", "\tadmin\n"])
 def test_a_markers_owner_with_spaces_at_its_ends_is_refused_in_code_and_stripped_from_the_env(
     spaced: str,
