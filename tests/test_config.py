@@ -166,6 +166,19 @@ def test_numbers_in_code_that_are_no_number_are_named_and_minus_zero_is_zero() -
         }
 
 
+def test_a_duration_in_the_environment_says_it_is_milliseconds() -> None:
+    """A duration's variable takes whole milliseconds, and its refusal says so (a count's says
+    only "a whole number")."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_INITIAL_DELAY": "1.5", "SELF_HEALING_MAX_RETRIES": "1.5"})
+    assert info.value.problems == {
+        "SELF_HEALING_INITIAL_DELAY": (
+            "'1.5' is invalid: not a whole number of milliseconds (digits 0-9 only)"
+        ),
+        "SELF_HEALING_MAX_RETRIES": "'1.5' is invalid: not a whole number (digits 0-9 only)",
+    }
+
+
 def test_leading_zeros_are_no_size_and_a_negative_ratio_says_so() -> None:
     assert rdb.load_config({"SELF_HEALING_MAX_RETRIES": "0000000000000005"}).max_retries == 5
     assert rdb.load_config({"SELF_HEALING_INITIAL_DELAY": "0" * 30 + "250"}).initial_delay == 0.25

@@ -494,6 +494,16 @@ def test_a_markers_owner_that_cannot_be_a_role_name_is_refused(bad: str) -> None
         assert "is not UTF-8 text" in str(info.value)
 
 
+def test_a_markers_owner_that_is_no_string_is_refused_naming_its_type() -> None:
+    """(A name read as bytes from a file, say: never compared with the role's name.)"""
+    for bad, kind in ((b"migrator", "bytes"), (5, "int")):
+        with pytest.raises(rdb.ConfigError) as info:
+            rdb.Config(markers_owner=bad)  # type: ignore[arg-type]
+        assert info.value.problems == {
+            "markers_owner": f"must be a role name (a string) or None, got {kind}"
+        }
+
+
 def test_a_markers_owner_of_the_longest_role_name_is_taken() -> None:
     """PostgreSQL keeps 63 bytes of a name (NAMEDATALEN - 1): a name that long is taken, one
     byte more is refused; bytes of UTF-8 are counted, not characters."""
