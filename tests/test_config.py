@@ -472,17 +472,22 @@ def test_contradictions_are_reported_with_other_problems_and_named_by_what_was_s
 
 def test_an_environment_of_other_types_or_lower_case_names_is_a_config_error() -> None:
     """``load_config`` given a mapping with non-string values or names raised AttributeError;
-    a name in lower case was silently ignored (environment names are case-sensitive)."""
+    a name in lower case was silently ignored (environment names are case-sensitive). Each is
+    reported with the bad variables after it, not in place of them."""
     for env, name, why in [
         ({"SELF_HEALING_MAX_RETRIES": 5}, "SELF_HEALING_MAX_RETRIES", "values are strings"),
         ({"SELF_HEALING_REDIS_URL": None}, "SELF_HEALING_REDIS_URL", "got NoneType"),
         ({1: "x"}, "1", "names are strings"),
-        ({"self_healing_enabled": "false"}, "self_healing_enabled", "SELF_HEALING_ENABLED"),
+        (
+            {"self_healing_enabled": "false"},
+            "self_healing_enabled",
+            "names are upper case: SELF_HEALING_ENABLED",
+        ),
         ({"Self_Healing_Retrys": "1"}, "Self_Healing_Retrys", "did you mean SELF_HEALING_RETRY"),
     ]:
         with pytest.raises(rdb.ConfigError) as info:
-            rdb.load_config(env)  # type: ignore[arg-type]
-        assert set(info.value.problems) == {name}
+            rdb.load_config({**env, "SELF_HEALING_LOG_LEVEL": "loud"})  # type: ignore[dict-item]
+        assert set(info.value.problems) == {name, "SELF_HEALING_LOG_LEVEL"}
         assert why in info.value.problems[name]
 
 
