@@ -86,6 +86,7 @@ TRANSIENT = {
     "57P03": rdb.Outcome.UNAVAILABLE,
     "53300": rdb.Outcome.UNAVAILABLE,
     "57P01": rdb.Outcome.DISCONNECT,
+    "57P02": rdb.Outcome.DISCONNECT,  # crash_shutdown
     "57P05": rdb.Outcome.DISCONNECT,  # idle_session_timeout
     "08006": rdb.Outcome.DISCONNECT,
 }

@@ -131,6 +131,29 @@ def test_each_non_transient_sqlstate_is_raised_at_once(
     assert count_items(engine) == 0
 
 
+def test_transaction_resolution_unknown_is_an_unknown_commit_outcome_never_replayed(
+    engine: sa.Engine, service: str
+) -> None:
+    """08007 (transaction_resolution_unknown): the server can't say whether the transaction
+    committed. Its class, 08, is otherwise a lost connection, which is replayed: this code
+    never is (a replay may write twice)."""
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.add(Item(name="u-08007"))
+        session.flush()
+        raise_code(session, "08007")
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        Session.run(unit)
+    assert rdb.sqlstate_of(info.value) == "08007"
+    assert rdb.classify(info.value) is rdb.Outcome.COMMIT_UNKNOWN
+    assert not rdb.is_transient(info.value)
+    assert calls == [1]
+
+
 def test_real_sqlstates_from_the_driver_for_real_failures(engine: sa.Engine, service: str) -> None:
     Session = factory(engine, service)
     Session.run(lambda s: s.add(Item(name="dup")))
