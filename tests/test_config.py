@@ -116,6 +116,10 @@ def test_as_env_round_trips() -> None:
     tiny = rdb.Config(deadline=0.0004, redis_timeout=0.001).as_env()
     assert tiny["SELF_HEALING_DEADLINE"] == "1"
     assert rdb.load_config(tiny).deadline == 0.001
+    # a zero duration is 0 (not the least 1 ms), a switch is written as the variables' text
+    zero = rdb.Config(conflict_delay=0, logging=False).as_env()
+    assert (zero["SELF_HEALING_CONFLICT_DELAY"], zero["SELF_HEALING_LOGGING"]) == ("0", "false")
+    assert zero["SELF_HEALING_ENABLED"] == "true"
 
 
 @pytest.mark.parametrize("ratio", [1e-05, 2.5e-07, -0.0, 0.30000000000000004, 10.0])
@@ -151,12 +155,16 @@ def test_numbers_in_code_that_are_no_number_are_named_and_minus_zero_is_zero() -
     """A duration or the budget's ratio given in code that is no number (a string read from
     elsewhere, None, a bool) is a ConfigError naming its field, not a TypeError of the range
     checks after it; a duration of -0.0 is kept as 0.0 (as the retry budget's ratio is)."""
-    for value, shown in (("0.5", "'0.5'"), (None, "None"), (True, "True")):
-        with pytest.raises(rdb.ConfigError) as info:
-            rdb.Config(conflict_delay=value)  # type: ignore[arg-type]
-        assert info.value.problems == {
-            "conflict_delay": f"must be a number of seconds, got {shown}"
-        }
+    for field in ("conflict_delay", "redis_timeout", "reset_timeout"):
+        for value, shown in (("0.5", "'0.5'"), (None, "None"), (True, "True")):
+            with pytest.raises(rdb.ConfigError) as info:
+                rdb.Config(**{field: value})
+            assert info.value.problems == {field: f"must be a number of seconds, got {shown}"}
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(log_level=5)  # type: ignore[arg-type]
+    assert info.value.problems == {
+        "log_level": "must be one of debug, info, warn, warning, error, got 5"
+    }
     assert math.copysign(1.0, rdb.Config(conflict_delay=-0.0).conflict_delay) == 1.0
     for ratio, shown in (("0.2", "'0.2'"), (True, "True")):
         with pytest.raises(rdb.ConfigError) as info:
@@ -177,6 +185,44 @@ def test_a_duration_in_the_environment_says_it_is_milliseconds() -> None:
         ),
         "SELF_HEALING_MAX_RETRIES": "'1.5' is invalid: not a whole number (digits 0-9 only)",
     }
+
+
+def test_config_in_code_reports_every_problem_at_once() -> None:
+    """A setting with a problem of its own does not end the checks of the bounds: the ones
+    after it are reported too."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(max_retries="x", redis_timeout=100)  # type: ignore[arg-type]
+    assert set(info.value.problems) == {"max_retries", "redis_timeout"}
+    assert "over the 10 s limit" in info.value.problems["redis_timeout"]
+
+
+@pytest.mark.parametrize(
+    ("field", "largest"), [("failure_threshold", 1_000_000), ("half_open_probes", 10_000)]
+)
+def test_the_largest_counts_are_taken_and_one_more_is_refused(field: str, largest: int) -> None:
+    assert getattr(rdb.Config(**{field: largest}), field) == largest
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(**{field: largest + 1})
+    assert info.value.problems == {field: f"too large: {largest + 1}; at most {largest}"}
+
+
+def test_a_long_bad_value_is_shown_by_its_first_characters_and_its_length() -> None:
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_LOG_LEVEL": "x" * 50})
+    assert info.value.problems["SELF_HEALING_LOG_LEVEL"].startswith(
+        f"{'x' * 40!r}... (50 characters) is invalid: must be one of"
+    )
+
+
+def test_a_zero_deadline_is_refused_while_one_retry_is_left() -> None:
+    """A deadline of 0 leaves no time for a retry: refused with one retry allowed, taken
+    without retries (max_retries=0, or retry off)."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(deadline=0, max_retries=1)
+    assert set(info.value.problems) == {"deadline"}
+    assert "max_retries=1" in info.value.problems["deadline"]
+    assert rdb.Config(deadline=0, max_retries=0).deadline == 0
+    assert rdb.Config(deadline=0, retry=False).deadline == 0
 
 
 def test_leading_zeros_are_no_size_and_a_negative_ratio_says_so() -> None:
