@@ -659,6 +659,28 @@ def test_a_url_set_as_the_markers_owner_is_refused_masked(
     assert rdb.Config(markers_owner="team/migrations:v2").markers_owner == "team/migrations:v2"
 
 
+def test_a_retry_budget_alone_needs_the_redis_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the breaker off, the retry budget is what talks to Redis: without the package it
+    is refused while a unit may retry (one retry is enough), and taken when nothing retries
+    or no budget is set."""
+    monkeypatch.setitem(sys.modules, "redis", None)  # what a missing package gives import
+    base = {
+        "SELF_HEALING_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "SELF_HEALING_CIRCUIT_BREAKER": "false",
+    }
+    budget = {"SELF_HEALING_RETRY_BUDGET": "0.2"}
+    for retries in ({}, {"SELF_HEALING_MAX_RETRIES": "1"}):
+        with pytest.raises(rdb.ConfigError, match="redis package is not installed"):
+            rdb.load_config({**base, **budget, **retries})
+    for unused in (
+        {**budget, "SELF_HEALING_RETRY": "false"},
+        {**budget, "SELF_HEALING_MAX_RETRIES": "0"},
+        {**budget, "SELF_HEALING_ENABLED": "false"},
+        {},  # no budget
+    ):
+        assert rdb.load_config({**base, **unused}).redis_url is not None
+
+
 def test_a_reload_refused_for_a_missing_redis_package_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
