@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from scenarios import add_expired_markers, expired_markers, server_settings_args
@@ -445,6 +446,35 @@ def test_a_login_read_only_by_default_reads_writes_when_asked_and_its_write_is_r
         counters = rdb.health()["services"][service]["counters"]
         assert counters["verified_commits"] == 1
         assert rdb.health()["healthy"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["role", "url"])
+def test_a_login_read_only_by_default_is_told_apart_on_the_drivers_own_connection(
+    *, how: str, pg_server: PostgresServer, pg_database: str, role: str, service: str
+) -> None:
+    """A write on psycopg's own connection inside a unit reaches no ``handle_error`` and the
+    server is not asked: what decides is where the login's read-only default comes from, noted
+    at connect (the role's or the URL's settings: the unit's own write, raised at once; not a
+    server that takes no writes, which would be replayed and counted by the breaker)."""
+    engine = sa.create_engine(
+        _as_role(pg_server.url(pg_database), role), **_read_only_login(pg_server, role, how)
+    )
+    calls: list[int] = []
+
+    def raw(session: Session) -> None:
+        calls.append(1)
+        driver = session.connection().connection.driver_connection
+        driver.execute("INSERT INTO public.settings_items (id, status) VALUES (7, 'new')")
+
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as refused:  # unwrapped
+            Sessions.run(raw)
+        assert rdb.classify(refused.value) is rdb.Outcome.NOT_TRANSIENT
+        assert len(calls) == 1
+        _assert_raised_at_once(service)
     finally:
         engine.dispose()
 
