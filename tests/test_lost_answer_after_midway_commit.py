@@ -136,6 +136,37 @@ def test_reads_after_its_own_commit_then_a_lost_final_answer_the_unit_is_done(
     assert counter(service, "unknown_commits") == 0
 
 
+def test_its_own_commit_answered_with_an_error_is_raised_unchecked(
+    direct: sa.Engine, service: str
+) -> None:
+    """A COMMIT of the unit's own midway that the server answered with an error (a deferred
+    unique constraint, 23505 at COMMIT) did not commit, and its answer was not lost: raised as
+    it is, after one attempt, with no check of the marker and nothing said verified."""
+    with direct.begin() as conn:
+        conn.execute(
+            sa.text("CREATE TABLE midway_once (who text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        )
+    once = sa.table("midway_once", sa.column("who", sa.Text))
+    Sessions = rdb.ResilientSession(direct, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.insert(once).values(who="twice"))
+        session.execute(sa.insert(once).values(who="twice"))
+        session.commit()
+
+    with pytest.raises(sa.exc.IntegrityError) as info:
+        Sessions.run(unit)
+    assert rdb.sqlstate_of(info.value) == "23505"
+    assert not rdb.is_transient(info.value)
+    assert calls == [1]
+    for name in ("verified_commits", "verified_not_committed"):
+        assert counter(service, name) == 0
+    with direct.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(once)) == 0
+
+
 def test_a_write_after_its_own_commit_then_a_lost_final_answer_is_verified(
     through_proxy: Callable[..., sa.Engine],
     direct: sa.Engine,
