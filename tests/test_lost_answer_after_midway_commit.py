@@ -141,7 +141,8 @@ def test_its_own_commit_answered_with_an_error_is_raised_unchecked(
 ) -> None:
     """A COMMIT of the unit's own midway that the server answered with an error (a deferred
     unique constraint, 23505 at COMMIT) did not commit, and its answer was not lost: raised as
-    it is, after one attempt, with no check of the marker and nothing said verified."""
+    it is (not as partly committed), after one attempt, with no check of the marker and
+    nothing said verified."""
     with direct.begin() as conn:
         conn.execute(
             sa.text("CREATE TABLE midway_once (who text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
@@ -160,6 +161,7 @@ def test_its_own_commit_answered_with_an_error_is_raised_unchecked(
         Sessions.run(unit)
     assert rdb.sqlstate_of(info.value) == "23505"
     assert not rdb.is_transient(info.value)
+    assert problem_details(info.value) is None  # not partly committed: it saved nothing
     assert calls == [1]
     for name in ("verified_commits", "verified_not_committed"):
         assert counter(service, name) == 0
