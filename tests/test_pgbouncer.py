@@ -1725,6 +1725,44 @@ async def test_standby_refusal_with_pgbouncer_pointed_at_the_primary_before_the_
     assert rdb.health()["services"][service]["counters"]["hot_standby_refused_writes"] == 0
 
 
+def test_an_unsure_refusal_after_another_failure_is_still_the_units_first(
+    standby_bouncer: PgBouncer, pg_standby: StandbyPair, service: str
+) -> None:
+    """The unit's first attempt fails otherwise (a serialization failure, replayed at once),
+    its second is refused by the standby with PgBouncer pointed at the primary before the
+    question: that refusal is the unit's first unsure one, a lost server, replayed (not its
+    second, the application's own, raised: only an unsure refusal tells the next attempts)."""
+    primary, standby = pg_standby.primary, pg_standby.standby
+    standby_bouncer.point_at(standby)
+    attempts: list[int] = []
+    repointed: list[int] = []
+
+    def repoint(ctx: sa.engine.ExceptionContext) -> None:
+        if rdb.sqlstate_of(ctx.original_exception) == "25006" and not repointed:
+            repointed.append(len(attempts))
+            standby_bouncer.point_at(primary)  # (the server connections made again on release)
+
+    engine = sa.create_engine(standby_bouncer.url(), connect_args=PSYCOPG_ARGS)
+    sa.event.listen(engine, "handle_error", repoint)  # (before the factory's)
+    Sessions = rdb.ResilientSession(engine, service=service, config=FEW_RETRIES)
+
+    def unit(session: Session) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:  # (a DO block runs on a hot standby too)
+            session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
+        return write(session)
+
+    try:
+        assert Sessions.run(unit) == "written"
+    finally:
+        engine.dispose()
+    assert repointed == [2]
+    assert len(attempts) == 3
+    assert count(primary, "app", "SELECT count(*) FROM ledger") == 1
+
+
 def set_read_only(session: Session) -> None:
     own_read_only(session, "set-transaction-read-only")
 
