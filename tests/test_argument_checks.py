@@ -311,6 +311,20 @@ def test_load_config_refuses_what_is_not_a_mapping_without_showing_it() -> None:
 
 
 # -- Classifier -------------------------------------------------------------------------------
+def test_is_disconnect_code_takes_no_code_and_follows_the_table() -> None:
+    """Whether a connection that met a code must not be used again: never for no code at all
+    (an error without SQLSTATE), for the table's lost connections and unknown outcomes, a
+    class 08 code outside the table (08P01 included), not for a code the table made another
+    outcome (a lost connection made a conflict)."""
+    classifier = rdb.Classifier()
+    assert classifier.is_disconnect_code(None) is False
+    for code in ("57P01", "08007", "08006", "08P01"):
+        assert classifier.is_disconnect_code(code), code
+    for code in ("40001", "23505", "57014"):
+        assert not classifier.is_disconnect_code(code), code
+    assert not classifier.with_codes({"57P01": rdb.Outcome.CONFLICT}).is_disconnect_code("57P01")
+
+
 def test_without_codes_takes_one_code_as_a_string() -> None:
     one = rdb.Classifier().without_codes("40001")
     assert one.codes == rdb.Classifier().without_codes(["40001"]).codes
