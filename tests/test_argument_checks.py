@@ -363,6 +363,15 @@ def test_set_testing_refuses_what_is_not_a_bool(value: Any) -> None:
     assert _testing.is_set() == before
 
 
+def test_a_cause_chain_that_loops_is_read_bounded() -> None:
+    """An error whose causes loop back (``__cause__`` set by hand: Python checks no loop) is
+    classified, not walked forever."""
+    first, second = ValueError("first"), ValueError("second")
+    first.__cause__, second.__cause__ = second, first
+    assert rdb.classify(first) is rdb.Outcome.NOT_TRANSIENT
+    assert rdb.sqlstate_of(first) is None
+
+
 @pytest.mark.parametrize("read", [rdb.classify, rdb.is_transient])
 def test_classify_refuses_what_is_not_an_exception_or_a_classifier(read: Any) -> None:
     """A mapping of codes was taken for the built-in table when empty, and failed with an
