@@ -5,6 +5,7 @@ for a check) nor answered later with an error from deep inside (an ``AttributeEr
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import math
@@ -361,6 +362,13 @@ def test_set_testing_refuses_what_is_not_a_bool(value: Any) -> None:
     with pytest.raises(TypeError, match=r"^set_testing\(\) takes a bool \(True or False\), got "):
         rdb.set_testing(value)
     assert _testing.is_set() == before
+
+
+def test_an_interruption_is_classified_not_transient() -> None:
+    """Cancellation, ``KeyboardInterrupt``, ``SystemExit``: no ``Exception``, never replayed."""
+    for interruption in (asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(1)):
+        assert rdb.classify(interruption) is rdb.Outcome.NOT_TRANSIENT
+        assert not rdb.is_transient(interruption)
 
 
 def test_a_cause_chain_that_loops_is_read_bounded() -> None:

@@ -131,6 +131,50 @@ def test_each_non_transient_sqlstate_is_raised_at_once(
     assert count_items(engine) == 0
 
 
+def test_an_error_raised_while_handling_a_transient_one_is_the_units_own(
+    engine: sa.Engine, service: str
+) -> None:
+    """A unit that catches a serialization failure and raises its own error in the except
+    block: that error's context is the conflict, not its cause. It is the unit's answer, raised
+    after one attempt, not replayed as the conflict would be."""
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        try:
+            raise_code(session, "40001")
+        except sa_exc.DBAPIError:
+            raise ValueError("the unit's own answer")  # noqa: B904 (the conflict is its context)
+
+    with pytest.raises(ValueError, match="the unit's own answer") as info:
+        Session.run(unit)
+    assert rdb.sqlstate_of(info.value.__context__) == "40001"
+    assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+    assert calls == [1]
+
+
+def test_an_open_circuit_raised_from_a_transient_failure_is_not_transient(
+    engine: sa.Engine, service: str
+) -> None:
+    """The circuit opened by a unit's failure refuses its retry: the CircuitOpenError is
+    raised from that failure (57P03, unavailable: transient), and is not transient itself (a
+    web client told to retry at once would meet the open circuit)."""
+    Session = factory(engine, service, failure_threshold=1, reset_timeout=60.0)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        raise_code(session, "57P03")
+
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        Session.run(unit)
+    assert rdb.sqlstate_of(info.value.__cause__) == "57P03"
+    assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+    assert not rdb.is_transient(info.value)
+    assert calls == [1]
+
+
 def test_transaction_resolution_unknown_is_an_unknown_commit_outcome_never_replayed(
     engine: sa.Engine, service: str
 ) -> None:
