@@ -225,6 +225,44 @@ def test_a_connect_without_the_password_the_server_asks_for_raises_at_once(
     assert_breaker_untouched(service)
 
 
+def test_a_connect_without_the_password_for_a_session_kind_is_still_a_disconnect(
+    password_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The password missing, but the URL asks for a session kind (``target_session_attrs``):
+    the refusal may be a host that takes no writes, which heals, not the password (see
+    test_a_connect_that_may_heal_is_still_a_disconnect): retried, as before."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", "/nonexistent")
+    given = sa.make_url(password_url)
+    without = sa.engine.URL.create(
+        given.drivername,
+        given.username,
+        None,
+        given.host,
+        given.port,
+        given.database,
+        query={"target_session_attrs": "read-write"},
+    )
+    _assert_retried_as_disconnect(without.render_as_string(hide_password=False), service)
+
+
+def test_a_session_kind_libpq_does_not_take_raises_at_once(pg_url: str, service: str) -> None:
+    """``target_session_attrs=read_write`` (for read-write): libpq refuses the value itself,
+    before any host is tried, on every connect: no retry can succeed, and no breaker opens on
+    it (a breaker opened so would say the database failed)."""
+    engine = sa.create_engine(_with(pg_url, query={"target_session_attrs": "read_write"}))
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    try:
+        for n in range(1, 4):
+            with pytest.raises(sa_exc.OperationalError) as info:  # never CircuitOpenError
+                Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
+            assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+            assert _counters(service)["attempts"] == n  # one attempt per request
+    finally:
+        engine.dispose()
+    assert_breaker_untouched(service)
+
+
 @pytest.mark.parametrize("refusal", sorted(REFUSED))
 def test_psycopg_refusals_after_the_password_are_disconnects(
     password_url: str, service: str, refusal: str
