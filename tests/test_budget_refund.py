@@ -74,6 +74,29 @@ def test_a_ratio_paid_retry_given_back_is_no_longer_spent() -> None:
     assert budget.totals(101.7) == (2.0, 2)
 
 
+def test_first_attempts_seen_late_are_spread_over_the_time_since_the_last_look() -> None:
+    """First attempts counted at one look are spread evenly from the look before (a second
+    or less: all in the last second); those of seconds past the window are left out, and a
+    look that saw nothing new moves the start of the next spread."""
+    budget = LocalBudget(ratio=1.0, floor=0, now=100.0, first_attempts=0)
+    budget.observe(10, 110.0)  # one a second: second 100's is past the window of 101..110
+    assert budget.totals(110.0) == (9.0, 0)
+    budget = LocalBudget(ratio=1.0, floor=0, now=100.2, first_attempts=0)
+    budget.observe(5, 100.9)
+    assert budget.totals(100.9) == (5.0, 0)
+    budget = LocalBudget(ratio=1.0, floor=0, now=100.5, first_attempts=0)
+    budget.observe(3, 102.0)  # two a second: one in second 100, two in 101
+    assert (budget.totals(102.0), budget.totals(110.9), budget.totals(111.0)) == (
+        (3.0, 0),
+        (2.0, 0),
+        (0, 0),
+    )
+    budget = LocalBudget(ratio=1.0, floor=0, now=100.0, first_attempts=0)
+    budget.observe(0, 105.0)  # nothing new: the next ones were made after this look
+    budget.observe(10, 106.0)
+    assert budget.totals(112.0) == (10.0, 0)  # all in second 106, still in the window
+
+
 def test_a_refund_after_the_window_gives_nothing_back() -> None:
     budget = LocalBudget(ratio=1.0, floor=0, now=0.0, first_attempts=0)
     budget.observe(1, 0.1)
