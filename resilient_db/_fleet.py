@@ -151,7 +151,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from ._classify import failure_detail, log_quietly
@@ -1230,12 +1230,8 @@ class FleetLink:
         from now on would not refuse an old primary the running ones refuse. A healthy
         fleet's links know none: nothing is written."""
         self.commands += 1
-        try:
+        with self._naming_wrong_type([TIMELINES_KEY]):
             found = self._client.hgetall(TIMELINES_KEY)
-        except self._redis.exceptions.ResponseError as exc:
-            if not _wrong_type(exc):
-                raise
-            raise type(exc)(_wrong_type_text([TIMELINES_KEY])) from exc
         for system, value in list(found.items())[:MAX_TIMELINES]:
             self._learn_entry(_shown(system), _s(value))
         if found:
@@ -1290,8 +1286,14 @@ class FleetLink:
         """Run script ``name``. Refused for a key that holds another type of value than the
         script's commands take (WRONGTYPE: a string where a hash is, written by another
         client), the error names the keys, as Redis's answer does not."""
-        try:
+        with self._naming_wrong_type(keys):
             return self._scripts[name](keys=keys, args=args)
+
+    @contextlib.contextmanager
+    def _naming_wrong_type(self, keys: list[str]) -> Iterator[None]:
+        """A command refused with WRONGTYPE inside raises its error naming ``keys``."""
+        try:
+            yield
         except self._redis.exceptions.ResponseError as exc:
             if not _wrong_type(exc):
                 raise
