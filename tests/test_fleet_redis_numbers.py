@@ -210,6 +210,34 @@ def test_breaker_status_shows_bad_numbers_and_keys_as_unreadable(
     assert lines[-1].startswith(f"timelines unreadable: WRONGTYPE: key {_fleet.TIMELINES_KEY}")
 
 
+def test_a_timelines_key_of_another_type_keeps_the_link_down_saying_which(
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A string where the fleet's timelines hash is (WRONGTYPE, read as the link joins): the
+    process runs on its own breaker, and the one warning and health() name that key (Redis's
+    answer does not); deleted, the link comes up."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "timelines-typed"
+    client = redis_server.client()
+    client.set(_fleet.TIMELINES_KEY, "a string where a hash is")
+    config = rdb.Config(redis_url=redis_server.url, retry=False)
+    factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: downs(caplog), "the link's warning")
+    shared = breaker_of(service)["shared"]
+    assert shared["connected"] is False
+    assert shared["problem"].startswith("a key of the wrong type (ResponseError: WRONGTYPE")
+    assert f"key {_fleet.TIMELINES_KEY} holds" in shared["problem"]
+    [down] = downs(caplog)
+    assert _fleet.TIMELINES_KEY in down
+    assert factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+
+    client.delete(_fleet.TIMELINES_KEY)
+    wait_for(lambda: breaker_of(service)["shared"]["connected"], "the link, the key deleted")
+    assert len(downs(caplog)) == 1, downs(caplog)
+
+
 def test_a_breaker_key_of_another_type_keeps_the_link_down_saying_which(
     redis_server: RedisServer,
     engine: sa.Engine,
