@@ -543,15 +543,26 @@ class FailingStorage(pybreaker.CircuitMemoryStorage):
         pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
 
 
-def held_and_released(proxy: FaultProxy, *, keep_server: bool = False) -> threading.Thread:
+def held_and_released(
+    proxy: FaultProxy,
+    *,
+    keep_server: bool = False,
+    ended_first: Callable[[], object] | None = None,
+) -> threading.Thread:
     """Release the COMMIT the proxy holds once it holds one more than now (bounded: about
-    10 s); ``keep_server``: its server connection stays, for ``deliver_late_commits``."""
+    10 s); ``keep_server``: its server connection stays, for ``deliver_late_commits``;
+    ``ended_first``: called before the release (the held transaction ended on the server, so
+    that no check of the client's can find it still open)."""
     before = proxy.commits_swallowed
 
     def release() -> None:
         for _ in range(200):
             if proxy.commits_swallowed > before:
-                proxy.release_swallowed(keep_server=keep_server)
+                try:
+                    if ended_first is not None:
+                        ended_first()
+                finally:  # released whatever happened: the client never waits for ever
+                    proxy.release_swallowed(keep_server=keep_server)
                 return
             threading.Event().wait(0.05)
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from processes import wait_for
 from scenarios import (
     ASYNC_DRIVERS,
     BYPASS_BY_HAND,
@@ -222,14 +223,44 @@ def settled(
     return orders[0]
 
 
-def armed(proxy: FaultProxy, fault: str) -> threading.Thread | None:
+def armed(
+    proxy: FaultProxy, fault: str, ended_first: Callable[[], None] | None = None
+) -> threading.Thread | None:
     """Arm ``fault`` on ``proxy``'s next COMMIT: "lost" (its answer), or "swallowed" (held,
-    then released: the thread that releases it, to join)."""
+    then released, ``ended_first`` called before: the thread that releases it, to join)."""
     if fault == "lost":
         proxy.lose_commit_answer()
         return None
     proxy.swallow_commit()
-    return held_and_released(proxy)
+    return held_and_released(proxy, ended_first=ended_first)
+
+
+def held_transaction_ended(server: PostgresServer, database: str) -> Callable[[], None]:
+    """End the transaction whose COMMIT the proxy holds, in ``database``, before its client is
+    released: its backend terminated, and waited for until gone. Released by a reset of both
+    sides alone, the backend ends once it reads the reset, which on a loaded machine may come
+    after every one of the unit's checks by transaction id (delays shrunk to nothing) asked
+    about it: "in progress", so unknown, rightly (a COMMIT held on the way may still arrive:
+    ``test_late_commit_after_the_check_is_fenced_off``). A swallowed COMMIT's transaction is
+    over by the time the checks ask here, as the outcomes these tests settle need."""
+
+    def end() -> None:
+        rows = server.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s"
+            " AND state = 'idle in transaction' AND pid <> pg_backend_pid()",
+            params=(database,),
+        )
+        assert len(rows) == 1, rows  # the unit's held one, no other
+        pid = rows[0][0]
+        server.execute("SELECT pg_terminate_backend(%s)", params=(pid,))
+        wait_for(
+            lambda: (
+                not server.execute("SELECT FROM pg_stat_activity WHERE pid = %s", params=(pid,))
+            ),
+            "the held transaction's backend to end",
+        )
+
+    return end
 
 
 FAULTED_TABLE = {"first": "items", "second": "entries"}
@@ -256,12 +287,15 @@ def both_orders_settled(
     fault: str,
     prefix: str,
     bind: Callable[[Session], None] | None = None,
+    ended_first: bool = False,
 ) -> None:
     """Rounds of a unit of ``Sessions`` writing an item and an entry (each named
     ``{prefix}{round}-{call}``; ``bind`` called first on its session), ``fault`` armed on the
     COMMIT of the first database's proxy, then the second's, in turn, each round's outcome
     checked against the databases (:func:`settled`), until both orders of SQLAlchemy's
-    COMMITs were met (the faulted database's went out first, and second)."""
+    COMMITs were met (the faulted database's went out first, and second). ``ended_first``: a
+    swallowed COMMIT's transaction is ended before its client is released
+    (:func:`held_transaction_ended`)."""
     seen: set[str] = set()
     for round_ in range(ROUNDS):
         held = ("first", "second")[round_ % 2]
@@ -278,7 +312,9 @@ def both_orders_settled(
             session.add(Item(name=name))
             session.add(Entry(name=name))
 
-        releaser = armed(proxy, fault)
+        faulted = databases[0] if held == "first" else databases[1]
+        ending = held_transaction_ended(pg_server, faulted) if ended_first else None
+        releaser = armed(proxy, fault, ending)
         raised: BaseException | None = None
         try:
             Sessions.run(unit)
@@ -322,7 +358,9 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
     with the outcome. The faulted database alternates, so that both orders are met whether
     SQLAlchemy's order is fixed or varies. With the commit markers, and without them (the
     fallback: each writing COMMIT's transaction id read before it, its status asked after a
-    lost answer, in the database it went to)."""
+    lost answer, in the database it went to). Without the markers, a swallowed COMMIT's
+    transaction is ended before the unit hears: a check by transaction id that finds it still
+    open can only answer unknown (the markers' claim fences it off instead)."""
     if not markers:
         without_markers(pg_server, databases)
     Sessions = bound(*engines, service, config=PATIENT)
@@ -334,6 +372,7 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
         (fault_proxy, second_proxy),
         fault=fault,
         prefix="r",
+        ended_first=not markers,
     )
 
 
