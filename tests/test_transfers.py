@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import random
@@ -53,6 +54,31 @@ MARKERS = "markers"
 FALLBACK = "fallback"
 
 _services = itertools.count()
+
+#: the longest the workload may go with no transfer settling before it counts as stuck: each
+#: unit ends once its deadline leaves no room for another attempt, and the attempt running then
+#: waits on nothing longer than a connect (2 s timeout) or a COMMIT the fault thread holds
+#: (released within its step). How long the whole workload takes depends on the machine's
+#: load (over 60 s in a loaded run of the suite, 10 s alone): no bound on that.
+STALLED_AFTER = workload_config().deadline + STEP_TIMEOUT
+
+
+async def progressing(work: asyncio.Future[Any], results: Results) -> None:
+    """Await ``work`` (the workers), failing it if no transfer settled for
+    :data:`STALLED_AFTER` seconds: bounded, without guessing how fast a loaded machine runs."""
+    seen, since = results.settled, time.monotonic()
+    while not work.done():
+        await asyncio.wait([work], timeout=0.5)
+        if results.settled != seen:
+            seen, since = results.settled, time.monotonic()
+        elif not work.done() and time.monotonic() - since > STALLED_AFTER:
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            raise AssertionError(
+                f"no transfer settled for {STALLED_AFTER:g} s ({seen} settled): stuck"
+            )
+    await work
 
 
 class Base(DeclarativeBase):
@@ -357,7 +383,7 @@ async def test_concurrent_transfers_under_faults_async(
         with rdb.set_testing(False):
             began = time.monotonic()
             faults.start()
-            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(TASKS))), 60)
+            await progressing(asyncio.gather(*(worker() for _ in range(TASKS))), results)
             finished.set()
             await asyncio.to_thread(faults.join, 30)
         record_property("seconds", round(time.monotonic() - began, 1))
