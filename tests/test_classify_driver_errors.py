@@ -202,6 +202,21 @@ REFUSED = {
 }
 
 
+def _assert_raised_at_once(engine: sa.Engine, service: str, *, requests: int) -> None:
+    """Each of ``requests`` units on ``engine`` fails its connect: raised after one attempt as
+    not transient (never CircuitOpenError), and the breaker is left untouched."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    try:
+        for n in range(1, requests + 1):
+            with pytest.raises(sa_exc.OperationalError) as info:  # never CircuitOpenError
+                Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
+            assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+            assert _counters(service)["attempts"] == n  # one attempt per request
+    finally:
+        engine.dispose()
+    assert_breaker_untouched(service)
+
+
 def test_a_connect_without_the_password_the_server_asks_for_raises_at_once(
     password_url: str, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,17 +227,7 @@ def test_a_connect_without_the_password_the_server_asks_for_raises_at_once(
     without = sa.engine.URL.create(
         given.drivername, given.username, None, given.host, given.port, given.database
     )
-    engine = sa.create_engine(without)
-    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
-    try:
-        for n in range(1, 6):
-            with pytest.raises(sa_exc.OperationalError) as info:  # never CircuitOpenError
-                Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
-            assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
-            assert _counters(service)["attempts"] == n  # one attempt per request
-    finally:
-        engine.dispose()
-    assert_breaker_untouched(service)
+    _assert_raised_at_once(sa.create_engine(without), service, requests=5)
 
 
 def test_a_connect_without_the_password_for_a_session_kind_is_still_a_disconnect(
@@ -251,16 +256,7 @@ def test_a_session_kind_libpq_does_not_take_raises_at_once(pg_url: str, service:
     before any host is tried, on every connect: no retry can succeed, and no breaker opens on
     it (a breaker opened so would say the database failed)."""
     engine = sa.create_engine(_with(pg_url, query={"target_session_attrs": "read_write"}))
-    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
-    try:
-        for n in range(1, 4):
-            with pytest.raises(sa_exc.OperationalError) as info:  # never CircuitOpenError
-                Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
-            assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
-            assert _counters(service)["attempts"] == n  # one attempt per request
-    finally:
-        engine.dispose()
-    assert_breaker_untouched(service)
+    _assert_raised_at_once(engine, service, requests=3)
 
 
 @pytest.mark.parametrize("refusal", sorted(REFUSED))

@@ -1639,6 +1639,22 @@ async def test_own_read_only_write_behind_pgbouncer_after_its_standby_is_promote
 # replayed; a second one there is the unit's own, raised.
 
 
+def _repoint_at_first_refusal(
+    bouncer: PgBouncer, primary: PostgresServer, attempts: list[int]
+) -> tuple[Callable[[sa.engine.ExceptionContext], None], list[int]]:
+    """A ``handle_error`` listener that points ``bouncer`` at ``primary`` at the first 25006
+    (the server connections made again on release), and the list of the attempt counts it
+    did so at (``len(attempts)`` then)."""
+    repointed: list[int] = []
+
+    def repoint(ctx: sa.engine.ExceptionContext) -> None:
+        if rdb.sqlstate_of(ctx.original_exception) == "25006" and not repointed:
+            repointed.append(len(attempts))
+            bouncer.point_at(primary)
+
+    return repoint, repointed
+
+
 @pytest.mark.parametrize("driver", ["psycopg-sync", "asyncpg", "psycopg"])
 @pytest.mark.asyncio
 async def test_standby_refusal_with_pgbouncer_pointed_at_the_primary_before_the_question(
@@ -1656,12 +1672,7 @@ async def test_standby_refusal_with_pgbouncer_pointed_at_the_primary_before_the_
     standby_bouncer.point_at(standby)
     seen: list[rdb.SelfHealEvent] = []
     attempts: list[int] = []
-    repointed: list[int] = []
-
-    def repoint(ctx: sa.engine.ExceptionContext) -> None:
-        if rdb.sqlstate_of(ctx.original_exception) == "25006" and not repointed:
-            repointed.append(len(attempts))
-            standby_bouncer.point_at(primary)  # (the server connections made again on release)
+    repoint, repointed = _repoint_at_first_refusal(standby_bouncer, primary, attempts)
 
     if driver == "psycopg-sync":
         engine = sa.create_engine(standby_bouncer.url(), connect_args=PSYCOPG_ARGS)
@@ -1735,12 +1746,7 @@ def test_an_unsure_refusal_after_another_failure_is_still_the_units_first(
     primary, standby = pg_standby.primary, pg_standby.standby
     standby_bouncer.point_at(standby)
     attempts: list[int] = []
-    repointed: list[int] = []
-
-    def repoint(ctx: sa.engine.ExceptionContext) -> None:
-        if rdb.sqlstate_of(ctx.original_exception) == "25006" and not repointed:
-            repointed.append(len(attempts))
-            standby_bouncer.point_at(primary)  # (the server connections made again on release)
+    repoint, repointed = _repoint_at_first_refusal(standby_bouncer, primary, attempts)
 
     engine = sa.create_engine(standby_bouncer.url(), connect_args=PSYCOPG_ARGS)
     sa.event.listen(engine, "handle_error", repoint)  # (before the factory's)
