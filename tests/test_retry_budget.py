@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -264,6 +266,68 @@ def test_recent_retries_count_what_the_floor_paid_and_not_what_was_given_back() 
     budget.record("floor", 100.4)  # one the fleet granted this process
     assert budget.retries(100.4) == 3
     assert budget.retries(100.0 + WINDOW + 1) == 0  # past the window
+
+
+@pytest.mark.parametrize("floor", [1, 2])
+def test_a_floor_retry_the_fleet_granted_leaves_this_process_bucket_one_less(floor: int) -> None:
+    """A fallback to this process's own budget (Redis gone) starts warm: each floor-paid retry
+    the fleet granted here is out of the local bucket too, which never goes below empty."""
+    budget = LocalBudget(ratio=0.0, floor=floor, now=100.0)
+    budget.record("floor", 100.0)
+    assert budget.floor_tokens(100.0) == floor - 1
+    budget.record("floor", 100.0)
+    assert budget.floor_tokens(100.0) == max(0, floor - 2)
+    assert budget.try_withdraw(100.0) is None
+
+
+def test_available_adds_the_whole_retries_of_the_ratio_and_of_the_floor() -> None:
+    budget = LocalBudget(ratio=0.5, floor=2, now=100.0)
+    budget.observe(5, 100.0)  # 2.5 retries of the ratio: 2 whole ones, and 2 of the floor
+    assert budget.available(100.0) == 4.0
+    paid = [budget.try_withdraw(100.0) for _ in range(5)]
+    assert paid == ["ratio", "ratio", "floor", "floor", None]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25])
+def test_the_budgets_line_comes_once_in_ten_seconds_and_names_the_ratio(ratio: float) -> None:
+    now = [100.0]
+    config = rdb.Config(retry_budget=ratio, retry_budget_floor=3)
+    budget = RetryBudget("period", config, clock=lambda: now[0])
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("resilient_db")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for at in (100.0, 109.9, 110.0):
+            now[0] = at
+            budget.spent()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(lines) == 2  # at 100 and at 110: the one of 109.9 folded into the second
+    assert (
+        f"Retry budget exhausted: service=period retries may add {ratio:g} of recent first "
+        "attempts (in this process) plus 3/s;"
+    ) in lines[0]
+    assert lines[1].endswith("(1 more since the last line, the last line 10 s ago)")
+    assert budget.describe()["exhausted"] == 3
+
+
+def test_a_retry_given_back_is_no_longer_granted_and_the_others_stay() -> None:
+    budget = RetryBudget(
+        "granted", rdb.Config(retry_budget=0.0, retry_budget_floor=3), clock=lambda: 100.0
+    )
+    first, second = budget.withdraw(), budget.withdraw()
+    assert first is not None
+    assert second is not None
+    budget.refund(first)
+    assert budget.describe()["granted"] == 1
+    assert budget.withdraw() is not None
+    assert budget.withdraw() is not None  # the one given back: the floor held three
+    assert budget.withdraw() is None
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -598,6 +662,105 @@ def shared_config(redis: RedisServer, **changes: Any) -> rdb.Config:
     return rdb.Config(**base)
 
 
+def test_first_attempts_go_to_the_fleet_in_whole_numbers_the_fractions_carried_over(
+    engine: sa.Engine,
+) -> None:
+    """The fleet's count holds whole first attempts: those seen spread over seconds go in
+    whole numbers, the fractions added up from the oldest second and what is left (less than
+    one first attempt) carried to the next call, not lost."""
+    now = [100.5]
+    budget = RetryBudget("wholes", rdb.Config(retry_budget=1.0), clock=lambda: now[0])
+    Session = rdb.ResilientSession(
+        engine, service="wholes", config=budget_config(retry_budget=None)
+    )
+
+    def units(n: int, at: float) -> None:
+        for _ in range(n):
+            Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+        now[0] = at
+
+    units(2, 102.5)  # 0.5 in second 100, 1 in 101, 0.5 in 102
+    assert budget.take_pending() == [(1, 1), (0, 1)]
+    units(1, 118.5)  # 1/16 a second: only 19/32 of it in the window
+    assert budget.take_pending() == []
+    units(1, 120.5)  # 1/4 in second 118, 1/2 in 119, 1/4 in 120: with the 19/32, one whole
+    assert budget.take_pending() == [(1, 1)]
+
+
+def free_port() -> int:
+    """A port nothing listens on: a Redis URL there is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_a_budget_that_moves_to_another_redis_leaves_the_first_ones_link(
+    engine: sa.Engine,
+) -> None:
+    """A later factory's config= of the service names another Redis: the budget follows it and
+    leaves the first link, closed with nothing else attached (else that link's thread would
+    go on taking the budget's first attempts for the Redis no factory asks for)."""
+    urls = [f"redis://127.0.0.1:{free_port()}/0" for _ in range(2)]
+    rdb.ResilientSession(
+        engine, service="moved", config=budget_config(retry_budget=1.0, redis_url=urls[0])
+    )
+    budget = budgets()["moved"]
+    first = budget._fleet
+    assert first is not None
+    rdb.ResilientSession(
+        engine, service="moved", config=budget_config(retry_budget=1.0, redis_url=urls[1])
+    )
+    assert budget._fleet is not None
+    assert budget._fleet.url == urls[1]
+    assert budget.describe()["redis"] == urls[1]
+    assert "moved" not in first.budgets
+    assert first.closed
+
+
+def test_ratio_retries_paid_alone_wait_for_the_fleet_unless_given_back(engine: sa.Engine) -> None:
+    """A budget meant to be shared whose Redis does not answer decides alone: the retries its
+    ratio paid for wait, by second, to be added to the fleet's count when Redis answers again
+    (else the fleet would pay the ratio of their first attempts a second time); one given back
+    before that is not sent, and those the floor paid are not the ratio's."""
+    now = [100.0]
+    config = rdb.Config(
+        retry_budget=1.0,
+        retry_budget_floor=1,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        redis_timeout=0.5,
+    )
+    budget = RetryBudget("alone", config, clock=lambda: now[0])
+    Session = rdb.ResilientSession(engine, service="alone", config=budget_config(retry_budget=None))
+    for _ in range(2):  # two first attempts: the ratio pays for two retries
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    now[0] = 100.2
+    paid = [budget.withdraw() for _ in range(3)]
+    assert [(w.paid_by, w.fleet) for w in paid if w is not None] == [
+        ("ratio", None),
+        ("ratio", None),
+        ("floor", None),
+    ]
+    budget.refund(paid[2])  # the floor's: the fleet counts no ratio-paid retry less
+    assert budget.alone_pending
+    assert budget.take_alone() == [(0, 2)]
+    assert not budget.alone_pending
+    for withdrawal in paid[:2]:  # sent already: nothing left here to take back
+        budget.refund(withdrawal)
+    now[0] = 101.0
+    single = budget.withdraw()
+    assert single is not None
+    assert single.paid_by == "ratio"
+    assert budget.alone_pending
+    budget.refund(single)  # never sent: not sent now
+    assert not budget.alone_pending
+    assert budget.take_alone() == []
+    now[0] = 102.5
+    assert budget.withdraw() is not None
+    now[0] = 104.7
+    assert budget.take_alone() == [(2, 1)]
+
+
 def wait_connected(service: str, connected: bool = True) -> None:
     for _ in range(2000):
         breaker = rdb.health()["services"][service]["breaker"]
@@ -739,6 +902,78 @@ def test_a_reload_that_removes_the_budget_takes_it_out_of_health_and_the_metrics
     rdb.reload_config()
     assert rdb.health()["services"]["unbudgeted"]["budget"]["exhausted"] == 0
     assert Session.policy.budget is not None
+
+
+def test_a_reload_changing_the_ratio_pays_the_new_ratio_of_the_recent_first_attempts(
+    engine: sa.Engine, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "1")
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET_FLOOR", "0")
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+    Session = rdb.ResilientSession(engine, service="reratioed")
+    for _ in range(4):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+
+    def figures() -> tuple[object, ...]:
+        entry = rdb.health()["services"]["reratioed"]["budget"]
+        return (
+            entry["ratio"],
+            entry["floor_per_second"],
+            entry["window_seconds"],
+            entry["available"],
+        )
+
+    assert figures() == (1.0, 0, WINDOW, 4)
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0.5")
+    rdb.reload_config()
+    assert figures() == (0.5, 0, WINDOW, 2)
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0")
+    rdb.reload_config()
+    assert figures() == (0.0, 0, WINDOW, 0)
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(unavailable)
+    assert Session.policy.budget is not None
+    assert Session.policy.budget.describe()["exhausted"] == 1
+
+
+def test_a_budget_made_after_units_retried_counts_only_the_first_attempts_made_since(
+    engine: sa.Engine,
+) -> None:
+    """The budget of a service whose units already ran (one switched on by a reload) counts
+    the first attempts made from then on: its units' earlier retries are not first attempts
+    still to come."""
+    Session = rdb.ResilientSession(
+        engine, service="later", config=budget_config(retry_budget=None, max_retries=2)
+    )
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(unavailable)  # one first attempt and two retries, before any budget
+    budget = RetryBudget("later", rdb.Config(retry_budget=1.0), clock=lambda: 100.0)
+    for _ in range(2):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    assert budget.describe()["first_attempts"] == 2
+
+
+def test_a_reload_that_keeps_a_budget_keeps_those_of_services_whose_factories_are_gone(
+    engine: sa.Engine, clean_env: pytest.MonkeyPatch
+) -> None:
+    """Only a reload that sets no budget forgets the unused ones: with a budget set, that of a
+    service whose factories are gone is kept, its recent figures with it, for the service's
+    next factory."""
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0.5")
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+
+    def one_unit() -> None:
+        Session = rdb.ResilientSession(engine, service="factoryless")
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+
+    one_unit()
+    gc.collect()
+    budget = budgets()["factoryless"]
+    rdb.reload_config()
+    assert budgets().get("factoryless") is budget
+    assert budget.describe()["first_attempts"] == 1
 
 
 def test_a_budget_asked_for_in_code_while_a_reload_removes_the_environments_stays(
