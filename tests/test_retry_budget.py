@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db._budget import WINDOW, LocalBudget, RetryBudget, budgets
+from resilient_db._observability import FleetBudgetHealth
 from resilient_db.metrics import HealthCollector
 from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 
@@ -759,6 +760,39 @@ def test_ratio_retries_paid_alone_wait_for_the_fleet_unless_given_back(engine: s
     assert budget.withdraw() is not None
     now[0] = 104.7
     assert budget.take_alone() == [(2, 1)]
+
+
+def test_health_shows_the_fleets_figures_of_the_script_redis_ran_last(
+    redis_server: RedisServer,
+) -> None:
+    """Two threads' scripts sent together: the answer taken last may be of the script Redis
+    ran first. health() keeps the figures of the one Redis ran last, and those of a script
+    sent after the shown ones were taken whatever Redis's clock says (set back meanwhile)."""
+    now = [100.0]
+    config = rdb.Config(retry_budget=1.0, redis_url=redis_server.url, redis_timeout=5.0)
+    budget = RetryBudget("figures", config, clock=lambda: now[0])
+    wait_for(lambda: budget.shared, "the budget shared")
+
+    def figures(first_attempts: int) -> FleetBudgetHealth:
+        return {
+            "first_attempts": first_attempts,
+            "retries": 0,
+            "floor_tokens": 0.0,
+            "available": float(first_attempts),
+        }
+
+    def shown() -> int:
+        return budget.describe()["fleet"]["first_attempts"]
+
+    budget.fleet_figures(figures(1), sent=99.0, ran=50.0)
+    assert shown() == 1
+    budget.fleet_figures(figures(2), sent=99.5, ran=49.0)  # sent before, and ran before
+    assert shown() == 1
+    budget.fleet_figures(figures(3), sent=99.8, ran=51.0)  # sent before, but ran after
+    assert shown() == 3
+    now[0] = 101.0
+    budget.fleet_figures(figures(4), sent=100.5, ran=40.0)  # sent after they were taken
+    assert shown() == 4
 
 
 def wait_connected(service: str, connected: bool = True) -> None:
