@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db._budget import WINDOW, LocalBudget, RetryBudget, budgets
+from resilient_db._budget import WINDOW, LocalBudget, RetryBudget, budgets, spread
 from resilient_db._observability import FleetBudgetHealth
 from resilient_db.metrics import HealthCollector
 from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
@@ -74,6 +74,14 @@ def test_first_attempts_seen_after_a_gap_are_counted_once(start: float, span: fl
     budget = LocalBudget(ratio=0.1, floor=0, now=start)
     budget.observe(100, now=start + span)
     assert budget.totals(start + span)[0] == pytest.approx(100)
+
+
+def test_a_spread_over_more_than_the_window_leaves_out_the_seconds_past_it() -> None:
+    shares = spread(20, 100.0, 120.0)  # one a second, the last ten in the window
+    assert sorted(shares) == list(range(111, 120))  # (second 120's share: none of it yet)
+    assert sum(shares.values()) == pytest.approx(9.0)
+    shares = spread(20, 100.0, 120.5)  # 20/20.5 a second: 111..119 whole, half of 120
+    assert sorted(shares) == list(range(111, 121))
 
 
 def test_a_count_seen_just_over_a_second_later_is_counted_once() -> None:
