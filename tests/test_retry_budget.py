@@ -212,11 +212,9 @@ def test_a_unit_that_retried_before_the_budget_ran_out_says_it_gave_up(
     assert sum("Retry budget exhausted" in line for line in said) == 1
 
 
-def test_the_budgets_line_says_when_the_last_one_was() -> None:
-    """The units one line folds may be an earlier outage's: the line says how long ago the
-    last line was."""
-    now = [100.0]
-    budget = RetryBudget("ago", rdb.Config(retry_budget=0.1), clock=lambda: now[0])
+@contextlib.contextmanager
+def lines_of_the_library() -> Iterator[list[str]]:
+    """The messages resilient_db's loggers write inside the block, from INFO up."""
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
@@ -225,12 +223,21 @@ def test_the_budgets_line_says_when_the_last_one_was() -> None:
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        for at in (100.0, 101.0, 102.0, 130.0):
-            now[0] = at
-            budget.spent()
+        yield lines
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_the_budgets_line_says_when_the_last_one_was() -> None:
+    """The units one line folds may be an earlier outage's: the line says how long ago the
+    last line was."""
+    now = [100.0]
+    budget = RetryBudget("ago", rdb.Config(retry_budget=0.1), clock=lambda: now[0])
+    with lines_of_the_library() as lines:
+        for at in (100.0, 101.0, 102.0, 130.0):
+            now[0] = at
+            budget.spent()
     assert len(lines) == 2
     assert lines[0].endswith("instead of retrying")  # the first folds none: nothing said of it
     assert lines[1].endswith("(2 more since the last line, the last line 30 s ago)")
@@ -302,20 +309,10 @@ def test_the_budgets_line_comes_once_in_ten_seconds_and_names_the_ratio(ratio: f
     now = [100.0]
     config = rdb.Config(retry_budget=ratio, retry_budget_floor=3)
     budget = RetryBudget("period", config, clock=lambda: now[0])
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("resilient_db")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with lines_of_the_library() as lines:
         for at in (100.0, 109.9, 110.0):
             now[0] = at
             budget.spent()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert len(lines) == 2  # at 100 and at 110: the one of 109.9 folded into the second
     assert (
         f"Retry budget exhausted: service=period retries may add {ratio:g} of recent first "
