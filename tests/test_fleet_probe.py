@@ -427,16 +427,21 @@ def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_an
 
 
 def _main_thread_in_redis(*functions: str) -> bool:
-    """Whether the main thread is inside redis-py, in one of ``functions`` (any, if none)."""
+    """Whether the main thread is inside redis-py, in one of ``functions`` (any, if none), and
+    not in its ``_connect``: a KeyboardInterrupt there, between the socket made and connected,
+    leaves the socket unclosed (redis-py closes it for an OSError only), and its
+    ResourceWarning fails the test whenever the collector meets it. The handshake after it
+    waits on the paused Redis: that is where the interruption is meant to land."""
     frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    found = False
     while frame is not None:
         code = frame.f_code
-        if f"{os.sep}redis{os.sep}" in code.co_filename and (
-            not functions or code.co_name in functions
-        ):
-            return True
+        if f"{os.sep}redis{os.sep}" in code.co_filename:
+            if code.co_name == "_connect":
+                return False
+            found = found or not functions or code.co_name in functions
         frame = frame.f_back
-    return False
+    return found
 
 
 @pytest.mark.parametrize("where", ["end", "admit"])
