@@ -11,7 +11,6 @@ import gc
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import resilient_db as rdb
 from resilient_db._budget import WINDOW, LocalBudget, RetryBudget, budgets, spread
 from resilient_db._observability import FleetBudgetHealth
 from resilient_db.metrics import HealthCollector
-from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
+from resilient_db.testing import FaultProxy, PostgresServer, RedisServer, free_port
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -691,14 +690,6 @@ def test_first_attempts_go_to_the_fleet_in_whole_numbers_the_fractions_carried_o
     assert budget.take_pending() == []
     units(1, 120.5)  # 1/4 in second 118, 1/2 in 119, 1/4 in 120: with the 19/32, one whole
     assert budget.take_pending() == [(1, 1)]
-
-
-def free_port() -> int:
-    """A port nothing listens on: a Redis URL there is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_a_budget_that_moves_to_another_redis_leaves_the_first_ones_link(
