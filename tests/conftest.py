@@ -3,6 +3,7 @@
 The fixtures (``pg_server``, ``pg_database``, ``pg_url``, ``fault_proxy``) and the
 ``server_control`` marker come from the ``resilient_db`` pytest plugin
 (:mod:`resilient_db.testing._pytest_plugin`), which the package's ``pytest11`` entry point loads.
+``two_phase_server`` is the suite's, for the tests that need PREPARE TRANSACTION.
 ``pg_async_url`` is the plugin's, for the driver of ``async_driver`` (asyncpg, unless a module
 runs its tests on both async drivers: see ``scenarios.ASYNC_DRIVERS``).
 """
@@ -14,8 +15,8 @@ import itertools
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, Final
 
 import pytest
 import pytest_asyncio
@@ -32,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import resilient_db as rdb
 from resilient_db import _statements
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
-from resilient_db.testing import PostgresServer
+from resilient_db.testing import EmbeddedPostgres, PostgresServer, server_kind
 
 
 def _hangup_heard(signum: int, frame: object) -> None:
@@ -172,6 +173,36 @@ def _server_version_needed(request: pytest.FixtureRequest) -> None:
     have = server_major(server)
     if have < needed:
         pytest.skip(f"{feature} needs PostgreSQL {needed}+ (the server is PostgreSQL {have})")
+
+
+#: what the two-phase tests' embedded server adds to the harness's settings: PostgreSQL's
+#: default, 0, refuses PREPARE TRANSACTION (which tests on ``pg_server`` rely on)
+TWO_PHASE_SETTINGS: Final[Mapping[str, str]] = {"max_prepared_transactions": "4"}
+
+
+@pytest.fixture(scope="session")
+def two_phase_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    """A server that takes PREPARE TRANSACTION (``max_prepared_transactions`` above 0).
+
+    Where the suite's server is embedded: another embedded one with
+    :data:`TWO_PHASE_SETTINGS`, started when a test first asks for it (under pytest-xdist, once
+    per worker that runs such a test; none on the others) and closed at the session's end,
+    whatever the tests did. Where it is given (``RESILIENT_DB_TEST_URL``, or Docker's): that
+    server itself when its ``max_prepared_transactions`` is above 0; else every test that
+    needs this one is skipped, naming the setting. Tests make databases of their own on it
+    (and roll back what they leave prepared: a pending one blocks the database's drop)."""
+    if server_kind() == "embedded":
+        with EmbeddedPostgres(settings=TWO_PHASE_SETTINGS) as own:
+            yield own
+        return
+    given: PostgresServer = request.getfixturevalue("pg_server")
+    have = int(given.execute("SHOW max_prepared_transactions")[0][0])
+    if have <= 0:
+        pytest.skip(
+            f"needs PREPARE TRANSACTION: the given server has max_prepared_transactions = {have}"
+            " (above 0 runs these tests)"
+        )
+    yield given
 
 
 _services = itertools.count()

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db import _statements
-from resilient_db.testing import EmbeddedPostgres, FaultProxy, PostgresServer
+from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -601,17 +601,9 @@ def test_psycopg2_in_drop_in_use_the_error_of_a_text_that_committed_midway_is_no
 # -- psycopg's own two-phase API on the unit's driver connection ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_phase_server(pg_server: PostgresServer) -> Iterator[EmbeddedPostgres]:
-    """A server that accepts PREPARE TRANSACTION (``max_prepared_transactions`` above 0)."""
-    if not isinstance(pg_server, EmbeddedPostgres):
-        pytest.skip("needs an embedded server with its own settings")
-    with EmbeddedPostgres(settings={"max_prepared_transactions": "4"}) as server:
-        yield server
-
-
 @pytest.fixture
-def two_phase_database(two_phase_server: EmbeddedPostgres) -> Iterator[str]:
+def two_phase_database(two_phase_server: PostgresServer) -> Iterator[str]:
+    """A database of the test's own, with the ledger, on ``two_phase_server`` (conftest's)."""
     name = f"tpc_{uuid.uuid4().hex[:10]}"
     two_phase_server.create_database(name)
     create_ledger(two_phase_server, name, markers=True)
@@ -623,7 +615,7 @@ def two_phase_database(two_phase_server: EmbeddedPostgres) -> Iterator[str]:
     two_phase_server.drop_database(name)
 
 
-def pending_prepared(server: EmbeddedPostgres, database: str) -> int:
+def pending_prepared(server: PostgresServer, database: str) -> int:
     found = server.execute(
         "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
         database=database,
@@ -635,7 +627,7 @@ INSERT_RAW = "INSERT INTO ledger (unit) VALUES (%s)"
 
 
 def run_two_phase_unit(
-    server: EmbeddedPostgres,
+    server: PostgresServer,
     database: str,
     service: str,
     finish: Callable[[Any, Session, int], None],
@@ -661,7 +653,7 @@ def run_two_phase_unit(
 
 @pytest.mark.parametrize("prepare", [True, False], ids=["prepare-commit", "one-phase-commit"])
 def test_a_unit_that_committed_with_psycopgs_two_phase_api_is_not_replayed(
-    two_phase_server: EmbeddedPostgres,
+    two_phase_server: PostgresServer,
     two_phase_database: str,
     service: str,
     prepare: bool,
@@ -687,7 +679,7 @@ def test_a_unit_that_committed_with_psycopgs_two_phase_api_is_not_replayed(
 
 
 def test_a_unit_that_left_a_transaction_prepared_is_not_replayed(
-    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+    two_phase_server: PostgresServer, two_phase_database: str, service: str
 ) -> None:
     """Its prepared transaction is committed by whoever ends it: a replay would write it again."""
 
@@ -705,7 +697,7 @@ def test_a_unit_that_left_a_transaction_prepared_is_not_replayed(
 
 
 def test_a_unit_whose_prepared_transaction_was_rolled_back_is_replayed(
-    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+    two_phase_server: PostgresServer, two_phase_database: str, service: str
 ) -> None:
     """``tpc_rollback`` of what the attempt prepared: nothing of it was committed."""
 
@@ -738,7 +730,7 @@ PREPARE_GATE = (
 
 @contextlib.contextmanager
 def answer_lost_once_prepared(
-    server: EmbeddedPostgres, database: str, proxy: FaultProxy
+    server: PostgresServer, database: str, proxy: FaultProxy
 ) -> Iterator[None]:
     """Lose the answer of the PREPARE TRANSACTION sent in the block on ``database`` (which has
     none prepared yet), once the server has prepared it: the prepare is held at the gate
@@ -778,7 +770,7 @@ def answer_lost_once_prepared(
 
 
 def test_a_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed(
-    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+    two_phase_server: PostgresServer, two_phase_database: str, service: str
 ) -> None:
     """``tpc_prepare`` whose answer is lost once the server prepared: the transaction is
     prepared (whoever ends it commits it), so the unit is not replayed, and its error is not
@@ -811,7 +803,7 @@ def test_a_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed(
 
 
 def test_in_drop_in_use_a_lost_answer_of_tpc_commit_is_an_unknown_outcome(
-    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+    two_phase_server: PostgresServer, two_phase_database: str, service: str
 ) -> None:
     """As one of ``commit()``: never transient (a caller told to retry would write twice)."""
     with FaultProxy(two_phase_server) as proxy:
@@ -838,7 +830,7 @@ def test_in_drop_in_use_a_lost_answer_of_tpc_commit_is_an_unknown_outcome(
 
 @pytest_asyncio.fixture
 async def two_phase_async_engine(
-    two_phase_server: EmbeddedPostgres, two_phase_database: str
+    two_phase_server: PostgresServer, two_phase_database: str
 ) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(two_phase_server.url(two_phase_database, driver="psycopg"))
     yield engine
@@ -849,7 +841,7 @@ async def two_phase_async_engine(
 @pytest.mark.parametrize("prepare", [True, False], ids=["prepare-commit", "one-phase-commit"])
 async def test_an_async_unit_that_committed_with_psycopgs_two_phase_api_is_not_replayed(
     two_phase_async_engine: AsyncEngine,
-    two_phase_server: EmbeddedPostgres,
+    two_phase_server: PostgresServer,
     two_phase_database: str,
     service: str,
     prepare: bool,
@@ -874,7 +866,7 @@ async def test_an_async_unit_that_committed_with_psycopgs_two_phase_api_is_not_r
 
 @pytest.mark.asyncio
 async def test_an_async_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed(
-    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+    two_phase_server: PostgresServer, two_phase_database: str, service: str
 ) -> None:
     """:func:`test_a_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed` on psycopg's
     async connection."""
@@ -908,7 +900,7 @@ async def test_an_async_unit_whose_tpc_prepare_answer_was_lost_is_not_replayed(
 
 @pytest.mark.asyncio
 async def test_asyncpgs_two_phase_statements_on_the_driver_connection_are_the_units_commit(
-    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+    two_phase_server: PostgresServer, two_phase_database: str, service: str
 ) -> None:
     """asyncpg has no two-phase API: its ``PREPARE TRANSACTION`` and ``COMMIT PREPARED`` go out
     as statements (``execute``), which count as the unit's own COMMIT."""

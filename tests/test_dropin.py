@@ -68,7 +68,7 @@ from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base as TaskBase
 from resilient_db.examples.tasks import Task
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
-from resilient_db.testing import EmbeddedPostgres, FaultProxy
+from resilient_db.testing import FaultProxy, PostgresServer
 from resilient_db.web import problem_details
 
 
@@ -1550,26 +1550,32 @@ def test_an_engine_the_commit_protocol_cannot_mark_still_runs_units_and_the_guar
         eng.dispose()
 
 
-@pytest.fixture(scope="module")
-def two_phase_server(pg_server: Any) -> Iterator[Any]:
-    """A server that accepts PREPARE TRANSACTION (``max_prepared_transactions`` above 0)."""
-    if not isinstance(pg_server, EmbeddedPostgres):
-        pytest.skip("needs an embedded server with its own settings")
-    with EmbeddedPostgres(settings={"max_prepared_transactions": "4"}) as server:
-        server.create_database("two_phase")
-        yield server
+@pytest.fixture
+def two_phase_database(two_phase_server: PostgresServer) -> Iterator[str]:
+    """A database of the test's own on ``two_phase_server`` (conftest's), with the items."""
+    name = f"tp_{uuid.uuid4().hex[:8]}"
+    two_phase_server.create_database(name)
+    eng = sa.create_engine(two_phase_server.url(name))
+    Base.metadata.create_all(eng)
+    eng.dispose()
+    yield name
+    for gid in pending_prepared(two_phase_server, (name,)):  # (they would block the drop)
+        two_phase_server.execute(f"ROLLBACK PREPARED '{gid}'", database=name)
+    two_phase_server.drop_database(name)
 
 
 def test_two_phase_sessions_commit_and_a_lost_answer_is_never_replayed(
-    two_phase_server: Any, service: str, caplog: pytest.LogCaptureFixture
+    two_phase_server: PostgresServer,
+    two_phase_database: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``twophase=True`` works as with ``sessionmaker``. Its COMMIT goes out as SQLAlchemy's
     ``COMMIT PREPARED`` statement, which carries no marker: a lost answer of it ends in
     CommitOutcomeUnknownError, not in a replay that would write the unit twice."""
-    direct = sa.create_engine(two_phase_server.url("two_phase"))
-    Base.metadata.create_all(direct)
+    direct = sa.create_engine(two_phase_server.url(two_phase_database))
     with FaultProxy(two_phase_server) as proxy:
-        eng = sa.create_engine(proxy.url("two_phase"))
+        eng = sa.create_engine(proxy.url(two_phase_database))
         try:
             Sessions = rdb.ResilientSession(eng, service=service, twophase=True)
             calls = []
@@ -1592,12 +1598,12 @@ def test_two_phase_sessions_commit_and_a_lost_answer_is_never_replayed(
             eng.dispose()
     with direct.connect() as conn:
         assert sorted(conn.scalars(sa.select(Item.name))) == ["first", "second"]
-        assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_xacts").scalar() == 0
     direct.dispose()
+    assert pending_prepared(two_phase_server, (two_phase_database,)) == []
 
 
 @pytest.fixture
-def two_databases(two_phase_server: Any) -> Iterator[tuple[str, str]]:
+def two_databases(two_phase_server: PostgresServer) -> Iterator[tuple[str, str]]:
     """Items in one new database of the two-phase server, tasks in another."""
     names = (f"tp_items_{uuid.uuid4().hex[:8]}", f"tp_tasks_{uuid.uuid4().hex[:8]}")
     for name, base in zip(names, (Base, TaskBase), strict=True):
@@ -1613,7 +1619,9 @@ def two_databases(two_phase_server: Any) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-def two_engines(two_phase_server: Any, two_databases: tuple[str, str]) -> Iterator[list[Any]]:
+def two_engines(
+    two_phase_server: PostgresServer, two_databases: tuple[str, str]
+) -> Iterator[list[Any]]:
     """An engine on each of the two databases."""
     engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
     yield engines
@@ -1623,7 +1631,7 @@ def two_engines(two_phase_server: Any, two_databases: tuple[str, str]) -> Iterat
 
 @pytest.fixture
 def two_proxied(
-    two_phase_server: Any, two_databases: tuple[str, str]
+    two_phase_server: PostgresServer, two_databases: tuple[str, str]
 ) -> Iterator[tuple[FaultProxy, list[Any]]]:
     """A fault proxy in front of the server, and an engine through it on each database."""
     with FaultProxy(two_phase_server) as proxy:
@@ -1638,7 +1646,7 @@ def two_proxied(
 
 @pytest_asyncio.fixture
 async def two_async_engines(
-    two_phase_server: Any, two_databases: tuple[str, str], driver: str
+    two_phase_server: PostgresServer, two_databases: tuple[str, str], driver: str
 ) -> AsyncIterator[list[Any]]:
     """An async engine on ``driver`` on each of the two databases."""
     engines = [
@@ -1654,7 +1662,7 @@ async def two_async_engines(
 
 @pytest_asyncio.fixture
 async def two_async_proxied(
-    two_phase_server: Any, two_databases: tuple[str, str], driver: str
+    two_phase_server: PostgresServer, two_databases: tuple[str, str], driver: str
 ) -> AsyncIterator[tuple[FaultProxy, list[Any]]]:
     """A fault proxy in front of the server, and an async engine on ``driver`` through it on
     each database (asyncpg's COMMIT PREPARED goes through the extended protocol, psycopg's as a
@@ -1671,7 +1679,7 @@ async def two_async_proxied(
             await eng.dispose()
 
 
-def pending_prepared(server: Any, databases: tuple[str, ...]) -> list[str]:
+def pending_prepared(server: PostgresServer, databases: tuple[str, ...]) -> list[str]:
     """The prepared transactions still pending in ``databases`` (they hold their locks)."""
     return [
         row[0]
@@ -1700,7 +1708,7 @@ def before_commit_prepared(
     return seen
 
 
-def refuse_commit_prepared(server: Any, engines: list[Any], number: int) -> list[str]:
+def refuse_commit_prepared(server: PostgresServer, engines: list[Any], number: int) -> list[str]:
     """Before the unit's ``number``-th COMMIT PREPARED, someone rolls that prepared transaction
     back: the server refuses that COMMIT PREPARED (42704). Returns the xids seen, in order."""
 
@@ -1711,7 +1719,7 @@ def refuse_commit_prepared(server: Any, engines: list[Any], number: int) -> list
     return before_commit_prepared(engines, number, roll_back)
 
 
-def kill_before_the_first_commit_prepared(server: Any, engines: list[Any]) -> list[str]:
+def kill_before_the_first_commit_prepared(server: PostgresServer, engines: list[Any]) -> list[str]:
     """Right before the unit's first COMMIT PREPARED, its connection's backend is terminated
     (a real disconnect; the prepared transactions outlive it). Returns the xids seen."""
 
@@ -1724,7 +1732,7 @@ def kill_before_the_first_commit_prepared(server: Any, engines: list[Any]) -> li
     return before_commit_prepared(engines, 1, terminate)
 
 
-def counts(server: Any, databases: tuple[str, str]) -> list[int]:
+def counts(server: PostgresServer, databases: tuple[str, str]) -> list[int]:
     return [
         server.execute(f"SELECT count(*) FROM {table}", database=name)[0][0]
         for name, table in zip(databases, ("items", "tasks"), strict=True)
@@ -1757,7 +1765,10 @@ async def add_to_both_async(session: AsyncSession, calls: list[int]) -> None:
 
 
 def test_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
-    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
+    two_phase_server: PostgresServer,
+    two_databases: tuple[str, str],
+    two_engines: list[Any],
+    service: str,
 ) -> None:
     """``twophase=True`` with models bound to two databases: SQLAlchemy prepares both, then
     sends COMMIT PREPARED to one, then the other. The first commits for good; when the second
@@ -1777,7 +1788,7 @@ def test_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committ
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_engines: list[Any],
     service: str,
@@ -1796,7 +1807,10 @@ async def test_async_a_two_phase_unit_across_two_databases_is_not_replayed_after
 
 
 def test_a_refused_first_commit_prepared_is_replayed_and_finishes_nothing(
-    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
+    two_phase_server: PostgresServer,
+    two_databases: tuple[str, str],
+    two_engines: list[Any],
+    service: str,
 ) -> None:
     """The server answers the first COMMIT PREPARED with an error (someone rolled that
     prepared transaction back): nothing committed there, so the other database's prepared
@@ -1818,7 +1832,7 @@ def _backend_pid(conn: Any) -> int:
     return int(pid or driver.info.backend_pid)
 
 
-def kill_at_a_prepare(server: Any, engine: Any, *, after: bool) -> list[str]:
+def kill_at_a_prepare(server: PostgresServer, engine: Any, *, after: bool) -> list[str]:
     """The first PREPARE TRANSACTION on ``engine`` fails with its connection: its backend is
     terminated right before it is sent, or (``after``) right after the server prepared it,
     whose answer then never reaches the unit: the driver raises the termination on the next
@@ -1849,7 +1863,7 @@ def kill_at_a_prepare(server: Any, engine: Any, *, after: bool) -> list[str]:
 @pytest.mark.parametrize("which", [0, 1], ids=["first database", "second database"])
 def test_a_two_phase_unit_whose_prepare_lost_its_connection_is_replayed(
     *,
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_engines: list[Any],
     service: str,
@@ -1883,7 +1897,7 @@ def test_a_two_phase_unit_whose_prepare_lost_its_connection_is_replayed(
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 @pytest.mark.parametrize("after", [False, True], ids=["before it", "its answer lost"])
 async def test_async_a_two_phase_unit_whose_prepare_lost_its_connection_is_replayed(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_engines: list[Any],
     service: str,
@@ -1907,7 +1921,9 @@ CREATE CONSTRAINT TRIGGER slow_prepare AFTER INSERT ON tasks DEFERRABLE INITIALL
 """
 
 
-def cut_while_preparing(server: Any, database: str, proxy: FaultProxy) -> threading.Thread:
+def cut_while_preparing(
+    server: PostgresServer, database: str, proxy: FaultProxy
+) -> threading.Thread:
     """Cut every connection through ``proxy`` once a backend of ``database`` runs a PREPARE
     TRANSACTION (its deferred trigger keeps it running a second): the unit's connection is
     lost while the server carries its PREPARE out, which then completes, prepared."""
@@ -1945,7 +1961,7 @@ def comment_every_statement(engine: Any) -> None:
 @pytest.mark.parametrize("commented", [False, True], ids=["plain", "commented"])
 def test_a_prepare_cut_off_while_it_runs_is_waited_for_and_rolled_back(
     *,
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -1975,7 +1991,7 @@ def test_a_prepare_cut_off_while_it_runs_is_waited_for_and_rolled_back(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ["asyncpg"])
 async def test_asyncpg_a_commented_prepare_cut_off_while_it_runs_is_waited_for(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2022,7 +2038,7 @@ def handed_over(caplog: pytest.LogCaptureFixture) -> list[str]:
 @pytest.mark.parametrize("loop_ends", [False, True], ids=["runs", "loop-ends"])
 async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_ends_it_afterwards(
     *,
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2093,7 +2109,7 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_ends_it_afterw
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout: 3.11+")
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_a_unit_timed_out_in_its_prepare_ends_what_it_leaves_prepared_afterwards(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_engines: list[Any],
     service: str,
@@ -2159,7 +2175,7 @@ class Interrupted(BaseException):
 @pytest.mark.parametrize("ending", ["runs", "exits", "no-thread", "look-fails"])
 def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_thread(
     *,
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2279,7 +2295,7 @@ RUNNING_PREPARE = (  # (see cut_while_preparing)
 
 @pytest.mark.asyncio
 async def test_an_errand_never_rolls_back_another_units_prepared_transaction(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     service: str,
     caplog: pytest.LogCaptureFixture,
@@ -2361,7 +2377,7 @@ async def test_an_errand_never_rolls_back_another_units_prepared_transaction(
 
 def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
     *,
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2474,7 +2490,7 @@ def refused_then_replayed(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_a_prepare_the_server_refuses_with_a_conflict_is_replayed(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_engines: list[Any],
     service: str,
@@ -2500,7 +2516,7 @@ def test_a_prepare_the_server_refuses_with_a_conflict_is_replayed(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_prepare_the_server_refuses_with_a_conflict_is_replayed(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_engines: list[Any],
     service: str,
@@ -2572,7 +2588,7 @@ def tasks_in(engine: sa.Engine) -> int:
 
 def test_a_two_phase_unit_with_prepared_transactions_disabled_raises_the_refusal(
     *,
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_engines: list[Any],
     disabled_engine: sa.Engine,
@@ -2601,7 +2617,7 @@ def test_a_two_phase_unit_with_prepared_transactions_disabled_raises_the_refusal
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_two_phase_unit_with_prepared_transactions_disabled_raises_the_refusal(
     *,
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_engines: list[Any],
     disabled_engine: sa.Engine,
@@ -2651,7 +2667,7 @@ def test_a_drop_in_two_phase_block_with_prepared_transactions_disabled(
 
 
 def test_a_lost_prepare_that_cant_be_looked_for_is_not_replayed(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2682,7 +2698,7 @@ def test_a_lost_prepare_that_cant_be_looked_for_is_not_replayed(
 
 
 def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2730,7 +2746,7 @@ def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_swallowed_commit_prepared_is_finished_not_left_pending(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2753,7 +2769,7 @@ async def test_async_a_swallowed_commit_prepared_is_finished_not_left_pending(
 
 
 def test_a_two_phase_unit_that_cant_finish_keeps_its_prepared_transactions(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2795,7 +2811,7 @@ def test_a_two_phase_unit_that_cant_finish_keeps_its_prepared_transactions(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_a_two_phase_unit_cancelled_while_it_finishes_keeps_its_prepared_transactions(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2847,7 +2863,7 @@ async def test_a_two_phase_unit_cancelled_while_it_finishes_keeps_its_prepared_t
 
 
 def test_a_lost_commit_prepared_answer_still_finishes_the_other_database(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2871,7 +2887,7 @@ def test_a_lost_commit_prepared_answer_still_finishes_the_other_database(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_lost_commit_prepared_answer_still_finishes_the_other_database(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
@@ -2890,7 +2906,10 @@ async def test_async_a_lost_commit_prepared_answer_still_finishes_the_other_data
 
 
 def test_a_commit_prepared_cut_off_is_finished_not_left_pending(
-    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
+    two_phase_server: PostgresServer,
+    two_databases: tuple[str, str],
+    two_engines: list[Any],
+    service: str,
 ) -> None:
     """A real disconnect: the backend of the first COMMIT PREPARED is terminated before it
     arrives. Both prepared transactions are committed on new connections; the unit is done,
@@ -2908,7 +2927,7 @@ def test_a_commit_prepared_cut_off_is_finished_not_left_pending(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_commit_prepared_cut_off_is_finished_not_left_pending(
-    two_phase_server: Any,
+    two_phase_server: PostgresServer,
     two_databases: tuple[str, str],
     two_async_engines: list[Any],
     service: str,
@@ -2925,7 +2944,10 @@ async def test_async_a_commit_prepared_cut_off_is_finished_not_left_pending(
 
 
 def test_a_unit_that_ran_a_committed_two_phase_unit_is_not_replayed(
-    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
+    two_phase_server: PostgresServer,
+    two_databases: tuple[str, str],
+    two_engines: list[Any],
+    service: str,
 ) -> None:
     """A two-phase unit of another factory inside a unit commits on its own (its COMMIT
     PREPAREDs carry no ticket): a replay of the enclosing unit would write it again."""

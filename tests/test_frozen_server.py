@@ -51,7 +51,11 @@ HUNG = 60.0
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres() as made:
+    """The module's own server (see above), which takes PREPARE TRANSACTION too, for the
+    two-phase unit's test. Not conftest's ``two_phase_server``: that one is shared by the
+    worker's two-phase tests (frozen, it would stall them), and is the given server itself
+    under ``RESILIENT_DB_TEST_URL`` (not one to freeze)."""
+    with EmbeddedPostgres(settings={"max_prepared_transactions": "4"}) as made:
         yield made
 
 
@@ -347,28 +351,37 @@ def test_a_lost_answers_check_on_a_frozen_server_ends_by_the_deadline(
     assert took < 30.0
 
 
-@pytest.fixture(scope="module")
-def two_phase_server() -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres(settings={"max_prepared_transactions": "4"}) as made:
-        made.create_database("frozen_two_phase")
-        with made.connect("frozen_two_phase") as conn:
-            conn.execute("CREATE TABLE ledger (id int)")
-        yield made
+@pytest.fixture
+def two_phase_database(server: EmbeddedPostgres, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database with the ledger and no commit markers (a two-phase unit's COMMIT PREPARED
+    carries none), dropped after the test with what it left prepared."""
+    name = f"frozen_2pc_{abs(hash(request.node.name)) % 10**8}"
+    server.create_database(name)
+    with server.connect(name) as conn:
+        conn.execute("CREATE TABLE ledger (id int)")
+    try:
+        yield name
+    finally:
+        server.resume()
+        for gid in _prepared(server, name):  # (they would block the drop)
+            server.execute(f"ROLLBACK PREPARED '{gid}'", database=name)
+        server.drop_database(name)
 
 
-def _prepared(server: EmbeddedPostgres) -> list[str]:
+def _prepared(server: EmbeddedPostgres, database: str) -> list[str]:
     return [
         row[0]
         for row in server.execute(
             "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
-            database="frozen_two_phase",
+            database=database,
         )
     ]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_two_phase_units_commit_prepared_on_a_frozen_server_ends_unknown(
-    two_phase_server: EmbeddedPostgres,
+    server: EmbeddedPostgres,
+    two_phase_database: str,
     driver: str,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -380,7 +393,6 @@ def test_a_two_phase_units_commit_prepared_on_a_frozen_server_ends_unknown(
     taken for finished), looked for again within the deadline, and the unit ends
     ``CommitOutcomeUnknownError``: not done, not replayed, its prepared transaction named for an
     operator. Thawed, the row is there once or still prepared, never twice."""
-    server = two_phase_server
     config = rdb.Config(deadline=3.0)
     stage: list[str] = []
     calls = 0
@@ -407,7 +419,7 @@ def test_a_two_phase_units_commit_prepared_on_a_frozen_server_ends_unknown(
 
         monkeypatch.setattr(engine.dialect, "do_commit_twophase", freeze_then_commit)
 
-    url = server.url("frozen_two_phase", driver="asyncpg" if driver == "asyncpg" else "psycopg")
+    url = server.url(two_phase_database, driver="asyncpg" if driver == "asyncpg" else "psycopg")
     if driver == "psycopg":
         engine = sa.create_engine(url)
         arm(engine)
@@ -449,32 +461,25 @@ def test_a_two_phase_units_commit_prepared_on_a_frozen_server_ends_unknown(
         def unit() -> Any:
             return asyncio.run(arun())
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="resilient_db"):
-            try:
-                outcome = _in_thread(unit, server)
-            finally:
-                server.resume()
-        assert stage == ["killed", "frozen"]
-        assert isinstance(outcome, rdb.CommitOutcomeUnknownError), outcome
-        assert calls == 1  # never replayed
-        assert not any("Finished a two-phase commit" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        try:
+            outcome = _in_thread(unit, server)
+        finally:
+            server.resume()
+    assert stage == ["killed", "frozen"]
+    assert isinstance(outcome, rdb.CommitOutcomeUnknownError), outcome
+    assert calls == 1  # never replayed
+    assert not any("Finished a two-phase commit" in r.getMessage() for r in caplog.records)
 
-        # thawed, the row is committed once (psycopg: the COMMIT PREPARED the server had
-        # received is carried out) or still prepared, named in the line for an operator
-        # (asyncpg: its cancel, sent as it gave up, reaches the COMMIT PREPARED first)
-        def rows() -> int:
-            return int(
-                server.execute("SELECT count(*) FROM ledger", database="frozen_two_phase")[0][0]
-            )
+    # thawed, the row is committed once (psycopg: the COMMIT PREPARED the server had
+    # received is carried out) or still prepared, named in the line for an operator
+    # (asyncpg: its cancel, sent as it gave up, reaches the COMMIT PREPARED first)
+    def rows() -> int:
+        return int(server.execute("SELECT count(*) FROM ledger", database=two_phase_database)[0][0])
 
-        wait_for(lambda: rows() + len(_prepared(server)) == 1, "the unit's transaction, once")
-        (line,) = [
-            r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()
-        ]
-        assert "kept prepared, never rolled back" in line
-    finally:
-        server.resume()
-        for gid in _prepared(server):
-            server.execute(f"ROLLBACK PREPARED '{gid}'", database="frozen_two_phase")
-        server.execute("TRUNCATE ledger", database="frozen_two_phase")
+    wait_for(
+        lambda: rows() + len(_prepared(server, two_phase_database)) == 1,
+        "the unit's transaction, once",
+    )
+    (line,) = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
+    assert "kept prepared, never rolled back" in line
