@@ -21,7 +21,7 @@ import resilient_db as rdb
 from resilient_db import _fleet
 from resilient_db._cli import main
 from resilient_db._config import mask_url
-from resilient_db.testing import FaultProxy, RedisServer
+from resilient_db.testing import FaultProxy, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REASON = "database upgrade"
@@ -42,13 +42,6 @@ def command(*argv: str, redis_url: str | None = None) -> subprocess.CompletedPro
         timeout=60,
         check=False,
     )
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -209,7 +202,7 @@ def test_a_bad_redis_url_is_named_by_where_it_was_given(
 def test_a_redis_that_does_not_answer_is_a_line_and_exit_status_1() -> None:
     """A Redis that refuses the connection: one line naming it (its password masked), exit
     status 1, no traceback, in the command's own process."""
-    url = f"redis://:s3cret-pw@127.0.0.1:{closed_port()}/0"
+    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
     for argv in (
         ("breaker", "open", "orders", "--reason", REASON),
         ("breaker", "close", "orders", "--reason", REASON),
