@@ -320,6 +320,19 @@ local function num(v)
   if x == nil or x ~= x or x < 0 or x >= 9007199254740992 then return nil end
   return x
 end
+-- a generation (of the breaker's record, or of the caller's view) as the scripts write it: a
+-- num no further ahead of Redis's time than any opening of the fleet lasts (OPENING_MAX: a
+-- clock stepped back since, or another Redis's after a failover, is far closer). One further
+-- off (2^53 - 2, ten years ahead: anything with write access may leave one) is read as
+-- missing, as num reads other junk, so that no script answers with it or makes one after it.
+-- Taken, each change after it made its own one more (2^53 two changes on, read as missing, and
+-- the next from Redis's time again), and every process whose view held it took the fleet's
+-- changes from Redis's time for older than its view, and ignored them until it restarted
+local function gen_of(v, now)
+  local g = num(v)
+  if g == nil or g > (now + @OPENING_MAX@) * 1000000 then return nil end
+  return g
+end
 -- a count (an integer num) that INCR and HINCRBY take
 local function count(v)
   local x = num(v)
@@ -350,7 +363,8 @@ end
 -- the openings and the generation it saw, then '1' when the opening was made by hand (else
 -- '0') and the operator's reason ('' for none)
 local VIEW = nil
--- Redis lost the breaker's state (gen 0: restarted empty, flushed) while the caller's view
+-- Redis lost the breaker's state (gen 0: restarted empty, flushed; or a generation none of the
+-- fleet's, see gen_of: the record is no one's to trust) while the caller's view
 -- holds the fleet's opening: write it back, as one opening already counted (its openings, not
 -- one more) ending when it ended (no new reset timeout), or half-open with every probe slot
 -- free when its time is up (the reservations were lost with the rest). An opening made by
@@ -362,7 +376,7 @@ local function restore_view(now)
   if vst ~= 'open' and vst ~= 'half-open' then return false end
   local left = tonumber(ARGV[VIEW + 1]) or 0
   local opens = tonumber(ARGV[VIEW + 2]) or 0
-  local gen = next_gen(now, tonumber(ARGV[VIEW + 3]) or 0)
+  local gen = next_gen(now, gen_of(ARGV[VIEW + 3], now) or 0)
   local vhand = ARGV[VIEW + 4] == '1' and '1' or '0'
   local vwhy = vhand == '1' and (ARGV[VIEW + 5] or '') or ''
   restored = 1
@@ -407,10 +421,10 @@ local function read_breaker(...)
   drop_wrong_type(KEYS[2], 'GET')
   drop_wrong_type(KEYS[3], 'HEXISTS', '')
   local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
-  if (num(h[3]) or 0) == 0 and restore_view(now) then
+  if (gen_of(h[3], now) or 0) == 0 and restore_view(now) then
     h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
   end
-  return now, h, h[1] or 'closed', num(h[3]) or 0, count(h[4]) or 0
+  return now, h, h[1] or 'closed', gen_of(h[3], now) or 0, count(h[4]) or 0
 end
 -- when an open breaker read by read_breaker half-opens (Redis time). Its opening began at
 -- 'at': a clock now before that stepped back since (NTP correcting the Redis host), and
@@ -1957,7 +1971,11 @@ class FleetLink:
             update = (
                 str(data["st"]),
                 _message_number(data["r"], least=-_NUMBER_MAX, most=OPENING_MAX),
-                int(_message_number(data["g"], integer=True)),
+                # (a generation further ahead than any opening lasts: none of the fleet's, see
+                # gen_of in the scripts; this process's clock, not Redis's, is at hand here,
+                # and hosts' clocks agree to far better than a day. The scripts' answers are
+                # bounded by Redis's: only a process whose clock is a day off takes one)
+                int(_message_number(data["g"], integer=True, most=_generation_most())),
                 int(_message_number(data["o"], integer=True)),
             )
             mine = data.get("b") == self.token
@@ -2387,6 +2405,10 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
             if text is not None and numbers[field] is None:
                 unreadable[field] = _shown_number(text)
         generation, fleet_opens, end_at = numbers["gen"], numbers["opens"], numbers["until"]
+        if generation is not None and gen is not None and generation > _generation_most(now):
+            # (further ahead than any opening lasts: read as missing, see gen_of)
+            generation = None
+            unreadable["gen"] = _shown_number(gen)
         if end_at is not None and until is not None and end_at > now + OPENING_MAX:
             # (further off than any opening lasts: read as missing, see opening_end)
             end_at = None
@@ -2423,6 +2445,16 @@ def operator_records(client: Any, service: str | None) -> list[dict[str, Any]]:
 _NUMBER_MAX = 2**53
 
 
+def _generation_most(now: float | None = None) -> float:
+    """The greatest generation (microseconds) of the fleet's at ``now`` (seconds since the
+    epoch; None: this process's clock): a change's is its Redis time (or one more than the
+    last's), so one further ahead than any opening lasts (:data:`OPENING_MAX`) is none of
+    the fleet's (see ``gen_of`` in the scripts). Taken, a planted one (2^53 - 2, ten years
+    ahead) made every later change of the breaker look older, ignored by every process that
+    had taken it until it restarted."""
+    return ((time.time() if now is None else now) + OPENING_MAX) * 1_000_000
+
+
 def _record_number(text: str | None, *, integer: bool) -> float | None:
     """A number of a breaker's record as the scripts read it (``num``, ``count``): None when
     missing, or not one a process of the fleet writes (thousands of digits, negative, nan,
@@ -2441,9 +2473,10 @@ def _message_number(
 ) -> float:
     """A number of a breaker's message (see ``publish`` in the scripts): as the scripts write
     them, finite, from ``least`` (0: not negative) to 2^53 (or to ``most``: a time left, to
-    :data:`OPENING_MAX`). Raises ValueError for another (a message of another client's: a
-    generation of 30 digits, taken, made every later change of the breaker look older and
-    ignored; a time left of inf, or of 10^12 s, opened it for good)."""
+    :data:`OPENING_MAX`; a generation, to :func:`_generation_most`). Raises ValueError for
+    another (a message of another client's: a generation of 30 digits, or ten years ahead,
+    taken, made every later change of the breaker look older and ignored; a time left of
+    inf, or of 10^12 s, opened it for good)."""
     text = str(value)
     number = float(text) if len(text) <= 40 else math.inf  # (float() takes thousands of digits)
     if (
