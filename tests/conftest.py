@@ -87,6 +87,7 @@ FILE_SECONDS: dict[str, float] = {
     "test_failover.py": 63,
     "test_frozen_server.py": 58,
     "test_fleet_restore.py": 50,
+    "test_fleet_redis_generation.py": 30,
     "test_guard_bulk_paths.py": 49,
     "test_dashboard_browser.py": 46,
     "test_bench_large.py": 45,
@@ -120,6 +121,7 @@ FILE_SECONDS: dict[str, float] = {
     "test_session.py": 14,
     "test_fleet_acl.py": 14,
     "test_commit_protocol.py": 12,
+    "test_celery.py": 12,
 }
 
 
