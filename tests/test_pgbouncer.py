@@ -66,7 +66,7 @@ pytestmark = [
     pytest.mark.skipif(
         _BINARY is None,
         reason="needs a pgbouncer binary (apt-get install pgbouncer, or name one in "
-        "RESILIENT_DB_TEST_PGBOUNCER)",
+        "RESILIENT_DB_TEST_PGBOUNCER; .ci/run installs it where apt works)",
     ),
     pytest.mark.usefixtures("no_backoff"),
 ]
