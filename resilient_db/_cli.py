@@ -688,6 +688,17 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         if why is not None:
             return error(f"--redis-url {why}", EXIT_USAGE)
     try:
+        import redis  # noqa: PLC0415, F401 - the redis extra
+    except ImportError:
+        # said as the command's need: the library's refusal names SELF_HEALING_REDIS_URL, which
+        # the operator may not have set (--redis-url), and the environment's check passes a
+        # URL that no breaker of its uses (SELF_HEALING_CIRCUIT_BREAKER=false)
+        return error(
+            "the redis package is not installed: pip install 'resilient-db[redis]' (the "
+            "command acts on the circuit breakers the processes share through Redis)",
+            EXIT_USAGE,
+        )
+    try:
         # the URL as the library checks it, with the rest of the SELF_HEALING_* environment
         # (the reset timeout an opening lasts by default, the Redis timeout)
         config = rdb.load_config({**os.environ, "SELF_HEALING_REDIS_URL": url})

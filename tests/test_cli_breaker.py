@@ -199,6 +199,36 @@ def test_a_bad_redis_url_is_named_by_where_it_was_given(
     assert "s3cret-pw" not in err
 
 
+def test_the_redis_package_missing_is_said_as_the_commands_need(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Installed without the redis extra, ``breaker ... --redis-url URL`` said
+    "SELF_HEALING_REDIS_URL: is set, but the redis package is not installed", a variable the
+    operator had not set (so too with the breaker switched off in the environment, where the
+    configuration needs no Redis). Now the command says it needs the package, however the Redis
+    was named, without the URL; exit status 2, nothing sent."""
+    clean_env.setitem(sys.modules, "redis", None)  # what a missing package gives import
+    expected = (
+        "error: the redis package is not installed: pip install 'resilient-db[redis]' (the "
+        "command acts on the circuit breakers the processes share through Redis)\n"
+    )
+    actions = (["open", "orders", "--reason", REASON], ["close", "orders", "--reason", "x"])
+    for action in (*actions, ["status"]):
+        for breaker_env in (None, "false"):
+            if breaker_env is None:
+                clean_env.delenv("SELF_HEALING_CIRCUIT_BREAKER", raising=False)
+            else:
+                clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", breaker_env)
+            url = "redis://:s3cret-pw@127.0.0.1:6379/0"
+            assert main(["breaker", *action, "--redis-url", url]) == 2
+            err = capsys.readouterr().err
+            assert err == f"resilient-db breaker {action[0]}: {expected}"
+    clean_env.delenv("SELF_HEALING_CIRCUIT_BREAKER")
+    clean_env.setenv("SELF_HEALING_REDIS_URL", "redis://:s3cret-pw@127.0.0.1:6379/0")
+    assert main(["breaker", "status"]) == 2
+    assert capsys.readouterr().err == f"resilient-db breaker status: {expected}"
+
+
 def test_a_redis_that_does_not_answer_is_a_line_and_exit_status_1() -> None:
     """A Redis that refuses the connection: one line naming it (its password masked), exit
     status 1, no traceback, in the command's own process."""
