@@ -297,9 +297,20 @@ def _new_adapter(form: Any) -> Any:
             PydanticUserError,
         )
     except ImportError as exc:
+        # Pydantic 1 imports, without a TypeAdapter ("pip install pydantic" was answered
+        # "already satisfied"): named, with the release validate= needs (README, "Install")
+        try:
+            import pydantic  # noqa: PLC0415
+
+            old = (
+                f" (Pydantic {pydantic.VERSION} is installed: validate= needs Pydantic 2.10 "
+                "or later)"
+            )
+        except ImportError:
+            old = ""
         raise ImportError(
             f"validate={_describe(form)} is a type, which is checked with Pydantic's "
-            "TypeAdapter: pip install pydantic (or pass a callable)"
+            f"TypeAdapter{old}: pip install 'pydantic>=2.10' (or pass a callable)"
         ) from exc
     try:
         adapter = TypeAdapter(form)

@@ -13,6 +13,7 @@ import inspect
 import logging
 import re
 import sys
+import types
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -331,6 +332,33 @@ def test_a_type_form_without_pydantic_is_refused_where_it_is_written(
         rdb.with_self_healing(service=service, validate=list[frozenset[bytes]])
     # a callable needs no Pydantic
     assert rdb.with_self_healing(lambda: 1, service=service, validate=lambda v: v == 1) == 1
+
+
+def test_a_type_form_with_pydantic_1_names_the_release_it_needs(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application with Pydantic 1 installed (no ``TypeAdapter``; its models have no
+    ``model_validate``, so a model of it is taken as a type) was told ``pip install pydantic``,
+    which pip answers with "already satisfied": the hint names the release the README does,
+    and the one installed. Without Pydantic, the same hint, without a release. (A type no other
+    test checks: a TypeAdapter made before is cached, and asks no import.)"""
+    pydantic_1 = types.ModuleType("pydantic")  # what Pydantic 1.10 gives: no TypeAdapter
+    pydantic_1.VERSION = "1.10.13"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pydantic", pydantic_1)
+    with pytest.raises(ImportError) as info:
+        rdb.with_self_healing(service=service, validate=dict[str, frozenset[complex]])
+    assert str(info.value) == (
+        "validate=dict[str, frozenset[complex]] is a type, which is checked with Pydantic's "
+        "TypeAdapter (Pydantic 1.10.13 is installed: validate= needs Pydantic 2.10 or later): "
+        "pip install 'pydantic>=2.10' (or pass a callable)"
+    )
+    monkeypatch.setitem(sys.modules, "pydantic", None)  # import pydantic raises ImportError
+    with pytest.raises(ImportError) as info:
+        rdb.with_self_healing(service=service, validate=dict[str, frozenset[complex]])
+    assert str(info.value) == (
+        "validate=dict[str, frozenset[complex]] is a type, which is checked with Pydantic's "
+        "TypeAdapter: pip install 'pydantic>=2.10' (or pass a callable)"
+    )
 
 
 @pytest.mark.parametrize("how", ["config", "environment"])
