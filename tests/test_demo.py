@@ -429,6 +429,43 @@ def test_a_scratch_database_the_demo_could_not_drop_is_named(
         pg_server.drop_database(created)
 
 
+@pytest.mark.slow
+def test_a_server_gone_before_the_check_ends_the_demo_in_a_line(
+    pg_server: PostgresServer,
+    fault_proxy: FaultProxy,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With --url, a server that went away once the workload ended (restarted by its operator,
+    the network down) made the check against the database fail with the driver's traceback and
+    exit status 1, as if an invariant had failed: now one line saying the run was not checked,
+    after the line naming the scratch database left there, and exit status 2 (the demo could
+    not run to its end)."""
+    check = Demo._verify
+
+    def server_gone_first(demo: Demo, *args: Any) -> dict[str, Any]:
+        fault_proxy.refuse(cut=True)  # every connection cut, every new one refused
+        return check(demo, *args)
+
+    monkeypatch.setattr(Demo, "_verify", server_gone_first)
+    try:
+        status = main(["demo", "--seconds", "8", "--plain", "--url", fault_proxy.url()])
+        out, err = capsys.readouterr()  # (--plain: the progress on standard output)
+        lines = err.strip().splitlines()
+        assert status == 2, err
+        assert "Traceback" not in out + err
+        (created,) = re.findall(r"could not drop the scratch database (rdb_demo_\w+) on ", out)
+        assert len(lines) == 1
+        assert lines[-1].startswith(
+            "resilient-db demo: error: could not check the run against the database, the "
+            "server unreachable (OperationalError: "
+        ), lines[-1]
+        assert lines[-1].endswith("): nothing was verified")
+    finally:
+        fault_proxy.restore()
+    pg_server.drop_database(created)
+
+
 def test_an_interrupt_as_the_workers_start_ends_without_a_traceback() -> None:
     # Ctrl-C or SIGTERM while the 100 workers were starting: a worker not started yet (or not
     # yet said to be) made the end of the cleanup raise "cannot join thread before it is

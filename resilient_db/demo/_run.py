@@ -823,6 +823,19 @@ class Demo:
             with engine.connect() as conn:
                 self._settle_unknown(conn)
                 found = examine_database(conn, self.ledger)
+        except sa.exc.DBAPIError as exc:
+            if not rdb.is_transient(exc):
+                raise  # the check's own failure: with its traceback
+            # the server gone once the workload ended (--url's restarted by its operator, the
+            # network down): the run can't be judged, which is no failed invariant (exit 1)
+            said = _one_line(exc)
+            password = _password_of(self.options.url)
+            if password:
+                said = said.replace(password, "***")
+            raise DemoError(
+                "could not check the run against the database, the server unreachable "
+                f"({type(exc).__name__}: {said}): nothing was verified"
+            ) from exc
         finally:
             engine.dispose()
         faults = self.faults.snapshot()
