@@ -169,6 +169,42 @@ def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None
     assert "1 worker, 45 s," in plain_report({**report, "workers": 1})  # (not "1 workers")
 
 
+def test_the_text_report_says_how_the_unknown_commit_outcomes_were_settled() -> None:
+    # a failover run said "commit outcome unknown 3" beside "units done / failed 1594 / 0":
+    # each such unit is looked up by its key afterwards (the JSON's
+    # commit_outcome_unknown_resolved), which the text did not say, so three units looked in
+    # doubt though each was found committed
+    report: dict[str, Any] = {
+        "ok": True,
+        "server": "embedded PostgreSQL at 127.0.0.1:5432",
+        "workers": 8,
+        "seconds": 45.0,
+        "units_ok": 1594,
+        "units_failed": 1,
+        "retries": 0,
+        "retries_by_class": {},
+        "faults_injected": {},
+        "breaker_opens": 0,
+        "breaker_closes": 0,
+        "illegal_transitions_blocked": 0,
+        "commit_outcome_unknown": 3,
+        "commit_outcome_unknown_resolved": {"committed": 2, "rolled_back": 1},
+        "lost_writes": 0,
+        "duplicate_writes": 0,
+        "illegal_states_in_db": 0,
+        "invariants": {},
+    }
+    lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
+    assert (
+        "commit outcome unknown 3 (each looked up by its key afterwards: 2 committed, "
+        "1 not, counted failed)"
+    ) in lines
+    none = {**report, "commit_outcome_unknown": 0}
+    none["commit_outcome_unknown_resolved"] = {"committed": 0, "rolled_back": 0}
+    lines = [" ".join(line.split()) for line in plain_report(none).splitlines()]
+    assert "commit outcome unknown 0" in lines
+
+
 def test_the_text_report_names_the_database_it_kept() -> None:
     report: dict[str, Any] = {
         "ok": True,

@@ -139,13 +139,28 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             "illegal transitions blocked",
             f"{report['illegal_transitions_blocked']} ({_pairs(by_via)})",
         ),
-        ("commit outcome unknown", str(report["commit_outcome_unknown"])),
+        ("commit outcome unknown", _unknown_commits(report)),
         ("commits verified after a lost answer", str(report.get("commits_verified", 0))),
         ("lost writes", str(report["lost_writes"])),
         ("duplicate writes", str(report["duplicate_writes"])),
         ("illegal states in db", str(report["illegal_states_in_db"])),
         ("timing", _timing(report.get("timing", {}))),
     ]
+
+
+def _unknown_commits(report: Mapping[str, Any]) -> str:
+    """The units whose COMMIT outcome stayed unknown, and what each was found to be when looked
+    up by its key afterwards (else "commit outcome unknown 3" beside no failed unit read as
+    three units in doubt)."""
+    unknown = int(report["commit_outcome_unknown"])
+    resolved = report.get("commit_outcome_unknown_resolved") or {}
+    if not unknown or not resolved:
+        return str(unknown)
+    committed, not_committed = resolved.get("committed", 0), resolved.get("rolled_back", 0)
+    return (
+        f"{unknown} (each looked up by its key afterwards: {committed} committed, "
+        f"{not_committed} not, counted failed)"
+    )
 
 
 def _kept(report: Mapping[str, Any]) -> list[tuple[str, str]]:
