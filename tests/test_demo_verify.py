@@ -197,7 +197,7 @@ def test_the_text_report_says_how_the_unknown_commit_outcomes_were_settled() -> 
     lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
     assert (
         "commit outcome unknown 3 (each looked up by its key afterwards: 2 committed, "
-        "1 not, counted failed)"
+        "1 not committed)"
     ) in lines
     none = {**report, "commit_outcome_unknown": 0}
     none["commit_outcome_unknown_resolved"] = {"committed": 0, "rolled_back": 0}

@@ -159,7 +159,7 @@ def _unknown_commits(report: Mapping[str, Any]) -> str:
     committed, not_committed = resolved.get("committed", 0), resolved.get("rolled_back", 0)
     return (
         f"{unknown} (each looked up by its key afterwards: {committed} committed, "
-        f"{not_committed} not, counted failed)"
+        f"{not_committed} not committed)"
     )
 
 
