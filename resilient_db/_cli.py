@@ -728,6 +728,8 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     except Exception as exc:  # the redis client's errors, and the sockets' (OSError)
         # (status only reads: Redis did not answer the read; open and close change it)
         failed = "did not answer" if action == "status" else "did not act on it"
+        if _redis_refused(exc):  # it answered: no (a password, an ACL, a read-only replica)
+            failed = "refused"
         return error(f"Redis at {masked} {failed}: {client_says(exc, url)}", EXIT_FAILED)
     finally:
         if client is not None:
@@ -755,6 +757,15 @@ def _breaker(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     done = "opened" if action == "open" else "closed"
     out.write(f"{done} by hand in Redis at {masked}: {_record_text(record)}\n")
     return EXIT_OK
+
+
+def _redis_refused(exc: BaseException) -> bool:
+    """Whether Redis answered ``exc`` as a refusal (a wrong password, an ACL's NOPERM, a
+    read-only replica's READONLY), not a silence: the redis client's ``AuthenticationError``
+    (a ``ConnectionError`` to it) and ``ResponseError``."""
+    import redis.exceptions  # noqa: PLC0415 - the redis extra, installed by now
+
+    return isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError))
 
 
 def _record_text(record: Mapping[str, Any]) -> str:

@@ -252,6 +252,24 @@ def test_a_redis_that_does_not_answer_is_a_line_and_exit_status_1() -> None:
         ), line
 
 
+def test_a_redis_that_refuses_is_said_to_refuse_not_to_be_silent(
+    redis_server: RedisServer, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Redis that answers with a refusal (a wrong password here; an ACL's NOPERM, a read-only
+    replica) was said to have "did not answer", which sends the operator to look at the
+    network: it refused, and the line says so (exit status 1, the password masked)."""
+    url = redis_server.url
+    wrong = url.replace(url[url.index("://:") + 4 : url.index("@")], "not-the-password")
+    for argv in (["open", "orders", "--reason", REASON], ["status"]):
+        assert main(["breaker", *argv, "--redis-url", wrong]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"resilient-db breaker {argv[0]}: error: Redis at {mask_url(wrong)} refused: "
+            "AuthenticationError: "
+        ), err
+        assert "not-the-password" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "library"),
     [
