@@ -141,14 +141,13 @@ def _start(session: Session, task_id: int, key: str) -> list[Change]:
     return [Change(key, task_id, "in_progress")]
 
 
-def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None:
-    # without it, a run seen going wrong on a terminal could not be run again (only --json said it)
+def _report(**changes: Any) -> dict[str, Any]:
+    """A demo's report (as ``--json`` gives it) of a quiet run, with ``changes``."""
     report: dict[str, Any] = {
         "ok": True,
         "server": "embedded PostgreSQL at 127.0.0.1:5432",
         "workers": 8,
         "seconds": 45.0,
-        "seed": 734120995,
         "units_ok": 1,
         "units_failed": 0,
         "retries": 0,
@@ -163,6 +162,12 @@ def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None
         "illegal_states_in_db": 0,
         "invariants": {},
     }
+    return {**report, **changes}
+
+
+def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None:
+    # without it, a run seen going wrong on a terminal could not be run again (only --json said it)
+    report = _report(seed=734120995)
     text = plain_report(report)
     assert "8 workers, 45 s, seed 734120995 (--seed 734120995)" in text
     assert "rdb_demo_" not in text  # nothing kept: not named
@@ -174,26 +179,12 @@ def test_the_text_report_says_how_the_unknown_commit_outcomes_were_settled() -> 
     # each such unit is looked up by its key afterwards (the JSON's
     # commit_outcome_unknown_resolved), which the text did not say, so three units looked in
     # doubt though each was found committed
-    report: dict[str, Any] = {
-        "ok": True,
-        "server": "embedded PostgreSQL at 127.0.0.1:5432",
-        "workers": 8,
-        "seconds": 45.0,
-        "units_ok": 1594,
-        "units_failed": 1,
-        "retries": 0,
-        "retries_by_class": {},
-        "faults_injected": {},
-        "breaker_opens": 0,
-        "breaker_closes": 0,
-        "illegal_transitions_blocked": 0,
-        "commit_outcome_unknown": 3,
-        "commit_outcome_unknown_resolved": {"committed": 2, "rolled_back": 1},
-        "lost_writes": 0,
-        "duplicate_writes": 0,
-        "illegal_states_in_db": 0,
-        "invariants": {},
-    }
+    report = _report(
+        units_ok=1594,
+        units_failed=1,
+        commit_outcome_unknown=3,
+        commit_outcome_unknown_resolved={"committed": 2, "rolled_back": 1},
+    )
     lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
     assert (
         "commit outcome unknown 3 (each looked up by its key afterwards: 2 committed, "
@@ -206,27 +197,11 @@ def test_the_text_report_says_how_the_unknown_commit_outcomes_were_settled() -> 
 
 
 def test_the_text_report_names_the_database_it_kept() -> None:
-    report: dict[str, Any] = {
-        "ok": True,
-        "server": "existing PostgreSQL at 127.0.0.1:5432",
-        "database": "rdb_demo_0123456789",
-        "database_kept": True,
-        "workers": 8,
-        "seconds": 45.0,
-        "units_ok": 1,
-        "units_failed": 0,
-        "retries": 0,
-        "retries_by_class": {},
-        "faults_injected": {},
-        "breaker_opens": 0,
-        "breaker_closes": 0,
-        "illegal_transitions_blocked": 0,
-        "commit_outcome_unknown": 0,
-        "lost_writes": 0,
-        "duplicate_writes": 0,
-        "illegal_states_in_db": 0,
-        "invariants": {},
-    }
+    report = _report(
+        server="existing PostgreSQL at 127.0.0.1:5432",
+        database="rdb_demo_0123456789",
+        database_kept=True,
+    )
     lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
     assert "database rdb_demo_0123456789 (kept: --keep-database)" in lines
 
@@ -249,26 +224,7 @@ def test_the_text_report_of_one_worker_process_says_process() -> None:
             "conflict_retries": 0,
         },
     }
-    report: dict[str, Any] = {
-        "ok": True,
-        "server": "embedded PostgreSQL at 127.0.0.1:5432",
-        "workers": 8,
-        "seconds": 45.0,
-        "units_ok": 1,
-        "units_failed": 0,
-        "retries": 0,
-        "retries_by_class": {},
-        "faults_injected": {},
-        "breaker_opens": 0,
-        "breaker_closes": 0,
-        "illegal_transitions_blocked": 0,
-        "commit_outcome_unknown": 0,
-        "lost_writes": 0,
-        "duplicate_writes": 0,
-        "illegal_states_in_db": 0,
-        "invariants": {},
-        "fleet": fleet,
-    }
+    report = _report(fleet=fleet)
     lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
     assert (
         "processes 1 worker process (p1) and p0, the fault schedule's, sharing "
