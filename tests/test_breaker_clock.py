@@ -220,3 +220,43 @@ def test_a_failed_probe_reopens_for_a_whole_reset_timeout_for_a_caller_already_a
     assert isinstance(refused, rdb.CircuitOpenError), refused
     assert refused.retry_after == pytest.approx(30.0)
     assert b.state == "open"
+
+
+def test_a_caller_that_found_the_opening_over_keeps_a_short_opening_made_meanwhile() -> None:
+    """A thread that found the opening over, then lost the CPU before it switched the breaker
+    half-open, while an operator opened it again for half a second: that opening stands (the
+    call is refused for the half second it has left, said as by hand), and only its end lets a
+    probe through; the thread does not switch it half-open for being short."""
+    mono = HeldClock(5_000.0)
+    config = rdb.Config(failure_threshold=1, reset_timeout=30.0, half_open_probes=1)
+    b = Breaker(f"clock-{next(_names)}", config, clock=mono, wall_clock=FakeClock(1.7e9))
+    b.on_failure(b.before_call())
+    mono.advance(30.0)  # the opening is over
+    late: list[object] = []
+
+    def ask() -> None:
+        try:
+            late.append(b.before_call())
+        except rdb.CircuitOpenError as exc:
+            late.append(exc)
+
+    thread = threading.Thread(target=ask)
+    mono.hold = thread
+    thread.start()
+    assert mono.reached.wait(10)  # it read the old opening, and is held there
+    assert b.open(reason="failover", seconds=0.5) is False  # (not shared: this process's)
+    mono.go.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(late) == 1
+    refused = late[0]
+    assert isinstance(refused, rdb.CircuitOpenError), refused
+    assert refused.retry_after == pytest.approx(0.5)
+    assert refused.state == "open"
+    assert refused.by_hand is True
+    assert b.state == "open"
+    mono.advance(0.4)
+    assert retry_after(b) == pytest.approx(0.1)
+    mono.advance(0.1)
+    assert b.before_call() is True
+    assert b.state == "half-open"

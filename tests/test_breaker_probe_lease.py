@@ -7,6 +7,7 @@ it ended (for a silent network, until the operating system gave up on its connec
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._breaker import Breaker
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -272,3 +274,57 @@ async def test_an_async_units_hung_probe_gives_up_its_slot_after_the_lease(
         assert rdb.health()["services"][service]["breaker"]["failures"] == 0
     finally:
         await async_engine.dispose()
+
+
+def overdue_events(events: list[rdb.SelfHealEvent]) -> list[rdb.SelfHealEvent]:
+    return [e for e in events if e.name == "breaker_probe_overdue"]
+
+
+def test_the_slots_are_given_back_exactly_at_the_lease_from_the_first_slot_taken(
+    service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """The local breaker's lease, to the second: half-open a minute already (one success of
+    the two that close it), two probes take the slots 29 s apart and hang. A call is refused,
+    told to ask again within a second, until the lease of the first slot taken
+    (``max(reset timeout, 10 s)``) is over; then, and not before, both slots go to new
+    probes, with one overdue line, and every slot is taken again. A probe admitted while a slot
+    is free is not overdue. The hung probes' ends count nowhere (a failure would open the
+    breaker); a new probe's success closes it. Each probe runs in a context of its own (a
+    thread's, a task's), where its end is reported."""
+    clock = FakeClock()
+    config = rdb.Config(failure_threshold=1, reset_timeout=30.0, half_open_probes=2)
+    b = Breaker(service, config, clock=clock)
+    b.on_failure(b.before_call())
+    clock.advance(30.0)
+    first = b.before_call()
+    assert first is True
+    b.on_success(first)  # one success of the two that close it
+    assert b.state == "half-open"
+    clock.advance(60.0)
+    hung = [contextvars.copy_context() for _ in range(2)]
+    assert hung[0].run(b.before_call) is True  # the first slot taken: its lease runs from now
+    clock.advance(29.0)
+    assert hung[1].run(b.before_call) is True  # the second
+    assert not overdue_events(events)
+    clock.advance(0.5)
+    with pytest.raises(rdb.CircuitOpenError) as refused:
+        b.before_call()
+    assert refused.value.state == "half-open"
+    assert refused.value.retry_after == pytest.approx(1.0)  # within one attempt
+    assert not overdue_events(events)
+    clock.advance(0.5)  # 30 s since the first slot was taken
+    fresh = [contextvars.copy_context() for _ in range(2)]
+    assert fresh[0].run(b.before_call) is True
+    (overdue,) = overdue_events(events)
+    assert overdue.fields["running_for"] == pytest.approx(30.0)
+    assert fresh[1].run(b.before_call) is True  # the second slot was given back too
+    with pytest.raises(rdb.CircuitOpenError):
+        b.before_call()  # both taken by the new probes, whose lease starts now
+    assert len(overdue_events(events)) == 1
+    hung[0].run(b.on_failure, True)  # a hung probe fails at last: it counts nowhere
+    hung[1].run(b.on_success, True)  # nor does the other's success
+    assert b.state == "half-open"
+    with pytest.raises(rdb.CircuitOpenError):
+        b.before_call()  # (their slots were not theirs to give back)
+    fresh[0].run(b.on_success, True)  # the second success of this half-open state
+    assert b.state == "closed"
