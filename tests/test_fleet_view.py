@@ -73,6 +73,12 @@ def test_an_open_shared_breaker_refuses_from_its_view_while_redis_hangs(
     b.on_success(probe)
     assert b.state == "closed"
     assert b.fast_closed() is True
+    assert b.open(reason="again") is True
+    assert b.close(reason="after all") is True  # shared too
+    assert b.fast_closed() is True
+    assert b.open_for() == 0.0
+    # the openings this process made in the fleet's breaker: two (a closing is none)
+    assert shared("view-open")["opened_here"] == 2
 
 
 def test_a_call_refused_with_every_probe_slot_taken_waits_on_the_view(
