@@ -57,13 +57,13 @@ def test_an_open_shared_breaker_refuses_from_its_view_while_redis_hangs(
     assert 0.0 < b.open_for() <= RESET
     redis_server.pause()
     try:
-        started = time.monotonic()
         with pytest.raises(rdb.CircuitOpenError) as refused:
             b.before_call()
-        assert time.monotonic() - started < 1.0  # (asking Redis would wait its 2 s timeout)
         assert 0.0 < refused.value.retry_after <= RESET
         assert refused.value.by_hand is True
-        assert shared("view-open")["connected"] is True  # nothing asked, nothing timed out
+        # nothing asked: a command to the paused Redis would have waited out its 2 s timeout
+        # and taken the link down (no timed assertion needed)
+        assert shared("view-open")["connected"] is True
     finally:
         redis_server.resume()
     time.sleep(RESET)  # the breaker's open period (not a backoff)
@@ -98,12 +98,10 @@ def test_a_call_refused_with_every_probe_slot_taken_waits_on_the_view(
     assert first.value.retry_after == pytest.approx(min(RESET, 1.0))
     redis_server.pause()
     try:
-        started = time.monotonic()
         with pytest.raises(rdb.CircuitOpenError) as again:
             b.before_call()
-        assert time.monotonic() - started < 1.0
         assert again.value.state == "half-open"
-        assert shared("view-probe")["connected"] is True
+        assert shared("view-probe")["connected"] is True  # (Redis not asked, as above)
     finally:
         redis_server.resume()
     b.on_success(probe)
