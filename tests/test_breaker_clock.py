@@ -187,6 +187,33 @@ class HeldClock(FakeClock):
         return now
 
 
+class HeldCaller:
+    """A thread asking ``b`` for a call (``before_call``), held by ``mono`` in its read of the
+    clock (see :class:`HeldClock`) until :meth:`released`."""
+
+    def __init__(self, b: Breaker, mono: HeldClock) -> None:
+        self.mono = mono
+        self.answers: list[object] = []
+        self.thread = threading.Thread(target=self._ask, args=(b,))
+        mono.hold = self.thread
+        self.thread.start()
+        assert mono.reached.wait(10)
+
+    def _ask(self, b: Breaker) -> None:
+        try:
+            self.answers.append(b.before_call())
+        except rdb.CircuitOpenError as exc:
+            self.answers.append(exc)
+
+    def released(self) -> object:
+        """Let the thread go on; its one answer (the call's admission, or the refusal)."""
+        self.mono.go.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        assert len(self.answers) == 1
+        return self.answers[0]
+
+
 def test_a_failed_probe_reopens_for_a_whole_reset_timeout_for_a_caller_already_asking() -> None:
     """A thread that found the opening over, then lost the CPU before it switched the breaker
     half-open, while another thread's probe was let through and failed (opening it anew), let
@@ -197,26 +224,11 @@ def test_a_failed_probe_reopens_for_a_whole_reset_timeout_for_a_caller_already_a
     b = Breaker(f"clock-{next(_names)}", config, clock=mono, wall_clock=FakeClock(1.7e9))
     b.on_failure(b.before_call())
     mono.advance(30.0)  # the opening is over
-    late: list[object] = []
-
-    def ask() -> None:
-        try:
-            late.append(b.before_call())
-        except rdb.CircuitOpenError as exc:
-            late.append(exc)
-
-    thread = threading.Thread(target=ask)
-    mono.hold = thread
-    thread.start()
-    assert mono.reached.wait(10)  # it read the old opening, and is held there
+    caller = HeldCaller(b, mono)  # it read the old opening, and is held there
     probe = b.before_call()
     assert probe is True
     b.on_failure(probe)  # the probe fails: open again, for 30 s from now
-    mono.go.set()
-    thread.join(10)
-    assert not thread.is_alive()
-    assert len(late) == 1
-    refused = late[0]
+    refused = caller.released()
     assert isinstance(refused, rdb.CircuitOpenError), refused
     assert refused.retry_after == pytest.approx(30.0)
     assert b.state == "open"
@@ -232,24 +244,9 @@ def test_a_caller_that_found_the_opening_over_keeps_a_short_opening_made_meanwhi
     b = Breaker(f"clock-{next(_names)}", config, clock=mono, wall_clock=FakeClock(1.7e9))
     b.on_failure(b.before_call())
     mono.advance(30.0)  # the opening is over
-    late: list[object] = []
-
-    def ask() -> None:
-        try:
-            late.append(b.before_call())
-        except rdb.CircuitOpenError as exc:
-            late.append(exc)
-
-    thread = threading.Thread(target=ask)
-    mono.hold = thread
-    thread.start()
-    assert mono.reached.wait(10)  # it read the old opening, and is held there
+    caller = HeldCaller(b, mono)  # it read the old opening, and is held there
     assert b.open(reason="failover", seconds=0.5) is False  # (not shared: this process's)
-    mono.go.set()
-    thread.join(10)
-    assert not thread.is_alive()
-    assert len(late) == 1
-    refused = late[0]
+    refused = caller.released()
     assert isinstance(refused, rdb.CircuitOpenError), refused
     assert refused.retry_after == pytest.approx(0.5)
     assert refused.state == "open"
