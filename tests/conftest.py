@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from scenarios import RAISE_CODE_FUNCTION
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import resilient_db as rdb
 from resilient_db import _statements
@@ -249,6 +249,15 @@ def async_driver() -> str:
 def pg_async_url(pg_server: PostgresServer, pg_database: str, async_driver: str) -> str:
     """SQLAlchemy URL of this test's database, for ``create_async_engine`` with ``async_driver``."""
     return pg_server.url(pg_database, driver=async_driver)
+
+
+@pytest_asyncio.fixture
+async def aengine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    """A plain async engine on this test's database (``async_driver``'s), disposed after it.
+    A module whose engine needs more (tables first, another fixture before it) has its own."""
+    engine = create_async_engine(pg_async_url)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture

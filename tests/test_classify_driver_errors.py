@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from scenarios import ASYNC_DRIVERS, assert_breaker_untouched
 from sqlalchemy import exc as sa_exc
@@ -138,13 +137,6 @@ def test_the_drivers_own_connection_is_judged_by_its_state(
 @pytest.fixture(params=ASYNC_DRIVERS)
 def async_driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def aengine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(pg_async_url)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.mark.asyncio

@@ -20,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from processes import wait_for
 from scenarios import (
@@ -75,13 +74,6 @@ def _send_bad_message(fileno: int) -> None:
 @pytest.fixture(params=ASYNC_DRIVERS)
 def async_driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def aengine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(pg_async_url)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

@@ -16,12 +16,11 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pybreaker
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from fleet import ScriptsSent
 from processes import wait_for, wait_for_async
@@ -30,16 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 import resilient_db as rdb
 from resilient_db._breaker import breakers
 from resilient_db._unit import saved_then_interrupted
-from resilient_db.testing import PostgresServer, RedisServer, free_port
+from resilient_db.testing import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest_asyncio.fixture
-async def aengine(pg_server: PostgresServer, pg_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
-    yield engine
-    await engine.dispose()
 
 
 @pytest.mark.asyncio

@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from fleet import Gate, WorkerProcess, breaker_of, fleet
 from processes import wait_for_async
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import resilient_db as rdb
 from resilient_db import _fleet
 from resilient_db._cli import main
-from resilient_db.testing import PostgresServer, RedisServer
+from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -146,13 +144,6 @@ def test_a_message_of_a_generation_far_ahead_is_ignored(
         gate.set(down=True)
         assert b.run(1)["errors"] == {"57P03": 1}
         all_in(workers, "open", "the opening by b's failure")
-
-
-@pytest_asyncio.fixture
-async def aengine(pg_server: PostgresServer, pg_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
-    yield engine
-    await engine.dispose()
 
 
 @pytest.mark.asyncio
