@@ -214,16 +214,22 @@ class HeldCaller:
         return self.answers[0]
 
 
+def _opening_over() -> tuple[HeldClock, Breaker]:
+    """A breaker (one probe, 30 s openings) opened by a failure, its opening just over."""
+    mono = HeldClock(5_000.0)
+    config = rdb.Config(failure_threshold=1, reset_timeout=30.0, half_open_probes=1)
+    b = Breaker(f"clock-{next(_names)}", config, clock=mono, wall_clock=FakeClock(1.7e9))
+    b.on_failure(b.before_call())
+    mono.advance(30.0)
+    return mono, b
+
+
 def test_a_failed_probe_reopens_for_a_whole_reset_timeout_for_a_caller_already_asking() -> None:
     """A thread that found the opening over, then lost the CPU before it switched the breaker
     half-open, while another thread's probe was let through and failed (opening it anew), let
     itself through as a second probe at once: the new opening lasted no time at all, and the
     failing database got another call (a half-open line right after the opening's)."""
-    mono = HeldClock(5_000.0)
-    config = rdb.Config(failure_threshold=1, reset_timeout=30.0, half_open_probes=1)
-    b = Breaker(f"clock-{next(_names)}", config, clock=mono, wall_clock=FakeClock(1.7e9))
-    b.on_failure(b.before_call())
-    mono.advance(30.0)  # the opening is over
+    mono, b = _opening_over()
     caller = HeldCaller(b, mono)  # it read the old opening, and is held there
     probe = b.before_call()
     assert probe is True
@@ -239,11 +245,7 @@ def test_a_caller_that_found_the_opening_over_keeps_a_short_opening_made_meanwhi
     half-open, while an operator opened it again for half a second: that opening stands (the
     call is refused for the half second it has left, said as by hand), and only its end lets a
     probe through; the thread does not switch it half-open for being short."""
-    mono = HeldClock(5_000.0)
-    config = rdb.Config(failure_threshold=1, reset_timeout=30.0, half_open_probes=1)
-    b = Breaker(f"clock-{next(_names)}", config, clock=mono, wall_clock=FakeClock(1.7e9))
-    b.on_failure(b.before_call())
-    mono.advance(30.0)  # the opening is over
+    mono, b = _opening_over()
     caller = HeldCaller(b, mono)  # it read the old opening, and is held there
     assert b.open(reason="failover", seconds=0.5) is False  # (not shared: this process's)
     refused = caller.released()
