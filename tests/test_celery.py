@@ -189,8 +189,19 @@ def worker(
         running.stop()
 
 
+def _send(shop: ModuleType, key: str, task_id: str | None = None) -> Any:
+    """``pay(key)`` sent to the worker (a new task id unless ``task_id``): its AsyncResult."""
+    return shop.pay.apply_async(args=[key], task_id=task_id or str(uuid.uuid4()))
+
+
+def _paid(shop: ModuleType, *orders: int) -> list[Any]:
+    """``pay`` sent for each of ``orders`` together, then each one's answer."""
+    sent = [_send(shop, f"order-{n}") for n in orders]
+    return [t.get(timeout=60) for t in sent]
+
+
 def _result(shop: ModuleType, key: str, task_id: str | None = None) -> Any:
-    sent = shop.pay.apply_async(args=[key], task_id=task_id or str(uuid.uuid4()))
+    sent = _send(shop, key, task_id)
     sent.get(timeout=60, propagate=False)
     return sent
 
@@ -266,15 +277,9 @@ def test_the_docs_celery_task_runs_on_a_prefork_worker(
 
         # both children hold pooled connections (tasks sent together); killed between tasks,
         # each next task heals inside resilient_db's unit, without a Celery retry
-        together = [
-            shop.pay.apply_async(args=[f"order-{n}"], task_id=str(uuid.uuid4())) for n in (1, 2)
-        ]
-        assert [t.get(timeout=60) for t in together] == ["paid", "paid"], worker.said()
+        assert _paid(shop, 1, 2) == ["paid", "paid"], worker.said()
         assert _kill_other_backends(engine) >= 1
-        healed = [
-            shop.pay.apply_async(args=[f"order-{n}"], task_id=str(uuid.uuid4())) for n in (3, 4, 5)
-        ]
-        assert [t.get(timeout=60) for t in healed] == ["paid"] * 3, worker.said()
+        assert _paid(shop, 3, 4, 5) == ["paid"] * 3, worker.said()
         for n in range(6):
             assert _status(engine, f"order-{n}") == "paid"
         with engine.connect() as conn:
