@@ -421,10 +421,12 @@ local function read_breaker(...)
   drop_wrong_type(KEYS[2], 'GET')
   drop_wrong_type(KEYS[3], 'HEXISTS', '')
   local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
-  if (gen_of(h[3], now) or 0) == 0 and restore_view(now) then
+  local gen = gen_of(h[3], now) or 0
+  if gen == 0 and restore_view(now) then
     h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
+    gen = gen_of(h[3], now) or 0
   end
-  return now, h, h[1] or 'closed', gen_of(h[3], now) or 0, count(h[4]) or 0
+  return now, h, h[1] or 'closed', gen, count(h[4]) or 0
 end
 -- when an open breaker read by read_breaker half-opens (Redis time). Its opening began at
 -- 'at': a clock now before that stepped back since (NTP correcting the Redis host), and
